@@ -1,0 +1,147 @@
+//! Types and names shared by the kernel side (`itw-ebpf`) and the agent.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding, because the same bytes
+//! are read by the eBPF programs and by userspace through the map syscalls.
+//! Byte orders are fixed per field and stated on it.
+
+#![no_std]
+
+/// Length of a kernel task name, including its NUL (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+
+/// A process name as the kernel stores it: NUL-terminated, zero-padded.
+pub type Comm = [u8; COMM_LEN];
+
+/// A destination the kernel side watches.
+///
+/// IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), so one map holds
+/// both families and a v4-mapped connect on an IPv6 socket matches the same
+/// entry as a plain IPv4 connect.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Destination {
+    /// IPv6 (or IPv4-mapped) address, network byte order.
+    pub addr: [u8; 16],
+    /// Port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl Destination {
+    pub const fn new(addr: [u8; 16], port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// The IPv4-mapped form of an IPv4 address given in network byte order.
+    pub const fn v4(addr: [u8; 4], port: u16) -> Self {
+        Self::new(
+            [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+            ],
+            port,
+        )
+    }
+}
+
+/// Value of [`maps::WATCHED`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watch {
+    /// The id counters of this destination are keyed by (assigned by the agent).
+    pub dest_id: u32,
+    /// Non-zero while the destination is idle: the next counted attempt clears
+    /// it and sends one [`WakeEvent`]. The agent re-arms it once a collection
+    /// finds the destination idle again.
+    pub armed: u32,
+}
+
+/// Key of [`maps::ATTEMPTS`]: one counter per destination and process name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AttemptKey {
+    pub dest_id: u32,
+    /// The calling process's name (thread-group leader's comm, see
+    /// [`globals::COMM_FROM_LEADER`]).
+    pub comm: Comm,
+}
+
+/// Record of [`maps::WAKES`]: a watched destination went from idle to active.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WakeEvent {
+    pub dest_id: u32,
+    pub _pad: u32,
+}
+
+/// Names of the maps, as the agent looks them up in the loaded object.
+pub mod maps {
+    /// `HashMap<Destination, Watch>`: the destinations to count.
+    pub const WATCHED: &str = "ITW_WATCHED";
+    /// `HashMap<Comm, u8>`: process names whose attempts are filtered (EXCLUDE_COMMS).
+    pub const EXCLUDED: &str = "ITW_EXCLUDED";
+    /// `PerCpuHashMap<AttemptKey, u64>`: attempts per destination and process.
+    pub const ATTEMPTS: &str = "ITW_ATTEMPTS";
+    /// `PerCpuHashMap<u32, u64>`: attempts per destination id that found
+    /// ATTEMPTS full; counted under the overflow process name.
+    pub const OVERFLOW: &str = "ITW_OVERFLOW";
+    /// `PerCpuHashMap<Comm, u64>`: filtered attempts per excluded process name.
+    pub const FILTERED: &str = "ITW_FILTERED";
+    /// `RingBuf` of [`super::WakeEvent`].
+    pub const WAKES: &str = "ITW_WAKES";
+    /// `PerCpuArray<u64>` indexed by [`super::stat`].
+    pub const STATS: &str = "ITW_STATS";
+}
+
+/// Indices of [`maps::STATS`].
+pub mod stat {
+    /// A wake could not be reserved in the ring buffer (the attempt still counted).
+    pub const WAKE_DROPPED: u32 = 0;
+    /// An attempt found ATTEMPTS full and went to OVERFLOW.
+    pub const ATTEMPTS_FULL: u32 = 1;
+    /// An attempt found OVERFLOW full too: the only way a count can be lost.
+    pub const OVERFLOW_FULL: u32 = 2;
+    /// Reading the thread-group leader's name failed; the thread's name was used.
+    pub const LEADER_COMM_FAILED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Names of the programs in the object.
+pub mod programs {
+    pub const CONNECT4: &str = "itw_connect4";
+    pub const CONNECT6: &str = "itw_connect6";
+    pub const TCP_V4_CONNECT: &str = "itw_tcp_v4_connect";
+    pub const TCP_V6_CONNECT: &str = "itw_tcp_v6_connect";
+    pub const INET_SOCK_SET_STATE: &str = "itw_inet_sock_set_state";
+}
+
+/// Read-only globals the agent sets at load time (the verifier sees them as
+/// constants and prunes what they switch off).
+pub mod globals {
+    /// 1: read the process name from `task->group_leader->comm` with the two
+    /// offsets below; 0: use the calling thread's name.
+    pub const COMM_FROM_LEADER: &str = "ITW_COMM_FROM_LEADER";
+    /// Byte offset of `task_struct.group_leader` (from the kernel's BTF).
+    pub const TASK_GROUP_LEADER_OFFSET: &str = "ITW_TASK_GROUP_LEADER_OFFSET";
+    /// Byte offset of `task_struct.comm` (from the kernel's BTF).
+    pub const TASK_COMM_OFFSET: &str = "ITW_TASK_COMM_OFFSET";
+    /// Offsets in the `sock:inet_sock_set_state` record, from its format file.
+    pub const TP_NEWSTATE_OFFSET: &str = "ITW_TP_NEWSTATE_OFFSET";
+    pub const TP_DPORT_OFFSET: &str = "ITW_TP_DPORT_OFFSET";
+    pub const TP_FAMILY_OFFSET: &str = "ITW_TP_FAMILY_OFFSET";
+    pub const TP_PROTOCOL_OFFSET: &str = "ITW_TP_PROTOCOL_OFFSET";
+    pub const TP_DADDR_OFFSET: &str = "ITW_TP_DADDR_OFFSET";
+    pub const TP_DADDR_V6_OFFSET: &str = "ITW_TP_DADDR_V6_OFFSET";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] data with explicit padding fields; every bit pattern is valid.
+    unsafe impl aya::Pod for super::Destination {}
+    unsafe impl aya::Pod for super::Watch {}
+    unsafe impl aya::Pod for super::AttemptKey {}
+    unsafe impl aya::Pod for super::WakeEvent {}
+}

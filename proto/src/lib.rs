@@ -1,0 +1,26 @@
+//! The wire contracts of internal-tcp-watcher, compiled for both binaries.
+//!
+//! - [`externalscaler`]: KEDA's external scaler service, wire-exact with KEDA's
+//!   own copy of `externalscaler.proto`.
+//! - [`itw::v1`]: the agent -> scaler `Report` stream (see
+//!   `proto/itw/v1/ingest.proto` for its rules).
+//!
+//! [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
+
+#![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
+
+pub mod externalscaler {
+    tonic::include_proto!("externalscaler");
+}
+
+pub mod itw {
+    pub mod v1 {
+        tonic::include_proto!("itw.v1");
+
+        /// The ingest protocol version this build speaks (`Hello.protocol_version`).
+        pub const PROTOCOL_VERSION: u32 = 1;
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every contract, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptors");
