@@ -1,0 +1,25 @@
+//! What `itw-agent` and `itw-scaler` must do the same way: log setup
+//! ([`logging`]) and the `/metrics` endpoint ([`http`], [`exposition`]).
+//!
+//! Both binaries export `internal_tcp_attempts_total`, and Prometheus must see
+//! the same thing from either, so the exposition rules live here once.
+
+pub mod exposition;
+pub mod http;
+pub mod logging;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("RUST_LOG: {0}")]
+    LogFilter(#[from] tracing_subscriber::filter::ParseError),
+    #[error("a global tracing subscriber is already installed")]
+    LoggingAlreadyInstalled,
+    #[error("METRICS_ADDR {addr}: cannot listen: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics server: {0}")]
+    Serve(#[source] std::io::Error),
+}
