@@ -1,0 +1,146 @@
+//! An in-memory [`Kernel`] with the eBPF programs' semantics, for tests that
+//! run without privileges. Its [`FakeKernel::connect`] does what the programs
+//! do on a connect: look the destination up, filter excluded names, count,
+//! overflow when full, and wake once per idle -> active.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use itw_common::{AttemptKey, Comm, Destination};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::{CaptureError, Kernel, KernelCounts, KernelStats};
+
+#[derive(Debug, Default)]
+struct Maps {
+    watched: HashMap<Destination, (u32, bool)>,
+    excluded: HashSet<Comm>,
+    attempts: HashMap<AttemptKey, u64>,
+    overflow: HashMap<u32, u64>,
+    filtered: HashMap<Comm, u64>,
+    stats: KernelStats,
+}
+
+/// The test's handle on a [`FakeKernel`]: makes attempts and inspects maps
+/// after the kernel itself has been handed to the agent.
+#[derive(Clone, Debug)]
+pub struct FakeKernelHandle {
+    maps: Arc<Mutex<Maps>>,
+    attempts_capacity: usize,
+    wakes: mpsc::Sender<u32>,
+}
+
+/// In-memory [`Kernel`].
+#[derive(Debug)]
+pub struct FakeKernel {
+    handle: FakeKernelHandle,
+    wakes: Option<mpsc::Receiver<u32>>,
+}
+
+impl FakeKernel {
+    /// A fake kernel whose attempts map holds `attempts_capacity` keys.
+    pub fn new(attempts_capacity: usize) -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        Self {
+            handle: FakeKernelHandle {
+                maps: Arc::default(),
+                attempts_capacity,
+                wakes: tx,
+            },
+            wakes: Some(rx),
+        }
+    }
+
+    pub fn handle(&self) -> FakeKernelHandle {
+        self.handle.clone()
+    }
+}
+
+impl FakeKernelHandle {
+    /// A connect attempt by a process named `comm` to `dest`, as the programs see it.
+    pub fn connect(&self, dest: Destination, comm: &str) {
+        let comm = crate::config::comm_bytes(comm);
+        let mut maps = self.maps.lock();
+        let Some((dest_id, armed)) = maps.watched.get(&dest).copied() else {
+            return;
+        };
+        if maps.excluded.contains(&comm) {
+            *maps.filtered.entry(comm).or_default() += 1;
+            return;
+        }
+        let key = AttemptKey { dest_id, comm };
+        if maps.attempts.contains_key(&key) || maps.attempts.len() < self.attempts_capacity {
+            *maps.attempts.entry(key).or_default() += 1;
+        } else {
+            maps.stats.attempts_map_full += 1;
+            *maps.overflow.entry(dest_id).or_default() += 1;
+        }
+        if armed {
+            maps.watched.insert(dest, (dest_id, false));
+            if self.wakes.try_send(dest_id).is_err() {
+                maps.stats.wakes_dropped += 1;
+            }
+        }
+    }
+
+    /// The watched set: destination -> (id, armed).
+    pub fn watched(&self) -> HashMap<Destination, (u32, bool)> {
+        self.maps.lock().watched.clone()
+    }
+
+    /// Number of (destination, process) counters in the attempts map.
+    pub fn attempt_keys(&self) -> usize {
+        self.maps.lock().attempts.len()
+    }
+}
+
+impl Kernel for FakeKernel {
+    fn watch(&mut self, dest: &Destination, dest_id: u32) -> Result<(), CaptureError> {
+        self.handle
+            .maps
+            .lock()
+            .watched
+            .insert(*dest, (dest_id, true));
+        Ok(())
+    }
+
+    fn unwatch(&mut self, dest: &Destination) -> Result<(), CaptureError> {
+        self.handle.maps.lock().watched.remove(dest);
+        Ok(())
+    }
+
+    fn set_excluded(&mut self, comms: &[Comm]) -> Result<(), CaptureError> {
+        self.handle.maps.lock().excluded = comms.iter().copied().collect();
+        Ok(())
+    }
+
+    fn read(&mut self, out: &mut KernelCounts) -> Result<(), CaptureError> {
+        out.clear();
+        let maps = self.handle.maps.lock();
+        out.attempts
+            .extend(maps.attempts.iter().map(|(k, v)| (*k, *v)));
+        out.overflow
+            .extend(maps.overflow.iter().map(|(k, v)| (*k, *v)));
+        out.filtered
+            .extend(maps.filtered.iter().map(|(k, v)| (*k, *v)));
+        Ok(())
+    }
+
+    fn forget(&mut self, dest_ids: &[u32]) -> Result<(), CaptureError> {
+        let mut maps = self.handle.maps.lock();
+        maps.attempts.retain(|k, _| !dest_ids.contains(&k.dest_id));
+        maps.overflow.retain(|id, _| !dest_ids.contains(id));
+        Ok(())
+    }
+
+    fn stats(&mut self) -> Result<KernelStats, CaptureError> {
+        Ok(self.handle.maps.lock().stats)
+    }
+
+    fn take_wakes(&mut self) -> Option<mpsc::Receiver<u32>> {
+        self.wakes.take()
+    }
+}

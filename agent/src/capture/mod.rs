@@ -1,0 +1,123 @@
+//! The kernel side as the rest of the agent sees it.
+//!
+//! [`Kernel`] is everything the agent asks of the eBPF programs: which
+//! destinations to count, which process names to filter, and the cumulative
+//! counters. The eBPF implementation loads and attaches the programs of
+//! `ebpf/itw-ebpf`; [`fake::FakeKernel`] stands in for it in tests that need no
+//! privileges.
+//!
+//! What the kernel side must never do: block, slow beyond a map lookup or two,
+//! or fail a caller's connect. Counts are cumulative and never reset while a
+//! destination is watched, so reading them has no read-then-delete race; the
+//! agent turns them into deltas.
+
+pub mod fake;
+
+use itw_common::{AttemptKey, Comm, Destination};
+use tokio::sync::mpsc;
+
+/// How connects are caught (`CAPTURE_MODE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum CaptureMode {
+    /// The best mode this kernel and host allow, chosen and logged at start.
+    Auto,
+    /// `cgroup/connect4` and `cgroup/connect6` on the cgroup v2 root: sees the
+    /// ClusterIP a caller asked for, before socket load balancers rewrite it.
+    Cgroup,
+    /// kprobes on `tcp_v4_connect`/`tcp_v6_connect`.
+    Kprobe,
+    /// The `sock:inet_sock_set_state` tracepoint, transitions to SYN_SENT.
+    Tracepoint,
+}
+
+impl CaptureMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Cgroup => "cgroup",
+            Self::Kprobe => "kprobe",
+            Self::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+impl std::fmt::Display for CaptureMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Cumulative kernel counters, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounts {
+    /// Attempts per (destination id, process name).
+    pub attempts: Vec<(AttemptKey, u64)>,
+    /// Attempts per destination id that found the attempts map full.
+    pub overflow: Vec<(u32, u64)>,
+    /// Filtered attempts per excluded process name.
+    pub filtered: Vec<(Comm, u64)>,
+}
+
+impl KernelCounts {
+    pub fn clear(&mut self) {
+        self.attempts.clear();
+        self.overflow.clear();
+        self.filtered.clear();
+    }
+}
+
+/// The kernel side's own trouble counters (`ITW_STATS`), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub wakes_dropped: u64,
+    pub attempts_map_full: u64,
+    pub overflow_map_full: u64,
+    pub leader_comm_failed: u64,
+}
+
+/// What the agent asks of the kernel side.
+pub trait Kernel: Send + 'static {
+    /// Counts attempts to `dest` under `dest_id` from now on, armed: its next
+    /// attempt sends a wake. Calling it again for a watched destination
+    /// re-arms it (or moves it to another id).
+    fn watch(&mut self, dest: &Destination, dest_id: u32) -> Result<(), CaptureError>;
+
+    /// Stops counting attempts to `dest`. Its counters stay readable until
+    /// [`Kernel::forget`].
+    fn unwatch(&mut self, dest: &Destination) -> Result<(), CaptureError>;
+
+    /// Replaces the set of process names whose attempts are filtered.
+    fn set_excluded(&mut self, comms: &[Comm]) -> Result<(), CaptureError>;
+
+    /// Reads every cumulative counter into `out` (cleared first).
+    fn read(&mut self, out: &mut KernelCounts) -> Result<(), CaptureError>;
+
+    /// Deletes the counters of destination ids that are no longer watched,
+    /// once their final values have been read.
+    fn forget(&mut self, dest_ids: &[u32]) -> Result<(), CaptureError>;
+
+    /// The kernel side's trouble counters.
+    fn stats(&mut self) -> Result<KernelStats, CaptureError>;
+
+    /// The wakes (destination ids going idle -> active), delivered as they
+    /// happen. Yields the receiver once; later calls return `None`.
+    fn take_wakes(&mut self) -> Option<mpsc::Receiver<u32>>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("kernel map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel map {map} is full ({capacity} entries); raise {setting}")]
+    MapFull {
+        map: &'static str,
+        capacity: u32,
+        setting: &'static str,
+    },
+    #[error("{0}")]
+    Other(String),
+}

@@ -1,0 +1,226 @@
+//! Every setting of `itw-agent`: a flag, with the env var a Kubernetes manifest sets.
+
+use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use clap::Parser;
+use itw_common::{COMM_LEN, Comm};
+use itw_telemetry::logging::LogFormat;
+
+use crate::capture::CaptureMode;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "itw-agent",
+    version,
+    about = "Counts TCP connect attempts to Kubernetes Services and Pods with eBPF, for scale-from-zero"
+)]
+pub struct Args {
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9102")]
+    pub metrics_addr: SocketAddr,
+
+    /// Process names whose attempts are not counted as traffic (comma list;
+    /// empty for none). They are counted apart in internal_tcp_filtered_total.
+    #[arg(long, env = "EXCLUDE_COMMS", default_value = "kubelet")]
+    pub exclude_comms: ExcludeComms,
+
+    /// How connects are caught: auto picks cgroup where cgroup v2 is mounted,
+    /// else kprobe, else tracepoint.
+    #[arg(long, env = "CAPTURE_MODE", value_enum, default_value_t = CaptureMode::Auto)]
+    pub capture_mode: CaptureMode,
+
+    /// The cgroup v2 mount to attach cgroup programs to (default: detected from
+    /// /proc/self/mountinfo).
+    #[arg(long, env = "CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// Where tracefs is (mounted there if it is not) for tracepoint mode.
+    #[arg(long, env = "TRACEFS_PATH", default_value = "/sys/kernel/tracing")]
+    pub tracefs_path: PathBuf,
+
+    /// Name of this node, as the scaler reports it (downward API
+    /// spec.nodeName; default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// A static service map (YAML) instead of the Kubernetes API, for local
+    /// use and the demo. Reloaded on change and on SIGHUP.
+    #[arg(long, env = "SERVICE_MAP")]
+    pub service_map: Option<PathBuf>,
+
+    /// Kubernetes source: only these namespaces (comma list; default all).
+    #[arg(long, env = "WATCH_NAMESPACES", value_delimiter = ',')]
+    pub watch_namespaces: Vec<String>,
+
+    /// Kubernetes source: only Services matching this label selector.
+    #[arg(long, env = "SERVICE_SELECTOR")]
+    pub service_selector: Option<String>,
+
+    /// Scaler gRPC address, host:port. A name resolving to several addresses
+    /// (a headless Service) gets one stream per address. Unset: no scaler,
+    /// /metrics only.
+    #[arg(long, env = "SCALER_ADDR")]
+    pub scaler_addr: Option<String>,
+
+    /// File holding the bearer token the scaler expects from agents (a mounted Secret).
+    #[arg(long, env = "SCALER_TOKEN_FILE", conflicts_with = "scaler_token")]
+    pub scaler_token_file: Option<PathBuf>,
+
+    /// The bearer token itself (prefer SCALER_TOKEN_FILE).
+    #[arg(long, env = "SCALER_TOKEN", hide_env_values = true)]
+    pub scaler_token: Option<String>,
+
+    /// CA bundle (PEM) to verify the scaler's certificate; enables TLS to the scaler.
+    #[arg(long, env = "SCALER_CA_FILE")]
+    pub scaler_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS with the scaler.
+    #[arg(long, env = "SCALER_CERT_FILE", requires = "scaler_key_file")]
+    pub scaler_cert_file: Option<PathBuf>,
+
+    /// Client key (PEM) for mutual TLS with the scaler.
+    #[arg(long, env = "SCALER_KEY_FILE", requires = "scaler_cert_file")]
+    pub scaler_key_file: Option<PathBuf>,
+
+    /// How often kernel counts are collected and sent as a batch. A destination
+    /// going idle -> active is sent at once, not at the next tick.
+    #[arg(long, env = "COLLECT_INTERVAL", default_value = "1s", value_parser = parse_interval)]
+    pub collect_interval: Duration,
+
+    /// Distinct process names kept per destination; more are counted under
+    /// the overflow name, so no process can blow up label cardinality.
+    #[arg(long, env = "MAX_COMMS_PER_DESTINATION", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_comms_per_destination: u32,
+
+    /// Kernel map size: destinations (IP:port) that can be watched.
+    #[arg(long, env = "MAX_DESTINATIONS", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_destinations: u32,
+
+    /// Kernel map size: (destination, process) counters. When full, attempts
+    /// are still counted per destination under the overflow name.
+    #[arg(long, env = "MAX_ATTEMPT_COUNTERS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempt_counters: u32,
+
+    /// Log output: text or json.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+/// Process names to filter, each as the kernel stores it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExcludeComms(pub Vec<String>);
+
+impl ExcludeComms {
+    /// The names as kernel map keys.
+    pub fn comms(&self) -> Vec<Comm> {
+        self.0.iter().map(|name| comm_bytes(name)).collect()
+    }
+}
+
+impl FromStr for ExcludeComms {
+    type Err = String;
+
+    fn from_str(list: &str) -> Result<Self, Self::Err> {
+        let mut names = Vec::new();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name.len() >= COMM_LEN {
+                return Err(format!(
+                    "process name {name:?} is {} bytes; the kernel keeps only the first {} bytes of a process name, so use {:?}",
+                    name.len(),
+                    COMM_LEN - 1,
+                    truncate_utf8(name, COMM_LEN - 1),
+                ));
+            }
+            if name.contains('\0') {
+                return Err(format!("process name {name:?} contains a NUL byte"));
+            }
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(Self(names))
+    }
+}
+
+/// A name as a NUL-padded kernel comm (the caller checked its length).
+pub fn comm_bytes(name: &str) -> Comm {
+    let mut comm = [0u8; COMM_LEN];
+    let len = name.len().min(COMM_LEN - 1);
+    comm[..len].copy_from_slice(&name.as_bytes()[..len]);
+    comm
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 1s, 500ms)"))?;
+    if d < Duration::from_millis(10) || d > Duration::from_secs(60) {
+        return Err(format!("{s:?}: must be between 10ms and 60s"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("itw-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_work_with_no_settings() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.metrics_addr, "0.0.0.0:9102".parse().unwrap());
+        assert_eq!(args.exclude_comms, ExcludeComms(vec!["kubelet".into()]));
+        assert_eq!(args.capture_mode, CaptureMode::Auto);
+        assert_eq!(args.collect_interval, Duration::from_secs(1));
+        assert_eq!(args.scaler_addr, None);
+        assert_eq!(args.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn exclude_comms_is_a_trimmed_deduplicated_list() {
+        assert_eq!(
+            " kubelet,k3s ,,kubelet".parse::<ExcludeComms>().unwrap(),
+            ExcludeComms(vec!["kubelet".into(), "k3s".into()])
+        );
+        assert_eq!("".parse::<ExcludeComms>().unwrap(), ExcludeComms(vec![]));
+        assert_eq!(
+            ExcludeComms(vec!["kubelet".into()]).comms(),
+            vec![*b"kubelet\0\0\0\0\0\0\0\0\0"]
+        );
+    }
+
+    #[test]
+    fn exclude_comms_names_a_name_the_kernel_would_truncate() {
+        let err = parse(&["--exclude-comms", "kube-controller-manager"]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("--exclude-comms"), "{msg}");
+        assert!(msg.contains("\"kube-controller\""), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (args, setting) in [
+            (&["--capture-mode", "xdp"][..], "--capture-mode"),
+            (&["--metrics-addr", "9102"][..], "--metrics-addr"),
+            (&["--collect-interval", "5ms"][..], "--collect-interval"),
+            (&["--collect-interval", "soon"][..], "--collect-interval"),
+            (
+                &["--max-comms-per-destination", "0"][..],
+                "--max-comms-per-destination",
+            ),
+            (&["--scaler-cert-file", "c.pem"][..], "--scaler-key-file"),
+        ] {
+            let msg = parse(args).unwrap_err().to_string();
+            assert!(msg.contains(setting), "{args:?}: {msg}");
+        }
+    }
+}

