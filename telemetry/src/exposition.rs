@@ -38,6 +38,11 @@ pub const ATTEMPTS_NAME: &str = "internal_tcp_attempts";
 const ATTEMPTS_HELP: &str =
     "TCP connect attempts to watched Kubernetes destinations, by destination and calling process";
 
+/// The `process_comm` value that stands for every process beyond a cap on
+/// distinct names. Longer than a kernel process name can be (15 bytes), so no
+/// real process can take it.
+pub const OVERFLOW_COMM: &str = "(other processes)";
+
 /// Scrapers not seen for this long are forgotten (their next scrape counts as a first one).
 const SCRAPER_TTL: Duration = Duration::from_secs(3600);
 /// At most this many scrapers are remembered; the longest idle one goes first.
