@@ -1,7 +1,17 @@
 //! `itw-agent`: counts TCP connect attempts on one node and reports them.
 //!
 //! - [`capture`]: the eBPF programs, loaded and attached, behind the [`capture::Kernel`] trait.
+//! - [`resolve`]: which namespace, Service and Pod an IP:port belongs to.
+//! - [`destinations`]: the ids the kernel counts under, kept in step with the map.
+//! - [`collect`]: kernel counters turned into exact deltas per series.
+//! - [`counting`]: the loop that owns the kernel side and collects on ticks and wakes.
+//! - [`metrics`]: `/metrics`.
 //! - [`config`]: flags and env vars.
 
 pub mod capture;
+pub mod collect;
 pub mod config;
+pub mod counting;
+pub mod destinations;
+pub mod metrics;
+pub mod resolve;

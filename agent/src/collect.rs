@@ -1,0 +1,414 @@
+//! Turning the kernel's cumulative counters into deltas per series.
+//!
+//! The kernel counters only grow while an id is watched, so a delta is the
+//! new value minus the last one seen: no read-then-delete race, and a missed
+//! collection only makes the next delta bigger. Process names are capped per
+//! (Service, Pod): names beyond the cap count under
+//! [`OVERFLOW_COMM`](itw_telemetry::exposition::OVERFLOW_COMM), as do attempts
+//! the kernel could not give a counter of their own (its map was full).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use itw_common::{AttemptKey, Comm};
+use itw_telemetry::exposition::OVERFLOW_COMM;
+
+use crate::{
+    capture::{CaptureError, Kernel, KernelCounts},
+    destinations::DestinationTable,
+    resolve::{ServiceRef, Target},
+};
+
+/// One exported series, plus the Service port (windows are per port; the
+/// metric sums over ports).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeriesKey {
+    pub service: ServiceRef,
+    pub port: u16,
+    /// Empty for ClusterIP attempts.
+    pub pod: Arc<str>,
+    pub comm: Arc<str>,
+}
+
+/// The result of one collection.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Collection {
+    /// New attempts per series since the previous collection (all > 0).
+    pub deltas: Vec<(SeriesKey, u64)>,
+    /// New filtered attempts per excluded process name.
+    pub filtered: Vec<(Arc<str>, u64)>,
+    /// Attempts counted under the overflow name because of the per-destination cap.
+    pub capped: u64,
+    /// Attempts counted under the overflow name because the kernel map was full.
+    pub kernel_overflow: u64,
+    /// Counters of ids the table no longer knows (should stay 0).
+    pub unattributed: u64,
+}
+
+#[derive(Debug)]
+pub struct Collector {
+    counts: KernelCounts,
+    last_attempts: HashMap<AttemptKey, u64>,
+    last_overflow: HashMap<u32, u64>,
+    last_filtered: HashMap<Comm, u64>,
+    names: HashMap<Comm, Arc<str>>,
+    overflow_name: Arc<str>,
+    /// Distinct process names admitted per (Service, Pod).
+    admitted: HashMap<(ServiceRef, Arc<str>), HashSet<Arc<str>>>,
+    max_comms: usize,
+    /// Ids that counted in the last collection.
+    active: HashSet<u32>,
+}
+
+impl Collector {
+    pub fn new(max_comms_per_destination: usize) -> Self {
+        Self {
+            counts: KernelCounts::default(),
+            last_attempts: HashMap::new(),
+            last_overflow: HashMap::new(),
+            last_filtered: HashMap::new(),
+            names: HashMap::new(),
+            overflow_name: OVERFLOW_COMM.into(),
+            admitted: HashMap::new(),
+            max_comms: max_comms_per_destination.max(1),
+            active: HashSet::new(),
+        }
+    }
+
+    /// Reads the kernel once and returns what changed since the last call.
+    /// Also re-arms destinations that went idle and retires unwatched ids.
+    pub fn collect(
+        &mut self,
+        kernel: &mut dyn Kernel,
+        table: &mut DestinationTable,
+    ) -> Result<Collection, CaptureError> {
+        kernel.read(&mut self.counts)?;
+        let mut out = Collection::default();
+        let mut deltas: HashMap<SeriesKey, u64> = HashMap::new();
+        self.active.clear();
+
+        for i in 0..self.counts.attempts.len() {
+            let (key, value) = self.counts.attempts[i];
+            let delta = grow(&mut self.last_attempts, key, value);
+            if delta == 0 {
+                continue;
+            }
+            self.active.insert(key.dest_id);
+            let Some(target) = table.target(key.dest_id).cloned() else {
+                out.unattributed += delta;
+                continue;
+            };
+            let name = self.name(&key.comm);
+            let comm = self.admit(&target, name);
+            if Arc::ptr_eq(&comm, &self.overflow_name) {
+                out.capped += delta;
+            }
+            *deltas.entry(series(&target, comm)).or_default() += delta;
+        }
+
+        for i in 0..self.counts.overflow.len() {
+            let (id, value) = self.counts.overflow[i];
+            let delta = grow(&mut self.last_overflow, id, value);
+            if delta == 0 {
+                continue;
+            }
+            self.active.insert(id);
+            let Some(target) = table.target(id).cloned() else {
+                out.unattributed += delta;
+                continue;
+            };
+            out.kernel_overflow += delta;
+            *deltas
+                .entry(series(&target, self.overflow_name.clone()))
+                .or_default() += delta;
+        }
+
+        for i in 0..self.counts.filtered.len() {
+            let (comm, value) = self.counts.filtered[i];
+            let delta = grow(&mut self.last_filtered, comm, value);
+            if delta > 0 {
+                out.filtered.push((self.name(&comm), delta));
+            }
+        }
+
+        for id in &self.active {
+            table.disarmed(*id);
+        }
+        table.rearm_idle(kernel, &self.active)?;
+        for id in table.after_read(kernel)? {
+            self.last_overflow.remove(&id);
+            self.last_attempts.retain(|k, _| k.dest_id != id);
+        }
+
+        out.deltas = deltas.into_iter().collect();
+        out.deltas.sort();
+        out.filtered.sort();
+        Ok(out)
+    }
+
+    /// The label a process name gets for this target: itself while the
+    /// target has room, the overflow name after.
+    fn admit(&mut self, target: &Target, name: Arc<str>) -> Arc<str> {
+        let pod = target.pod.clone().unwrap_or_else(|| "".into());
+        let admitted = self
+            .admitted
+            .entry((target.service.clone(), pod))
+            .or_default();
+        if admitted.contains(&name) {
+            return name;
+        }
+        if admitted.len() < self.max_comms {
+            admitted.insert(name.clone());
+            return name;
+        }
+        self.overflow_name.clone()
+    }
+
+    fn name(&mut self, comm: &Comm) -> Arc<str> {
+        self.names
+            .entry(*comm)
+            .or_insert_with(|| comm_name(comm).into())
+            .clone()
+    }
+
+    /// Forgets the per-(Service, Pod) name sets of a Service that is gone, so
+    /// a churning cluster does not grow them forever.
+    pub fn forget_service(&mut self, service: &ServiceRef) {
+        self.admitted.retain(|(s, _), _| s != service);
+    }
+}
+
+/// The increase of a cumulative counter since its last value.
+fn grow<K: std::hash::Hash + Eq>(last: &mut HashMap<K, u64>, key: K, value: u64) -> u64 {
+    let previous = last.insert(key, value).unwrap_or(0);
+    // A counter never shrinks while its id lives; if one ever did (an id
+    // deleted and re-created behind our back), its whole value is new.
+    value.checked_sub(previous).unwrap_or(value)
+}
+
+fn series(target: &Target, comm: Arc<str>) -> SeriesKey {
+    SeriesKey {
+        service: target.service.clone(),
+        port: target.port,
+        pod: target.pod.clone().unwrap_or_else(|| "".into()),
+        comm,
+    }
+}
+
+/// A kernel comm as text: up to the first NUL, invalid UTF-8 replaced.
+pub fn comm_name(comm: &Comm) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::{
+        capture::fake::{FakeKernel, FakeKernelHandle},
+        resolve::{self, MapChange, MapEvent},
+    };
+
+    struct Rig {
+        kernel: FakeKernel,
+        handle: FakeKernelHandle,
+        table: DestinationTable,
+        collector: Collector,
+    }
+
+    impl Rig {
+        fn new(attempts_capacity: usize, max_comms: usize) -> Self {
+            let kernel = FakeKernel::new(attempts_capacity);
+            let handle = kernel.handle();
+            Self {
+                kernel,
+                handle,
+                table: DestinationTable::new(),
+                collector: Collector::new(max_comms),
+            }
+        }
+
+        fn set(&mut self, addr: &str, svc: &str, pod: Option<&str>) {
+            let target = Target {
+                service: ServiceRef::new("default", svc),
+                port: 80,
+                pod: pod.map(Into::into),
+            };
+            let applied = self.table.apply(
+                &mut self.kernel,
+                MapEvent::Changes(vec![MapChange::Set(addr.parse().unwrap(), target)]),
+            );
+            assert_eq!(applied.failed, 0);
+        }
+
+        fn remove(&mut self, addr: &str) {
+            self.table.apply(
+                &mut self.kernel,
+                MapEvent::Changes(vec![MapChange::Remove(addr.parse().unwrap())]),
+            );
+        }
+
+        fn connect(&self, addr: &str, comm: &str, times: usize) {
+            let addr: SocketAddr = addr.parse().unwrap();
+            for _ in 0..times {
+                self.handle.connect(resolve::destination(addr), comm);
+            }
+        }
+
+        fn collect(&mut self) -> Collection {
+            self.collector
+                .collect(&mut self.kernel, &mut self.table)
+                .unwrap()
+        }
+    }
+
+    fn key(svc: &str, pod: &str, comm: &str) -> SeriesKey {
+        SeriesKey {
+            service: ServiceRef::new("default", svc),
+            port: 80,
+            pod: pod.into(),
+            comm: comm.into(),
+        }
+    }
+
+    #[test]
+    fn deltas_are_exact_and_never_repeat() {
+        let mut rig = Rig::new(64, 8);
+        rig.set("127.1.0.1:80", "a", None);
+        rig.set("127.1.1.1:80", "a", Some("a-0"));
+        rig.connect("127.1.0.1:80", "curl", 3);
+        rig.connect("127.1.0.1:80", "java", 2);
+        rig.connect("127.1.1.1:80", "curl", 1);
+        rig.connect("127.9.9.9:80", "curl", 5); // not watched
+        let c = rig.collect();
+        assert_eq!(
+            c.deltas,
+            vec![
+                (key("a", "", "curl"), 3),
+                (key("a", "", "java"), 2),
+                (key("a", "a-0", "curl"), 1),
+            ]
+        );
+        assert_eq!(rig.collect(), Collection::default());
+        rig.connect("127.1.0.1:80", "curl", 4);
+        assert_eq!(rig.collect().deltas, vec![(key("a", "", "curl"), 4)]);
+    }
+
+    #[test]
+    fn filtered_names_are_counted_apart() {
+        let mut rig = Rig::new(64, 8);
+        rig.kernel
+            .set_excluded(&[crate::config::comm_bytes("kubelet")])
+            .unwrap();
+        rig.set("127.1.0.1:80", "a", None);
+        rig.connect("127.1.0.1:80", "kubelet", 7);
+        rig.connect("127.1.0.1:80", "curl", 1);
+        let c = rig.collect();
+        assert_eq!(c.deltas, vec![(key("a", "", "curl"), 1)]);
+        assert_eq!(c.filtered, vec![("kubelet".into(), 7)]);
+        assert_eq!(rig.collect().filtered, vec![]);
+    }
+
+    #[test]
+    fn names_beyond_the_cap_count_under_the_overflow_name() {
+        let mut rig = Rig::new(64, 2);
+        rig.set("127.1.0.1:80", "a", None);
+        rig.set("127.1.0.2:80", "b", None);
+        for (comm, n) in [("one", 1), ("two", 2), ("three", 3), ("four", 4)] {
+            rig.connect("127.1.0.1:80", comm, n);
+        }
+        rig.connect("127.1.0.2:80", "four", 1);
+        let c = rig.collect();
+        // Kernel order decides which names get in first; the totals do not
+        // depend on it.
+        let a: Vec<_> = c.deltas.iter().filter(|(k, _)| &*k.service.name == "a").collect();
+        assert_eq!(a.len(), 3);
+        assert_eq!(a.iter().map(|(_, n)| n).sum::<u64>(), 10);
+        let overflow = a.iter().find(|(k, _)| &*k.comm == OVERFLOW_COMM).unwrap();
+        assert_eq!(overflow.1, c.capped);
+        // The other service has its own room.
+        assert!(c.deltas.contains(&(key("b", "", "four"), 1)));
+        // An admitted name stays admitted.
+        let admitted = a.iter().find(|(k, _)| &*k.comm != OVERFLOW_COMM).unwrap().0.comm.clone();
+        rig.connect("127.1.0.1:80", &admitted, 1);
+        assert_eq!(rig.collect().deltas, vec![(key("a", "", &admitted), 1)]);
+    }
+
+    #[test]
+    fn a_full_kernel_map_still_counts_every_attempt() {
+        let mut rig = Rig::new(1, 8);
+        rig.set("127.1.0.1:80", "a", None);
+        rig.connect("127.1.0.1:80", "curl", 2);
+        rig.connect("127.1.0.1:80", "java", 3);
+        let c = rig.collect();
+        assert_eq!(
+            c.deltas,
+            vec![(key("a", "", OVERFLOW_COMM), 3), (key("a", "", "curl"), 2)]
+        );
+        assert_eq!(c.kernel_overflow, 3);
+    }
+
+    #[test]
+    fn a_reattributed_ip_splits_its_counts_at_the_change() {
+        let mut rig = Rig::new(64, 8);
+        rig.set("127.1.1.1:80", "a", Some("a-0"));
+        rig.connect("127.1.1.1:80", "curl", 2);
+        rig.set("127.1.1.1:80", "b", Some("b-0"));
+        rig.connect("127.1.1.1:80", "curl", 5);
+        assert_eq!(
+            rig.collect().deltas,
+            vec![(key("a", "a-0", "curl"), 2), (key("b", "b-0", "curl"), 5)]
+        );
+        // The old id's counters go after one more read, and nothing repeats.
+        assert_eq!(rig.collect(), Collection::default());
+        assert_eq!(rig.handle.attempt_keys(), 1);
+    }
+
+    #[test]
+    fn a_removed_destination_is_read_once_more_then_deleted() {
+        let mut rig = Rig::new(64, 8);
+        rig.set("127.1.0.1:80", "a", None);
+        rig.connect("127.1.0.1:80", "curl", 1);
+        rig.remove("127.1.0.1:80");
+        rig.connect("127.1.0.1:80", "curl", 9); // no longer watched
+        assert_eq!(rig.collect().deltas, vec![(key("a", "", "curl"), 1)]);
+        assert_eq!(rig.handle.attempt_keys(), 1);
+        assert_eq!(rig.collect(), Collection::default());
+        assert_eq!(rig.handle.attempt_keys(), 0);
+        // The id is reused from a clean slate.
+        rig.set("127.1.0.2:80", "c", None);
+        rig.connect("127.1.0.2:80", "curl", 1);
+        assert_eq!(rig.collect().deltas, vec![(key("c", "", "curl"), 1)]);
+    }
+
+    #[tokio::test]
+    async fn wakes_once_per_idle_to_active_and_rearms_when_idle() {
+        let mut rig = Rig::new(64, 8);
+        let mut wakes = rig.kernel.take_wakes().unwrap();
+        rig.set("127.1.0.1:80", "a", None);
+        let id = rig.table.id_of("127.1.0.1:80".parse().unwrap()).unwrap();
+        rig.connect("127.1.0.1:80", "curl", 3);
+        assert_eq!(wakes.try_recv(), Ok(id));
+        assert!(wakes.try_recv().is_err(), "one wake per burst");
+        rig.collect();
+        // Still active: no re-arm, so steady traffic sends no wakes.
+        rig.connect("127.1.0.1:80", "curl", 1);
+        rig.collect();
+        assert!(wakes.try_recv().is_err());
+        // A whole collection with no attempt: re-armed, and the next attempt wakes.
+        rig.collect();
+        rig.connect("127.1.0.1:80", "curl", 1);
+        assert_eq!(wakes.try_recv(), Ok(id));
+    }
+
+    #[test]
+    fn comm_names_stop_at_the_first_nul() {
+        assert_eq!(comm_name(b"java\0\0\0\0\0\0\0\0\0\0\0\0"), "java");
+        assert_eq!(comm_name(b"fifteen-chars-x\0"), "fifteen-chars-x");
+        assert_eq!(comm_name(b"\xffbad\0\0\0\0\0\0\0\0\0\0\0\0"), "\u{fffd}bad");
+    }
+}

@@ -1,0 +1,329 @@
+//! The counting loop: the one task that owns the kernel side, the destination
+//! table and the collector.
+//!
+//! It collects on every tick, at once on a kernel wake (a destination going
+//! idle -> active: the scale-from-zero fast path), and applies service map
+//! events as they come. Each collection updates `/metrics` and, when a scaler
+//! is configured, goes to the reporter. It must never wait on the reporter:
+//! the hand-off is an unbounded channel and the reporter bounds its own buffer.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{
+    sync::mpsc,
+    time::{Instant, MissedTickBehavior},
+};
+
+use crate::{
+    capture::{CaptureError, Kernel},
+    collect::{Collector, SeriesKey},
+    destinations::{Applied, DestinationTable},
+    metrics::{AttemptCounters, CommLabels, CountingMetrics, TriggerLabels},
+    resolve::MapEvent,
+};
+
+/// One collection, as the reporter needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Collected {
+    /// Agent clock (see [`AgentClock`]); never decreases.
+    pub collected_at_unix_ms: i64,
+    /// When the wake that triggered this collection arrived; `None` for ticks.
+    pub woken_at: Option<Instant>,
+    /// New attempts per series (all > 0; may be empty).
+    pub deltas: Vec<(SeriesKey, u64)>,
+}
+
+/// Wall-clock milliseconds that never go backwards: the wall clock at start
+/// plus monotonic time since, so a clock step on the node cannot reorder
+/// collections.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentClock {
+    start_wall_ms: i64,
+    start: Instant,
+}
+
+impl AgentClock {
+    pub fn new() -> Self {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Self {
+            start_wall_ms: wall,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        let elapsed = i64::try_from(self.start.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.start_wall_ms.saturating_add(elapsed)
+    }
+}
+
+impl Default for AgentClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Liveness and readiness of the counting loop, for `/healthz` and `/readyz`.
+#[derive(Debug, Default)]
+pub struct Health {
+    map_applied: AtomicBool,
+    last_collection_ms: AtomicI64,
+}
+
+impl Health {
+    /// Ready once the first service map is applied: before that, nothing is counted.
+    pub fn ready(&self) -> bool {
+        self.map_applied.load(Ordering::Acquire)
+    }
+
+    /// Alive while collections keep happening (within `grace` of the clock).
+    pub fn alive(&self, clock: &AgentClock, grace: Duration) -> bool {
+        let last = self.last_collection_ms.load(Ordering::Acquire);
+        let grace = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        last == 0 || clock.now_ms().saturating_sub(last) <= grace
+    }
+}
+
+pub struct CountingLoop {
+    pub kernel: Box<dyn Kernel>,
+    pub table: DestinationTable,
+    pub collector: Collector,
+    pub attempts: Arc<AttemptCounters>,
+    pub metrics: Arc<CountingMetrics>,
+    pub health: Arc<Health>,
+    pub clock: AgentClock,
+    /// Where collections go when a scaler is configured.
+    pub reporter: Option<mpsc::UnboundedSender<Collected>>,
+}
+
+impl CountingLoop {
+    /// Runs until `shutdown` resolves, then collects one last time so nothing
+    /// counted is left unreported.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<MapEvent>,
+        interval: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), CaptureError> {
+        let mut wakes = self
+            .kernel
+            .take_wakes()
+            .ok_or_else(|| CaptureError::Other("the kernel's wake channel was already taken".into()))?;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        let mut events_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(_) = wakes.recv() => {
+                    let woken_at = Instant::now();
+                    let mut n = 1;
+                    while wakes.try_recv().is_ok() {
+                        n += 1;
+                    }
+                    self.metrics.wakes.inc_by(n);
+                    self.collect("wake", Some(woken_at))?;
+                }
+                event = events.recv(), if events_open => match event {
+                    Some(event) => {
+                        self.apply(event);
+                        // A relist or a burst of changes arrives as many
+                        // events: apply them all before the next collection.
+                        while let Ok(event) = events.try_recv() {
+                            self.apply(event);
+                        }
+                    }
+                    None => {
+                        // The source ended (it only does on shutdown); keep
+                        // counting with the last map.
+                        events_open = false;
+                    }
+                },
+                _ = tick.tick() => self.collect("tick", None)?,
+            }
+        }
+        self.collect("shutdown", None)?;
+        Ok(())
+    }
+
+    /// Applies a map event to the table, the kernel and the zero series.
+    pub fn apply(&mut self, event: MapEvent) {
+        let applied = self.table.apply(self.kernel.as_mut(), event);
+        self.after_apply(applied);
+        self.health.map_applied.store(true, Ordering::Release);
+    }
+
+    fn after_apply(&mut self, applied: Applied) {
+        for service in &applied.services_added {
+            self.attempts.service_seen(service);
+        }
+        for service in &applied.services_removed {
+            self.attempts.service_gone(service);
+            self.collector.forget_service(service);
+        }
+        if applied.failed > 0 {
+            self.metrics.map_apply_failures.inc_by(applied.failed as u64);
+            if let Some(error) = &applied.first_error {
+                tracing::error!(failed = applied.failed, %error, "destinations not watched");
+            }
+        }
+        self.metrics
+            .watched_destinations
+            .set(i64::try_from(self.table.watched()).unwrap_or(i64::MAX));
+        self.metrics
+            .services
+            .set(i64::try_from(self.table.services().len()).unwrap_or(i64::MAX));
+        tracing::debug!(
+            watched = applied.watched,
+            unwatched = applied.unwatched,
+            services_added = applied.services_added.len(),
+            services_removed = applied.services_removed.len(),
+            "service map applied"
+        );
+    }
+
+    /// One collection: kernel counters -> deltas -> metrics and reporter.
+    pub fn collect(
+        &mut self,
+        trigger: &'static str,
+        woken_at: Option<Instant>,
+    ) -> Result<(), CaptureError> {
+        let collection = self.collector.collect(self.kernel.as_mut(), &mut self.table)?;
+        let now = self.clock.now_ms();
+        self.health.last_collection_ms.store(now, Ordering::Release);
+        self.metrics
+            .collections
+            .get_or_create(&TriggerLabels { trigger })
+            .inc();
+        self.metrics.capped.inc_by(collection.capped);
+        self.metrics.unattributed.inc_by(collection.unattributed);
+        match self.kernel.stats() {
+            Ok(stats) => self.metrics.kernel_stats(stats),
+            Err(error) => tracing::warn!(%error, "kernel stats not read"),
+        }
+        for (comm, n) in &collection.filtered {
+            tracing::debug!(process_comm = %comm, attempts = n, "filtered attempts (EXCLUDE_COMMS)");
+            self.metrics
+                .filtered
+                .get_or_create(&CommLabels {
+                    process_comm: comm.to_string(),
+                })
+                .inc_by(*n);
+        }
+        if collection.deltas.is_empty() && woken_at.is_none() {
+            return Ok(());
+        }
+        self.attempts.add(&collection.deltas);
+        if let Some(reporter) = &self.reporter {
+            // A closed reporter means shutdown is under way; counts stay in /metrics.
+            let _ = reporter.send(Collected {
+                collected_at_unix_ms: now,
+                woken_at,
+                deltas: collection.deltas,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use itw_telemetry::exposition::AttemptLabels;
+
+    use super::*;
+    use crate::{
+        capture::fake::FakeKernel,
+        collect::Collector,
+        resolve::{self, ServiceMap, ServiceRef, Target},
+    };
+
+    fn labels(svc: &str, comm: &str) -> AttemptLabels {
+        AttemptLabels {
+            destination_namespace: "default".into(),
+            destination_service: svc.into(),
+            destination_pod: String::new(),
+            process_comm: comm.into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_is_collected_and_reported_at_once() {
+        let kernel = FakeKernel::new(64);
+        let handle = kernel.handle();
+        let attempts = Arc::new(AttemptCounters::default());
+        let health = Arc::new(Health::default());
+        let (report_tx, mut report_rx) = mpsc::unbounded_channel();
+        let counting = CountingLoop {
+            kernel: Box::new(kernel),
+            table: DestinationTable::new(),
+            collector: Collector::new(8),
+            attempts: attempts.clone(),
+            metrics: Arc::default(),
+            health: health.clone(),
+            clock: AgentClock::new(),
+            reporter: Some(report_tx),
+        };
+        let addr = "127.1.0.1:80".parse().unwrap();
+        let mut map = ServiceMap::default();
+        map.services.insert(ServiceRef::new("default", "web"));
+        map.destinations.insert(
+            addr,
+            Target {
+                service: ServiceRef::new("default", "web"),
+                port: 80,
+                pod: None,
+            },
+        );
+        let (events_tx, events_rx) = mpsc::channel(4);
+        events_tx.send(MapEvent::Reset(map)).await.unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // A long tick: anything reported before it comes from the wake path.
+        let task = tokio::spawn(counting.run(events_rx, Duration::from_secs(3600), async {
+            let _ = stop_rx.await;
+        }));
+        // The first tick fires at once; let it and the map through.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(health.ready());
+        assert_eq!(attempts.get(&labels("web", "")), Some(0));
+
+        handle.connect(resolve::destination(addr), "curl");
+        let report = tokio::time::timeout(Duration::from_secs(1), report_rx.recv())
+            .await
+            .expect("the wake must be reported long before the next tick")
+            .unwrap();
+        assert!(report.woken_at.is_some());
+        assert_eq!(report.deltas.len(), 1);
+        assert_eq!(report.deltas[0].1, 1);
+        assert_eq!(attempts.get(&labels("web", "curl")), Some(1));
+
+        // Shutdown collects once more: the attempt made since is not lost.
+        handle.connect(resolve::destination(addr), "curl");
+        stop_tx.send(()).unwrap();
+        task.await.unwrap().unwrap();
+        let last = report_rx.recv().await.unwrap();
+        assert_eq!(last.woken_at, None);
+        assert_eq!(last.deltas[0].1, 1);
+        assert_eq!(attempts.get(&labels("web", "curl")), Some(2));
+    }
+
+    #[test]
+    fn the_agent_clock_never_goes_back() {
+        let clock = AgentClock::new();
+        let a = clock.now_ms();
+        let b = clock.now_ms();
+        assert!(b >= a);
+        assert!(a > 1_600_000_000_000, "{a} is not a wall-clock time in ms");
+    }
+}

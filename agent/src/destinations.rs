@@ -1,0 +1,425 @@
+//! The destination table: which IP:ports the kernel watches, under which id,
+//! and what each id means.
+//!
+//! Ids are how the kernel keys its counters. An IP:port that changes owner
+//! (an IP reused by another pod or Service) gets a new id in the same kernel
+//! map update, so attempts before the change stay with the old owner and
+//! attempts after it go to the new one, with no collection in between. An id
+//! that is no longer watched retires: its counters are read one last time and
+//! deleted a full collection later, so an attempt still in flight in the
+//! kernel when it was unwatched is read too.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+};
+
+use crate::{
+    capture::{CaptureError, Kernel},
+    resolve::{self, MapChange, MapEvent, ServiceMap, ServiceRef, Target},
+};
+
+#[derive(Debug)]
+struct Entry {
+    target: Target,
+    /// Whether the kernel's entry is armed (its next attempt wakes us), as
+    /// far as we know: cleared on any count or wake, set when we re-arm.
+    armed: bool,
+}
+
+/// What applying an event changed, for metrics and logs.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub services_added: Vec<ServiceRef>,
+    pub services_removed: Vec<ServiceRef>,
+    pub watched: usize,
+    pub unwatched: usize,
+    /// Destinations the kernel refused (e.g. its map is full): skipped, the
+    /// rest of the event still applies.
+    pub failed: usize,
+    /// The first refusal, for the log.
+    pub first_error: Option<CaptureError>,
+}
+
+impl Applied {
+    fn record(&mut self, result: Result<(), CaptureError>) {
+        if let Err(e) = result {
+            self.failed += 1;
+            self.first_error.get_or_insert(e);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct DestinationTable {
+    by_addr: HashMap<SocketAddr, u32>,
+    entries: HashMap<u32, Entry>,
+    services: BTreeSet<ServiceRef>,
+    next_id: u32,
+    free_ids: Vec<u32>,
+    /// Ids unwatched since the last collection: read once more, then forgotten.
+    retiring: Vec<u32>,
+    /// Ids whose final read is done: deleted from the kernel after the next read.
+    retired: Vec<u32>,
+}
+
+impl DestinationTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies a source's event to the table and the kernel. A destination
+    /// the kernel refuses is skipped and reported in [`Applied::failed`].
+    pub fn apply(&mut self, kernel: &mut dyn Kernel, event: MapEvent) -> Applied {
+        let mut applied = Applied::default();
+        match event {
+            MapEvent::Reset(map) => self.reset(kernel, map, &mut applied),
+            MapEvent::Changes(changes) => {
+                for change in changes {
+                    self.change(kernel, change, &mut applied);
+                }
+            }
+        }
+        applied
+    }
+
+    fn reset(&mut self, kernel: &mut dyn Kernel, map: ServiceMap, applied: &mut Applied) {
+        let stale: Vec<SocketAddr> = self
+            .by_addr
+            .keys()
+            .filter(|addr| !map.destinations.contains_key(addr))
+            .copied()
+            .collect();
+        // Removals first: they free kernel map room for the additions.
+        for addr in stale {
+            let result = self.remove(kernel, addr, applied);
+            applied.record(result);
+        }
+        for (addr, target) in map.destinations {
+            let result = self.set(kernel, addr, target, applied);
+            applied.record(result);
+        }
+        let gone: Vec<ServiceRef> = self.services.difference(&map.services).cloned().collect();
+        for service in gone {
+            self.services.remove(&service);
+            applied.services_removed.push(service);
+        }
+        for service in map.services {
+            if self.services.insert(service.clone()) {
+                applied.services_added.push(service);
+            }
+        }
+    }
+
+    fn change(&mut self, kernel: &mut dyn Kernel, change: MapChange, applied: &mut Applied) {
+        match change {
+            MapChange::Set(addr, target) => {
+                let result = self.set(kernel, addr, target, applied);
+                applied.record(result);
+            }
+            MapChange::Remove(addr) => {
+                let result = self.remove(kernel, addr, applied);
+                applied.record(result);
+            }
+            MapChange::ServiceAdded(service) => {
+                if self.services.insert(service.clone()) {
+                    applied.services_added.push(service);
+                }
+            }
+            MapChange::ServiceRemoved(service) => {
+                if self.services.remove(&service) {
+                    applied.services_removed.push(service);
+                }
+            }
+        }
+    }
+
+    fn set(
+        &mut self,
+        kernel: &mut dyn Kernel,
+        addr: SocketAddr,
+        target: Target,
+        applied: &mut Applied,
+    ) -> Result<(), CaptureError> {
+        let addr = resolve::canonical(addr);
+        let old = self.by_addr.get(&addr).copied();
+        if let Some(id) = old
+            && self.entries.get(&id).is_some_and(|e| e.target == target)
+        {
+            return Ok(());
+        }
+        let id = self.allocate_id();
+        if let Err(e) = kernel.watch(&resolve::destination(addr), id) {
+            self.free_ids.push(id);
+            return Err(e);
+        }
+        self.entries.insert(
+            id,
+            Entry {
+                target,
+                armed: true,
+            },
+        );
+        self.by_addr.insert(addr, id);
+        if let Some(old) = old {
+            // The kernel entry now points at the new id; the old id's
+            // counters hold exactly the attempts made before the change.
+            self.retiring.push(old);
+        }
+        applied.watched += 1;
+        Ok(())
+    }
+
+    fn remove(
+        &mut self,
+        kernel: &mut dyn Kernel,
+        addr: SocketAddr,
+        applied: &mut Applied,
+    ) -> Result<(), CaptureError> {
+        let addr = resolve::canonical(addr);
+        let Some(&id) = self.by_addr.get(&addr) else {
+            return Ok(());
+        };
+        kernel.unwatch(&resolve::destination(addr))?;
+        self.by_addr.remove(&addr);
+        self.retiring.push(id);
+        applied.unwatched += 1;
+        Ok(())
+    }
+
+    fn allocate_id(&mut self) -> u32 {
+        self.free_ids.pop().unwrap_or_else(|| {
+            let id = self.next_id;
+            self.next_id += 1;
+            id
+        })
+    }
+
+    /// What an id's counters are attempts to (also for retiring ids).
+    pub fn target(&self, id: u32) -> Option<&Target> {
+        self.entries.get(&id).map(|e| &e.target)
+    }
+
+    /// Notes that a counter of `id` moved or a wake came: the kernel has
+    /// disarmed it.
+    pub fn disarmed(&mut self, id: u32) {
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.armed = false;
+        }
+    }
+
+    /// Re-arms watched destinations that saw no attempt in the last
+    /// collection (`active` holds the ids that did) and are disarmed.
+    /// Returns how many were re-armed.
+    pub fn rearm_idle(
+        &mut self,
+        kernel: &mut dyn Kernel,
+        active: &std::collections::HashSet<u32>,
+    ) -> Result<Vec<u32>, CaptureError> {
+        let mut rearmed = Vec::new();
+        for (&addr, &id) in &self.by_addr {
+            let Some(entry) = self.entries.get_mut(&id) else {
+                continue;
+            };
+            if entry.armed || active.contains(&id) {
+                continue;
+            }
+            kernel.watch(&resolve::destination(addr), id)?;
+            entry.armed = true;
+            rearmed.push(id);
+        }
+        Ok(rearmed)
+    }
+
+    /// Call after every read of the kernel counters: ids whose final read is
+    /// now done move on, and those read twice since unwatching are deleted
+    /// from the kernel. Returns the deleted ids (their last-seen values must
+    /// be dropped too, as the ids may be reused).
+    pub fn after_read(&mut self, kernel: &mut dyn Kernel) -> Result<Vec<u32>, CaptureError> {
+        let done = std::mem::take(&mut self.retired);
+        if !done.is_empty() {
+            kernel.forget(&done)?;
+            for id in &done {
+                self.entries.remove(id);
+            }
+            self.free_ids.extend(&done);
+        }
+        self.retired = std::mem::take(&mut self.retiring);
+        Ok(done)
+    }
+
+    pub fn watched(&self) -> usize {
+        self.by_addr.len()
+    }
+
+    pub fn services(&self) -> &BTreeSet<ServiceRef> {
+        &self.services
+    }
+
+    /// Every watched IP:port and its target, for tests and debugging.
+    pub fn snapshot(&self) -> Vec<(SocketAddr, Target)> {
+        let mut all: Vec<_> = self
+            .by_addr
+            .iter()
+            .filter_map(|(addr, id)| Some((*addr, self.entries.get(id)?.target.clone())))
+            .collect();
+        all.sort();
+        all
+    }
+
+    /// The id an IP:port is watched under.
+    pub fn id_of(&self, addr: SocketAddr) -> Option<u32> {
+        self.by_addr.get(&resolve::canonical(addr)).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::capture::fake::FakeKernel;
+
+    fn target(svc: &str, pod: Option<&str>) -> Target {
+        Target {
+            service: ServiceRef::new("default", svc),
+            port: 80,
+            pod: pod.map(Into::into),
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn map(entries: &[(&str, Target)]) -> ServiceMap {
+        let mut map = ServiceMap::default();
+        for (a, t) in entries {
+            map.services.insert(t.service.clone());
+            map.destinations.insert(addr(a), t.clone());
+        }
+        map
+    }
+
+    #[test]
+    fn reset_watches_exactly_the_map() {
+        let mut kernel = FakeKernel::new(16);
+        let handle = kernel.handle();
+        let mut table = DestinationTable::new();
+        let applied = table
+            .apply(
+                &mut kernel,
+                MapEvent::Reset(map(&[
+                    ("127.1.0.1:80", target("a", None)),
+                    ("127.1.0.2:80", target("b", None)),
+                ])),
+            );
+        assert_eq!(applied.watched, 2);
+        assert_eq!(
+            applied.services_added,
+            vec![ServiceRef::new("default", "a"), ServiceRef::new("default", "b")]
+        );
+        let watched = handle.watched();
+        assert_eq!(watched.len(), 2);
+        let id_a = table.id_of(addr("127.1.0.1:80")).unwrap();
+        assert_eq!(watched[&resolve::destination(addr("127.1.0.1:80"))], (id_a, true));
+
+        // A second reset keeps what stays (same id), drops what left.
+        let applied = table
+            .apply(
+                &mut kernel,
+                MapEvent::Reset(map(&[("127.1.0.1:80", target("a", None))])),
+            );
+        assert_eq!(applied.watched, 0);
+        assert_eq!(applied.unwatched, 1);
+        assert_eq!(applied.services_removed, vec![ServiceRef::new("default", "b")]);
+        assert_eq!(table.id_of(addr("127.1.0.1:80")), Some(id_a));
+        assert_eq!(handle.watched().len(), 1);
+    }
+
+    #[test]
+    fn a_reused_ip_gets_a_new_id_and_the_old_one_retires_after_two_reads() {
+        let mut kernel = FakeKernel::new(16);
+        let handle = kernel.handle();
+        let mut table = DestinationTable::new();
+        let pod_ip = addr("127.1.1.1:80");
+        table
+            .apply(
+                &mut kernel,
+                MapEvent::Changes(vec![MapChange::Set(pod_ip, target("a", Some("a-0")))]),
+            );
+        let old = table.id_of(pod_ip).unwrap();
+        handle.connect(resolve::destination(pod_ip), "curl");
+
+        table
+            .apply(
+                &mut kernel,
+                MapEvent::Changes(vec![MapChange::Set(pod_ip, target("b", Some("b-0")))]),
+            );
+        let new = table.id_of(pod_ip).unwrap();
+        assert_ne!(old, new);
+        // The old id still resolves to the old owner for its final reads.
+        assert_eq!(table.target(old), Some(&target("a", Some("a-0"))));
+        assert_eq!(table.target(new), Some(&target("b", Some("b-0"))));
+        assert_eq!(handle.watched()[&resolve::destination(pod_ip)], (new, true));
+
+        assert_eq!(table.after_read(&mut kernel).unwrap(), Vec::<u32>::new());
+        assert_eq!(handle.attempt_keys(), 1);
+        assert_eq!(table.after_read(&mut kernel).unwrap(), vec![old]);
+        assert_eq!(handle.attempt_keys(), 0);
+        assert_eq!(table.target(old), None);
+        // The freed id is reused.
+        table
+            .apply(
+                &mut kernel,
+                MapEvent::Changes(vec![MapChange::Set(
+                    addr("127.1.1.2:80"),
+                    target("c", None),
+                )]),
+            );
+        assert_eq!(table.id_of(addr("127.1.1.2:80")), Some(old));
+        assert_eq!(table.target(old), Some(&target("c", None)));
+    }
+
+    #[test]
+    fn setting_the_same_target_again_changes_nothing() {
+        let mut kernel = FakeKernel::new(16);
+        let mut table = DestinationTable::new();
+        let a = addr("[::ffff:127.1.0.1]:80");
+        let set = || MapEvent::Changes(vec![MapChange::Set(a, target("a", None))]);
+        assert_eq!(table.apply(&mut kernel, set()).watched, 1);
+        assert_eq!(table.apply(&mut kernel, set()).watched, 0);
+        // Stored canonically: the IPv4 spelling finds it.
+        assert!(table.id_of(addr("127.1.0.1:80")).is_some());
+    }
+
+    #[test]
+    fn rearms_only_idle_disarmed_destinations() {
+        let mut kernel = FakeKernel::new(16);
+        let handle = kernel.handle();
+        let mut table = DestinationTable::new();
+        table
+            .apply(
+                &mut kernel,
+                MapEvent::Reset(map(&[
+                    ("127.1.0.1:80", target("a", None)),
+                    ("127.1.0.2:80", target("b", None)),
+                ])),
+            );
+        let a = table.id_of(addr("127.1.0.1:80")).unwrap();
+        let b = table.id_of(addr("127.1.0.2:80")).unwrap();
+        handle.connect(resolve::destination(addr("127.1.0.1:80")), "curl");
+        handle.connect(resolve::destination(addr("127.1.0.2:80")), "curl");
+        table.disarmed(a);
+        table.disarmed(b);
+        // a was active in the last collection, b idle: only b is re-armed.
+        let rearmed = table.rearm_idle(&mut kernel, &HashSet::from([a])).unwrap();
+        assert_eq!(rearmed, vec![b]);
+        let watched = handle.watched();
+        assert_eq!(watched[&resolve::destination(addr("127.1.0.1:80"))], (a, false));
+        assert_eq!(watched[&resolve::destination(addr("127.1.0.2:80"))], (b, true));
+        // Nothing to do the next time.
+        assert!(table.rearm_idle(&mut kernel, &HashSet::new()).unwrap() == vec![a]);
+        assert!(table.rearm_idle(&mut kernel, &HashSet::new()).unwrap().is_empty());
+    }
+}

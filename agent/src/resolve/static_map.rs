@@ -1,0 +1,536 @@
+//! The static service map: a YAML file standing in for the Kubernetes API, for
+//! the demo, tests and anyone without a cluster.
+//!
+//! ```yaml
+//! services:
+//!   - namespace: default
+//!     name: my-svc
+//!     clusterIPs: [127.10.0.1]        # one or more, IPv4 or IPv6; none = headless
+//!     ports: [8429]                   # or {port: 80, targetPort: 8080}
+//!     endpoints:                      # optional: pods behind it
+//!       - pod: my-svc-0
+//!         ip: 127.10.1.1
+//!         ports: [8429]               # optional: the service ports' targetPorts
+//! ```
+//!
+//! A malformed file is refused with the line and field at fault. The file is
+//! re-read when it changes and on SIGHUP; a bad edit keeps the last good map.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use tokio::sync::mpsc;
+
+use super::{MapEvent, ServiceMap, ServiceRef, Target, canonical};
+
+/// How often the file's modification time and size are checked.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StaticMapError {
+    #[error("service map {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service map {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    services: Vec<ServiceEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceEntry {
+    namespace: Spanned<String>,
+    name: Spanned<String>,
+    #[serde(default, rename = "clusterIPs")]
+    cluster_ips: Vec<Spanned<IpAddr>>,
+    ports: Spanned<Vec<Spanned<PortEntry>>>,
+    #[serde(default)]
+    endpoints: Vec<EndpointEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PortEntry {
+    Plain(u32),
+    Mapped {
+        port: u32,
+        #[serde(rename = "targetPort")]
+        target_port: Option<u32>,
+    },
+}
+
+impl PortEntry {
+    fn port(&self) -> u32 {
+        match self {
+            Self::Plain(p) | Self::Mapped { port: p, .. } => *p,
+        }
+    }
+
+    fn target_port(&self) -> u32 {
+        match self {
+            Self::Plain(p) => *p,
+            Self::Mapped {
+                port, target_port, ..
+            } => target_port.unwrap_or(*port),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointEntry {
+    pod: Spanned<String>,
+    ip: Spanned<IpAddr>,
+    #[serde(default)]
+    ports: Option<Spanned<Vec<Spanned<u32>>>>,
+}
+
+/// Parses a service map; `path` only names the file in errors.
+pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
+    let invalid = |message: String| StaticMapError::Invalid {
+        path: path.to_owned(),
+        message,
+    };
+    let is_blank = |l: &str| l.trim().is_empty() || l.trim_start().starts_with('#');
+    if text.lines().all(is_blank) {
+        return Err(invalid(
+            "the file is empty; it needs a `services:` list (see the README for the format)".into(),
+        ));
+    }
+    let file: File = serde_saphyr::from_str(text).map_err(|e| invalid(e.to_string()))?;
+
+    let mut map = ServiceMap::default();
+    // Who claimed each IP:port first, to name both sides of a conflict.
+    let mut claimed: BTreeMap<SocketAddr, (String, u64)> = BTreeMap::new();
+    let mut claim = |addr: SocketAddr, target: Target, field: String, line: u64| {
+        let addr = canonical(addr);
+        if let Some((first, first_line)) = claimed.get(&addr) {
+            return Err(invalid(format!(
+                "line {line}: {field}: {addr} is already mapped by {first} (line {first_line}); an IP:port can belong to one destination only"
+            )));
+        }
+        claimed.insert(addr, (field, line));
+        map.destinations.insert(addr, target);
+        Ok(())
+    };
+
+    for (i, svc) in file.services.iter().enumerate() {
+        let at = |field: &str| format!("services[{i}].{field}");
+        check_name(&svc.namespace, &at("namespace"), 63).map_err(&invalid)?;
+        check_name(&svc.name, &at("name"), 63).map_err(&invalid)?;
+        let service = ServiceRef::new(&svc.namespace.value, &svc.name.value);
+        if !map.services.insert(service.clone()) {
+            return Err(invalid(format!(
+                "line {}: {}: service {service} is listed twice",
+                svc.name.referenced.line(),
+                at("name"),
+            )));
+        }
+
+        if svc.ports.value.is_empty() {
+            return Err(invalid(format!(
+                "line {}: {}: a service needs at least one port",
+                svc.ports.referenced.line(),
+                at("ports"),
+            )));
+        }
+        let mut ports = Vec::with_capacity(svc.ports.value.len());
+        for (j, entry) in svc.ports.value.iter().enumerate() {
+            let line = entry.referenced.line();
+            let port = check_port(entry.value.port(), line, &at(&format!("ports[{j}]")))
+                .map_err(&invalid)?;
+            let target_port = check_port(
+                entry.value.target_port(),
+                line,
+                &at(&format!("ports[{j}].targetPort")),
+            )
+            .map_err(&invalid)?;
+            if ports.iter().any(|(p, _)| *p == port) {
+                return Err(invalid(format!(
+                    "line {line}: {}: port {port} is listed twice",
+                    at(&format!("ports[{j}]"))
+                )));
+            }
+            ports.push((port, target_port));
+        }
+
+        for (j, ip) in svc.cluster_ips.iter().enumerate() {
+            for &(port, _) in &ports {
+                let target = Target {
+                    service: service.clone(),
+                    port,
+                    pod: None,
+                };
+                claim(
+                    SocketAddr::new(ip.value, port),
+                    target,
+                    at(&format!("clusterIPs[{j}]")),
+                    ip.referenced.line(),
+                )?;
+            }
+        }
+
+        for (k, ep) in svc.endpoints.iter().enumerate() {
+            let ep_at = |field: &str| at(&format!("endpoints[{k}].{field}"));
+            check_name(&ep.pod, &ep_at("pod"), 253).map_err(&invalid)?;
+            let pod: std::sync::Arc<str> = ep.pod.value.as_str().into();
+            // (service port, port on the pod)
+            let pairs: Vec<(u16, u16)> = match &ep.ports {
+                None => ports.clone(),
+                Some(given) => {
+                    let line = given.referenced.line();
+                    if given.value.len() != ports.len() {
+                        return Err(invalid(format!(
+                            "line {line}: {}: {} ports given for a service with {} ports; list one pod port per service port, in the same order",
+                            ep_at("ports"),
+                            given.value.len(),
+                            ports.len(),
+                        )));
+                    }
+                    let mut pairs = Vec::with_capacity(ports.len());
+                    for (n, (p, (service_port, _))) in given.value.iter().zip(&ports).enumerate() {
+                        let pod_port =
+                            check_port(p.value, p.referenced.line(), &ep_at(&format!("ports[{n}]")))
+                                .map_err(&invalid)?;
+                        pairs.push((*service_port, pod_port));
+                    }
+                    pairs
+                }
+            };
+            for (service_port, pod_port) in pairs {
+                let target = Target {
+                    service: service.clone(),
+                    port: service_port,
+                    pod: Some(pod.clone()),
+                };
+                claim(
+                    SocketAddr::new(ep.ip.value, pod_port),
+                    target,
+                    ep_at("ip"),
+                    ep.ip.referenced.line(),
+                )?;
+            }
+        }
+    }
+    Ok(map)
+}
+
+/// Kubernetes object names: DNS labels (pods: subdomains), so a typo cannot
+/// produce a label value no real cluster would.
+fn check_name(name: &Spanned<String>, field: &str, max: usize) -> Result<(), String> {
+    let value = name.value.as_str();
+    let line = name.referenced.line();
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if value.is_empty()
+        || value.len() > max
+        || !value.chars().all(ok_char)
+        || (max == 63 && value.contains('.'))
+        || !alnum(value.chars().next())
+        || !alnum(value.chars().last())
+    {
+        return Err(format!(
+            "line {line}: {field}: {value:?} is not a valid Kubernetes name (lowercase letters, digits and '-', at most {max} characters, starting and ending with a letter or digit)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_port(port: u32, line: u64, field: &str) -> Result<u16, String> {
+    match u16::try_from(port) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(format!(
+            "line {line}: {field}: {port} is not a port (1-65535)"
+        )),
+    }
+}
+
+/// Reads and parses the file.
+pub fn load(path: &Path) -> Result<ServiceMap, StaticMapError> {
+    let text = std::fs::read_to_string(path).map_err(|source| StaticMapError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Loads the file once (an error stops the agent's start), sends it, then
+/// keeps watching it: a change or SIGHUP re-reads it and sends the new map; a
+/// bad edit is logged and counted, and the last good map stays.
+pub async fn watch(
+    path: PathBuf,
+    events: mpsc::Sender<MapEvent>,
+    reload_failures: impl Fn() + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, StaticMapError> {
+    let map = load(&path)?;
+    let mut stamp = file_stamp(&path);
+    tracing::info!(
+        path = %path.display(),
+        services = map.services.len(),
+        destinations = map.destinations.len(),
+        "static service map loaded"
+    );
+    let mut current = map.clone();
+    if events.send(MapEvent::Reset(map)).await.is_err() {
+        return Ok(tokio::spawn(async {}));
+    }
+    let mut hangups =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|source| {
+            StaticMapError::Read {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    Ok(tokio::spawn(async move {
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let forced = tokio::select! {
+                _ = poll.tick() => false,
+                _ = hangups.recv() => true,
+                _ = events.closed() => return,
+            };
+            let now = file_stamp(&path);
+            if !forced && now == stamp {
+                continue;
+            }
+            stamp = now;
+            match load(&path) {
+                Ok(map) if map == current => {}
+                Ok(map) => {
+                    tracing::info!(
+                        path = %path.display(),
+                        services = map.services.len(),
+                        destinations = map.destinations.len(),
+                        "static service map reloaded"
+                    );
+                    current = map.clone();
+                    if events.send(MapEvent::Reset(map)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    reload_failures();
+                    tracing::error!(%error, "service map not reloaded; keeping the last good one");
+                }
+            }
+        }
+    }))
+}
+
+/// Modification time and length: enough to notice an edit or a replaced file
+/// (a ConfigMap update swaps a symlink, which changes both).
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(text: &str) -> ServiceMap {
+        parse(Path::new("map.yaml"), text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse(Path::new("map.yaml"), text).unwrap_err().to_string()
+    }
+
+    fn target(ns: &str, svc: &str, port: u16, pod: Option<&str>) -> Target {
+        Target {
+            service: ServiceRef::new(ns, svc),
+            port,
+            pod: pod.map(Into::into),
+        }
+    }
+
+    const EXAMPLE: &str = "\
+services:
+  - namespace: default
+    name: my-svc
+    clusterIPs: [127.10.0.1, \"::1\"]
+    ports: [8429, {port: 80, targetPort: 8080}]
+    endpoints:
+      - pod: my-svc-0
+        ip: 127.10.1.1
+      - pod: my-svc-1
+        ip: 127.10.1.2
+        ports: [9000, 9001]
+  - namespace: other
+    name: headless
+    ports: [53]
+";
+
+    #[test]
+    fn parses_every_destination_exactly() {
+        let map = parse_ok(EXAMPLE);
+        let expected: BTreeMap<SocketAddr, Target> = [
+            ("127.10.0.1:8429", target("default", "my-svc", 8429, None)),
+            ("127.10.0.1:80", target("default", "my-svc", 80, None)),
+            ("[::1]:8429", target("default", "my-svc", 8429, None)),
+            ("[::1]:80", target("default", "my-svc", 80, None)),
+            // Default pod ports: each service port's targetPort.
+            ("127.10.1.1:8429", target("default", "my-svc", 8429, Some("my-svc-0"))),
+            ("127.10.1.1:8080", target("default", "my-svc", 80, Some("my-svc-0"))),
+            // Given pod ports pair with the service ports in order.
+            ("127.10.1.2:9000", target("default", "my-svc", 8429, Some("my-svc-1"))),
+            ("127.10.1.2:9001", target("default", "my-svc", 80, Some("my-svc-1"))),
+        ]
+        .into_iter()
+        .map(|(a, t)| (a.parse().unwrap(), t))
+        .collect();
+        assert_eq!(map.destinations, expected);
+        assert_eq!(
+            map.services,
+            [
+                ServiceRef::new("default", "my-svc"),
+                ServiceRef::new("other", "headless")
+            ]
+            .into_iter()
+            .collect()
+        );
+    }
+
+    #[test]
+    fn a_mapped_ipv6_cluster_ip_is_stored_as_ipv4() {
+        let map = parse_ok(
+            "services:\n  - {namespace: a, name: b, clusterIPs: [\"::ffff:127.1.2.3\"], ports: [1]}\n",
+        );
+        assert_eq!(
+            map.destinations.keys().copied().collect::<Vec<_>>(),
+            vec!["127.1.2.3:1".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_line_and_field() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "services:\n  - namespace: default\n    name: a\n    clusterIPs: [127.0.0.300]\n    ports: [80]\n",
+                &["line 4", "127.0.0.300"],
+            ),
+            (
+                "services:\n  - namespace: default\n    name: a\n    ports: [0]\n",
+                &["line 4", "services[0].ports[0]", "0 is not a port"],
+            ),
+            (
+                "services:\n  - namespace: default\n    name: a\n    ports: [70000]\n",
+                &["line 4", "services[0].ports[0]", "70000"],
+            ),
+            (
+                "services:\n  - namespace: default\n    name: a\n    ports: [{port: 80, targetPort: 0}]\n",
+                &["line 4", "services[0].ports[0].targetPort"],
+            ),
+            (
+                "services:\n  - namespace: Default\n    name: a\n    ports: [80]\n",
+                &["line 2", "services[0].namespace", "\"Default\""],
+            ),
+            (
+                "services:\n  - namespace: default\n    name: a\n    ports: []\n",
+                &["line 4", "services[0].ports", "at least one port"],
+            ),
+            (
+                "services:\n  - namespace: default\n    name: a\n    ports: [80, 80]\n",
+                &["services[0].ports[1]", "listed twice"],
+            ),
+            (
+                "services:\n  - namespace: default\n    name: a\n    ports: [80]\n    clusterIP: 127.0.0.1\n",
+                &["line 5", "clusterIP"],
+            ),
+            (
+                "services:\n  - namespace: default\n    name: a\n    ports: [80]\n  - namespace: default\n    name: a\n    ports: [81]\n",
+                &["line 6", "services[1].name", "default/a is listed twice"],
+            ),
+            (
+                "services:\n  - namespace: default\n    name: a\n    clusterIPs: [127.0.0.1]\n    ports: [80]\n  - namespace: default\n    name: b\n    clusterIPs: [127.0.0.1]\n    ports: [80]\n",
+                &["line 8", "services[1].clusterIPs[0]", "127.0.0.1:80", "services[0].clusterIPs[0] (line 4)"],
+            ),
+            (
+                "services:\n  - namespace: default\n    name: a\n    ports: [80, 81]\n    endpoints:\n      - pod: a-0\n        ip: 127.0.0.2\n        ports: [8080]\n",
+                &["line 8", "services[0].endpoints[0].ports", "1 ports given for a service with 2 ports"],
+            ),
+            (
+                "services:\n  - namespace: default\n    name: a\n    ports: [80]\n    endpoints:\n      - pod: a-0\n",
+                &["ip"],
+            ),
+            ("services: 3\n", &["services"]),
+            ("", &["services"]),
+        ];
+        for (text, needles) in cases {
+            let msg = parse_err(text);
+            if std::env::var_os("ITW_PRINT_ERRORS").is_some() {
+                println!("---\n{msg}");
+            }
+            assert!(msg.contains("map.yaml"), "{msg}");
+            for needle in *needles {
+                assert!(msg.contains(needle), "missing {needle:?} in:\n{msg}\nfor:\n{text}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn reloads_on_change_and_keeps_the_last_good_map() {
+        let dir = std::env::temp_dir().join(format!("itw-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("map.yaml");
+        let one = "services:\n  - {namespace: a, name: b, clusterIPs: [127.1.0.1], ports: [80]}\n";
+        let two = "services:\n  - {namespace: a, name: b, clusterIPs: [127.1.0.2], ports: [80]}\n";
+        std::fs::write(&path, one).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let failures = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = failures.clone();
+        let task = watch(path.clone(), tx, move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+        .await
+        .unwrap();
+        let MapEvent::Reset(first) = rx.recv().await.unwrap() else {
+            panic!("expected a reset")
+        };
+        assert_eq!(first, parse_ok(one));
+
+        // A broken edit: counted, nothing sent.
+        std::fs::write(&path, "services: [oops\n").unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while failures.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "reload failure not noticed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(rx.try_recv().is_err());
+
+        // A good edit: the new map.
+        std::fs::write(&path, two).unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next, MapEvent::Reset(parse_ok(two)));
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bad_file_stops_the_start() {
+        let (tx, _rx) = mpsc::channel(1);
+        let err = watch(PathBuf::from("/nonexistent/map.yaml"), tx, || {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/map.yaml"), "{err}");
+    }
+}
