@@ -5,7 +5,8 @@
 //! idle -> active: the scale-from-zero fast path), and applies service map
 //! events as they come. Each collection updates `/metrics` and, when a scaler
 //! is configured, goes to the reporter. It must never wait on the reporter:
-//! the hand-off is an unbounded channel and the reporter bounds its own buffer.
+//! the hand-off ([`CollectionSink::record`]) is synchronous and cheap, and the
+//! reporter bounds its own buffer.
 
 use std::{
     future::Future,
@@ -38,6 +39,12 @@ pub struct Collected {
     pub woken_at: Option<Instant>,
     /// New attempts per series (all > 0; may be empty).
     pub deltas: Vec<(SeriesKey, u64)>,
+}
+
+/// Where collections go when a scaler is configured.
+pub trait CollectionSink: Send + Sync + 'static {
+    /// Takes one collection; must not block.
+    fn record(&self, collected: Collected);
 }
 
 /// Wall-clock milliseconds that never go backwards: the wall clock at start
@@ -103,7 +110,7 @@ pub struct CountingLoop {
     pub health: Arc<Health>,
     pub clock: AgentClock,
     /// Where collections go when a scaler is configured.
-    pub reporter: Option<mpsc::UnboundedSender<Collected>>,
+    pub reporter: Option<Arc<dyn CollectionSink>>,
 }
 
 impl CountingLoop {
@@ -115,10 +122,9 @@ impl CountingLoop {
         interval: Duration,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), CaptureError> {
-        let mut wakes = self
-            .kernel
-            .take_wakes()
-            .ok_or_else(|| CaptureError::Other("the kernel's wake channel was already taken".into()))?;
+        let mut wakes = self.kernel.take_wakes().ok_or_else(|| {
+            CaptureError::Other("the kernel's wake channel was already taken".into())
+        })?;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
@@ -174,7 +180,9 @@ impl CountingLoop {
             self.collector.forget_service(service);
         }
         if applied.failed > 0 {
-            self.metrics.map_apply_failures.inc_by(applied.failed as u64);
+            self.metrics
+                .map_apply_failures
+                .inc_by(applied.failed as u64);
             if let Some(error) = &applied.first_error {
                 tracing::error!(failed = applied.failed, %error, "destinations not watched");
             }
@@ -200,7 +208,9 @@ impl CountingLoop {
         trigger: &'static str,
         woken_at: Option<Instant>,
     ) -> Result<(), CaptureError> {
-        let collection = self.collector.collect(self.kernel.as_mut(), &mut self.table)?;
+        let collection = self
+            .collector
+            .collect(self.kernel.as_mut(), &mut self.table)?;
         let now = self.clock.now_ms();
         self.health.last_collection_ms.store(now, Ordering::Release);
         self.metrics
@@ -227,8 +237,7 @@ impl CountingLoop {
         }
         self.attempts.add(&collection.deltas);
         if let Some(reporter) = &self.reporter {
-            // A closed reporter means shutdown is under way; counts stay in /metrics.
-            let _ = reporter.send(Collected {
+            reporter.record(Collected {
                 collected_at_unix_ms: now,
                 woken_at,
                 deltas: collection.deltas,
@@ -248,6 +257,14 @@ mod tests {
         collect::Collector,
         resolve::{self, ServiceMap, ServiceRef, Target},
     };
+
+    struct ChannelSink(mpsc::UnboundedSender<Collected>);
+
+    impl CollectionSink for ChannelSink {
+        fn record(&self, collected: Collected) {
+            let _ = self.0.send(collected);
+        }
+    }
 
     fn labels(svc: &str, comm: &str) -> AttemptLabels {
         AttemptLabels {
@@ -273,7 +290,7 @@ mod tests {
             metrics: Arc::default(),
             health: health.clone(),
             clock: AgentClock::new(),
-            reporter: Some(report_tx),
+            reporter: Some(Arc::new(ChannelSink(report_tx))),
         };
         let addr = "127.1.0.1:80".parse().unwrap();
         let mut map = ServiceMap::default();

@@ -5,7 +5,8 @@
 //! - [`destinations`]: the ids the kernel counts under, kept in step with the map.
 //! - [`collect`]: kernel counters turned into exact deltas per series.
 //! - [`counting`]: the loop that owns the kernel side and collects on ticks and wakes.
-//! - [`metrics`]: `/metrics`.
+//! - [`metrics`]: what `/metrics` serves.
+//! - [`report`]: the streams to every scaler replica.
 //! - [`config`]: flags and env vars.
 
 pub mod capture;
@@ -14,4 +15,5 @@ pub mod config;
 pub mod counting;
 pub mod destinations;
 pub mod metrics;
+pub mod report;
 pub mod resolve;

@@ -1,0 +1,343 @@
+//! Reporting to the scaler: every collection becomes a batch in the
+//! [`ledger`], and one [`stream`] per scaler replica keeps that replica
+//! exactly up to date over the `itw.v1.Ingest/Report` stream.
+//!
+//! `SCALER_ADDR` is resolved to every address behind it (a headless Service
+//! gives one per replica), again every `resolve_interval` and whenever a
+//! stream fails, so replicas that come and go are followed. Replicas do not
+//! talk to each other: each gets every batch, so each answers KEDA alike.
+
+pub mod ledger;
+mod replicas;
+mod stream;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::{sync::Notify, task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    transport::{Certificate, ClientTlsConfig, Identity},
+};
+
+use crate::counting::{AgentClock, Collected, CollectionSink};
+use ledger::{Ledger, LogLimits};
+
+pub use replicas::ScalerAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("{0}")]
+    Config(String),
+    #[error("SCALER_TOKEN_FILE {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("scaler answered {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("the scaler ended the stream")]
+    EndedByScaler,
+    #[error("protocol violation by the scaler: {0}")]
+    Protocol(String),
+    #[error("stopped")]
+    Stopped,
+}
+
+impl ReportError {
+    /// A label for the failure counter.
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Config(_) | Self::TokenFile { .. } => "config",
+            Self::Connect(_) => "connect",
+            Self::Status(s) if s.code() == tonic::Code::Unauthenticated => "unauthenticated",
+            Self::Status(_) => "status",
+            Self::EndedByScaler => "ended_by_scaler",
+            Self::Protocol(_) => "protocol",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// Where the bearer token comes from.
+#[derive(Clone, Debug)]
+pub enum TokenSource {
+    None,
+    Value(String),
+    /// Re-read on every connect, so a rotated Secret is picked up.
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct ReportSettings {
+    pub scaler: ScalerAddr,
+    pub node_name: String,
+    /// New on every agent start.
+    pub instance_id: String,
+    pub token: TokenSource,
+    pub tls: Option<ClientTlsConfig>,
+    pub resolve_interval: Duration,
+    pub flush_timeout: Duration,
+    pub log_limits: LogLimits,
+}
+
+impl ReportSettings {
+    fn token(&self) -> Result<Option<MetadataValue<Ascii>>, ReportError> {
+        let token = match &self.token {
+            TokenSource::None => return Ok(None),
+            TokenSource::Value(v) => v.clone(),
+            TokenSource::File(path) => {
+                std::fs::read_to_string(path).map_err(|source| ReportError::TokenFile {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+        };
+        stream::bearer(&token).map(Some)
+    }
+}
+
+/// Builds the TLS settings from PEM files: a CA to verify the scaler, and
+/// optionally a client certificate and key for mutual TLS.
+pub fn tls_config(
+    domain: &str,
+    ca_file: &std::path::Path,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<ClientTlsConfig, ReportError> {
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| ReportError::Config(format!("{what} {}: {e}", path.display())))
+    };
+    let mut tls = ClientTlsConfig::new()
+        .domain_name(domain)
+        .ca_certificate(Certificate::from_pem(read("SCALER_CA_FILE", ca_file)?));
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(
+            read("SCALER_CERT_FILE", cert)?,
+            read("SCALER_KEY_FILE", key)?,
+        ));
+    }
+    Ok(tls)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+/// `/metrics` figures of the reporter.
+#[derive(Debug)]
+pub struct ReportMetrics {
+    endpoints: Gauge,
+    streams_up: Gauge,
+    batches: Family<ResultLabels, Counter>,
+    snapshots: Family<KindLabels, Counter>,
+    failures: Family<ReasonLabels, Counter>,
+    buffer_batches: Gauge,
+    buffer_bytes: Gauge,
+    merged: Counter,
+    wake_to_send: Histogram,
+}
+
+impl Default for ReportMetrics {
+    fn default() -> Self {
+        Self {
+            endpoints: Gauge::default(),
+            streams_up: Gauge::default(),
+            batches: Family::default(),
+            snapshots: Family::default(),
+            failures: Family::default(),
+            buffer_batches: Gauge::default(),
+            buffer_bytes: Gauge::default(),
+            merged: Counter::default(),
+            // 10 µs .. ~80 ms: the fast path lives in the first buckets.
+            wake_to_send: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_01, 2.0, 14),
+            ),
+        }
+    }
+}
+
+/// Decrements the streams-up gauge when a session ends.
+struct UpGuard<'a>(&'a Gauge);
+
+impl Drop for UpGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl ReportMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("itw_agent");
+        r.register(
+            "scaler_endpoints",
+            "Scaler replica addresses SCALER_ADDR resolves to",
+            self.endpoints.clone(),
+        );
+        r.register(
+            "scaler_streams_up",
+            "Report streams to scaler replicas that are up",
+            self.streams_up.clone(),
+        );
+        r.register(
+            "report_batches",
+            "Batches sent, acknowledged and resent to scaler replicas (summed over replicas)",
+            self.batches.clone(),
+        );
+        r.register(
+            "report_snapshots",
+            "Snapshots sent at stream start: resume (with resends) or full",
+            self.snapshots.clone(),
+        );
+        r.register(
+            "report_stream_failures",
+            "Report sessions that ended in failure, by reason",
+            self.failures.clone(),
+        );
+        r.register(
+            "report_buffer_batches",
+            "Batches kept for resending",
+            self.buffer_batches.clone(),
+        );
+        r.register(
+            "report_buffer_bytes",
+            "Encoded bytes of the batches kept for resending",
+            self.buffer_bytes.clone(),
+        );
+        r.register(
+            "report_merged_batches",
+            "Batches dropped from the full resend buffer: their counts stay in the totals and reach replicas through the next snapshot",
+            self.merged.clone(),
+        );
+        r.register(
+            "report_wake_to_send_seconds",
+            "From a kernel wake (idle -> active) to its batch handed to a scaler stream",
+            self.wake_to_send.clone(),
+        );
+    }
+
+    fn stream_up(&self) -> UpGuard<'_> {
+        self.streams_up.inc();
+        UpGuard(&self.streams_up)
+    }
+
+    fn sent(&self, woken_at: Option<Instant>) {
+        self.batches
+            .get_or_create(&ResultLabels { result: "sent" })
+            .inc();
+        if let Some(at) = woken_at {
+            self.wake_to_send.observe(at.elapsed().as_secs_f64());
+        }
+    }
+
+    fn resent(&self) {
+        self.batches
+            .get_or_create(&ResultLabels { result: "resent" })
+            .inc();
+    }
+
+    fn acked(&self, n: u64) {
+        self.batches
+            .get_or_create(&ResultLabels { result: "acked" })
+            .inc_by(n);
+    }
+
+    fn snapshot(&self, resumed: bool) {
+        let kind = if resumed { "resume" } else { "full" };
+        self.snapshots.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    fn stream_failure(&self, reason: &'static str) {
+        self.failures.get_or_create(&ReasonLabels { reason }).inc();
+    }
+}
+
+/// What every stream task shares.
+#[derive(Debug)]
+pub struct ReportContext {
+    settings: ReportSettings,
+    ledger: Arc<Ledger>,
+    metrics: Arc<ReportMetrics>,
+    clock: AgentClock,
+    /// Poked when a stream fails, so addresses are resolved again at once.
+    replicas_changed: Notify,
+}
+
+/// The reporter: records collections, and runs the streams.
+#[derive(Debug)]
+pub struct Reporter {
+    ctx: Arc<ReportContext>,
+}
+
+impl Reporter {
+    pub fn new(settings: ReportSettings, metrics: Arc<ReportMetrics>, clock: AgentClock) -> Self {
+        let ledger = Arc::new(Ledger::new(settings.log_limits));
+        Self {
+            ctx: Arc::new(ReportContext {
+                settings,
+                ledger,
+                metrics,
+                clock,
+                replicas_changed: Notify::new(),
+            }),
+        }
+    }
+
+    /// Starts following the scaler's replicas; runs until `stop` is
+    /// cancelled, then flushes every stream (bounded by the flush timeout).
+    pub fn spawn(&self, stop: CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(replicas::run(self.ctx.clone(), stop))
+    }
+
+    pub fn ledger(&self) -> &Arc<Ledger> {
+        &self.ctx.ledger
+    }
+}
+
+impl CollectionSink for Reporter {
+    fn record(&self, collected: Collected) {
+        let ledger = &self.ctx.ledger;
+        let evicted_before = ledger.evicted();
+        ledger.record(collected);
+        let fill = ledger.fill();
+        let metrics = &self.ctx.metrics;
+        metrics
+            .buffer_batches
+            .set(i64::try_from(fill.batches).unwrap_or(i64::MAX));
+        metrics
+            .buffer_bytes
+            .set(i64::try_from(fill.bytes).unwrap_or(i64::MAX));
+        let evicted = ledger.evicted() - evicted_before;
+        if evicted > 0 {
+            // Log the first merge and then every thousandth: an outage
+            // long enough to fill the buffer would otherwise flood the log.
+            let before = metrics.merged.get();
+            metrics.merged.inc_by(evicted);
+            if before == 0 || before / 1000 != (before + evicted) / 1000 {
+                tracing::warn!(
+                    merged_total = before + evicted,
+                    "resend buffer full: oldest batches merged into the totals; replicas behind get a full snapshot"
+                );
+            }
+        }
+    }
+}
