@@ -325,7 +325,11 @@ mod tests {
         let c = rig.collect();
         // Kernel order decides which names get in first; the totals do not
         // depend on it.
-        let a: Vec<_> = c.deltas.iter().filter(|(k, _)| &*k.service.name == "a").collect();
+        let a: Vec<_> = c
+            .deltas
+            .iter()
+            .filter(|(k, _)| &*k.service.name == "a")
+            .collect();
         assert_eq!(a.len(), 3);
         assert_eq!(a.iter().map(|(_, n)| n).sum::<u64>(), 10);
         let overflow = a.iter().find(|(k, _)| &*k.comm == OVERFLOW_COMM).unwrap();
@@ -333,7 +337,13 @@ mod tests {
         // The other service has its own room.
         assert!(c.deltas.contains(&(key("b", "", "four"), 1)));
         // An admitted name stays admitted.
-        let admitted = a.iter().find(|(k, _)| &*k.comm != OVERFLOW_COMM).unwrap().0.comm.clone();
+        let admitted = a
+            .iter()
+            .find(|(k, _)| &*k.comm != OVERFLOW_COMM)
+            .unwrap()
+            .0
+            .comm
+            .clone();
         rig.connect("127.1.0.1:80", &admitted, 1);
         assert_eq!(rig.collect().deltas, vec![(key("a", "", &admitted), 1)]);
     }

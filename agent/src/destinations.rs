@@ -306,33 +306,40 @@ mod tests {
         let mut kernel = FakeKernel::new(16);
         let handle = kernel.handle();
         let mut table = DestinationTable::new();
-        let applied = table
-            .apply(
-                &mut kernel,
-                MapEvent::Reset(map(&[
-                    ("127.1.0.1:80", target("a", None)),
-                    ("127.1.0.2:80", target("b", None)),
-                ])),
-            );
+        let applied = table.apply(
+            &mut kernel,
+            MapEvent::Reset(map(&[
+                ("127.1.0.1:80", target("a", None)),
+                ("127.1.0.2:80", target("b", None)),
+            ])),
+        );
         assert_eq!(applied.watched, 2);
         assert_eq!(
             applied.services_added,
-            vec![ServiceRef::new("default", "a"), ServiceRef::new("default", "b")]
+            vec![
+                ServiceRef::new("default", "a"),
+                ServiceRef::new("default", "b")
+            ]
         );
         let watched = handle.watched();
         assert_eq!(watched.len(), 2);
         let id_a = table.id_of(addr("127.1.0.1:80")).unwrap();
-        assert_eq!(watched[&resolve::destination(addr("127.1.0.1:80"))], (id_a, true));
+        assert_eq!(
+            watched[&resolve::destination(addr("127.1.0.1:80"))],
+            (id_a, true)
+        );
 
         // A second reset keeps what stays (same id), drops what left.
-        let applied = table
-            .apply(
-                &mut kernel,
-                MapEvent::Reset(map(&[("127.1.0.1:80", target("a", None))])),
-            );
+        let applied = table.apply(
+            &mut kernel,
+            MapEvent::Reset(map(&[("127.1.0.1:80", target("a", None))])),
+        );
         assert_eq!(applied.watched, 0);
         assert_eq!(applied.unwatched, 1);
-        assert_eq!(applied.services_removed, vec![ServiceRef::new("default", "b")]);
+        assert_eq!(
+            applied.services_removed,
+            vec![ServiceRef::new("default", "b")]
+        );
         assert_eq!(table.id_of(addr("127.1.0.1:80")), Some(id_a));
         assert_eq!(handle.watched().len(), 1);
     }
@@ -343,19 +350,17 @@ mod tests {
         let handle = kernel.handle();
         let mut table = DestinationTable::new();
         let pod_ip = addr("127.1.1.1:80");
-        table
-            .apply(
-                &mut kernel,
-                MapEvent::Changes(vec![MapChange::Set(pod_ip, target("a", Some("a-0")))]),
-            );
+        table.apply(
+            &mut kernel,
+            MapEvent::Changes(vec![MapChange::Set(pod_ip, target("a", Some("a-0")))]),
+        );
         let old = table.id_of(pod_ip).unwrap();
         handle.connect(resolve::destination(pod_ip), "curl");
 
-        table
-            .apply(
-                &mut kernel,
-                MapEvent::Changes(vec![MapChange::Set(pod_ip, target("b", Some("b-0")))]),
-            );
+        table.apply(
+            &mut kernel,
+            MapEvent::Changes(vec![MapChange::Set(pod_ip, target("b", Some("b-0")))]),
+        );
         let new = table.id_of(pod_ip).unwrap();
         assert_ne!(old, new);
         // The old id still resolves to the old owner for its final reads.
@@ -369,14 +374,13 @@ mod tests {
         assert_eq!(handle.attempt_keys(), 0);
         assert_eq!(table.target(old), None);
         // The freed id is reused.
-        table
-            .apply(
-                &mut kernel,
-                MapEvent::Changes(vec![MapChange::Set(
-                    addr("127.1.1.2:80"),
-                    target("c", None),
-                )]),
-            );
+        table.apply(
+            &mut kernel,
+            MapEvent::Changes(vec![MapChange::Set(
+                addr("127.1.1.2:80"),
+                target("c", None),
+            )]),
+        );
         assert_eq!(table.id_of(addr("127.1.1.2:80")), Some(old));
         assert_eq!(table.target(old), Some(&target("c", None)));
     }
@@ -398,14 +402,13 @@ mod tests {
         let mut kernel = FakeKernel::new(16);
         let handle = kernel.handle();
         let mut table = DestinationTable::new();
-        table
-            .apply(
-                &mut kernel,
-                MapEvent::Reset(map(&[
-                    ("127.1.0.1:80", target("a", None)),
-                    ("127.1.0.2:80", target("b", None)),
-                ])),
-            );
+        table.apply(
+            &mut kernel,
+            MapEvent::Reset(map(&[
+                ("127.1.0.1:80", target("a", None)),
+                ("127.1.0.2:80", target("b", None)),
+            ])),
+        );
         let a = table.id_of(addr("127.1.0.1:80")).unwrap();
         let b = table.id_of(addr("127.1.0.2:80")).unwrap();
         handle.connect(resolve::destination(addr("127.1.0.1:80")), "curl");
@@ -416,10 +419,21 @@ mod tests {
         let rearmed = table.rearm_idle(&mut kernel, &HashSet::from([a])).unwrap();
         assert_eq!(rearmed, vec![b]);
         let watched = handle.watched();
-        assert_eq!(watched[&resolve::destination(addr("127.1.0.1:80"))], (a, false));
-        assert_eq!(watched[&resolve::destination(addr("127.1.0.2:80"))], (b, true));
+        assert_eq!(
+            watched[&resolve::destination(addr("127.1.0.1:80"))],
+            (a, false)
+        );
+        assert_eq!(
+            watched[&resolve::destination(addr("127.1.0.2:80"))],
+            (b, true)
+        );
         // Nothing to do the next time.
         assert!(table.rearm_idle(&mut kernel, &HashSet::new()).unwrap() == vec![a]);
-        assert!(table.rearm_idle(&mut kernel, &HashSet::new()).unwrap().is_empty());
+        assert!(
+            table
+                .rearm_idle(&mut kernel, &HashSet::new())
+                .unwrap()
+                .is_empty()
+        );
     }
 }

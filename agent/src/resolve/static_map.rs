@@ -203,9 +203,12 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
                     }
                     let mut pairs = Vec::with_capacity(ports.len());
                     for (n, (p, (service_port, _))) in given.value.iter().zip(&ports).enumerate() {
-                        let pod_port =
-                            check_port(p.value, p.referenced.line(), &ep_at(&format!("ports[{n}]")))
-                                .map_err(&invalid)?;
+                        let pod_port = check_port(
+                            p.value,
+                            p.referenced.line(),
+                            &ep_at(&format!("ports[{n}]")),
+                        )
+                        .map_err(&invalid)?;
                         pairs.push((*service_port, pod_port));
                     }
                     pairs
@@ -288,12 +291,10 @@ pub async fn watch(
     if events.send(MapEvent::Reset(map)).await.is_err() {
         return Ok(tokio::spawn(async {}));
     }
-    let mut hangups =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|source| {
-            StaticMapError::Read {
-                path: path.clone(),
-                source,
-            }
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|source| StaticMapError::Read {
+            path: path.clone(),
+            source,
         })?;
     Ok(tokio::spawn(async move {
         let mut poll = tokio::time::interval(POLL_INTERVAL);
@@ -385,11 +386,23 @@ services:
             ("[::1]:8429", target("default", "my-svc", 8429, None)),
             ("[::1]:80", target("default", "my-svc", 80, None)),
             // Default pod ports: each service port's targetPort.
-            ("127.10.1.1:8429", target("default", "my-svc", 8429, Some("my-svc-0"))),
-            ("127.10.1.1:8080", target("default", "my-svc", 80, Some("my-svc-0"))),
+            (
+                "127.10.1.1:8429",
+                target("default", "my-svc", 8429, Some("my-svc-0")),
+            ),
+            (
+                "127.10.1.1:8080",
+                target("default", "my-svc", 80, Some("my-svc-0")),
+            ),
             // Given pod ports pair with the service ports in order.
-            ("127.10.1.2:9000", target("default", "my-svc", 8429, Some("my-svc-1"))),
-            ("127.10.1.2:9001", target("default", "my-svc", 80, Some("my-svc-1"))),
+            (
+                "127.10.1.2:9000",
+                target("default", "my-svc", 8429, Some("my-svc-1")),
+            ),
+            (
+                "127.10.1.2:9001",
+                target("default", "my-svc", 80, Some("my-svc-1")),
+            ),
         ]
         .into_iter()
         .map(|(a, t)| (a.parse().unwrap(), t))
@@ -458,11 +471,20 @@ services:
             ),
             (
                 "services:\n  - namespace: default\n    name: a\n    clusterIPs: [127.0.0.1]\n    ports: [80]\n  - namespace: default\n    name: b\n    clusterIPs: [127.0.0.1]\n    ports: [80]\n",
-                &["line 8", "services[1].clusterIPs[0]", "127.0.0.1:80", "services[0].clusterIPs[0] (line 4)"],
+                &[
+                    "line 8",
+                    "services[1].clusterIPs[0]",
+                    "127.0.0.1:80",
+                    "services[0].clusterIPs[0] (line 4)",
+                ],
             ),
             (
                 "services:\n  - namespace: default\n    name: a\n    ports: [80, 81]\n    endpoints:\n      - pod: a-0\n        ip: 127.0.0.2\n        ports: [8080]\n",
-                &["line 8", "services[0].endpoints[0].ports", "1 ports given for a service with 2 ports"],
+                &[
+                    "line 8",
+                    "services[0].endpoints[0].ports",
+                    "1 ports given for a service with 2 ports",
+                ],
             ),
             (
                 "services:\n  - namespace: default\n    name: a\n    ports: [80]\n    endpoints:\n      - pod: a-0\n",
@@ -478,7 +500,10 @@ services:
             }
             assert!(msg.contains("map.yaml"), "{msg}");
             for needle in *needles {
-                assert!(msg.contains(needle), "missing {needle:?} in:\n{msg}\nfor:\n{text}");
+                assert!(
+                    msg.contains(needle),
+                    "missing {needle:?} in:\n{msg}\nfor:\n{text}"
+                );
             }
         }
     }
@@ -508,7 +533,10 @@ services:
         std::fs::write(&path, "services: [oops\n").unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while failures.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            assert!(tokio::time::Instant::now() < deadline, "reload failure not noticed");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "reload failure not noticed"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(rx.try_recv().is_err());
