@@ -56,9 +56,9 @@ pub struct Args {
     #[arg(long, env = "SERVICE_SELECTOR")]
     pub service_selector: Option<String>,
 
-    /// Scaler gRPC address, host:port. A name resolving to several addresses
-    /// (a headless Service) gets one stream per address. Unset: no scaler,
-    /// /metrics only.
+    /// Scaler gRPC address(es), host:port, comma-separated. A name resolving
+    /// to several addresses (a headless Service) gets one stream per address.
+    /// Unset: no scaler, /metrics only.
     #[arg(long, env = "SCALER_ADDR")]
     pub scaler_addr: Option<String>,
 

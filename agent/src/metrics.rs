@@ -6,13 +6,7 @@
 //! because their exposition depends on the scraper (see
 //! `itw_telemetry::exposition`).
 
-use std::{
-    collections::BTreeMap,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use itw_telemetry::{
     exposition::{AttemptLabels, AttemptSeries, ScrapeView, encode_attempts},
@@ -250,24 +244,11 @@ impl CountingMetrics {
 pub struct Exporter {
     registry: Registry,
     attempts: Arc<AttemptCounters>,
-    ready: AtomicBool,
 }
 
 impl Exporter {
     pub fn new(registry: Registry, attempts: Arc<AttemptCounters>) -> Self {
-        Self {
-            registry,
-            attempts,
-            ready: AtomicBool::new(false),
-        }
-    }
-
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Release);
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        Self { registry, attempts }
     }
 }
 

@@ -128,10 +128,10 @@ async fn start_server(script: Arc<Script>) -> SocketAddr {
 
 fn settings(addr: SocketAddr, token: TokenSource) -> ReportSettings {
     ReportSettings {
-        scaler: ScalerAddr {
+        scalers: vec![ScalerAddr {
             host: addr.ip().to_string(),
             port: addr.port(),
-        },
+        }],
         node_name: "node-a".into(),
         instance_id: "instance-1".into(),
         token,

@@ -1,6 +1,8 @@
 //! Log setup: `RUST_LOG` filters (default `info`), `LOG_FORMAT` picks text for
 //! people or JSON lines for cluster log pipelines.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

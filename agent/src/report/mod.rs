@@ -28,7 +28,7 @@ use tonic::{
 use crate::counting::{AgentClock, Collected, CollectionSink};
 use ledger::{Ledger, LogLimits};
 
-pub use replicas::ScalerAddr;
+pub use replicas::{ScalerAddr, parse_scaler_addrs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -78,12 +78,13 @@ pub enum TokenSource {
 
 #[derive(Clone, Debug)]
 pub struct ReportSettings {
-    pub scaler: ScalerAddr,
+    /// Every scaler address; each is resolved to all the replicas behind it.
+    pub scalers: Vec<ScalerAddr>,
     pub node_name: String,
     /// New on every agent start.
     pub instance_id: String,
     pub token: TokenSource,
-    pub tls: Option<ClientTlsConfig>,
+    pub tls: Option<TlsFiles>,
     pub resolve_interval: Duration,
     pub flush_timeout: Duration,
     pub log_limits: LogLimits,
@@ -105,27 +106,47 @@ impl ReportSettings {
     }
 }
 
-/// Builds the TLS settings from PEM files: a CA to verify the scaler, and
+/// TLS towards the scaler, from PEM files: a CA to verify the scaler, and
 /// optionally a client certificate and key for mutual TLS.
-pub fn tls_config(
-    domain: &str,
-    ca_file: &std::path::Path,
-    client: Option<(&std::path::Path, &std::path::Path)>,
-) -> Result<ClientTlsConfig, ReportError> {
-    let read = |what: &str, path: &std::path::Path| {
-        std::fs::read(path)
-            .map_err(|e| ReportError::Config(format!("{what} {}: {e}", path.display())))
-    };
-    let mut tls = ClientTlsConfig::new()
-        .domain_name(domain)
-        .ca_certificate(Certificate::from_pem(read("SCALER_CA_FILE", ca_file)?));
-    if let Some((cert, key)) = client {
-        tls = tls.identity(Identity::from_pem(
-            read("SCALER_CERT_FILE", cert)?,
-            read("SCALER_KEY_FILE", key)?,
-        ));
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    ca: Certificate,
+    identity: Option<Identity>,
+}
+
+impl TlsFiles {
+    pub fn read(
+        ca_file: &std::path::Path,
+        client: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<Self, ReportError> {
+        let read = |what: &str, path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| ReportError::Config(format!("{what} {}: {e}", path.display())))
+        };
+        let identity = match client {
+            Some((cert, key)) => Some(Identity::from_pem(
+                read("SCALER_CERT_FILE", cert)?,
+                read("SCALER_KEY_FILE", key)?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            ca: Certificate::from_pem(read("SCALER_CA_FILE", ca_file)?),
+            identity,
+        })
     }
-    Ok(tls)
+
+    /// The client configuration for a scaler reached under `domain` (the
+    /// name its certificate must carry).
+    fn config(&self, domain: &str) -> ClientTlsConfig {
+        let tls = ClientTlsConfig::new()
+            .domain_name(domain)
+            .ca_certificate(self.ca.clone());
+        match &self.identity {
+            Some(identity) => tls.identity(identity.clone()),
+            None => tls,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -1,5 +1,6 @@
-//! Following the scaler's replicas: `SCALER_ADDR` resolved to every address
-//! behind it, one stream per address, started and stopped as the set changes.
+//! Following the scaler's replicas: each address in `SCALER_ADDR` resolved to
+//! every address behind it, one stream per address, started and stopped as
+//! the set changes.
 
 use std::{collections::HashMap, net::SocketAddr, str::FromStr, sync::Arc};
 
@@ -71,6 +72,21 @@ impl FromStr for ScalerAddr {
     }
 }
 
+/// `SCALER_ADDR`: one or more addresses, comma-separated.
+pub fn parse_scaler_addrs(list: &str) -> Result<Vec<ScalerAddr>, String> {
+    let mut addrs = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let addr: ScalerAddr = item.parse()?;
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    if addrs.is_empty() {
+        return Err(format!("{list:?} names no scaler"));
+    }
+    Ok(addrs)
+}
+
 struct Replica {
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -78,21 +94,28 @@ struct Replica {
 
 pub(super) async fn run(ctx: Arc<ReportContext>, stop: CancellationToken) {
     let mut replicas: HashMap<SocketAddr, Replica> = HashMap::new();
-    let target = ctx.settings.scaler.clone();
     loop {
-        match tokio::net::lookup_host((target.host.as_str(), target.port)).await {
-            Ok(found) => {
-                let found: Vec<SocketAddr> = found.collect();
-                if found.is_empty() {
-                    tracing::warn!(scaler = %target, "SCALER_ADDR resolved to no address; keeping the current streams");
-                } else {
-                    reconcile(&ctx, &stop, &mut replicas, &found);
+        let mut found: Vec<(SocketAddr, String)> = Vec::new();
+        let mut complete = true;
+        for target in &ctx.settings.scalers {
+            match tokio::net::lookup_host((target.host.as_str(), target.port)).await {
+                Ok(addrs) => {
+                    let before = found.len();
+                    found.extend(addrs.map(|a| (a, target.host.clone())));
+                    if found.len() == before {
+                        complete = false;
+                        tracing::warn!(scaler = %target, "resolved to no address");
+                    }
+                }
+                Err(error) => {
+                    complete = false;
+                    tracing::warn!(scaler = %target, %error, "not resolved");
                 }
             }
-            Err(error) => {
-                tracing::warn!(scaler = %target, %error, "SCALER_ADDR not resolved; keeping the current streams");
-            }
         }
+        // A failed lookup says nothing about the replicas behind it: keep
+        // their streams (they retry on their own) and only add new ones.
+        reconcile(&ctx, &stop, &mut replicas, &found, complete);
         ctx.metrics
             .endpoints
             .set(i64::try_from(replicas.len()).unwrap_or(i64::MAX));
@@ -112,23 +135,26 @@ fn reconcile(
     ctx: &Arc<ReportContext>,
     stop: &CancellationToken,
     replicas: &mut HashMap<SocketAddr, Replica>,
-    found: &[SocketAddr],
+    found: &[(SocketAddr, String)],
+    complete: bool,
 ) {
-    replicas.retain(|addr, replica| {
-        let keep = found.contains(addr);
-        if !keep {
-            tracing::info!(%addr, "scaler replica gone; closing its stream");
-            replica.stop.cancel();
-        }
-        keep
-    });
-    for addr in found {
+    if complete {
+        replicas.retain(|addr, replica| {
+            let keep = found.iter().any(|(a, _)| a == addr);
+            if !keep {
+                tracing::info!(%addr, "scaler replica gone; closing its stream");
+                replica.stop.cancel();
+            }
+            keep
+        });
+    }
+    for (addr, domain) in found {
         if replicas.contains_key(addr) {
             continue;
         }
         tracing::info!(%addr, "scaler replica found; opening a stream");
         let token = stop.child_token();
-        let task = tokio::spawn(stream::run(ctx.clone(), *addr, token.clone()));
+        let task = tokio::spawn(stream::run(ctx.clone(), *addr, domain.clone(), token.clone()));
         replicas.insert(*addr, Replica { stop: token, task });
     }
 }
@@ -171,5 +197,9 @@ mod tests {
             "[::1]:9090".parse::<ScalerAddr>().unwrap().to_string(),
             "[::1]:9090"
         );
+        let list = parse_scaler_addrs(" a:1, b:2 ,a:1,").unwrap();
+        assert_eq!(list.iter().map(ToString::to_string).collect::<Vec<_>>(), ["a:1", "b:2"]);
+        assert!(parse_scaler_addrs(" , ").is_err());
+        assert!(parse_scaler_addrs("a:1,b").unwrap_err().contains("\"b\" has no port"));
     }
 }

@@ -44,12 +44,18 @@ enum SessionEnd {
     FellBehind,
 }
 
-/// Keeps a stream to `addr` open until `stop` is cancelled.
-pub async fn run(ctx: Arc<ReportContext>, addr: SocketAddr, stop: CancellationToken) {
+/// Keeps a stream to `addr` open until `stop` is cancelled; `domain` is the
+/// name `addr` was found under (what a TLS certificate must carry).
+pub async fn run(
+    ctx: Arc<ReportContext>,
+    addr: SocketAddr,
+    domain: String,
+    stop: CancellationToken,
+) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        let outcome = session(&ctx, addr, &stop).await;
+        let outcome = session(&ctx, addr, &domain, &stop).await;
         match outcome {
             Ok(SessionEnd::Stopped) => return,
             Ok(SessionEnd::FellBehind) => {
@@ -81,9 +87,10 @@ pub async fn run(ctx: Arc<ReportContext>, addr: SocketAddr, stop: CancellationTo
 async fn session(
     ctx: &ReportContext,
     addr: SocketAddr,
+    domain: &str,
     stop: &CancellationToken,
 ) -> Result<SessionEnd, ReportError> {
-    let channel = connect(ctx, addr).await?;
+    let channel = connect(ctx, addr, domain).await?;
     let token = ctx.settings.token()?;
     let mut client = IngestClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
         if let Some(token) = &token {
@@ -265,7 +272,11 @@ async fn next(
     }
 }
 
-async fn connect(ctx: &ReportContext, addr: SocketAddr) -> Result<Channel, ReportError> {
+async fn connect(
+    ctx: &ReportContext,
+    addr: SocketAddr,
+    domain: &str,
+) -> Result<Channel, ReportError> {
     let scheme = if ctx.settings.tls.is_some() {
         "https"
     } else {
@@ -280,7 +291,7 @@ async fn connect(ctx: &ReportContext, addr: SocketAddr) -> Result<Channel, Repor
         .keep_alive_while_idle(true);
     if let Some(tls) = &ctx.settings.tls {
         endpoint = endpoint
-            .tls_config(tls.clone())
+            .tls_config(tls.config(domain))
             .map_err(|e| ReportError::Config(format!("scaler TLS: {e}")))?;
     }
     Ok(endpoint.connect().await?)
