@@ -1,0 +1,251 @@
+//! The bearer token agents must present on the ingest stream.
+//!
+//! Only `itw.v1.Ingest` is guarded; KEDA, health and reflection never need a
+//! token. A token from a file (a mounted Secret) is re-read when the file
+//! changes, so rotating the Secret needs no restart; a file that turns
+//! unreadable or empty keeps the last good token rather than locking every
+//! agent out or letting everyone in.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use parking_lot::RwLock;
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Status, metadata::MetadataMap};
+
+use crate::{Error, config::TokenSource, metrics::ScalerMetrics};
+
+/// How often a token file is checked for a new token. Kubernetes updates a
+/// mounted Secret within a minute or so; a few seconds more do not matter.
+pub const TOKEN_FILE_POLL: Duration = Duration::from_secs(2);
+
+/// The token agents must send, if any.
+pub struct AgentToken {
+    file: Option<PathBuf>,
+    current: RwLock<Option<Arc<[u8]>>>,
+}
+
+impl AgentToken {
+    /// Reads the token from its source; a file must exist and hold a token.
+    pub fn load(source: &TokenSource) -> Result<Self, Error> {
+        let (file, token) = match source {
+            TokenSource::None => (None, None),
+            TokenSource::Value(secret) => (None, Some(secret.0.as_bytes().into())),
+            TokenSource::File(path) => (Some(path.clone()), Some(read_token(path)?)),
+        };
+        Ok(Self {
+            file,
+            current: RwLock::new(token),
+        })
+    }
+
+    /// Whether agents must send a token.
+    pub fn required(&self) -> bool {
+        self.current.read().is_some()
+    }
+
+    /// Checks a request's `authorization: Bearer <token>` header.
+    pub fn check(&self, metadata: &MetadataMap) -> Result<(), Status> {
+        let Some(expected) = self.current.read().clone() else {
+            return Ok(());
+        };
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("agent streams need an `authorization: Bearer <token>` header (AGENT_TOKEN on the scaler)"))?;
+        let presented = header
+            .to_str()
+            .ok()
+            .and_then(|value| {
+                let (scheme, token) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization header is not `Bearer <token>`")
+            })?;
+        if bool::from(presented.as_bytes().ct_eq(&expected)) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(
+                "the bearer token is not the one this scaler expects",
+            ))
+        }
+    }
+
+    /// Re-reads the token file; true when the token changed.
+    pub fn reload(&self) -> bool {
+        let Some(path) = &self.file else {
+            return false;
+        };
+        match read_token(path) {
+            Ok(token) => {
+                let mut current = self.current.write();
+                if current.as_deref() == Some(&*token) {
+                    return false;
+                }
+                *current = Some(token);
+                tracing::info!(file = %path.display(), "agent token reloaded");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "keeping the previous agent token");
+                false
+            }
+        }
+    }
+
+    /// Re-reads the token file every [`TOKEN_FILE_POLL`] until shutdown.
+    /// Polling rather than inotify: Kubernetes swaps a Secret's files
+    /// through symlinks, which file watches follow badly.
+    pub async fn watch_file(self: Arc<Self>, shutdown: CancellationToken) {
+        if self.file.is_none() {
+            return;
+        }
+        // The file was read at load: the first check is one period later.
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + TOKEN_FILE_POLL,
+            TOKEN_FILE_POLL,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    let token = Arc::clone(&self);
+                    // File reads block; keep them off the async workers.
+                    let _ = tokio::task::spawn_blocking(move || token.reload()).await;
+                }
+            }
+        }
+    }
+
+    /// The tonic interceptor guarding the ingest service.
+    pub fn interceptor(
+        self: &Arc<Self>,
+        metrics: &Arc<ScalerMetrics>,
+    ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+        let token = Arc::clone(self);
+        let metrics = Arc::clone(metrics);
+        move |request: Request<()>| match token.check(request.metadata()) {
+            Ok(()) => Ok(request),
+            Err(status) => {
+                metrics.rejected_stream("unauthenticated");
+                tracing::warn!(peer = ?request.remote_addr(), reason = status.message(), "agent stream refused");
+                Err(status)
+            }
+        }
+    }
+}
+
+fn read_token(path: &PathBuf) -> Result<Arc<[u8]>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::TokenFile {
+        path: path.clone(),
+        source,
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(Error::EmptyTokenFile { path: path.clone() });
+    }
+    Ok(token.as_bytes().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::metadata::MetadataValue;
+
+    use super::*;
+    use crate::config::Secret;
+
+    fn metadata(value: Option<&str>) -> MetadataMap {
+        let mut map = MetadataMap::new();
+        if let Some(v) = value {
+            map.insert("authorization", MetadataValue::try_from(v).unwrap());
+        }
+        map
+    }
+
+    fn message(result: Result<(), Status>) -> String {
+        let status = result.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        status.message().to_owned()
+    }
+
+    #[test]
+    fn no_token_configured_lets_everyone_in() {
+        let token = AgentToken::load(&TokenSource::None).unwrap();
+        assert!(!token.required());
+        assert!(token.check(&metadata(None)).is_ok());
+        assert!(token.check(&metadata(Some("Bearer whatever"))).is_ok());
+    }
+
+    #[test]
+    fn a_configured_token_must_match() {
+        let token = AgentToken::load(&TokenSource::Value(Secret("s3cret".into()))).unwrap();
+        assert!(token.required());
+        assert!(token.check(&metadata(Some("Bearer s3cret"))).is_ok());
+        assert!(token.check(&metadata(Some("bearer s3cret"))).is_ok());
+        assert_eq!(
+            message(token.check(&metadata(None))),
+            "agent streams need an `authorization: Bearer <token>` header (AGENT_TOKEN on the scaler)"
+        );
+        assert_eq!(
+            message(token.check(&metadata(Some("Bearer s3cre")))),
+            "the bearer token is not the one this scaler expects"
+        );
+        assert_eq!(
+            message(token.check(&metadata(Some("Bearer s3cretx")))),
+            "the bearer token is not the one this scaler expects"
+        );
+        assert_eq!(
+            message(token.check(&metadata(Some("Basic s3cret")))),
+            "the authorization header is not `Bearer <token>`"
+        );
+        assert_eq!(
+            message(token.check(&metadata(Some("s3cret")))),
+            "the authorization header is not `Bearer <token>`"
+        );
+    }
+
+    #[test]
+    fn a_token_file_is_read_trimmed_and_reloaded() {
+        let dir = std::env::temp_dir().join(format!("itw-scaler-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let token = AgentToken::load(&TokenSource::File(path.clone())).unwrap();
+        assert!(token.check(&metadata(Some("Bearer first"))).is_ok());
+        assert!(!token.reload(), "unchanged file");
+
+        std::fs::write(&path, "second").unwrap();
+        assert!(token.reload());
+        assert!(token.check(&metadata(Some("Bearer second"))).is_ok());
+        assert!(token.check(&metadata(Some("Bearer first"))).is_err());
+
+        // Emptied or removed: the last good token stays.
+        std::fs::write(&path, "  \n").unwrap();
+        assert!(!token.reload());
+        assert!(token.check(&metadata(Some("Bearer second"))).is_ok());
+        std::fs::remove_file(&path).unwrap();
+        assert!(!token.reload());
+        assert!(token.check(&metadata(Some("Bearer second"))).is_ok());
+
+        // At start, a missing or empty file is an error naming it.
+        let error = AgentToken::load(&TokenSource::File(path.clone()))
+            .err()
+            .unwrap();
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("AGENT_TOKEN_FILE {}: ", path.display())),
+            "{error}"
+        );
+        std::fs::write(&path, "\n").unwrap();
+        let error = AgentToken::load(&TokenSource::File(path.clone()))
+            .err()
+            .unwrap();
+        assert_eq!(
+            error.to_string(),
+            format!("AGENT_TOKEN_FILE {}: the file is empty", path.display())
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,353 @@
+//! Every setting of `itw-scaler`: a flag, with the env var the deploy manifests set.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use clap::Parser;
+use itw_telemetry::logging::LogFormat;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "itw-scaler",
+    version,
+    about = "Sums the agents' TCP connect attempts per Service and serves them to KEDA as an external scaler"
+)]
+pub struct Args {
+    /// gRPC address: KEDA's external scaler, the agents' ingest stream, health and reflection.
+    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:9090")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address of the HTTP endpoint serving /metrics.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9102")]
+    pub metrics_addr: SocketAddr,
+
+    /// File holding the bearer token agents must send (a mounted Secret);
+    /// re-read when it changes, so rotating the Secret needs no restart.
+    #[arg(long, env = "AGENT_TOKEN_FILE", conflicts_with = "agent_token")]
+    pub agent_token_file: Option<PathBuf>,
+
+    /// The bearer token itself (prefer AGENT_TOKEN_FILE). Unset, with no
+    /// file either: agents are not asked for a token.
+    #[arg(long, env = "AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<Secret>,
+
+    /// Certificate chain (PEM) of the gRPC port; with TLS_KEY_FILE, serves TLS.
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of TLS_CERT_FILE.
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// CA bundle (PEM): every client must present a certificate it signed
+    /// (mutual TLS; KEDA's tlsClientCert/tlsClientKey).
+    #[arg(long, env = "TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
+
+    /// Longest trigger window accepted, and the most per-second history kept
+    /// per destination (whole seconds, 1s to 1h).
+    #[arg(long, env = "MAX_WINDOW", default_value = "15m", value_parser = parse_max_window)]
+    pub max_window: Duration,
+
+    /// Most internal_tcp_attempts_total series per pod and process; beyond it
+    /// new ones are counted in their service's "(other processes)" series.
+    #[arg(long, env = "MAX_SERIES", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_series: u32,
+
+    /// Most destinations (namespace, service, port) with a window; beyond it
+    /// new destinations are counted in totals but not windowed.
+    #[arg(long, env = "MAX_DESTINATIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_destinations: u32,
+
+    /// How long a disconnected agent instance is kept (so a reconnect resumes
+    /// it) before its totals are folded into the retired sums. An instance
+    /// whose node already has a newer connected instance is folded at once.
+    #[arg(long, env = "INSTANCE_RETENTION", default_value = "1h", value_parser = parse_retention)]
+    pub instance_retention: Duration,
+
+    /// Most deltas in one batch from an agent; a larger batch ends its stream.
+    #[arg(long, env = "MAX_BATCH_DELTAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_batch_deltas: u32,
+
+    /// Log output: text or json (filter with RUST_LOG).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+impl Args {
+    /// The settings the library runs with.
+    pub fn config(&self) -> Config {
+        let agent_token = match (&self.agent_token_file, &self.agent_token) {
+            (Some(path), _) => TokenSource::File(path.clone()),
+            (None, Some(token)) => TokenSource::Value(token.clone()),
+            (None, None) => TokenSource::None,
+        };
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca_file.clone(),
+            }),
+            _ => None,
+        };
+        Config {
+            grpc_addr: self.grpc_addr,
+            metrics_addr: self.metrics_addr,
+            agent_token,
+            tls,
+            limits: Limits {
+                max_window: self.max_window,
+                max_series: self.max_series as usize,
+                max_destinations: self.max_destinations as usize,
+                instance_retention: self.instance_retention,
+                max_batch_deltas: self.max_batch_deltas as usize,
+            },
+        }
+    }
+}
+
+/// What the scaler runs with; [`Args::config`] builds it from flags, tests build it directly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub agent_token: TokenSource,
+    pub tls: Option<TlsFiles>,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    /// The defaults of the flags.
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 9102)),
+            agent_token: TokenSource::None,
+            tls: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Bounds on what the scaler holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_window: Duration,
+    pub max_series: usize,
+    pub max_destinations: usize,
+    pub instance_retention: Duration,
+    pub max_batch_deltas: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_window: Duration::from_secs(15 * 60),
+            max_series: 100_000,
+            max_destinations: 100_000,
+            instance_retention: Duration::from_secs(3600),
+            max_batch_deltas: 10_000,
+        }
+    }
+}
+
+/// Where the agents' bearer token comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// No token: agents are not asked for one.
+    None,
+    Value(Secret),
+    /// Read at start and whenever the file changes.
+    File(PathBuf),
+}
+
+/// PEM files of the gRPC port's TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Set: clients must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A value that must not reach logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let token = s.trim();
+        if token.is_empty() {
+            return Err("the token is empty; unset it to accept agents without a token".into());
+        }
+        Ok(Self(token.to_owned()))
+    }
+}
+
+fn parse_duration(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 90s, 15m, 1h)"))?;
+    if d < min || d > max {
+        return Err(format!(
+            "{s:?}: must be between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_max_window(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s, Duration::from_secs(1), Duration::from_secs(3600))?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{s:?}: must be a whole number of seconds"));
+    }
+    Ok(d)
+}
+
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    parse_duration(
+        s,
+        Duration::from_secs(1),
+        Duration::from_secs(30 * 24 * 3600),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("itw-scaler").chain(args.iter().copied()))
+    }
+
+    fn error(args: &[&str]) -> String {
+        parse(args).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_match_config_default() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.config(), Config::default());
+        assert_eq!(args.log_format, LogFormat::Text);
+        assert_eq!(Config::default().grpc_addr.to_string(), "0.0.0.0:9090");
+        assert_eq!(Config::default().metrics_addr.to_string(), "0.0.0.0:9102");
+    }
+
+    #[test]
+    fn every_flag() {
+        let args = parse(&[
+            "--grpc-addr=127.0.0.1:1",
+            "--metrics-addr=127.0.0.1:2",
+            "--agent-token= s3cret\n",
+            "--tls-cert-file=/c.pem",
+            "--tls-key-file=/k.pem",
+            "--tls-client-ca-file=/ca.pem",
+            "--max-window=2m",
+            "--max-series=5",
+            "--max-destinations=6",
+            "--instance-retention=90s",
+            "--max-batch-deltas=7",
+            "--log-format=json",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.config(),
+            Config {
+                grpc_addr: "127.0.0.1:1".parse().unwrap(),
+                metrics_addr: "127.0.0.1:2".parse().unwrap(),
+                agent_token: TokenSource::Value(Secret("s3cret".into())),
+                tls: Some(TlsFiles {
+                    cert: "/c.pem".into(),
+                    key: "/k.pem".into(),
+                    client_ca: Some("/ca.pem".into()),
+                }),
+                limits: Limits {
+                    max_window: Duration::from_secs(120),
+                    max_series: 5,
+                    max_destinations: 6,
+                    instance_retention: Duration::from_secs(90),
+                    max_batch_deltas: 7,
+                },
+            }
+        );
+        assert_eq!(args.log_format, LogFormat::Json);
+        let args = parse(&["--agent-token-file=/run/token"]).unwrap();
+        assert_eq!(
+            args.config().agent_token,
+            TokenSource::File("/run/token".into())
+        );
+    }
+
+    #[test]
+    fn the_token_never_reaches_debug_output() {
+        let args = parse(&["--agent-token=hunter2"]).unwrap();
+        let shown = format!("{args:?} {:?}", args.config());
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("Secret(<redacted>)"), "{shown}");
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--grpc-addr=9090"], "--grpc-addr <GRPC_ADDR>"),
+            (
+                &["--metrics-addr=localhost"],
+                "--metrics-addr <METRICS_ADDR>",
+            ),
+            (&["--max-window=0s"], "--max-window <MAX_WINDOW>"),
+            (&["--max-window=2h"], "--max-window <MAX_WINDOW>"),
+            (&["--max-window=1500ms"], "--max-window <MAX_WINDOW>"),
+            (&["--max-window=soon"], "--max-window <MAX_WINDOW>"),
+            (&["--max-series=0"], "--max-series <MAX_SERIES>"),
+            (&["--max-series=many"], "--max-series <MAX_SERIES>"),
+            (
+                &["--max-destinations=0"],
+                "--max-destinations <MAX_DESTINATIONS>",
+            ),
+            (
+                &["--instance-retention=0s"],
+                "--instance-retention <INSTANCE_RETENTION>",
+            ),
+            (
+                &["--instance-retention=forever"],
+                "--instance-retention <INSTANCE_RETENTION>",
+            ),
+            (
+                &["--max-batch-deltas=0"],
+                "--max-batch-deltas <MAX_BATCH_DELTAS>",
+            ),
+            (
+                &["--max-batch-deltas=2000000"],
+                "--max-batch-deltas <MAX_BATCH_DELTAS>",
+            ),
+            (&["--log-format=xml"], "--log-format <LOG_FORMAT>"),
+            (&["--agent-token= "], "--agent-token <AGENT_TOKEN>"),
+        ];
+        for (args, flag) in cases {
+            let message = error(args);
+            assert!(message.contains(flag), "{args:?}: {message}");
+        }
+        assert!(error(&["--max-window=2h"]).contains("\"2h\": must be between 1s and 1h"));
+        assert!(
+            error(&["--max-window=1500ms"])
+                .contains("\"1500ms\": must be a whole number of seconds")
+        );
+        assert!(error(&["--agent-token= "]).contains("the token is empty"));
+    }
+
+    #[test]
+    fn tls_and_token_flags_go_together() {
+        assert!(error(&["--tls-cert-file=/c"]).contains("--tls-key-file <TLS_KEY_FILE>"));
+        assert!(error(&["--tls-key-file=/k"]).contains("--tls-cert-file <TLS_CERT_FILE>"));
+        assert!(error(&["--tls-client-ca-file=/ca"]).contains("--tls-cert-file <TLS_CERT_FILE>"));
+        let message = error(&["--agent-token=a", "--agent-token-file=/t"]);
+        assert!(message.contains("cannot be used with"), "{message}");
+    }
+}

@@ -1,0 +1,893 @@
+//! The agents' `itw.v1.Ingest/Report` stream: hello, welcome, snapshot, then
+//! batches and acks, under the rules of `proto/itw/v1/ingest.proto`.
+//!
+//! Every message is checked whole before anything of it is applied; a bad one
+//! ends its own stream with a status naming the field (`batch.deltas[3].series.port`)
+//! and leaves every other stream alone. This module never blocks a stream on
+//! another: all shared state is behind [`crate::store`]'s short locks.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use itw_proto::itw::v1::{
+    Ack, Batch, Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, Series, Snapshot, Welcome,
+    ingest_server::Ingest, report_request, report_response,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::{
+    metrics::{BatchResult, ScalerMetrics},
+    names,
+    store::{
+        ApplyError, BatchOutcome, BatchView, Connection, HistoryView, SeriesCache, SeriesName,
+        SnapshotView, Store,
+    },
+};
+
+/// Largest encoded message an agent may send. A snapshot is the big one: a
+/// node's totals plus up to MAX_WINDOW seconds per destination.
+pub const MAX_MESSAGE_BYTES: usize = 32 << 20;
+
+/// Longest process name accepted: the kernel keeps 15 bytes, the agent's
+/// overflow name is a little longer.
+const MAX_COMM_BYTES: usize = 64;
+/// Longest node name (a DNS subdomain) and instance id accepted.
+const MAX_NODE_BYTES: usize = 253;
+const MAX_INSTANCE_BYTES: usize = 128;
+/// Unix times after this (year 2286) are taken for garbage, not clocks.
+const MAX_UNIX_MS: i64 = 9_999_999_999_999;
+
+/// Acks queued for a slow agent before the stream stops reading it.
+const RESPONSE_BUFFER: usize = 64;
+
+/// Why an ingest stream ended with an error.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IngestError {
+    #[error("the first message of a report stream must be hello, got {got}")]
+    HelloMissing { got: &'static str },
+    #[error(
+        "hello.protocol_version {got} is not supported; this scaler speaks version {supported}"
+    )]
+    ProtocolVersion { got: u32, supported: u32 },
+    #[error("hello may only be the first message of a report stream")]
+    HelloAgain,
+    #[error(
+        "batch {sequence} arrived before the snapshot; send hello, then a snapshot, then batches"
+    )]
+    SnapshotMissing { sequence: u64 },
+    #[error("the report request holds no message")]
+    Empty,
+    #[error("{field} is missing")]
+    Missing { field: String },
+    #[error("{field} = {value}: {problem}")]
+    Invalid {
+        field: String,
+        value: String,
+        problem: String,
+    },
+    #[error(
+        "batch.deltas has {count} entries; this scaler accepts at most {max} per batch (MAX_BATCH_DELTAS)"
+    )]
+    TooManyDeltas { count: usize, max: usize },
+    #[error(
+        "{field} has {count} entries; this scaler keeps at most {max} seconds of history (MAX_WINDOW)"
+    )]
+    TooMuchHistory {
+        field: String,
+        count: usize,
+        max: usize,
+    },
+    #[error("report message too large: {0}")]
+    Oversized(String),
+    #[error("undecodable report message: {0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+impl IngestError {
+    /// The `reason` label of `itw_scaler_rejected_streams_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::HelloMissing { .. }
+            | Self::HelloAgain
+            | Self::SnapshotMissing { .. }
+            | Self::Empty => "protocol",
+            Self::ProtocolVersion { .. } => "protocol_version",
+            Self::Missing { .. } | Self::Invalid { .. } => "invalid_message",
+            Self::TooManyDeltas { .. } | Self::TooMuchHistory { .. } | Self::Oversized(_) => {
+                "oversized"
+            }
+            Self::Malformed(_) => "malformed",
+            Self::Apply(ApplyError::SequenceGap { .. }) => "sequence_gap",
+            Self::Apply(ApplyError::SnapshotBehind { .. }) => "snapshot_behind",
+            Self::Apply(ApplyError::NodeMismatch { .. }) => "node_mismatch",
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let code = match self {
+            Self::ProtocolVersion { .. } | Self::Apply(_) => Code::FailedPrecondition,
+            Self::Oversized(_) | Self::TooManyDeltas { .. } | Self::TooMuchHistory { .. } => {
+                Code::ResourceExhausted
+            }
+            _ => Code::InvalidArgument,
+        };
+        Status::new(code, self.to_string())
+    }
+}
+
+/// The `Ingest` gRPC service.
+pub struct IngestService {
+    store: Arc<Store>,
+    metrics: Arc<ScalerMetrics>,
+    shutdown: CancellationToken,
+}
+
+impl IngestService {
+    pub fn new(
+        store: Arc<Store>,
+        metrics: Arc<ScalerMetrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            metrics,
+            shutdown,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type ReportStream = ReceiverStream<Result<ReportResponse, Status>>;
+
+    async fn report(
+        &self,
+        request: Request<Streaming<ReportRequest>>,
+    ) -> Result<Response<Self::ReportStream>, Status> {
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
+        let stream = ReportStream {
+            store: Arc::clone(&self.store),
+            metrics: Arc::clone(&self.metrics),
+            tx,
+            peer,
+        };
+        tokio::spawn(stream.run(inbound, self.shutdown.clone()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// One agent stream, owned by its own task.
+struct ReportStream {
+    store: Arc<Store>,
+    metrics: Arc<ScalerMetrics>,
+    tx: mpsc::Sender<Result<ReportResponse, Status>>,
+    peer: Option<SocketAddr>,
+}
+
+/// How a stream's reading ended without a protocol error.
+enum End {
+    /// The agent closed its side or went away.
+    Agent,
+    /// The scaler is stopping: the stream ends with status OK.
+    Shutdown,
+}
+
+impl ReportStream {
+    async fn run(self, mut inbound: Streaming<ReportRequest>, shutdown: CancellationToken) {
+        let result = tokio::select! {
+            r = self.serve(&mut inbound) => r,
+            () = shutdown.cancelled() => Ok(End::Shutdown),
+            () = self.tx.closed() => Ok(End::Agent),
+        };
+        match result {
+            Ok(End::Agent) => {
+                tracing::debug!(peer = ?self.peer, "report stream ended by the agent")
+            }
+            Ok(End::Shutdown) => {
+                tracing::debug!(peer = ?self.peer, "report stream ended: scaler stopping")
+            }
+            Err(error) => {
+                self.metrics.rejected_stream(error.metric_label());
+                tracing::warn!(peer = ?self.peer, %error, "report stream rejected");
+                // The agent may be gone already; then nobody needs the status.
+                let _ = self.tx.send(Err(error.status())).await;
+            }
+        }
+    }
+
+    async fn serve(&self, inbound: &mut Streaming<ReportRequest>) -> Result<End, IngestError> {
+        let hello = match next(inbound).await? {
+            None => return Ok(End::Agent),
+            Some(report_request::Message::Hello(hello)) => hello,
+            Some(other) => return Err(IngestError::HelloMissing { got: kind(&other) }),
+        };
+        check_hello(&hello)?;
+        let (conn, applied) = self.store.hello(&hello.node_name, &hello.instance_id)?;
+        let span =
+            tracing::info_span!("agent", node = %hello.node_name, instance = %hello.instance_id);
+        self.serve_agent(inbound, conn, applied)
+            .instrument(span)
+            .await
+    }
+
+    async fn serve_agent(
+        &self,
+        inbound: &mut Streaming<ReportRequest>,
+        conn: Connection,
+        applied: u64,
+    ) -> Result<End, IngestError> {
+        let _connected = self.metrics.agent_connected();
+        tracing::info!(peer = ?self.peer, applied, "agent connected");
+        let history_seconds = u32::try_from(self.store.history_secs()).unwrap_or(u32::MAX);
+        if !self
+            .send(report_response::Message::Welcome(Welcome {
+                applied_sequence: applied,
+                history_seconds,
+            }))
+            .await
+        {
+            return Ok(End::Agent);
+        }
+
+        let mut cache = SeriesCache::default();
+        let mut snapshot_applied = false;
+        let limits = *self.store.limits();
+        while let Some(message) = next(inbound).await? {
+            let ack = match message {
+                report_request::Message::Hello(_) => return Err(IngestError::HelloAgain),
+                report_request::Message::Snapshot(snapshot) => {
+                    let view = check_snapshot(&snapshot, limits.max_window.as_secs())?;
+                    let ack = self.store.apply_snapshot(&conn, &view, &mut cache)?;
+                    self.metrics.snapshots.inc();
+                    snapshot_applied = true;
+                    tracing::info!(
+                        through = snapshot.through_sequence,
+                        series = view.totals.len(),
+                        destinations = view.history.len(),
+                        "snapshot applied"
+                    );
+                    ack
+                }
+                report_request::Message::Batch(batch) => {
+                    if !snapshot_applied {
+                        self.metrics.batch(BatchResult::Rejected);
+                        return Err(IngestError::SnapshotMissing {
+                            sequence: batch.sequence,
+                        });
+                    }
+                    let outcome = check_batch(&batch, limits.max_batch_deltas)
+                        .and_then(|view| Ok(self.store.apply_batch(&conn, &view, &mut cache)?));
+                    match outcome {
+                        Ok(BatchOutcome::Applied { ack }) => {
+                            self.metrics.batch(BatchResult::Applied);
+                            self.metrics.deltas.inc_by(batch.deltas.len() as u64);
+                            ack
+                        }
+                        Ok(BatchOutcome::Duplicate { ack }) => {
+                            self.metrics.batch(BatchResult::Duplicate);
+                            tracing::debug!(
+                                sequence = batch.sequence,
+                                ack,
+                                "resent batch acknowledged again"
+                            );
+                            ack
+                        }
+                        Err(error) => {
+                            self.metrics.batch(BatchResult::Rejected);
+                            return Err(error);
+                        }
+                    }
+                }
+            };
+            if !self
+                .send(report_response::Message::Ack(Ack { sequence: ack }))
+                .await
+            {
+                return Ok(End::Agent);
+            }
+        }
+        tracing::info!("agent disconnected");
+        Ok(End::Agent)
+    }
+
+    /// Sends a response; false when the agent is gone.
+    async fn send(&self, message: report_response::Message) -> bool {
+        self.tx
+            .send(Ok(ReportResponse {
+                message: Some(message),
+            }))
+            .await
+            .is_ok()
+    }
+}
+
+/// The next message; `None` when the agent closed or left.
+async fn next(
+    inbound: &mut Streaming<ReportRequest>,
+) -> Result<Option<report_request::Message>, IngestError> {
+    match inbound.message().await {
+        Ok(Some(ReportRequest { message: Some(m) })) => Ok(Some(m)),
+        Ok(Some(ReportRequest { message: None })) => Err(IngestError::Empty),
+        Ok(None) => Ok(None),
+        Err(status) => match status.code() {
+            Code::OutOfRange | Code::ResourceExhausted => {
+                Err(IngestError::Oversized(status.message().to_owned()))
+            }
+            Code::Internal => Err(IngestError::Malformed(status.message().to_owned())),
+            _ => {
+                tracing::debug!(%status, "report stream broke");
+                Ok(None)
+            }
+        },
+    }
+}
+
+fn kind(message: &report_request::Message) -> &'static str {
+    match message {
+        report_request::Message::Hello(_) => "hello",
+        report_request::Message::Snapshot(_) => "snapshot",
+        report_request::Message::Batch(_) => "batch",
+    }
+}
+
+fn invalid(field: impl Into<String>, value: impl std::fmt::Display, problem: &str) -> IngestError {
+    IngestError::Invalid {
+        field: field.into(),
+        value: value.to_string(),
+        problem: problem.to_owned(),
+    }
+}
+
+pub fn check_hello(hello: &Hello) -> Result<(), IngestError> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(IngestError::ProtocolVersion {
+            got: hello.protocol_version,
+            supported: PROTOCOL_VERSION,
+        });
+    }
+    check_token_like("hello.node_name", &hello.node_name, MAX_NODE_BYTES)?;
+    check_token_like("hello.instance_id", &hello.instance_id, MAX_INSTANCE_BYTES)
+}
+
+/// A non-empty identifier without control characters.
+fn check_token_like(field: &str, value: &str, max: usize) -> Result<(), IngestError> {
+    if value.is_empty() {
+        return Err(invalid(field, "\"\"", "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(invalid(
+            field,
+            format!("{value:.40?}…"),
+            &format!("longer than {max} bytes"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(
+            field,
+            format!("{value:?}"),
+            "holds control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_unix_ms(field: &str, value: i64) -> Result<(), IngestError> {
+    if value <= 0 || value > MAX_UNIX_MS {
+        return Err(invalid(field, value, "not a Unix time in milliseconds"));
+    }
+    Ok(())
+}
+
+fn check_namespace(field: impl FnOnce() -> String, value: &str) -> Result<&str, IngestError> {
+    if value.is_empty() {
+        return Err(invalid(field(), "\"\"", "must not be empty"));
+    }
+    names::namespace(value).map_err(|problem| invalid(field(), format!("{value:?}"), problem))?;
+    Ok(value)
+}
+
+fn check_service(field: impl FnOnce() -> String, value: &str) -> Result<&str, IngestError> {
+    if value.is_empty() {
+        return Err(invalid(field(), "\"\"", "must not be empty"));
+    }
+    names::service(value).map_err(|problem| invalid(field(), format!("{value:?}"), problem))?;
+    Ok(value)
+}
+
+fn check_port(field: impl FnOnce() -> String, value: u32) -> Result<u16, IngestError> {
+    match u16::try_from(value) {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(invalid(
+            field(),
+            value,
+            "must be a Service port number, 1-65535",
+        )),
+    }
+}
+
+/// Checks one series; `list` and `index` name it (`batch.deltas`, 3) in
+/// errors, formatted only when there is one: this runs for every delta.
+fn check_series<'a>(
+    list: &str,
+    index: usize,
+    series: Option<&'a Series>,
+) -> Result<SeriesName<'a>, IngestError> {
+    let field = |name: &str| format!("{list}[{index}].series.{name}");
+    let series = series.ok_or_else(|| IngestError::Missing {
+        field: format!("{list}[{index}].series"),
+    })?;
+    let namespace = check_namespace(|| field("namespace"), &series.namespace)?;
+    let service = check_service(|| field("service"), &series.service)?;
+    let port = check_port(|| field("port"), series.port)?;
+    if !series.pod.is_empty() {
+        names::pod(&series.pod)
+            .map_err(|problem| invalid(field("pod"), format!("{:?}", series.pod), problem))?;
+    }
+    if series.process_comm.len() > MAX_COMM_BYTES {
+        return Err(invalid(
+            field("process_comm"),
+            format!("{:.40?}…", series.process_comm),
+            &format!("longer than {MAX_COMM_BYTES} bytes; process names are capped by the agent"),
+        ));
+    }
+    Ok(SeriesName {
+        namespace,
+        service,
+        port,
+        pod: &series.pod,
+        process_comm: &series.process_comm,
+    })
+}
+
+/// Checks a whole batch before any of it is applied.
+pub fn check_batch(batch: &Batch, max_deltas: usize) -> Result<BatchView<'_>, IngestError> {
+    if batch.deltas.len() > max_deltas {
+        return Err(IngestError::TooManyDeltas {
+            count: batch.deltas.len(),
+            max: max_deltas,
+        });
+    }
+    if batch.sequence == 0 {
+        return Err(invalid("batch.sequence", 0, "sequences start at 1"));
+    }
+    check_unix_ms("batch.collected_at_unix_ms", batch.collected_at_unix_ms)?;
+    let mut deltas = Vec::with_capacity(batch.deltas.len());
+    for (i, delta) in batch.deltas.iter().enumerate() {
+        let name = check_series("batch.deltas", i, delta.series.as_ref())?;
+        if delta.attempts == 0 {
+            return Err(invalid(
+                format!("batch.deltas[{i}].attempts"),
+                0,
+                "every delta counts at least one attempt",
+            ));
+        }
+        deltas.push((name, delta.attempts));
+    }
+    Ok(BatchView {
+        sequence: batch.sequence,
+        collected_at_ms: batch.collected_at_unix_ms,
+        deltas,
+    })
+}
+
+/// Checks a whole snapshot before any of it is applied.
+pub fn check_snapshot(
+    snapshot: &Snapshot,
+    max_window_secs: u64,
+) -> Result<SnapshotView<'_>, IngestError> {
+    check_unix_ms("snapshot.taken_at_unix_ms", snapshot.taken_at_unix_ms)?;
+    let mut totals = Vec::with_capacity(snapshot.totals.len());
+    for (i, total) in snapshot.totals.iter().enumerate() {
+        let name = check_series("snapshot.totals", i, total.series.as_ref())?;
+        totals.push((name, total.attempts));
+    }
+    // A window of W seconds spans W+1 partial seconds at most.
+    let max_seconds = usize::try_from(max_window_secs)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
+    let mut history = Vec::with_capacity(snapshot.history.len());
+    let mut seen = std::collections::HashMap::with_capacity(snapshot.history.len());
+    for (i, h) in snapshot.history.iter().enumerate() {
+        let field = |name: &str| format!("snapshot.history[{i}].{name}");
+        let namespace = check_namespace(|| field("namespace"), &h.namespace)?;
+        let service = check_service(|| field("service"), &h.service)?;
+        let port = check_port(|| field("port"), h.port)?;
+        if h.per_second.len() > max_seconds {
+            return Err(IngestError::TooMuchHistory {
+                field: field("per_second"),
+                count: h.per_second.len(),
+                max: max_seconds,
+            });
+        }
+        if h.first_second <= 0 || h.first_second > MAX_UNIX_MS / 1000 {
+            return Err(invalid(
+                field("first_second"),
+                h.first_second,
+                "not a Unix time in seconds",
+            ));
+        }
+        if let Some(earlier) = seen.insert((namespace, service, port), i) {
+            return Err(invalid(
+                format!("snapshot.history[{i}]"),
+                format!("{namespace}/{service}:{port}"),
+                &format!("repeats the destination of snapshot.history[{earlier}]"),
+            ));
+        }
+        history.push(HistoryView {
+            namespace,
+            service,
+            port,
+            first_second: h.first_second,
+            per_second: &h.per_second,
+        });
+    }
+    Ok(SnapshotView {
+        through_sequence: snapshot.through_sequence,
+        taken_at_ms: snapshot.taken_at_unix_ms,
+        totals,
+        history,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use itw_proto::itw::v1::{DestinationHistory, SeriesCount};
+
+    use super::*;
+
+    fn series(ns: &str, svc: &str, port: u32, pod: &str, comm: &str) -> Series {
+        Series {
+            namespace: ns.into(),
+            service: svc.into(),
+            port,
+            pod: pod.into(),
+            process_comm: comm.into(),
+        }
+    }
+
+    fn good() -> Series {
+        series("apps", "web", 80, "", "curl")
+    }
+
+    fn batch(deltas: Vec<SeriesCount>) -> Batch {
+        Batch {
+            sequence: 1,
+            collected_at_unix_ms: 1_700_000_000_000,
+            wake: false,
+            deltas,
+        }
+    }
+
+    fn delta(series: Option<Series>, attempts: u64) -> SeriesCount {
+        SeriesCount { series, attempts }
+    }
+
+    fn batch_error(b: &Batch) -> String {
+        check_batch(b, 3).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_good_batch_is_viewed_as_sent() {
+        let b = batch(vec![
+            delta(Some(good()), 2),
+            delta(
+                Some(series("apps", "web", 443, "web-0", "(other processes)")),
+                1,
+            ),
+        ]);
+        assert_eq!(
+            check_batch(&b, 3).unwrap(),
+            BatchView {
+                sequence: 1,
+                collected_at_ms: 1_700_000_000_000,
+                deltas: vec![
+                    (
+                        SeriesName {
+                            namespace: "apps",
+                            service: "web",
+                            port: 80,
+                            pod: "",
+                            process_comm: "curl"
+                        },
+                        2
+                    ),
+                    (
+                        SeriesName {
+                            namespace: "apps",
+                            service: "web",
+                            port: 443,
+                            pod: "web-0",
+                            process_comm: "(other processes)"
+                        },
+                        1
+                    ),
+                ],
+            }
+        );
+    }
+
+    #[test]
+    fn bad_batches_name_the_field() {
+        let ok = || delta(Some(good()), 1);
+        let cases: Vec<(Batch, &str)> = vec![
+            (
+                batch(vec![
+                    ok(),
+                    ok(),
+                    ok(),
+                    delta(Some(series("", "web", 80, "", "x")), 1),
+                ]),
+                "batch.deltas has 4 entries; this scaler accepts at most 3 per batch (MAX_BATCH_DELTAS)",
+            ),
+            (
+                batch(vec![ok(), delta(None, 1)]),
+                "batch.deltas[1].series is missing",
+            ),
+            (
+                batch(vec![
+                    ok(),
+                    ok(),
+                    delta(Some(series("", "web", 80, "", "x")), 1),
+                ]),
+                "batch.deltas[2].series.namespace = \"\": must not be empty",
+            ),
+            (
+                batch(vec![delta(Some(series("Apps", "web", 80, "", "x")), 1)]),
+                "batch.deltas[0].series.namespace = \"Apps\": not a Kubernetes namespace name (lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters)",
+            ),
+            (
+                batch(vec![delta(Some(series("apps", "", 80, "", "x")), 1)]),
+                "batch.deltas[0].series.service = \"\": must not be empty",
+            ),
+            (
+                batch(vec![delta(Some(series("apps", "9web", 80, "", "x")), 1)]),
+                "batch.deltas[0].series.service = \"9web\": not a Kubernetes Service name (lowercase letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters)",
+            ),
+            (
+                batch(vec![
+                    ok(),
+                    delta(Some(series("apps", "web", 0, "", "x")), 1),
+                ]),
+                "batch.deltas[1].series.port = 0: must be a Service port number, 1-65535",
+            ),
+            (
+                batch(vec![delta(Some(series("apps", "web", 65536, "", "x")), 1)]),
+                "batch.deltas[0].series.port = 65536: must be a Service port number, 1-65535",
+            ),
+            (
+                batch(vec![delta(
+                    Some(series("apps", "web", 80, "Web_0", "x")),
+                    1,
+                )]),
+                "batch.deltas[0].series.pod = \"Web_0\": not a Kubernetes pod name (lowercase letters, digits, '-' and '.', at most 253 characters)",
+            ),
+            (
+                batch(vec![ok(), ok(), delta(Some(good()), 0)]),
+                "batch.deltas[2].attempts = 0: every delta counts at least one attempt",
+            ),
+            (
+                Batch {
+                    sequence: 0,
+                    ..batch(vec![ok()])
+                },
+                "batch.sequence = 0: sequences start at 1",
+            ),
+            (
+                Batch {
+                    collected_at_unix_ms: -5,
+                    ..batch(vec![ok()])
+                },
+                "batch.collected_at_unix_ms = -5: not a Unix time in milliseconds",
+            ),
+        ];
+        for (b, expected) in cases {
+            assert_eq!(batch_error(&b), expected);
+        }
+        let long_comm = "c".repeat(65);
+        let message = batch_error(&batch(vec![delta(
+            Some(series("apps", "web", 80, "", &long_comm)),
+            1,
+        )]));
+        assert!(
+            message.starts_with("batch.deltas[0].series.process_comm = \"cccc"),
+            "{message}"
+        );
+        assert!(
+            message.ends_with("longer than 64 bytes; process names are capped by the agent"),
+            "{message}"
+        );
+        // 64 bytes and odd characters are fine: any process may name itself.
+        let comm = "\"weird\\name\n".to_owned() + &"x".repeat(52);
+        assert_eq!(comm.len(), 64);
+        assert!(
+            check_batch(
+                &batch(vec![delta(Some(series("apps", "web", 80, "", &comm)), 1)]),
+                3
+            )
+            .is_ok()
+        );
+    }
+
+    fn snapshot(totals: Vec<SeriesCount>, history: Vec<DestinationHistory>) -> Snapshot {
+        Snapshot {
+            through_sequence: 4,
+            taken_at_unix_ms: 1_700_000_000_000,
+            totals,
+            history,
+        }
+    }
+
+    fn history(
+        ns: &str,
+        svc: &str,
+        port: u32,
+        first: i64,
+        per_second: Vec<u64>,
+    ) -> DestinationHistory {
+        DestinationHistory {
+            namespace: ns.into(),
+            service: svc.into(),
+            port,
+            first_second: first,
+            per_second,
+        }
+    }
+
+    #[test]
+    fn a_good_snapshot_is_viewed_as_sent() {
+        let s = snapshot(
+            vec![delta(Some(good()), 0), delta(Some(good()), 7)],
+            vec![
+                history("apps", "web", 80, 1_700_000_000, vec![1, 0, 2]),
+                history("apps", "web", 81, 1_700_000_000, vec![]),
+            ],
+        );
+        let view = check_snapshot(&s, 3).unwrap();
+        assert_eq!(view.through_sequence, 4);
+        assert_eq!(view.taken_at_ms, 1_700_000_000_000);
+        assert_eq!(
+            view.totals.iter().map(|(_, a)| *a).collect::<Vec<_>>(),
+            vec![0, 7]
+        );
+        assert_eq!(
+            view.history,
+            vec![
+                HistoryView {
+                    namespace: "apps",
+                    service: "web",
+                    port: 80,
+                    first_second: 1_700_000_000,
+                    per_second: &[1, 0, 2]
+                },
+                HistoryView {
+                    namespace: "apps",
+                    service: "web",
+                    port: 81,
+                    first_second: 1_700_000_000,
+                    per_second: &[]
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_snapshots_name_the_field() {
+        let h = |port, n| history("apps", "web", port, 1_700_000_000, vec![1; n]);
+        let cases: Vec<(Snapshot, &str)> = vec![
+            (
+                Snapshot {
+                    taken_at_unix_ms: 0,
+                    ..snapshot(vec![], vec![])
+                },
+                "snapshot.taken_at_unix_ms = 0: not a Unix time in milliseconds",
+            ),
+            (
+                snapshot(vec![delta(Some(good()), 1), delta(None, 1)], vec![]),
+                "snapshot.totals[1].series is missing",
+            ),
+            (
+                snapshot(
+                    vec![delta(Some(series("apps", "web", 70000, "", "")), 1)],
+                    vec![],
+                ),
+                "snapshot.totals[0].series.port = 70000: must be a Service port number, 1-65535",
+            ),
+            (
+                snapshot(vec![], vec![h(80, 1), h(81, 5)]),
+                "snapshot.history[1].per_second has 5 entries; this scaler keeps at most 4 seconds of history (MAX_WINDOW)",
+            ),
+            (
+                snapshot(vec![], vec![history("", "web", 80, 1_700_000_000, vec![])]),
+                "snapshot.history[0].namespace = \"\": must not be empty",
+            ),
+            (
+                snapshot(
+                    vec![],
+                    vec![history("apps", "web/x", 80, 1_700_000_000, vec![])],
+                ),
+                "snapshot.history[0].service = \"web/x\": not a Kubernetes Service name (lowercase letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters)",
+            ),
+            (
+                snapshot(
+                    vec![],
+                    vec![history("apps", "web", 0, 1_700_000_000, vec![])],
+                ),
+                "snapshot.history[0].port = 0: must be a Service port number, 1-65535",
+            ),
+            (
+                snapshot(vec![], vec![history("apps", "web", 80, -1, vec![])]),
+                "snapshot.history[0].first_second = -1: not a Unix time in seconds",
+            ),
+            (
+                snapshot(vec![], vec![h(80, 1), h(81, 1), h(80, 2)]),
+                "snapshot.history[2] = apps/web:80: repeats the destination of snapshot.history[0]",
+            ),
+        ];
+        for (s, expected) in cases {
+            assert_eq!(check_snapshot(&s, 3).unwrap_err().to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn bad_hellos() {
+        let hello = |node: &str, id: &str, version| Hello {
+            node_name: node.into(),
+            instance_id: id.into(),
+            protocol_version: version,
+        };
+        assert_eq!(check_hello(&hello("node-1", "abc", 1)), Ok(()));
+        let e = check_hello(&hello("node-1", "abc", 2)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "hello.protocol_version 2 is not supported; this scaler speaks version 1"
+        );
+        assert_eq!(e.status().code(), Code::FailedPrecondition);
+        assert_eq!(
+            check_hello(&hello("", "abc", 1)).unwrap_err().to_string(),
+            "hello.node_name = \"\": must not be empty"
+        );
+        assert_eq!(
+            check_hello(&hello("n", "", 1)).unwrap_err().to_string(),
+            "hello.instance_id = \"\": must not be empty"
+        );
+        assert_eq!(
+            check_hello(&hello("n", "a\nb", 1)).unwrap_err().to_string(),
+            "hello.instance_id = \"a\\nb\": holds control characters"
+        );
+        assert!(
+            check_hello(&hello("n", &"i".repeat(129), 1))
+                .unwrap_err()
+                .to_string()
+                .ends_with(": longer than 128 bytes")
+        );
+    }
+
+    #[test]
+    fn status_codes_and_labels() {
+        let gap = IngestError::from(ApplyError::SequenceGap { applied: 3, got: 5 });
+        assert_eq!(gap.status().code(), Code::FailedPrecondition);
+        assert_eq!(
+            gap.status().message(),
+            "sequence gap: batch 5 arrived but this replica has applied through 3; reconnect and send a snapshot"
+        );
+        assert_eq!(gap.metric_label(), "sequence_gap");
+        let too_many = IngestError::TooManyDeltas { count: 4, max: 3 };
+        assert_eq!(too_many.status().code(), Code::ResourceExhausted);
+        assert_eq!(too_many.metric_label(), "oversized");
+        assert_eq!(
+            IngestError::HelloMissing { got: "batch" }.status().code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            invalid("batch.sequence", 0, "x").metric_label(),
+            "invalid_message"
+        );
+    }
+}

@@ -1,0 +1,74 @@
+//! `itw-scaler`: sums the connect attempts every agent reports into
+//! per-service windows and serves them to KEDA as an external scaler.
+//!
+//! - [`config`]: flags and env vars.
+//! - [`trigger`]: a ScaledObject trigger's metadata, parsed and checked.
+//! - [`names`]: Kubernetes name rules for what KEDA and agents send.
+//! - [`window`]: per-second windows and the scaler clock.
+//! - [`store`]: instances, totals, windows and subscribers.
+//! - [`ingest`]: the agents' `itw.v1.Ingest/Report` stream.
+//! - [`keda`]: KEDA's `externalscaler.ExternalScaler` service.
+//! - [`auth`]: the agents' bearer token.
+//! - [`metrics`]: the scaler's `/metrics`.
+//! - [`server`]: the gRPC server (KEDA, ingest, health, reflection, TLS) and
+//!   the metrics endpoint, started and stopped together.
+
+pub mod auth;
+pub mod config;
+pub mod ingest;
+pub mod keda;
+pub mod metrics;
+pub mod names;
+pub mod server;
+pub mod store;
+pub mod trigger;
+pub mod window;
+
+use std::{net::SocketAddr, path::PathBuf};
+
+pub use server::Scaler;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("AGENT_TOKEN_FILE {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("AGENT_TOKEN_FILE {}: the file is empty", path.display())]
+    EmptyTokenFile { path: PathBuf },
+    #[error("{setting} {}: {source}", path.display())]
+    TlsFile {
+        setting: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS_CERT_FILE/TLS_KEY_FILE/TLS_CLIENT_CA_FILE: {}", chain(.0))]
+    Tls(#[source] tonic::transport::Error),
+    #[error("GRPC_ADDR {addr}: cannot listen: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Telemetry(#[from] itw_telemetry::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {}", chain(.0))]
+    Grpc(#[source] tonic::transport::Error),
+}
+
+/// An error with its causes, since tonic's transport errors say little alone.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,30 @@
+use anyhow::Context;
+use clap::Parser;
+use itw_scaler::{Scaler, config::Args};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    itw_telemetry::logging::init(args.log_format)?;
+    let config = args.config();
+    tracing::info!(?config, "itw-scaler starting");
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let scaler = Scaler::bind(config).await?;
+    tracing::info!(grpc = %scaler.grpc_addr(), metrics = %scaler.metrics_addr(), "listening");
+    scaler
+        .serve(async move {
+            tokio::select! {
+                _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
+            }
+        })
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}

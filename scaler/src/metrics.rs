@@ -1,0 +1,223 @@
+//! What the scaler says about itself on `/metrics`, next to the summed
+//! `internal_tcp_attempts_total` of every agent.
+//!
+//! The counters here are updated on the hot paths (ingest, KEDA streams), so
+//! they are plain prometheus-client atomics; nothing here takes a lock that
+//! ingest or KEDA calls wait for, except the brief series listing of a scrape.
+
+use std::sync::Arc;
+
+use itw_telemetry::{
+    exposition::{AttemptSeries, ScrapeView, encode_attempts},
+    http::MetricsSource,
+};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::store::Store;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+/// Outcome of one batch, the `result` label of `itw_scaler_batches_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchResult {
+    Applied,
+    /// Already applied (a resend after a reconnect): acknowledged again, ignored.
+    Duplicate,
+    Rejected,
+}
+
+impl BatchResult {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Duplicate => "duplicate",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+/// Seconds between an attempt's collection on the node and its arrival here.
+const LAG_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The scaler's own figures.
+pub struct ScalerMetrics {
+    registry: Registry,
+    pub agents_connected: Gauge,
+    pub agent_instances: Gauge,
+    batches: Family<ResultLabel, Counter>,
+    pub deltas: Counter,
+    pub snapshots: Counter,
+    rejected_streams: Family<ReasonLabel, Counter>,
+    pub keda_streams: Gauge,
+    pub ingest_lag: Histogram,
+    pub series_overflow: Counter,
+    pub window_overflow: Counter,
+    pub active_services: Gauge,
+    pub windowed_destinations: Gauge,
+}
+
+impl Default for ScalerMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let agents_connected = Gauge::default();
+        registry.register(
+            "itw_scaler_agents_connected",
+            "Open agent ingest streams that have said hello",
+            agents_connected.clone(),
+        );
+        let agent_instances = Gauge::default();
+        registry.register(
+            "itw_scaler_agent_instances",
+            "Agent instances held (connected, or disconnected within INSTANCE_RETENTION)",
+            agent_instances.clone(),
+        );
+        let batches = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "itw_scaler_batches",
+            "Agent batches by result: applied, duplicate (a resend, acknowledged and ignored), rejected",
+            batches.clone(),
+        );
+        let deltas = Counter::default();
+        registry.register(
+            "itw_scaler_deltas",
+            "Deltas applied from agent batches",
+            deltas.clone(),
+        );
+        let snapshots = Counter::default();
+        registry.register(
+            "itw_scaler_snapshots",
+            "Agent snapshots applied",
+            snapshots.clone(),
+        );
+        let rejected_streams = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "itw_scaler_rejected_streams",
+            "Agent ingest streams ended with an error status, by reason",
+            rejected_streams.clone(),
+        );
+        let keda_streams = Gauge::default();
+        registry.register(
+            "itw_scaler_keda_streams",
+            "Open KEDA StreamIsActive and StreamMetricSpec streams",
+            keda_streams.clone(),
+        );
+        let ingest_lag = Histogram::new(LAG_BUCKETS);
+        registry.register(
+            "itw_scaler_ingest_lag_seconds",
+            "Time from an agent collecting a batch (clock offset corrected) to the scaler receiving it",
+            ingest_lag.clone(),
+        );
+        let series_overflow = Counter::default();
+        registry.register(
+            "itw_scaler_series_overflow",
+            "Series reports folded into their service's \"(other processes)\" series because MAX_SERIES was reached",
+            series_overflow.clone(),
+        );
+        let window_overflow = Counter::default();
+        registry.register(
+            "itw_scaler_window_overflow",
+            "Attempts counted in totals but not windowed because MAX_DESTINATIONS was reached",
+            window_overflow.clone(),
+        );
+        let active_services = Gauge::default();
+        registry.register(
+            "itw_scaler_active_services",
+            "Services with at least one attempt in the kept history (updated every few seconds)",
+            active_services.clone(),
+        );
+        let windowed_destinations = Gauge::default();
+        registry.register(
+            "itw_scaler_windowed_destinations",
+            "Destinations (namespace, service, port) with a per-second window",
+            windowed_destinations.clone(),
+        );
+        Self {
+            registry,
+            agents_connected,
+            agent_instances,
+            batches,
+            deltas,
+            snapshots,
+            rejected_streams,
+            keda_streams,
+            ingest_lag,
+            series_overflow,
+            window_overflow,
+            active_services,
+            windowed_destinations,
+        }
+    }
+}
+
+impl ScalerMetrics {
+    pub fn batch(&self, result: BatchResult) {
+        self.batches
+            .get_or_create(&ResultLabel {
+                result: result.label(),
+            })
+            .inc();
+    }
+
+    pub fn rejected_stream(&self, reason: &'static str) {
+        self.rejected_streams
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Keeps `itw_scaler_keda_streams` up while the returned guard lives.
+    pub fn keda_stream(self: &Arc<Self>) -> GaugeGuard {
+        self.keda_streams.inc();
+        GaugeGuard(self.keda_streams.clone())
+    }
+
+    /// Keeps `itw_scaler_agents_connected` up while the returned guard lives.
+    pub fn agent_connected(&self) -> GaugeGuard {
+        self.agents_connected.inc();
+        GaugeGuard(self.agents_connected.clone())
+    }
+}
+
+/// Decrements its gauge when dropped, however the stream ended.
+pub struct GaugeGuard(Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// `/metrics` of the scaler: its own figures, then the attempts of every series.
+pub struct Exporter {
+    pub metrics: Arc<ScalerMetrics>,
+    pub store: Arc<Store>,
+}
+
+impl MetricsSource for Exporter {
+    fn encode(&self, out: &mut String, view: &ScrapeView) -> std::fmt::Result {
+        prometheus_client::encoding::text::encode_registry(out, &self.metrics.registry)?;
+        let series = self.store.attempt_series();
+        encode_attempts(
+            out,
+            view,
+            series.iter().map(|s| AttemptSeries {
+                labels: s.labels(),
+                attempts: s.exported(),
+                created: s.created(),
+            }),
+        )
+    }
+}

@@ -1,0 +1,1696 @@
+//! Everything the scaler knows: the agent instances and what each reported,
+//! the exported totals per series, the per-second windows per destination,
+//! and the subscribers waiting for a service to become active.
+//!
+//! Hot paths and their locks:
+//! - a batch locks its own instance, then each destination's service entry
+//!   for the moment it adds to a window; series totals are atomics.
+//! - GetMetrics/IsActive look the service up in a sharded map and lock only
+//!   that service's entry while summing its window.
+//!
+//! There is no lock that every batch and every KEDA call share. The instance
+//! table's lock is taken on hello, disconnect and sweep only.
+//!
+//! Exported counters never decrease: each series publishes
+//! `max(previous, retired + sum over live instances)`.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst},
+    },
+    time::Duration,
+};
+
+use dashmap::DashMap;
+use itw_telemetry::exposition::{AttemptLabels, OVERFLOW_COMM};
+use parking_lot::Mutex;
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    config::Limits,
+    metrics::ScalerMetrics,
+    trigger::DEFAULT_WINDOW,
+    window::{self, Clock, Window},
+};
+
+/// Most series a single ingest stream remembers it has resolved; past that it
+/// starts over (only a cost, never a miscount).
+const STREAM_CACHE_LIMIT: usize = 65_536;
+
+/// One exported series as the store names it (checked by [`crate::ingest`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeriesName<'a> {
+    pub namespace: &'a str,
+    pub service: &'a str,
+    pub port: u16,
+    pub pod: &'a str,
+    pub process_comm: &'a str,
+}
+
+/// A checked batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchView<'a> {
+    pub sequence: u64,
+    pub collected_at_ms: i64,
+    pub deltas: Vec<(SeriesName<'a>, u64)>,
+}
+
+/// A checked snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotView<'a> {
+    pub through_sequence: u64,
+    pub taken_at_ms: i64,
+    pub totals: Vec<(SeriesName<'a>, u64)>,
+    pub history: Vec<HistoryView<'a>>,
+}
+
+/// Per-second counts of one destination in a snapshot (agent clock).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryView<'a> {
+    pub namespace: &'a str,
+    pub service: &'a str,
+    pub port: u16,
+    pub first_second: i64,
+    pub per_second: &'a [u64],
+}
+
+/// Why the store refused a message of an ingest stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error(
+        "sequence gap: batch {got} arrived but this replica has applied through {applied}; reconnect and send a snapshot"
+    )]
+    SequenceGap { applied: u64, got: u64 },
+    #[error(
+        "snapshot.through_sequence {through} is below {applied}, the sequence this replica has already applied for the instance"
+    )]
+    SnapshotBehind { through: u64, applied: u64 },
+    #[error("hello.node_name {node:?}: instance {instance:?} reported from node {known:?} before")]
+    NodeMismatch {
+        instance: String,
+        node: String,
+        known: String,
+    },
+}
+
+/// One series of `internal_tcp_attempts_total`.
+#[derive(Debug)]
+pub struct SeriesSlot {
+    labels: AttemptLabels,
+    created: Instant,
+    /// Totals of instances that went away.
+    retired: AtomicU64,
+    /// Sum of the totals of the instances held now.
+    live: AtomicU64,
+    /// What `/metrics` shows: never decreases.
+    exported: AtomicU64,
+}
+
+impl SeriesSlot {
+    fn new(labels: AttemptLabels) -> Self {
+        Self {
+            labels,
+            created: Instant::now(),
+            retired: AtomicU64::new(0),
+            live: AtomicU64::new(0),
+            exported: AtomicU64::new(0),
+        }
+    }
+
+    pub fn labels(&self) -> &AttemptLabels {
+        &self.labels
+    }
+
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    pub fn exported(&self) -> u64 {
+        self.exported.load(SeqCst)
+    }
+
+    fn add_live(&self, attempts: u64) {
+        self.live.fetch_add(attempts, SeqCst);
+        self.publish();
+    }
+
+    /// A snapshot lowered an instance's total: the export holds its value
+    /// until the sum passes it again.
+    fn sub_live(&self, attempts: u64) {
+        self.live.fetch_sub(attempts, SeqCst);
+    }
+
+    /// Moves an instance's total from live to retired. Live goes down first,
+    /// so a concurrent publish can only see too little (ignored by the max),
+    /// never the same attempts twice.
+    fn retire(&self, attempts: u64) {
+        self.live.fetch_sub(attempts, SeqCst);
+        self.retired.fetch_add(attempts, SeqCst);
+    }
+
+    fn publish(&self) {
+        // Retired is read first: whoever sees a retire's increment also sees
+        // the live decrement that preceded it.
+        let retired = self.retired.load(SeqCst);
+        let computed = retired.saturating_add(self.live.load(SeqCst));
+        self.exported.fetch_max(computed, SeqCst);
+    }
+}
+
+/// The windows of one service (one per port) and its subscribers' doorbell.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    namespace: Arc<str>,
+    service: Arc<str>,
+    windows: Mutex<PortWindows>,
+    /// Rung after attempts were added, for StreamIsActive tasks.
+    changed: watch::Sender<()>,
+}
+
+#[derive(Debug, Default)]
+struct PortWindows {
+    ports: Vec<(u16, Window)>,
+    /// Taken out of the service map by a sweep: whoever still holds the
+    /// entry must look the service up again.
+    removed: bool,
+}
+
+impl ServiceEntry {
+    fn new(namespace: &str, service: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service: service.into(),
+            windows: Mutex::new(PortWindows::default()),
+            changed: watch::Sender::new(()),
+        }
+    }
+
+    fn seconds_since(&self, port: Option<u16>, first: i64) -> Vec<(i64, u64)> {
+        let windows = self.windows.lock();
+        windows
+            .ports
+            .iter()
+            .filter(|(p, _)| port.is_none_or(|want| want == *p))
+            .flat_map(|(_, w)| w.seconds_since(first))
+            .collect()
+    }
+
+    fn attempts_since(&self, port: Option<u16>, first: i64) -> u64 {
+        let windows = self.windows.lock();
+        windows
+            .ports
+            .iter()
+            .filter(|(p, _)| port.is_none_or(|want| want == *p))
+            .fold(0u64, |sum, (_, w)| {
+                sum.saturating_add(w.attempts_since(first))
+            })
+    }
+}
+
+/// What a StreamIsActive task holds: the service entry (kept while
+/// subscribed) and its doorbell.
+pub struct Subscription {
+    pub entry: Arc<ServiceEntry>,
+    pub changes: watch::Receiver<()>,
+}
+
+/// Attempts in a trigger's window, and when they stop exceeding its threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Activity {
+    pub attempts: u64,
+    /// Unix ms (scaler clock) at which the window stops exceeding the
+    /// threshold if nothing new arrives; `None` when it does not exceed it now.
+    pub inactive_at_ms: Option<i64>,
+}
+
+impl Activity {
+    pub fn active(&self) -> bool {
+        self.inactive_at_ms.is_some()
+    }
+}
+
+/// What one ingest stream has resolved (series, window), so a steady agent
+/// costs one local hash lookup per delta.
+#[derive(Default)]
+pub struct SeriesCache {
+    index: HashMap<Box<str>, usize>,
+    entries: Vec<Resolved>,
+    key: String,
+}
+
+struct Resolved {
+    series: Arc<SeriesSlot>,
+    /// Counted in the overflow series because MAX_SERIES was reached.
+    folded: bool,
+    service: Arc<ServiceEntry>,
+    port: u16,
+    /// `namespace/service:port`, the key of per-destination counts.
+    destination: Arc<str>,
+}
+
+/// An agent instance: what it reported, and where its stream stands.
+#[derive(Debug)]
+struct Instance {
+    applied_sequence: u64,
+    /// Scaler clock minus agent clock, measured at the last snapshot.
+    offset_ms: Option<i64>,
+    /// Newest agent-clock second of which counts were applied.
+    last_second: Option<i64>,
+    /// Counts applied within `last_second`, per destination.
+    applied_in_last_second: HashMap<Arc<str>, u64>,
+    /// Cumulative attempts per series, keyed by the series' address.
+    totals: HashMap<usize, (Arc<SeriesSlot>, u64)>,
+}
+
+/// The instance table's view of an instance.
+struct InstanceSlot {
+    node: Arc<str>,
+    first_seen: Instant,
+    streams: u32,
+    disconnected_at: Option<Instant>,
+    state: Arc<Mutex<Instance>>,
+}
+
+/// An ingest stream's hold on its instance; dropping it records the disconnect.
+pub struct Connection {
+    store: Arc<Store>,
+    id: Arc<str>,
+    state: Arc<Mutex<Instance>>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.store.disconnect(&self.id);
+    }
+}
+
+/// Result of a batch: the sequence to acknowledge, and whether it was new.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchOutcome {
+    Applied { ack: u64 },
+    Duplicate { ack: u64 },
+}
+
+pub struct Store {
+    clock: Clock,
+    limits: Limits,
+    metrics: Arc<ScalerMetrics>,
+    /// Longest window any trigger asked for, in seconds.
+    longest_window: AtomicU64,
+    /// Keyed `namespace/service`.
+    services: DashMap<Box<str>, Arc<ServiceEntry>>,
+    windowed_destinations: AtomicUsize,
+    /// Keyed by [`series_key`].
+    series: DashMap<Box<str>, Arc<SeriesSlot>>,
+    /// Series with a pod or a process name: the ones MAX_SERIES caps.
+    detailed_series: AtomicUsize,
+    instances: Mutex<HashMap<Arc<str>, InstanceSlot>>,
+}
+
+impl Store {
+    pub fn new(clock: Clock, limits: Limits, metrics: Arc<ScalerMetrics>) -> Self {
+        Self {
+            clock,
+            limits,
+            metrics,
+            longest_window: AtomicU64::new(0),
+            services: DashMap::new(),
+            windowed_destinations: AtomicUsize::new(0),
+            series: DashMap::new(),
+            detailed_series: AtomicUsize::new(0),
+            instances: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Seconds of history kept and asked of agents: the longest window any
+    /// trigger asked for (at least the default window), capped by MAX_WINDOW.
+    pub fn history_secs(&self) -> u64 {
+        self.longest_window
+            .load(SeqCst)
+            .max(DEFAULT_WINDOW.as_secs())
+            .min(self.limits.max_window.as_secs())
+    }
+
+    /// Records a trigger's window. History only grows while the process
+    /// runs: a trigger that goes away may come back.
+    pub fn note_window(&self, window: Duration) {
+        self.longest_window.fetch_max(window.as_secs(), SeqCst);
+    }
+
+    // ---- KEDA side ----
+
+    /// Attempts to the service (one port, or all) in the last `window_secs`.
+    pub fn attempts(
+        &self,
+        namespace: &str,
+        service: &str,
+        port: Option<u16>,
+        window_secs: u64,
+    ) -> u64 {
+        let Some(entry) = self
+            .services
+            .get(service_key(namespace, service).as_str())
+            .map(|e| Arc::clone(&e))
+        else {
+            return 0;
+        };
+        let first = window::first_second(self.clock.now_second(), window_secs);
+        entry.attempts_since(port, first)
+    }
+
+    /// Subscribes to a service's new attempts; the entry stays while subscribed.
+    pub fn subscribe(&self, namespace: &str, service: &str) -> Subscription {
+        let entry = self
+            .services
+            .entry(service_key(namespace, service).into_boxed_str())
+            .or_insert_with(|| Arc::new(ServiceEntry::new(namespace, service)));
+        let changes = entry.changed.subscribe();
+        Subscription {
+            entry: Arc::clone(&entry),
+            changes,
+        }
+    }
+
+    /// The activity of a subscribed service for one trigger.
+    pub fn activity(
+        &self,
+        entry: &ServiceEntry,
+        port: Option<u16>,
+        window_secs: u64,
+        threshold: f64,
+    ) -> Activity {
+        let first = window::first_second(self.clock.now_second(), window_secs);
+        let seconds = entry.seconds_since(port, first);
+        let attempts = seconds
+            .iter()
+            .fold(0u64, |sum, (_, a)| sum.saturating_add(*a));
+        Activity {
+            attempts,
+            inactive_at_ms: window::inactive_from(seconds, threshold, window_secs)
+                .map(|s| s.saturating_mul(1000)),
+        }
+    }
+
+    // ---- agent side ----
+
+    /// Registers a stream of an instance; returns its connection and the
+    /// sequence this replica has applied for it (0 for an unknown instance).
+    pub fn hello(
+        self: &Arc<Self>,
+        node: &str,
+        instance_id: &str,
+    ) -> Result<(Connection, u64), ApplyError> {
+        let now = Instant::now();
+        let mut instances = self.instances.lock();
+        let (id, slot) = match instances.entry(Arc::from(instance_id)) {
+            std::collections::hash_map::Entry::Occupied(known) => {
+                (Arc::clone(known.key()), known.into_mut())
+            }
+            std::collections::hash_map::Entry::Vacant(new) => {
+                let id = Arc::clone(new.key());
+                let slot = new.insert(InstanceSlot {
+                    node: node.into(),
+                    first_seen: now,
+                    streams: 0,
+                    disconnected_at: None,
+                    state: Arc::new(Mutex::new(Instance {
+                        applied_sequence: 0,
+                        offset_ms: None,
+                        last_second: None,
+                        applied_in_last_second: HashMap::new(),
+                        totals: HashMap::new(),
+                    })),
+                });
+                (id, slot)
+            }
+        };
+        if *slot.node != *node {
+            return Err(ApplyError::NodeMismatch {
+                instance: instance_id.to_owned(),
+                node: node.to_owned(),
+                known: slot.node.to_string(),
+            });
+        }
+        slot.streams += 1;
+        slot.disconnected_at = None;
+        let (state, first_seen) = (Arc::clone(&slot.state), slot.first_seen);
+        let applied = state.lock().applied_sequence;
+        // An older instance of this node that is gone has been replaced: its
+        // counts move to the retired sums now rather than after the retention.
+        let superseded: Vec<Arc<str>> = instances
+            .iter()
+            .filter(|(other, slot)| {
+                **other != id
+                    && *slot.node == *node
+                    && slot.streams == 0
+                    && slot.first_seen < first_seen
+            })
+            .map(|(other, _)| Arc::clone(other))
+            .collect();
+        for other in superseded {
+            if let Some(slot) = instances.remove(&other) {
+                tracing::info!(node, instance = %other, by = %id, "agent instance replaced; its counts stay in the totals");
+                self.fold(&slot);
+            }
+        }
+        self.metrics
+            .agent_instances
+            .set(gauge_value(instances.len()));
+        drop(instances);
+        Ok((
+            Connection {
+                store: Arc::clone(self),
+                id,
+                state,
+            },
+            applied,
+        ))
+    }
+
+    fn disconnect(&self, id: &str) {
+        let now = Instant::now();
+        let mut instances = self.instances.lock();
+        let Some(slot) = instances.get_mut(id) else {
+            return;
+        };
+        slot.streams = slot.streams.saturating_sub(1);
+        if slot.streams > 0 {
+            return;
+        }
+        slot.disconnected_at = Some(now);
+        let (node, first_seen) = (Arc::clone(&slot.node), slot.first_seen);
+        let superseded = instances.iter().any(|(other, o)| {
+            **other != *id && o.node == node && o.streams > 0 && o.first_seen > first_seen
+        });
+        if superseded && let Some(slot) = instances.remove(id) {
+            tracing::info!(node = %node, instance = id, "superseded agent instance disconnected; its counts stay in the totals");
+            self.fold(&slot);
+        }
+        self.metrics
+            .agent_instances
+            .set(gauge_value(instances.len()));
+    }
+
+    /// Moves an instance's totals into the retired sums.
+    fn fold(&self, slot: &InstanceSlot) {
+        let state = slot.state.lock();
+        for (series, total) in state.totals.values() {
+            series.retire(*total);
+        }
+    }
+
+    /// Applies a snapshot: the instance's totals are replaced, its history
+    /// merged into the windows without counting anything twice.
+    ///
+    /// History merge (agent clock, L = newest second already applied): a
+    /// second after L is added whole; second L adds what exceeds the count
+    /// already applied in L; earlier seconds were applied already.
+    pub fn apply_snapshot(
+        &self,
+        conn: &Connection,
+        snapshot: &SnapshotView<'_>,
+        cache: &mut SeriesCache,
+    ) -> Result<u64, ApplyError> {
+        let mut state = conn.state.lock();
+        if snapshot.through_sequence < state.applied_sequence {
+            return Err(ApplyError::SnapshotBehind {
+                through: snapshot.through_sequence,
+                applied: state.applied_sequence,
+            });
+        }
+        let now_ms = self.clock.now_ms();
+        let offset = now_ms.saturating_sub(snapshot.taken_at_ms);
+        state.offset_ms = Some(offset);
+
+        let mut totals: HashMap<usize, (Arc<SeriesSlot>, u64)> =
+            HashMap::with_capacity(snapshot.totals.len());
+        for (name, attempts) in &snapshot.totals {
+            let resolved = self.resolve(cache, name);
+            if resolved.folded {
+                self.metrics.series_overflow.inc();
+            }
+            let series = &resolved.series;
+            let entry = totals
+                .entry(series_id(series))
+                .or_insert_with(|| (Arc::clone(series), 0));
+            entry.1 = entry.1.saturating_add(*attempts);
+        }
+        let previous = std::mem::replace(&mut state.totals, totals);
+        for (id, (series, new)) in &state.totals {
+            let old = previous.get(id).map_or(0, |(_, old)| *old);
+            if *new > old {
+                series.add_live(new - old);
+            } else if old > *new {
+                series.sub_live(old - new);
+            }
+        }
+        for (id, (series, old)) in &previous {
+            if !state.totals.contains_key(id) {
+                series.sub_live(*old);
+            }
+        }
+
+        let now_second = now_ms.div_euclid(1000);
+        let first_kept = window::first_second(now_second, self.history_secs());
+        let shift = offset.div_euclid(1000);
+        let mut wake = Wakeups::default();
+        let last_second = state.last_second;
+        for history in &snapshot.history {
+            let destination = destination_key(history.namespace, history.service, history.port);
+            let applied_in_last = state
+                .applied_in_last_second
+                .get(destination.as_str())
+                .copied()
+                .unwrap_or(0);
+            let mut entry = self.service_entry(history.namespace, history.service);
+            for (second, &count) in (history.first_second..).zip(history.per_second) {
+                let add = match last_second {
+                    None => count,
+                    Some(l) if second > l => count,
+                    Some(l) if second == l => count.saturating_sub(applied_in_last),
+                    Some(_) => 0,
+                };
+                if add == 0 {
+                    continue;
+                }
+                let placed = second.saturating_add(shift).min(now_second);
+                self.add_to_window(&mut entry, history.port, placed, add, first_kept, &mut wake);
+            }
+        }
+        let newest = snapshot
+            .history
+            .iter()
+            .filter(|h| !h.per_second.is_empty())
+            .map(|h| h.first_second.saturating_add(h.per_second.len() as i64 - 1))
+            .max();
+        if let Some(newest) = newest {
+            let counts_at = |second: i64| {
+                snapshot.history.iter().filter_map(move |h| {
+                    let i = usize::try_from(second.checked_sub(h.first_second)?).ok()?;
+                    let count = *h.per_second.get(i)?;
+                    (count > 0).then(|| (destination_key(h.namespace, h.service, h.port), count))
+                })
+            };
+            match last_second {
+                Some(l) if newest < l => {}
+                Some(l) if newest == l => {
+                    for (destination, count) in counts_at(l) {
+                        let applied = state
+                            .applied_in_last_second
+                            .entry(destination.into())
+                            .or_insert(0);
+                        *applied = (*applied).max(count);
+                    }
+                }
+                _ => {
+                    state.last_second = Some(newest);
+                    state.applied_in_last_second =
+                        counts_at(newest).map(|(d, c)| (d.into(), c)).collect();
+                }
+            }
+        }
+        state.applied_sequence = snapshot.through_sequence;
+        drop(state);
+        wake.ring();
+        Ok(snapshot.through_sequence)
+    }
+
+    /// Applies a batch if it is the next in sequence; acknowledges a resend.
+    pub fn apply_batch(
+        &self,
+        conn: &Connection,
+        batch: &BatchView<'_>,
+        cache: &mut SeriesCache,
+    ) -> Result<BatchOutcome, ApplyError> {
+        let mut state = conn.state.lock();
+        let applied = state.applied_sequence;
+        if batch.sequence <= applied {
+            return Ok(BatchOutcome::Duplicate { ack: applied });
+        }
+        if batch.sequence > applied + 1 {
+            return Err(ApplyError::SequenceGap {
+                applied,
+                got: batch.sequence,
+            });
+        }
+        let offset = state.offset_ms.unwrap_or(0);
+        let now_ms = self.clock.now_ms();
+        let now_second = now_ms.div_euclid(1000);
+        let placed_ms = batch.collected_at_ms.saturating_add(offset);
+        // A corrected time slightly ahead of ours (the offset includes one
+        // transit delay) belongs to our current second, which the windows count.
+        let placed = placed_ms.div_euclid(1000).min(now_second);
+        let first_kept = window::first_second(now_second, self.history_secs());
+        let lag_ms = now_ms.saturating_sub(placed_ms).max(0);
+        self.metrics.ingest_lag.observe(lag_ms as f64 / 1000.0);
+
+        let agent_second = batch.collected_at_ms.div_euclid(1000);
+        let in_last_second = match state.last_second {
+            Some(l) if agent_second < l => false,
+            Some(l) if agent_second == l => true,
+            _ => {
+                state.last_second = Some(agent_second);
+                state.applied_in_last_second.clear();
+                true
+            }
+        };
+        let mut wake = Wakeups::default();
+        let mut guard = state;
+        let state = &mut *guard;
+        for (name, attempts) in &batch.deltas {
+            let attempts = *attempts;
+            let resolved = self.resolve(cache, name);
+            if resolved.folded {
+                self.metrics.series_overflow.inc();
+            }
+            let id = series_id(&resolved.series);
+            match state.totals.get_mut(&id) {
+                Some((_, total)) => *total = total.saturating_add(attempts),
+                None => {
+                    state
+                        .totals
+                        .insert(id, (Arc::clone(&resolved.series), attempts));
+                }
+            }
+            resolved.series.add_live(attempts);
+            if in_last_second {
+                match state.applied_in_last_second.get_mut(&*resolved.destination) {
+                    Some(applied) => *applied = applied.saturating_add(attempts),
+                    None => {
+                        state
+                            .applied_in_last_second
+                            .insert(Arc::clone(&resolved.destination), attempts);
+                    }
+                }
+            }
+            let port = resolved.port;
+            self.add_to_window(
+                &mut resolved.service,
+                port,
+                placed,
+                attempts,
+                first_kept,
+                &mut wake,
+            );
+        }
+        state.applied_sequence = batch.sequence;
+        drop(guard);
+        wake.ring();
+        Ok(BatchOutcome::Applied {
+            ack: batch.sequence,
+        })
+    }
+
+    fn resolve<'c>(&self, cache: &'c mut SeriesCache, name: &SeriesName<'_>) -> &'c mut Resolved {
+        stream_key(&mut cache.key, name);
+        let index = match cache.index.get(cache.key.as_str()) {
+            Some(&i) => i,
+            None => {
+                if cache.entries.len() >= STREAM_CACHE_LIMIT {
+                    cache.index.clear();
+                    cache.entries.clear();
+                }
+                cache.entries.push(self.resolve_uncached(name));
+                cache
+                    .index
+                    .insert(cache.key.as_str().into(), cache.entries.len() - 1);
+                cache.entries.len() - 1
+            }
+        };
+        &mut cache.entries[index]
+    }
+
+    fn resolve_uncached(&self, name: &SeriesName<'_>) -> Resolved {
+        let (series, folded) = self.series_slot(name);
+        Resolved {
+            series,
+            folded,
+            service: self.service_entry(name.namespace, name.service),
+            port: name.port,
+            destination: destination_key(name.namespace, name.service, name.port).into(),
+        }
+    }
+
+    /// The series a report counts in: its own, or (past MAX_SERIES) its
+    /// service's overflow series. The service's zero series is created with
+    /// the first report, so `rate()` sees the service's first attempt.
+    fn series_slot(&self, name: &SeriesName<'_>) -> (Arc<SeriesSlot>, bool) {
+        let (ns, svc) = (name.namespace, name.service);
+        self.service_level_series(ns, svc, "");
+        let service_level = name.pod.is_empty()
+            && (name.process_comm.is_empty() || name.process_comm == OVERFLOW_COMM);
+        if service_level {
+            return (self.service_level_series(ns, svc, name.process_comm), false);
+        }
+        let key = series_key(ns, svc, name.pod, name.process_comm);
+        if let Some(slot) = self.series.get(key.as_str()) {
+            return (Arc::clone(&slot), false);
+        }
+        let reserved = self
+            .detailed_series
+            .fetch_update(SeqCst, SeqCst, |n| {
+                (n < self.limits.max_series).then_some(n + 1)
+            })
+            .is_ok();
+        if !reserved {
+            return (self.service_level_series(ns, svc, OVERFLOW_COMM), true);
+        }
+        let mut created = false;
+        let slot = self
+            .series
+            .entry(key.into_boxed_str())
+            .or_insert_with(|| {
+                created = true;
+                Arc::new(SeriesSlot::new(AttemptLabels {
+                    destination_namespace: ns.to_owned(),
+                    destination_service: svc.to_owned(),
+                    destination_pod: name.pod.to_owned(),
+                    process_comm: name.process_comm.to_owned(),
+                }))
+            })
+            .clone();
+        if !created {
+            self.detailed_series.fetch_sub(1, SeqCst);
+        }
+        (slot, false)
+    }
+
+    /// A series without a pod: the zero series (`comm` empty) or the overflow
+    /// series. At most two per service, outside MAX_SERIES, so the cap never
+    /// loses a count.
+    fn service_level_series(&self, ns: &str, svc: &str, comm: &str) -> Arc<SeriesSlot> {
+        let key = series_key(ns, svc, "", comm);
+        if let Some(slot) = self.series.get(key.as_str()) {
+            return Arc::clone(&slot);
+        }
+        self.series
+            .entry(key.into_boxed_str())
+            .or_insert_with(|| {
+                let mut labels = AttemptLabels::service(ns, svc);
+                labels.process_comm = comm.to_owned();
+                Arc::new(SeriesSlot::new(labels))
+            })
+            .clone()
+    }
+
+    fn service_entry(&self, namespace: &str, service: &str) -> Arc<ServiceEntry> {
+        let key = service_key(namespace, service);
+        if let Some(entry) = self.services.get(key.as_str()) {
+            return Arc::clone(&entry);
+        }
+        self.services
+            .entry(key.into_boxed_str())
+            .or_insert_with(|| Arc::new(ServiceEntry::new(namespace, service)))
+            .clone()
+    }
+
+    /// Counts attempts in a destination's window (scaler second `second`).
+    fn add_to_window(
+        &self,
+        entry: &mut Arc<ServiceEntry>,
+        port: u16,
+        second: i64,
+        attempts: u64,
+        first_kept: i64,
+        wake: &mut Wakeups,
+    ) {
+        if second < first_kept {
+            return;
+        }
+        loop {
+            let mut windows = entry.windows.lock();
+            if windows.removed {
+                drop(windows);
+                *entry = self.service_entry(&entry.namespace, &entry.service);
+                continue;
+            }
+            match windows.ports.iter_mut().find(|(p, _)| *p == port) {
+                Some((_, window)) => {
+                    window.add(second, attempts);
+                    window.prune(first_kept);
+                }
+                None => {
+                    let reserved = self
+                        .windowed_destinations
+                        .fetch_update(SeqCst, SeqCst, |n| {
+                            (n < self.limits.max_destinations).then_some(n + 1)
+                        })
+                        .is_ok();
+                    if !reserved {
+                        self.metrics.window_overflow.inc_by(attempts);
+                        return;
+                    }
+                    self.metrics.windowed_destinations.inc();
+                    let mut window = Window::default();
+                    window.add(second, attempts);
+                    windows.ports.push((port, window));
+                }
+            }
+            drop(windows);
+            wake.note(entry);
+            return;
+        }
+    }
+
+    /// Housekeeping: folds instances gone longer than INSTANCE_RETENTION,
+    /// drops window seconds older than the history and entries left empty,
+    /// and updates the gauges.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        {
+            let mut instances = self.instances.lock();
+            let retention = self.limits.instance_retention;
+            let expired: Vec<Arc<str>> = instances
+                .iter()
+                .filter(|(_, slot)| {
+                    slot.streams == 0
+                        && slot
+                            .disconnected_at
+                            .is_some_and(|at| now.saturating_duration_since(at) >= retention)
+                })
+                .map(|(id, _)| Arc::clone(id))
+                .collect();
+            for id in expired {
+                if let Some(slot) = instances.remove(&id) {
+                    tracing::info!(node = %slot.node, instance = %id, "agent instance gone longer than INSTANCE_RETENTION; its counts stay in the totals");
+                    self.fold(&slot);
+                }
+            }
+            self.metrics
+                .agent_instances
+                .set(gauge_value(instances.len()));
+        }
+
+        let first_kept = window::first_second(self.clock.now_second(), self.history_secs());
+        let mut active = 0usize;
+        let mut empty = Vec::new();
+        for item in self.services.iter() {
+            let mut windows = item.value().windows.lock();
+            let before = windows.ports.len();
+            windows.ports.retain_mut(|(_, w)| {
+                w.prune(first_kept);
+                !w.is_empty()
+            });
+            let dropped = before - windows.ports.len();
+            if dropped > 0 {
+                self.windowed_destinations.fetch_sub(dropped, SeqCst);
+                self.metrics
+                    .windowed_destinations
+                    .dec_by(gauge_value(dropped));
+            }
+            if windows.ports.is_empty() {
+                empty.push(item.key().clone());
+            } else {
+                active += 1;
+            }
+        }
+        for key in empty {
+            self.services.remove_if(&key, |_, entry| {
+                let mut windows = entry.windows.lock();
+                let unused = windows.ports.is_empty() && entry.changed.receiver_count() == 0;
+                if unused {
+                    windows.removed = true;
+                }
+                unused
+            });
+        }
+        self.metrics.active_services.set(gauge_value(active));
+    }
+
+    /// Every exported series, ordered by labels.
+    pub fn attempt_series(&self) -> Vec<Arc<SeriesSlot>> {
+        let mut all: Vec<_> = self.series.iter().map(|e| Arc::clone(e.value())).collect();
+        all.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
+        all
+    }
+
+    /// Agent instances held (for tests and diagnostics).
+    pub fn instance_count(&self) -> usize {
+        self.instances.lock().len()
+    }
+
+    /// Service entries held (for tests and diagnostics).
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+}
+
+/// Services whose subscribers must hear about new attempts, rung once per message.
+#[derive(Default)]
+struct Wakeups {
+    seen: HashSet<usize>,
+    entries: Vec<Arc<ServiceEntry>>,
+}
+
+impl Wakeups {
+    fn note(&mut self, entry: &Arc<ServiceEntry>) {
+        if entry.changed.receiver_count() > 0 && self.seen.insert(Arc::as_ptr(entry) as usize) {
+            self.entries.push(Arc::clone(entry));
+        }
+    }
+
+    fn ring(self) {
+        for entry in self.entries {
+            entry.changed.send_replace(());
+        }
+    }
+}
+
+fn series_id(series: &Arc<SeriesSlot>) -> usize {
+    Arc::as_ptr(series) as usize
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn service_key(namespace: &str, service: &str) -> String {
+    // Kubernetes names hold no '/', so the key is unambiguous.
+    let mut key = String::with_capacity(namespace.len() + service.len() + 1);
+    key.push_str(namespace);
+    key.push('/');
+    key.push_str(service);
+    key
+}
+
+fn destination_key(namespace: &str, service: &str, port: u16) -> String {
+    format!("{namespace}/{service}:{port}")
+}
+
+/// Key of an exported series. Namespace, service and pod are Kubernetes
+/// names (no NUL); the process name, which may hold anything, comes last.
+fn series_key(namespace: &str, service: &str, pod: &str, comm: &str) -> String {
+    let mut key =
+        String::with_capacity(namespace.len() + service.len() + pod.len() + comm.len() + 3);
+    for part in [namespace, service, pod] {
+        key.push_str(part);
+        key.push('\0');
+    }
+    key.push_str(comm);
+    key
+}
+
+/// Key of a series and port in a stream's cache, written into a reused buffer.
+fn stream_key(key: &mut String, name: &SeriesName<'_>) {
+    key.clear();
+    for part in [name.namespace, name.service, name.pod] {
+        key.push_str(part);
+        key.push('\0');
+    }
+    let mut port = name.port;
+    let mut digits = [b'0'; 5];
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (port % 10) as u8;
+        port /= 10;
+    }
+    key.extend(digits.iter().map(|&d| char::from(d)));
+    key.push('\0');
+    key.push_str(name.process_comm);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scaler clock at start: second S, 100 ms in.
+    const S: i64 = 1_700_000_000;
+    const START_MS: i64 = S * 1000 + 100;
+
+    fn store_with(limits: Limits) -> Arc<Store> {
+        Arc::new(Store::new(
+            Clock::starting_at(START_MS),
+            limits,
+            Arc::new(ScalerMetrics::default()),
+        ))
+    }
+
+    fn store() -> Arc<Store> {
+        store_with(Limits::default())
+    }
+
+    fn name<'a>(service: &'a str, port: u16, pod: &'a str, comm: &'a str) -> SeriesName<'a> {
+        SeriesName {
+            namespace: "apps",
+            service,
+            port,
+            pod,
+            process_comm: comm,
+        }
+    }
+
+    fn snapshot<'a>(
+        through: u64,
+        taken_at_ms: i64,
+        totals: Vec<(SeriesName<'a>, u64)>,
+        history: Vec<HistoryView<'a>>,
+    ) -> SnapshotView<'a> {
+        SnapshotView {
+            through_sequence: through,
+            taken_at_ms,
+            totals,
+            history,
+        }
+    }
+
+    fn history<'a>(
+        service: &'a str,
+        port: u16,
+        first_second: i64,
+        per_second: &'a [u64],
+    ) -> HistoryView<'a> {
+        HistoryView {
+            namespace: "apps",
+            service,
+            port,
+            first_second,
+            per_second,
+        }
+    }
+
+    fn batch<'a>(
+        sequence: u64,
+        collected_at_ms: i64,
+        deltas: Vec<(SeriesName<'a>, u64)>,
+    ) -> BatchView<'a> {
+        BatchView {
+            sequence,
+            collected_at_ms,
+            deltas,
+        }
+    }
+
+    /// The non-empty seconds of a destination's window, oldest first.
+    fn seconds(store: &Store, service: &str, port: u16) -> Vec<(i64, u64)> {
+        let Some(entry) = store
+            .services
+            .get(service_key("apps", service).as_str())
+            .map(|e| Arc::clone(&e))
+        else {
+            return vec![];
+        };
+        let mut v = entry.seconds_since(Some(port), i64::MIN);
+        v.reverse();
+        v
+    }
+
+    /// Exported value of every series, by (service, pod, comm).
+    fn exported(store: &Store) -> Vec<(String, String, String, u64)> {
+        store
+            .attempt_series()
+            .iter()
+            .map(|s| {
+                let l = s.labels();
+                (
+                    l.destination_service.clone(),
+                    l.destination_pod.clone(),
+                    l.process_comm.clone(),
+                    s.exported(),
+                )
+            })
+            .collect()
+    }
+
+    fn row(service: &str, pod: &str, comm: &str, value: u64) -> (String, String, String, u64) {
+        (service.into(), pod.into(), comm.into(), value)
+    }
+
+    /// Connects an instance and applies an empty snapshot taken at `agent_ms`.
+    fn connect(
+        store: &Arc<Store>,
+        node: &str,
+        id: &str,
+        agent_ms: i64,
+        cache: &mut SeriesCache,
+    ) -> Connection {
+        let (conn, applied) = store.hello(node, id).unwrap();
+        store
+            .apply_snapshot(&conn, &snapshot(applied, agent_ms, vec![], vec![]), cache)
+            .unwrap();
+        conn
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unknown_instance_snapshot_is_added_whole() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let (conn, applied) = store.hello("node-1", "a").unwrap();
+        assert_eq!(applied, 0);
+        // Agent clock 2 s ahead of ours.
+        let snap = snapshot(
+            7,
+            START_MS + 2000,
+            vec![
+                (name("web", 80, "", "curl"), 9),
+                (name("web", 443, "", "curl"), 1),
+                (name("db", 5432, "db-0", "psql"), 4),
+            ],
+            vec![
+                history("web", 80, S - 8, &[1, 0, 3, 5]),
+                history("db", 5432, S - 1, &[4]),
+                history("web", 443, S + 2, &[1]),
+            ],
+        );
+        assert_eq!(store.apply_snapshot(&conn, &snap, &mut cache), Ok(7));
+        // Shifted 2 s back into scaler seconds; the newest lands in our current second.
+        assert_eq!(
+            seconds(&store, "web", 80),
+            vec![(S - 10, 1), (S - 8, 3), (S - 7, 5)]
+        );
+        assert_eq!(seconds(&store, "web", 443), vec![(S, 1)]);
+        assert_eq!(seconds(&store, "db", 5432), vec![(S - 3, 4)]);
+        assert_eq!(
+            exported(&store),
+            vec![
+                row("db", "", "", 0),
+                row("db", "db-0", "psql", 4),
+                row("web", "", "", 0),
+                row("web", "", "curl", 10),
+            ]
+        );
+        // Batch 8 follows; 7 again is a resend.
+        let b = batch(8, START_MS + 2000, vec![(name("web", 80, "", "curl"), 2)]);
+        assert_eq!(
+            store.apply_batch(&conn, &b, &mut cache),
+            Ok(BatchOutcome::Applied { ack: 8 })
+        );
+        assert_eq!(
+            store.apply_batch(&conn, &b, &mut cache),
+            Ok(BatchOutcome::Duplicate { ack: 8 })
+        );
+        let old = batch(7, START_MS, vec![(name("web", 80, "", "curl"), 100)]);
+        assert_eq!(
+            store.apply_batch(&conn, &old, &mut cache),
+            Ok(BatchOutcome::Duplicate { ack: 8 })
+        );
+        assert_eq!(
+            store.apply_batch(&conn, &batch(10, START_MS, vec![]), &mut cache),
+            Err(ApplyError::SequenceGap {
+                applied: 8,
+                got: 10
+            })
+        );
+        assert_eq!(
+            seconds(&store, "web", 80),
+            vec![(S - 10, 1), (S - 8, 3), (S - 7, 5), (S, 2)]
+        );
+        assert_eq!(exported(&store)[3], row("web", "", "curl", 12));
+        assert_eq!(store.attempts("apps", "web", None, 60), 12);
+        assert_eq!(store.attempts("apps", "web", Some(80), 8), 7);
+        assert_eq!(store.attempts("apps", "web", Some(80), 1), 2);
+        assert_eq!(store.attempts("apps", "nope", None, 60), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resumed_stream_with_the_same_history_adds_nothing() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let curl = name("web", 80, "", "curl");
+        store
+            .apply_batch(
+                &conn,
+                &batch(1, START_MS - 2000, vec![(curl, 1)]),
+                &mut cache,
+            )
+            .unwrap();
+        store
+            .apply_batch(
+                &conn,
+                &batch(2, START_MS - 1000, vec![(curl, 2)]),
+                &mut cache,
+            )
+            .unwrap();
+        store
+            .apply_batch(&conn, &batch(3, START_MS, vec![(curl, 3)]), &mut cache)
+            .unwrap();
+        drop(conn);
+
+        // The agent reconnects to the same replica, which says it holds 3,
+        // and snapshots through 3.
+        let (conn, applied) = store.hello("node-1", "a").unwrap();
+        assert_eq!(applied, 3);
+        let snap = snapshot(
+            3,
+            START_MS,
+            vec![(curl, 6)],
+            vec![history("web", 80, S - 2, &[1, 2, 3])],
+        );
+        store.apply_snapshot(&conn, &snap, &mut cache).unwrap();
+        assert_eq!(
+            seconds(&store, "web", 80),
+            vec![(S - 2, 1), (S - 1, 2), (S, 3)]
+        );
+        assert_eq!(
+            exported(&store),
+            vec![row("web", "", "", 0), row("web", "", "curl", 6)]
+        );
+        // A snapshot behind what was applied is refused.
+        assert_eq!(
+            store.apply_snapshot(&conn, &snapshot(2, START_MS, vec![], vec![]), &mut cache),
+            Err(ApplyError::SnapshotBehind {
+                through: 2,
+                applied: 3
+            })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_past_lost_batches_adds_exactly_what_was_missed() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let curl = name("web", 80, "", "curl");
+        let wget = name("web", 80, "", "wget");
+        // Batches 1 and 2 land; L = S, with 2 applied in it for web:80.
+        store
+            .apply_batch(
+                &conn,
+                &batch(1, START_MS - 1000, vec![(curl, 4)]),
+                &mut cache,
+            )
+            .unwrap();
+        store
+            .apply_batch(&conn, &batch(2, START_MS, vec![(curl, 2)]), &mut cache)
+            .unwrap();
+        drop(conn);
+        // Batches 3 (second S, 3 more) and 4 (second S+1, 5) never arrived;
+        // the agent can no longer resend them and snapshots through 4.
+        let (conn, applied) = store.hello("node-1", "a").unwrap();
+        assert_eq!(applied, 2);
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        let snap = snapshot(
+            4,
+            START_MS + 1000,
+            vec![(curl, 9), (wget, 5)],
+            // S-1 was applied (skipped); S had 2 applied of 5; S+1 is new.
+            vec![history("web", 80, S - 1, &[4, 5, 5])],
+        );
+        store.apply_snapshot(&conn, &snap, &mut cache).unwrap();
+        assert_eq!(
+            seconds(&store, "web", 80),
+            vec![(S - 1, 4), (S, 5), (S + 1, 5)]
+        );
+        assert_eq!(
+            exported(&store),
+            vec![
+                row("web", "", "", 0),
+                row("web", "", "curl", 9),
+                row("web", "", "wget", 5)
+            ]
+        );
+        // L is now S+1 with 5 applied: batch 5 in S+1 adds on top, and a
+        // repeat of the same snapshot changes nothing.
+        store
+            .apply_batch(
+                &conn,
+                &batch(5, START_MS + 1000, vec![(wget, 1)]),
+                &mut cache,
+            )
+            .unwrap();
+        assert_eq!(
+            seconds(&store, "web", 80),
+            vec![(S - 1, 4), (S, 5), (S + 1, 6)]
+        );
+        drop(conn);
+        let (conn, _) = store.hello("node-1", "a").unwrap();
+        let snap = snapshot(
+            5,
+            START_MS + 1000,
+            vec![(curl, 9), (wget, 6)],
+            vec![history("web", 80, S - 1, &[4, 5, 6])],
+        );
+        store.apply_snapshot(&conn, &snap, &mut cache).unwrap();
+        assert_eq!(
+            seconds(&store, "web", 80),
+            vec![(S - 1, 4), (S, 5), (S + 1, 6)]
+        );
+        assert_eq!(store.attempts("apps", "web", Some(80), 60), 15);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_in_the_last_second_for_a_new_destination_is_added() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        store
+            .apply_batch(
+                &conn,
+                &batch(1, START_MS, vec![(name("web", 80, "", "curl"), 2)]),
+                &mut cache,
+            )
+            .unwrap();
+        drop(conn);
+        let (conn, _) = store.hello("node-1", "a").unwrap();
+        // L = S: web:80 had 2 applied there, db:5432 none.
+        let snap = snapshot(
+            2,
+            START_MS,
+            vec![],
+            vec![
+                history("web", 80, S, &[2]),
+                history("db", 5432, S - 1, &[7, 3]),
+            ],
+        );
+        store.apply_snapshot(&conn, &snap, &mut cache).unwrap();
+        assert_eq!(seconds(&store, "web", 80), vec![(S, 2)]);
+        assert_eq!(
+            seconds(&store, "db", 5432),
+            vec![(S, 3)],
+            "S-1 is before L: taken as applied"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exported_counters_never_decrease() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let curl = name("web", 80, "", "curl");
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        store
+            .apply_batch(&conn, &batch(1, START_MS, vec![(curl, 10)]), &mut cache)
+            .unwrap();
+        drop(conn);
+        // The agent lost acks and under-reports: the export holds at 10.
+        let (conn, _) = store.hello("node-1", "a").unwrap();
+        store
+            .apply_snapshot(
+                &conn,
+                &snapshot(1, START_MS, vec![(curl, 7)], vec![]),
+                &mut cache,
+            )
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 10));
+        store
+            .apply_batch(&conn, &batch(2, START_MS, vec![(curl, 2)]), &mut cache)
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 10));
+        store
+            .apply_batch(&conn, &batch(3, START_MS, vec![(curl, 2)]), &mut cache)
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 11));
+        // A snapshot leaving a series out counts it as 0 for the instance:
+        // still no decrease.
+        store
+            .apply_snapshot(&conn, &snapshot(3, START_MS, vec![], vec![]), &mut cache)
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 11));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_instance_of_a_node_adds_to_the_old_one() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let curl = name("web", 80, "", "curl");
+        let old = connect(&store, "node-1", "old", START_MS, &mut cache);
+        store
+            .apply_batch(&old, &batch(1, START_MS, vec![(curl, 5)]), &mut cache)
+            .unwrap();
+        drop(old);
+        assert_eq!(
+            store.instance_count(),
+            1,
+            "kept for a reconnect within the retention"
+        );
+
+        // The agent restarted: a new instance, counting from zero.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let mut cache = SeriesCache::default();
+        let (new, applied) = store.hello("node-1", "new").unwrap();
+        assert_eq!(applied, 0);
+        assert_eq!(
+            store.instance_count(),
+            1,
+            "the replaced instance is folded at once"
+        );
+        store
+            .apply_snapshot(
+                &new,
+                &snapshot(
+                    0,
+                    START_MS + 1000,
+                    vec![(curl, 3)],
+                    vec![history("web", 80, S + 1, &[3])],
+                ),
+                &mut cache,
+            )
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 8));
+        store
+            .apply_batch(
+                &new,
+                &batch(1, START_MS + 1000, vec![(curl, 1)]),
+                &mut cache,
+            )
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 9));
+        assert_eq!(seconds(&store, "web", 80), vec![(S, 5), (S + 1, 4)]);
+        // The new instance's own resend and reconnect change nothing.
+        drop(new);
+        let (new, applied) = store.hello("node-1", "new").unwrap();
+        assert_eq!(applied, 1);
+        store
+            .apply_snapshot(
+                &new,
+                &snapshot(
+                    1,
+                    START_MS + 1000,
+                    vec![(curl, 4)],
+                    vec![history("web", 80, S + 1, &[4])],
+                ),
+                &mut cache,
+            )
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 9));
+        assert_eq!(seconds(&store, "web", 80), vec![(S, 5), (S + 1, 4)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instances_of_a_rolling_update_coexist_until_the_old_one_leaves() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let curl = name("web", 80, "", "curl");
+        let old = connect(&store, "node-1", "old", START_MS, &mut cache);
+        store
+            .apply_batch(&old, &batch(1, START_MS, vec![(curl, 5)]), &mut cache)
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let mut new_cache = SeriesCache::default();
+        let new = connect(&store, "node-1", "new", START_MS + 1000, &mut new_cache);
+        store
+            .apply_batch(
+                &new,
+                &batch(1, START_MS + 1000, vec![(curl, 2)]),
+                &mut new_cache,
+            )
+            .unwrap();
+        assert_eq!(store.instance_count(), 2);
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 7));
+        drop(old);
+        assert_eq!(store.instance_count(), 1, "superseded: folded as it leaves");
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 7));
+        // The new one leaving alone is kept for INSTANCE_RETENTION.
+        drop(new);
+        store.sweep();
+        assert_eq!(store.instance_count(), 1);
+        tokio::time::advance(Limits::default().instance_retention - Duration::from_millis(1)).await;
+        store.sweep();
+        assert_eq!(store.instance_count(), 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        store.sweep();
+        assert_eq!(store.instance_count(), 0);
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 7));
+        assert_eq!(store.metrics.agent_instances.get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_id_stays_on_its_node() {
+        let store = store();
+        let (_conn, _) = store.hello("node-1", "a").unwrap();
+        assert_eq!(
+            store.hello("node-2", "a").err(),
+            Some(ApplyError::NodeMismatch {
+                instance: "a".into(),
+                node: "node-2".into(),
+                known: "node-1".into()
+            })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_max_series_counts_fold_into_the_service_overflow_series() {
+        let store = store_with(Limits {
+            max_series: 2,
+            ..Limits::default()
+        });
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let deltas = vec![
+            (name("web", 80, "", "curl"), 1),
+            (name("web", 80, "web-0", "curl"), 2),
+            (name("web", 80, "", "wget"), 3),
+            (name("web", 80, "", "nc"), 4),
+            (name("db", 5432, "", "psql"), 5),
+            (name("web", 80, "", ""), 6),
+            (name("web", 443, "", "curl"), 7),
+        ];
+        store
+            .apply_batch(&conn, &batch(1, START_MS, deltas), &mut cache)
+            .unwrap();
+        assert_eq!(
+            exported(&store),
+            vec![
+                row("db", "", "", 0),
+                row("db", "", OVERFLOW_COMM, 5),
+                row("web", "", "", 6),
+                row("web", "", OVERFLOW_COMM, 7),
+                row("web", "", "curl", 8),
+                row("web", "web-0", "curl", 2),
+            ]
+        );
+        assert_eq!(store.metrics.series_overflow.get(), 3);
+        // Folded counts still count in the windows.
+        assert_eq!(store.attempts("apps", "web", None, 60), 23);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_max_destinations_attempts_are_counted_but_not_windowed() {
+        let store = store_with(Limits {
+            max_destinations: 2,
+            ..Limits::default()
+        });
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let deltas = vec![
+            (name("web", 80, "", "curl"), 1),
+            (name("web", 443, "", "curl"), 2),
+            (name("db", 5432, "", "psql"), 3),
+            (name("web", 80, "", "wget"), 4),
+        ];
+        store
+            .apply_batch(&conn, &batch(1, START_MS, deltas), &mut cache)
+            .unwrap();
+        assert_eq!(store.attempts("apps", "web", None, 60), 7);
+        assert_eq!(store.attempts("apps", "db", None, 60), 0);
+        assert_eq!(store.metrics.window_overflow.get(), 3);
+        assert_eq!(exported(&store)[1], row("db", "", "psql", 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_windows_expire_and_free_their_slots() {
+        let store = store_with(Limits {
+            max_destinations: 1,
+            ..Limits::default()
+        });
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        store
+            .apply_batch(
+                &conn,
+                &batch(1, START_MS, vec![(name("web", 80, "", "curl"), 1)]),
+                &mut cache,
+            )
+            .unwrap();
+        store.sweep();
+        assert_eq!(store.service_count(), 1);
+        assert_eq!(store.metrics.active_services.get(), 1);
+        assert_eq!(store.metrics.windowed_destinations.get(), 1);
+        // History is 60 s: second S leaves when S+60 begins.
+        tokio::time::advance(Duration::from_millis(59_899)).await;
+        store.sweep();
+        assert_eq!(store.service_count(), 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        store.sweep();
+        assert_eq!(store.service_count(), 0);
+        assert_eq!(store.metrics.active_services.get(), 0);
+        assert_eq!(store.metrics.windowed_destinations.get(), 0);
+        // The slot is free again, and the stream's cached entry is replaced.
+        let now = store.clock().now_ms();
+        store
+            .apply_batch(
+                &conn,
+                &batch(
+                    2,
+                    now,
+                    vec![
+                        (name("web", 80, "", "curl"), 1),
+                        (name("db", 80, "", "x"), 1),
+                    ],
+                ),
+                &mut cache,
+            )
+            .unwrap();
+        assert_eq!(store.attempts("apps", "web", None, 1), 1);
+        assert_eq!(
+            store.attempts("apps", "db", None, 1),
+            0,
+            "one destination allowed"
+        );
+        // The series stay: counters are forever.
+        assert_eq!(exported(&store)[3], row("web", "", "curl", 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn windows_follow_the_longest_trigger_window_up_to_max_window() {
+        let store = store_with(Limits {
+            max_window: Duration::from_secs(120),
+            ..Limits::default()
+        });
+        assert_eq!(store.history_secs(), 60);
+        store.note_window(Duration::from_secs(30));
+        assert_eq!(store.history_secs(), 60);
+        store.note_window(Duration::from_secs(90));
+        assert_eq!(store.history_secs(), 90);
+        store.note_window(Duration::from_secs(300));
+        assert_eq!(store.history_secs(), 120);
+        // Attempts older than the history are not windowed.
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let snap = snapshot(
+            0,
+            START_MS,
+            vec![],
+            vec![history("web", 80, S - 120, &[1, 1])],
+        );
+        store.apply_snapshot(&conn, &snap, &mut cache).unwrap();
+        assert_eq!(seconds(&store, "web", 80), vec![(S - 119, 1)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_land_in_scaler_seconds_whatever_the_agent_clock() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        // The agent's clock is 1 h behind.
+        let agent_ms = START_MS - 3_600_000;
+        let conn = connect(&store, "node-1", "a", agent_ms, &mut cache);
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        // Collected 0.5 s ago by the agent's clock.
+        let b = batch(1, agent_ms + 2000, vec![(name("web", 80, "", "curl"), 1)]);
+        store.apply_batch(&conn, &b, &mut cache).unwrap();
+        assert_eq!(seconds(&store, "web", 80), vec![(S + 2, 1)]);
+        // A time a little ahead of ours lands in our current second.
+        let b = batch(2, agent_ms + 3400, vec![(name("web", 80, "", "curl"), 1)]);
+        store.apply_batch(&conn, &b, &mut cache).unwrap();
+        assert_eq!(seconds(&store, "web", 80), vec![(S + 2, 2)]);
+    }
+
+    #[test]
+    fn keys_are_unambiguous() {
+        assert_ne!(series_key("a", "b", "", "c"), series_key("a", "b", "c", ""));
+        let mut k1 = String::new();
+        let mut k2 = String::new();
+        stream_key(&mut k1, &name("web", 80, "", "1"));
+        stream_key(&mut k2, &name("web", 801, "", ""));
+        assert_ne!(k1, k2);
+        assert_eq!(k1, "apps\u{0}web\u{0}\u{0}00080\u{0}1");
+    }
+}
