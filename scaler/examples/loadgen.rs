@@ -1,0 +1,482 @@
+//! Load generator for `hack/bench scaler`: drives a running `itw-scaler` on
+//! loopback the way a large cluster would, and prints what it measures.
+//!
+//! 1. Steady load: `--agents` agent streams (one connection each), every one
+//!    sending a batch per second, spread over the second, for `--services`
+//!    services; meanwhile a KEDA-role client calls GetMetrics at `--keda-rps`
+//!    and records each call's latency (p50/p99/max).
+//! 2. Ingest throughput: the steady agents pause, `--firehoses` streams send
+//!    `--firehose-batch`-delta batches back to back (a few in flight each),
+//!    and the applied deltas per second are printed, checked against the
+//!    scaler's own `itw_scaler_deltas_total`.
+//! 3. The scaler's memory: VmRSS and VmHWM of `--pid` from /proc.
+//!
+//! It only ever connects to the addresses it is given; hack/bench gives it
+//! loopback ones. Every loop is bounded in time.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, bail, ensure};
+use clap::Parser;
+use itw_proto::{
+    externalscaler::{
+        GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient,
+    },
+    itw::v1::{
+        Batch, Hello, PROTOCOL_VERSION, ReportRequest, Series, SeriesCount, Snapshot,
+        ingest_client::IngestClient, report_request, report_response,
+    },
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The scaler's gRPC address (loopback).
+    #[arg(long)]
+    grpc: SocketAddr,
+    /// The scaler's metrics address (loopback).
+    #[arg(long)]
+    metrics: SocketAddr,
+    /// The scaler's process id, for its memory figures.
+    #[arg(long)]
+    pid: u32,
+    #[arg(long, default_value_t = 10_000)]
+    services: usize,
+    #[arg(long, default_value_t = 1_000)]
+    agents: usize,
+    /// Services each agent's node talks to.
+    #[arg(long, default_value_t = 50)]
+    services_per_agent: usize,
+    /// Deltas in each steady batch.
+    #[arg(long, default_value_t = 20)]
+    deltas_per_batch: usize,
+    /// Length of the steady phase, seconds.
+    #[arg(long, default_value_t = 30)]
+    steady_secs: u64,
+    /// GetMetrics calls per second during the steady phase.
+    #[arg(long, default_value_t = 200)]
+    keda_rps: u64,
+    #[arg(long, default_value_t = 4)]
+    firehoses: usize,
+    #[arg(long, default_value_t = 5_000)]
+    firehose_batch: usize,
+    /// Batches each firehose keeps in flight.
+    #[arg(long, default_value_t = 4)]
+    firehose_window: u64,
+    /// Length of the throughput phase, seconds.
+    #[arg(long, default_value_t = 10)]
+    throughput_secs: u64,
+}
+
+const NAMESPACE: &str = "bench";
+const COMMS: [&str; 4] = ["java", "curl", "python3", "envoy"];
+
+fn service_name(i: usize) -> String {
+    format!("svc-{i:05}")
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn series(service: usize, comm: &str) -> Series {
+    Series {
+        namespace: NAMESPACE.into(),
+        service: service_name(service),
+        port: 8080,
+        pod: String::new(),
+        process_comm: comm.into(),
+    }
+}
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            // The scaler may still be starting.
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(e).context(format!("connecting to {addr}")),
+        }
+    }
+}
+
+/// An open Report stream after hello and an empty snapshot.
+struct Stream {
+    tx: mpsc::Sender<ReportRequest>,
+    acks: tonic::Streaming<itw_proto::itw::v1::ReportResponse>,
+}
+
+async fn open_stream(channel: Channel, node: &str, instance: &str) -> anyhow::Result<Stream> {
+    let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel(64);
+    let message = |m| ReportRequest { message: Some(m) };
+    tx.send(message(report_request::Message::Hello(Hello {
+        node_name: node.into(),
+        instance_id: instance.into(),
+        protocol_version: PROTOCOL_VERSION,
+    })))
+    .await?;
+    let mut acks = client.report(ReceiverStream::new(rx)).await?.into_inner();
+    match acks.message().await?.and_then(|r| r.message) {
+        Some(report_response::Message::Welcome(_)) => {}
+        other => bail!("expected welcome, got {other:?}"),
+    }
+    tx.send(message(report_request::Message::Snapshot(Snapshot {
+        through_sequence: 0,
+        taken_at_unix_ms: now_ms(),
+        totals: vec![],
+        history: vec![],
+    })))
+    .await?;
+    match acks.message().await?.and_then(|r| r.message) {
+        Some(report_response::Message::Ack(_)) => {}
+        other => bail!("expected the snapshot's ack, got {other:?}"),
+    }
+    Ok(Stream { tx, acks })
+}
+
+fn batch(sequence: u64, deltas: Vec<SeriesCount>) -> ReportRequest {
+    ReportRequest {
+        message: Some(report_request::Message::Batch(Batch {
+            sequence,
+            collected_at_unix_ms: now_ms(),
+            wake: false,
+            deltas,
+        })),
+    }
+}
+
+/// One simulated node: a batch per second at its own offset in the second.
+async fn steady_agent(
+    args: Arc<Args>,
+    index: usize,
+    paused: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    let channel = connect(args.grpc).await?;
+    let node = format!("node-{index:04}");
+    let mut stream = open_stream(channel, &node, &format!("{node}-bench")).await?;
+    // Acks are read (and dropped) so the scaler's queue never fills.
+    let reader =
+        tokio::spawn(async move { while let Ok(Some(_)) = stream.acks.message().await {} });
+    let offset = Duration::from_micros((index as u64 * 1_000_000) / args.agents as u64);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + offset, Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let first = index * args.services / args.agents;
+    let mut sequence = 0u64;
+    while !stop.load(Relaxed) {
+        tick.tick().await;
+        if paused.load(Relaxed) {
+            continue;
+        }
+        sequence += 1;
+        let deltas = (0..args.deltas_per_batch)
+            .map(|k| {
+                let pick = (sequence as usize * 7 + k * 13) % args.services_per_agent;
+                SeriesCount {
+                    series: Some(series(
+                        (first + pick) % args.services,
+                        COMMS[k % COMMS.len()],
+                    )),
+                    attempts: 1 + (k as u64 % 3),
+                }
+            })
+            .collect::<Vec<_>>();
+        let n = deltas.len() as u64;
+        stream
+            .tx
+            .send(batch(sequence, deltas))
+            .await
+            .context("steady agent stream closed")?;
+        sent.fetch_add(n, Relaxed);
+    }
+    drop(stream.tx);
+    reader.abort();
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn get_metrics_latencies(args: &Args) -> anyhow::Result<Vec<Duration>> {
+    let mut keda = ExternalScalerClient::new(connect(args.grpc).await?);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / args.keda_rps.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let end = Instant::now() + Duration::from_secs(args.steady_secs);
+    let mut latencies = Vec::new();
+    let mut i = 0usize;
+    while Instant::now() < end {
+        tick.tick().await;
+        i += 1;
+        let service = (i * 7919) % args.services;
+        let request = GetMetricsRequest {
+            scaled_object_ref: Some(ScaledObjectRef {
+                name: format!("so-{service}"),
+                namespace: NAMESPACE.into(),
+                scaler_metadata: [
+                    ("service".to_string(), service_name(service)),
+                    ("window".to_string(), "60s".to_string()),
+                ]
+                .into_iter()
+                .collect(),
+            }),
+            metric_name: format!("s0-itw-{NAMESPACE}-{}", service_name(service)),
+        };
+        let started = Instant::now();
+        keda.get_metrics(request).await.context("GetMetrics")?;
+        latencies.push(started.elapsed());
+    }
+    latencies.sort_unstable();
+    Ok(latencies)
+}
+
+async fn firehose(
+    args: Arc<Args>,
+    index: usize,
+    end: Instant,
+    acked: Arc<AtomicU64>,
+) -> anyhow::Result<()> {
+    let channel = connect(args.grpc).await?;
+    let node = format!("firehose-{index}");
+    let Stream { tx, mut acks } = open_stream(channel, &node, &format!("{node}-bench")).await?;
+    let deltas: Vec<SeriesCount> = (0..args.firehose_batch)
+        .map(|k| SeriesCount {
+            series: Some(series(
+                (index * 2_503 + k) % args.services,
+                COMMS[k % COMMS.len()],
+            )),
+            attempts: 1,
+        })
+        .collect();
+    let per_batch = deltas.len() as u64;
+    let mut sequence = 0u64;
+    let mut applied = 0u64;
+    while Instant::now() < end {
+        while sequence < applied + args.firehose_window {
+            sequence += 1;
+            tx.send(batch(sequence, deltas.clone()))
+                .await
+                .context("firehose stream closed")?;
+        }
+        match acks.message().await?.and_then(|r| r.message) {
+            Some(report_response::Message::Ack(ack)) => {
+                acked.fetch_add((ack.sequence - applied) * per_batch, Relaxed);
+                applied = ack.sequence;
+            }
+            other => bail!("expected an ack, got {other:?}"),
+        }
+    }
+    // Collect the acks of what is still in flight.
+    while applied < sequence {
+        match acks.message().await?.and_then(|r| r.message) {
+            Some(report_response::Message::Ack(ack)) => {
+                acked.fetch_add((ack.sequence - applied) * per_batch, Relaxed);
+                applied = ack.sequence;
+            }
+            other => bail!("expected an ack, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+async fn scaler_deltas_total(metrics: SocketAddr) -> anyhow::Result<f64> {
+    let body = reqwest::get(format!("http://{metrics}/metrics"))
+        .await?
+        .text()
+        .await?;
+    itw_telemetry::exposition::parse_samples(&body)
+        .into_iter()
+        .find(|s| s.name == "itw_scaler_deltas_total")
+        .map(|s| s.value)
+        .context("itw_scaler_deltas_total missing from /metrics")
+}
+
+fn memory(pid: u32) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l[name.len()..].trim().to_owned())
+            .unwrap_or_else(|| "?".into())
+    };
+    Ok(format!(
+        "VmRSS {}, VmHWM {}",
+        field("VmRSS:"),
+        field("VmHWM:")
+    ))
+}
+
+/// CPU seconds the process has used (user + system). /proc counts in
+/// USER_HZ ticks, which Linux fixes at 100 for userspace.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after it do not.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc/<pid>/stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .context("short /proc/<pid>/stat")?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Arc::new(Args::parse());
+    ensure!(
+        args.grpc.ip().is_loopback() && args.metrics.ip().is_loopback(),
+        "the load generator only targets loopback addresses"
+    );
+    ensure!(
+        args.agents > 0 && args.services > 0 && args.services_per_agent > 0,
+        "agents, services and services per agent must be > 0"
+    );
+    println!(
+        "machine load average at start: {} ({} cores)",
+        load_average(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "scaler bench: {} services, {} agent streams x 1 batch/s x {} deltas, GetMetrics at {}/s for {} s",
+        args.services, args.agents, args.deltas_per_batch, args.keda_rps, args.steady_secs
+    );
+
+    let paused = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let agents: Vec<_> = (0..args.agents)
+        .map(|i| {
+            tokio::spawn(steady_agent(
+                Arc::clone(&args),
+                i,
+                Arc::clone(&paused),
+                Arc::clone(&stop),
+                Arc::clone(&sent),
+            ))
+        })
+        .collect();
+    // Every service reported once before KEDA starts asking.
+    let warm_up = Duration::from_secs(3);
+    tokio::time::sleep(warm_up).await;
+    println!(
+        "  {} agent streams connected and sending after {:.1} s ({} deltas sent)",
+        args.agents,
+        started.elapsed().as_secs_f64(),
+        sent.load(Relaxed)
+    );
+
+    let sent_before = sent.load(Relaxed);
+    let steady_started = Instant::now();
+    let cpu_before = cpu_secs(args.pid)?;
+    let latencies = get_metrics_latencies(&args).await?;
+    let steady_secs = steady_started.elapsed().as_secs_f64();
+    let steady_rate = (sent.load(Relaxed) - sent_before) as f64 / steady_secs;
+    let steady_cpu = (cpu_secs(args.pid)? - cpu_before) / steady_secs;
+    println!(
+        "GetMetrics latency ({} calls, ingest {:.0} deltas/s alongside): p50 {}, p99 {}, max {}",
+        latencies.len(),
+        steady_rate,
+        ms(percentile(&latencies, 50.0)),
+        ms(percentile(&latencies, 99.0)),
+        ms(latencies.last().copied().unwrap_or_default())
+    );
+    println!(
+        "scaler CPU in the steady phase: {:.1}% of one core; machine load average now {}",
+        steady_cpu * 100.0,
+        load_average()
+    );
+    println!(
+        "scaler memory after the steady phase: {}",
+        memory(args.pid)?
+    );
+
+    paused.store(true, Relaxed);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = scaler_deltas_total(args.metrics).await?;
+    let acked = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_secs(args.pid)?;
+    let begin = Instant::now();
+    let end = begin + Duration::from_secs(args.throughput_secs);
+    let hoses: Vec<_> = (0..args.firehoses)
+        .map(|i| tokio::spawn(firehose(Arc::clone(&args), i, end, Arc::clone(&acked))))
+        .collect();
+    for hose in hoses {
+        hose.await??;
+    }
+    let elapsed = begin.elapsed().as_secs_f64();
+    let cpu = cpu_secs(args.pid)? - cpu_before;
+    let after = scaler_deltas_total(args.metrics).await?;
+    let acked = acked.load(Relaxed);
+    println!(
+        "ingest throughput: {:.0} deltas/s ({} deltas in {:.2} s over {} streams, batches of {}; scaler counted {})",
+        acked as f64 / elapsed,
+        acked,
+        elapsed,
+        args.firehoses,
+        args.firehose_batch,
+        after - before
+    );
+    ensure!(
+        (after - before) as u64 == acked,
+        "the scaler counted {} deltas, the load generator {acked}",
+        after - before
+    );
+    println!(
+        "scaler CPU in the throughput phase: {:.2} s ({:.0} deltas per CPU-second); machine load average now {}",
+        cpu,
+        acked as f64 / cpu.max(0.01),
+        load_average()
+    );
+    println!(
+        "scaler memory after the throughput phase: {}",
+        memory(args.pid)?
+    );
+
+    stop.store(true, Relaxed);
+    paused.store(false, Relaxed);
+    for agent in agents {
+        agent.await??;
+    }
+    Ok(())
+}
