@@ -96,13 +96,28 @@ pub mod maps {
     pub const STATS: &str = "ITW_STATS";
 }
 
+/// Sizes of the maps the agent does not size at load time (it sizes
+/// [`maps::WATCHED`], [`maps::ATTEMPTS`] and [`maps::OVERFLOW`] from its settings).
+pub mod capacity {
+    /// Distinct names in `EXCLUDE_COMMS`.
+    pub const EXCLUDED: u32 = 256;
+    /// Distinct excluded names ever counted (a reload may exclude new names;
+    /// old counters stay until read). Allocated on use, so a large bound costs nothing.
+    pub const FILTERED: u32 = 4096;
+    /// Default byte size of [`maps::WAKES`] (the agent raises it to the page
+    /// size where pages are larger). One wake takes 16 bytes with its header,
+    /// so 4096 destinations can wake before the agent reads one.
+    pub const WAKES_BYTES: u32 = 64 * 1024;
+}
+
 /// Indices of [`maps::STATS`].
 pub mod stat {
     /// A wake could not be reserved in the ring buffer (the attempt still counted).
     pub const WAKE_DROPPED: u32 = 0;
     /// An attempt found ATTEMPTS full and went to OVERFLOW.
     pub const ATTEMPTS_FULL: u32 = 1;
-    /// An attempt found OVERFLOW full too: the only way a count can be lost.
+    /// An attempt found OVERFLOW (or a filtered one found FILTERED) full too:
+    /// the only way a count can be lost.
     pub const OVERFLOW_FULL: u32 = 2;
     /// Reading the thread-group leader's name failed; the thread's name was used.
     pub const LEADER_COMM_FAILED: u32 = 3;

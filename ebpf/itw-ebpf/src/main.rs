@@ -1,0 +1,435 @@
+//! internal-tcp-watcher's kernel side: counts TCP connect attempts to watched
+//! destinations, per destination and process name.
+//!
+//! Three hooks see the same attempt at different points; the agent attaches
+//! the ones of one capture mode:
+//! - `cgroup/connect4`, `cgroup/connect6` on the cgroup v2 root: the address the
+//!   caller asked for, before any socket-level load balancer rewrites it;
+//! - kprobes on `tcp_v4_connect`/`tcp_v6_connect`, reading their `uaddr`;
+//! - the `sock:inet_sock_set_state` tracepoint, transitions to `TCP_SYN_SENT`.
+//!
+//! Each attempt: look the destination up in `ITW_WATCHED` (a miss ends it, the
+//! cost every other connect on the machine pays), take the process's name,
+//! count it as filtered (excluded names) or as an attempt, and when the
+//! destination was armed (idle), send one wake record.
+//!
+//! What it must never do: fail or delay a caller's connect. The cgroup programs
+//! return 1 (allow) on every path; counting never waits on anything, and a full
+//! ring buffer only loses a wake, never a count.
+
+#![no_std]
+#![no_main]
+// `atomic_xadd`: the BPF target has no atomic read-modify-write in `core`
+// (no CAS), but the kernel has an atomic add (BPF_ATOMIC | BPF_ADD).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    Global,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{bpf_get_current_comm, bpf_probe_read_kernel, generated::bpf_get_current_task},
+    macros::{cgroup_sock_addr, kprobe, map, tracepoint},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{ProbeContext, SockAddrContext, TracePointContext},
+};
+use itw_common::{AttemptKey, COMM_LEN, Comm, Destination, WakeEvent, Watch, capacity, stat};
+
+// Map sizes here are defaults: the agent sets WATCHED, ATTEMPTS and OVERFLOW
+// from MAX_DESTINATIONS and MAX_ATTEMPT_COUNTERS at load time.
+//
+// BPF_F_NO_PREALLOC: memory is taken per entry in use instead of for every
+// possible entry at load. A preallocated per-CPU map costs max_entries x CPUs
+// x 8 bytes up front (16,384 counters on a 128-CPU node: 16 MiB) however few
+// keys are in use; lookups of existing keys cost the same either way, and an
+// insert allocates from the kernel's per-CPU BPF allocator only on a key's
+// first attempt.
+
+#[map(name = "ITW_WATCHED")]
+static ITW_WATCHED: HashMap<Destination, Watch> =
+    HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
+
+#[map(name = "ITW_EXCLUDED")]
+static ITW_EXCLUDED: HashMap<Comm, u8> = HashMap::with_max_entries(capacity::EXCLUDED, 0);
+
+#[map(name = "ITW_ATTEMPTS")]
+static ITW_ATTEMPTS: PerCpuHashMap<AttemptKey, u64> =
+    PerCpuHashMap::with_max_entries(16_384, BPF_F_NO_PREALLOC);
+
+#[map(name = "ITW_OVERFLOW")]
+static ITW_OVERFLOW: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
+
+#[map(name = "ITW_FILTERED")]
+static ITW_FILTERED: PerCpuHashMap<Comm, u64> =
+    PerCpuHashMap::with_max_entries(capacity::FILTERED, BPF_F_NO_PREALLOC);
+
+#[map(name = "ITW_WAKES")]
+static ITW_WAKES: RingBuf = RingBuf::with_byte_size(capacity::WAKES_BYTES, 0);
+
+#[map(name = "ITW_STATS")]
+static ITW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+// Read-only globals, set by the agent at load (itw_common::globals). The
+// verifier sees their values as constants and skips the branches they switch
+// off, so a kernel lacking a helper of the leader-name path still loads the
+// program with ITW_COMM_FROM_LEADER = 0.
+#[unsafe(no_mangle)]
+static ITW_COMM_FROM_LEADER: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_TASK_GROUP_LEADER_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_TASK_COMM_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_TP_NEWSTATE_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_TP_DPORT_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_TP_FAMILY_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_TP_PROTOCOL_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_TP_DADDR_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_TP_DADDR_V6_OFFSET: Global<u32> = Global::new(0);
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u16 = 6;
+const TCP_SYN_SENT: i32 = 2;
+
+/// The cgroup programs' verdict: let the connect proceed. Never anything else.
+const ALLOW: i32 = 1;
+
+/// `struct sockaddr_in` (UAPI).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SockaddrIn {
+    family: u16,
+    /// Network byte order.
+    port: u16,
+    addr: [u8; 4],
+    zero: [u8; 8],
+}
+
+/// `struct sockaddr_in6` (UAPI).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SockaddrIn6 {
+    family: u16,
+    /// Network byte order.
+    port: u16,
+    flowinfo: u32,
+    addr: [u8; 16],
+    scope_id: u32,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn itw_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid bpf_sock_addr; each field is read
+    // with the one-word load the verifier allows for it.
+    unsafe {
+        // connect4 also runs for UDP (and raw) sockets' connect().
+        if read_ctx(&raw const (*sa).type_) != SOCK_STREAM {
+            return ALLOW;
+        }
+        let addr = read_ctx(&raw const (*sa).user_ip4).to_ne_bytes();
+        let port = u16::from_be(read_ctx(&raw const (*sa).user_port) as u16);
+        on_attempt(&Destination::v4(addr, port));
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn itw_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in itw_connect4.
+    unsafe {
+        if read_ctx(&raw const (*sa).type_) != SOCK_STREAM {
+            return ALLOW;
+        }
+        let mut addr = [0u8; 16];
+        let words = &raw const (*sa).user_ip6;
+        for (i, chunk) in addr.chunks_exact_mut(4).enumerate() {
+            chunk.copy_from_slice(&read_ctx(words.cast::<u32>().add(i)).to_ne_bytes());
+        }
+        let port = u16::from_be(read_ctx(&raw const (*sa).user_port) as u16);
+        // A v4-mapped address is already the key its IPv4 form is watched under.
+        on_attempt(&Destination::new(addr, port));
+    }
+    ALLOW
+}
+
+/// A field of the cgroup programs' context. Volatile so that the compiler
+/// keeps the 4-byte load the verifier checks instead of merging neighbours.
+#[inline(always)]
+unsafe fn read_ctx(field: *const u32) -> u32 {
+    // SAFETY: the caller passes a field of the context.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+#[kprobe]
+pub fn itw_tcp_v4_connect(ctx: ProbeContext) -> u32 {
+    // tcp_v4_connect(struct sock *sk, struct sockaddr *uaddr, int addr_len):
+    // uaddr is the kernel's copy of the caller's address.
+    let Some(uaddr) = ctx.arg::<*const SockaddrIn>(1) else {
+        return 0;
+    };
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    let Ok(sin) = (unsafe { bpf_probe_read_kernel(uaddr) }) else {
+        return 0;
+    };
+    // tcp_v4_connect refuses any other family before it does anything.
+    if sin.family == AF_INET {
+        on_attempt(&Destination::v4(sin.addr, u16::from_be(sin.port)));
+    }
+    0
+}
+
+#[kprobe]
+pub fn itw_tcp_v6_connect(ctx: ProbeContext) -> u32 {
+    let Some(uaddr) = ctx.arg::<*const SockaddrIn6>(1) else {
+        return 0;
+    };
+    // SAFETY: bpf_probe_read_kernel checks the address.
+    let Ok(sin6) = (unsafe { bpf_probe_read_kernel(uaddr) }) else {
+        return 0;
+    };
+    // A v4-mapped destination is handed on to tcp_v4_connect, whose probe
+    // counts it: counting it here too would count it twice.
+    if sin6.family == AF_INET6 && !is_v4_mapped(&sin6.addr) {
+        on_attempt(&Destination::new(sin6.addr, u16::from_be(sin6.port)));
+    }
+    0
+}
+
+fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10].iter().all(|b| *b == 0) && addr[10] == 0xff && addr[11] == 0xff
+}
+
+#[tracepoint]
+pub fn itw_inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    // This runs for every TCP state change on the machine: test the new state
+    // first, then the protocol (the event also fires for other protocols).
+    // SAFETY: the offsets come from this kernel's format file for the event;
+    // bpf_probe_read_kernel checks the addresses.
+    unsafe {
+        let Ok(newstate) = ctx.read_at::<i32>(ITW_TP_NEWSTATE_OFFSET.load() as usize) else {
+            return 0;
+        };
+        if newstate != TCP_SYN_SENT {
+            return 0;
+        }
+        let Ok(protocol) = ctx.read_at::<u16>(ITW_TP_PROTOCOL_OFFSET.load() as usize) else {
+            return 0;
+        };
+        if protocol != IPPROTO_TCP {
+            return 0;
+        }
+        let (Ok(family), Ok(port)) = (
+            ctx.read_at::<u16>(ITW_TP_FAMILY_OFFSET.load() as usize),
+            // Host byte order in this event.
+            ctx.read_at::<u16>(ITW_TP_DPORT_OFFSET.load() as usize),
+        ) else {
+            return 0;
+        };
+        if family == AF_INET {
+            if let Ok(addr) = ctx.read_at::<[u8; 4]>(ITW_TP_DADDR_OFFSET.load() as usize) {
+                on_attempt(&Destination::v4(addr, port));
+            }
+        } else if family == AF_INET6 {
+            // An IPv6 socket connecting to a v4-mapped address reports it here
+            // in its mapped form: the key its IPv4 form is watched under.
+            if let Ok(addr) = ctx.read_at::<[u8; 16]>(ITW_TP_DADDR_V6_OFFSET.load() as usize) {
+                on_attempt(&Destination::new(addr, port));
+            }
+        }
+    }
+    0
+}
+
+/// One connect attempt to `dest`, from the current task.
+#[inline(always)]
+fn on_attempt(dest: &Destination) {
+    let Some(watch) = ITW_WATCHED.get_ptr_mut(dest) else {
+        return;
+    };
+    let comm = process_comm();
+    // SAFETY: reading the value of a present key; the map is only written by
+    // the agent (whole-value updates) and by the armed flag below.
+    if unsafe { ITW_EXCLUDED.get(comm) }.is_some() {
+        if !increment(&ITW_FILTERED, &comm) {
+            add_stat(stat::OVERFLOW_FULL);
+        }
+        return;
+    }
+    // SAFETY: `watch` points to a live value of WATCHED (freed only after
+    // this program's RCU read section if the agent deletes it meanwhile).
+    let (dest_id, armed) = unsafe { ((*watch).dest_id, (*watch).armed) };
+    if !increment(&ITW_ATTEMPTS, &AttemptKey { dest_id, comm }) {
+        add_stat(stat::ATTEMPTS_FULL);
+        if !increment(&ITW_OVERFLOW, &dest_id) {
+            add_stat(stat::OVERFLOW_FULL);
+        }
+    }
+    if armed != 0 {
+        // Two CPUs racing here may both send a wake; the agent takes a
+        // duplicate as a no-op, and the common case costs no atomic.
+        // SAFETY: as above.
+        unsafe { (*watch).armed = 0 };
+        match ITW_WAKES.reserve::<WakeEvent>(0) {
+            Some(mut entry) => {
+                entry.write(WakeEvent { dest_id, _pad: 0 });
+                // Flags 0: the kernel wakes the reader when it has caught up,
+                // which is what a rare, latency-critical record wants.
+                entry.submit(0);
+            }
+            None => add_stat(stat::WAKE_DROPPED),
+        }
+    }
+}
+
+/// Adds one to `key`'s counter on this CPU, creating it if absent. False when
+/// the map is full (or out of memory): the caller counts the attempt elsewhere.
+#[inline(always)]
+fn increment<K>(map: &PerCpuHashMap<K, u64>, key: &K) -> bool {
+    if let Some(value) = map.get_ptr_mut(key) {
+        atomic_inc(value);
+        return true;
+    }
+    if map.insert(key, 1, BPF_NOEXIST.into()).is_ok() {
+        return true;
+    }
+    // Another task created the key between the lookup and the insert (EEXIST):
+    // add to that one. Otherwise the map is full.
+    match map.get_ptr_mut(key) {
+        Some(value) => {
+            atomic_inc(value);
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn add_stat(index: u32) {
+    if let Some(value) = ITW_STATS.get_ptr_mut(index) {
+        atomic_inc(value);
+    }
+}
+
+/// Adds one to a per-CPU counter atomically. Per-CPU alone is not enough:
+/// cgroup programs run with migration, not preemption, disabled, so another
+/// task on the same CPU can run the program between a load and a store.
+#[inline(always)]
+fn atomic_inc(value: *mut u64) {
+    // SAFETY: `value` points into a map value this program holds; the result
+    // is unused, which the BPF backend emits as a plain atomic add.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(value, 1);
+    }
+}
+
+/// The calling process's name: the thread-group leader's `comm` (a JVM
+/// thread `pool-3-thread-7` counts under `java`), or the thread's own name
+/// when the agent switched that off or the read fails.
+#[inline(always)]
+fn process_comm() -> Comm {
+    if ITW_COMM_FROM_LEADER.load() != 0 {
+        if let Some(comm) = leader_comm() {
+            return comm;
+        }
+        add_stat(stat::LEADER_COMM_FAILED);
+    }
+    let mut comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    zero_after_nul(&mut comm);
+    comm
+}
+
+/// `current->group_leader->comm`, with the offsets the agent read from this
+/// kernel's BTF.
+#[inline(always)]
+fn leader_comm() -> Option<Comm> {
+    // SAFETY: bpf_get_current_task returns the current task_struct (as an
+    // integer); bpf_probe_read_kernel checks every address it is given.
+    unsafe {
+        let task = bpf_get_current_task() as usize as *const u8;
+        let leader_field = task
+            .wrapping_add(ITW_TASK_GROUP_LEADER_OFFSET.load() as usize)
+            .cast::<*const u8>();
+        let leader = bpf_probe_read_kernel(leader_field).ok()?;
+        let comm_field = leader
+            .wrapping_add(ITW_TASK_COMM_OFFSET.load() as usize)
+            .cast::<Comm>();
+        let mut comm = bpf_probe_read_kernel(comm_field).ok()?;
+        zero_after_nul(&mut comm);
+        Some(comm)
+    }
+}
+
+/// Map keys compare every byte: a name set shorter after a longer one must
+/// not keep the longer one's tail.
+///
+/// Word-wise on the two halves: a byte loop keeps sixteen values live and
+/// the compiler spills them, which costs more than the rest of the program.
+#[inline(always)]
+fn zero_after_nul(comm: &mut Comm) {
+    let ptr = comm.as_mut_ptr().cast::<[u64; 2]>();
+    // SAFETY: a Comm is 16 bytes; unaligned accesses of the same memory.
+    let [first, second] = unsafe { ptr.read_unaligned() };
+    let (first_kept, first_ended) = keep_before_nul(first);
+    let second_kept = if first_ended {
+        0
+    } else {
+        keep_before_nul(second).0
+    };
+    // SAFETY: as above.
+    unsafe { ptr.write_unaligned([first_kept, second_kept]) };
+}
+
+/// The bytes of `word` (in memory order) before its first zero byte, and
+/// whether it has one.
+#[cfg(target_endian = "little")]
+#[inline(always)]
+fn keep_before_nul(word: u64) -> (u64, bool) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    // The high bit of each zero byte; exact for the lowest one (the first in
+    // memory), which is the only one used.
+    let zeros = word.wrapping_sub(ONES) & !word & HIGHS;
+    let first = zeros & zeros.wrapping_neg();
+    // All-ones below the first zero byte; all-ones when there is none.
+    let keep = (first >> 7).wrapping_sub(1);
+    (word & keep, zeros != 0)
+}
+
+#[cfg(target_endian = "big")]
+#[inline(always)]
+fn keep_before_nul(word: u64) -> (u64, bool) {
+    let mut keep = 0u64;
+    let mut ended = false;
+    for i in 0..8 {
+        let byte = 0xff00_0000_0000_0000u64 >> (8 * i);
+        ended |= word & byte == 0;
+        if !ended {
+            keep |= byte;
+        }
+    }
+    (word & keep, ended)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // No path above can panic; if one could, the verifier would reject this
+    // endless loop at load instead of letting a program run it.
+    loop {}
+}
+
+/// bpf_probe_read_kernel and bpf_get_current_task are GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
