@@ -11,10 +11,19 @@
 //! destination is watched, so reading them has no read-then-delete race; the
 //! agent turns them into deltas.
 
+pub mod btf;
+pub mod cgroup;
+pub mod ebpf;
 pub mod fake;
+pub mod mode;
+pub mod tracefs;
+
+use std::path::PathBuf;
 
 use itw_common::{AttemptKey, Comm, Destination};
 use tokio::sync::mpsc;
+
+pub use ebpf::{CaptureSettings, CommSource, LoadedObjects, Started, start};
 
 /// How connects are caught (`CAPTURE_MODE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -120,4 +129,66 @@ pub enum CaptureError {
     },
     #[error("{0}")]
     Other(String),
+    /// A forced `CAPTURE_MODE` this host cannot do.
+    #[error("CAPTURE_MODE={mode}: {missing}; {instead}")]
+    ModeUnavailable {
+        mode: CaptureMode,
+        missing: String,
+        instead: String,
+    },
+    #[error("no capture mode works on this host: {reasons}")]
+    NoMode { reasons: String },
+    #[error("tracefs at {}: {reason}", path.display())]
+    Tracefs { path: PathBuf, reason: String },
+    #[error("tracepoint format {}: {reason}", path.display())]
+    TracepointFormat { path: PathBuf, reason: String },
+    #[error("cgroup v2 root {}: {source}", path.display())]
+    CgroupOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Parsing the embedded object or creating its maps failed.
+    #[error("loading the eBPF object (creating its maps): {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("eBPF program {program}: {action} failed: {source}")]
+    Program {
+        program: &'static str,
+        action: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error(
+        "the eBPF object has no {what} {name}; it does not match this agent (rebuild it with hack/build-ebpf)"
+    )]
+    ObjectMismatch {
+        what: &'static str,
+        name: &'static str,
+    },
+    #[error("kernel map {map}: {source}")]
+    MapHandle {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("capture must start inside a tokio runtime (it reads wakes on a task): {0}")]
+    NoRuntime(String),
+}
+
+impl CaptureError {
+    /// The error comes from missing privileges (not root, no CAP_BPF /
+    /// CAP_PERFMON / CAP_NET_ADMIN / CAP_SYS_ADMIN as needed).
+    pub fn is_permission_denied(&self) -> bool {
+        use std::error::Error;
+        let mut source: Option<&(dyn Error + 'static)> = Some(self);
+        while let Some(err) = source {
+            if let Some(io) = err.downcast_ref::<std::io::Error>()
+                && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+            {
+                return true;
+            }
+            source = err.source();
+        }
+        false
+    }
 }

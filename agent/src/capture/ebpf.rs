@@ -1,0 +1,693 @@
+//! The eBPF implementation of [`Kernel`]: loads the object built from
+//! `ebpf/itw-ebpf` (embedded, so the agent builds with stable Rust alone),
+//! attaches the programs of one capture mode, and reads their maps.
+//!
+//! Nothing is pinned: the programs, links and maps belong to this process's
+//! file descriptors, so they are detached and freed when [`EbpfKernel`] is
+//! dropped or the process exits in any way, a crash included.
+
+use std::{collections::HashSet, fs::File, os::fd::AsFd, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{CgroupAttachMode, CgroupSockAddr, KProbe, ProgramError, TracePoint},
+};
+use itw_common::{
+    AttemptKey, Comm, Destination, WakeEvent, Watch, capacity, globals, maps, programs, stat,
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+    task::JoinHandle,
+};
+
+use super::{
+    CaptureError, CaptureMode, Kernel, KernelCounts, KernelStats,
+    btf::{self, TaskOffsets},
+    mode::{self, Choice},
+    tracefs::{self, SetStateOffsets},
+};
+
+/// The programs, built by `hack/build-ebpf` for this target's byte order.
+#[cfg(target_endian = "little")]
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../ebpf/artifacts/bpfel/itw.o"
+));
+#[cfg(target_endian = "big")]
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../ebpf/artifacts/bpfeb/itw.o"
+));
+
+/// Wakes buffered between the ring buffer reader and the agent.
+const WAKE_CHANNEL: usize = 4096;
+
+/// What [`start`] needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaptureSettings {
+    pub mode: CaptureMode,
+    /// `CGROUP_ROOT`: where cgroup programs attach (default: detected).
+    pub cgroup_root: Option<PathBuf>,
+    /// `TRACEFS_PATH`, for the tracepoint mode.
+    pub tracefs_path: PathBuf,
+    /// `MAX_DESTINATIONS`: size of the watched-destinations map.
+    pub max_destinations: u32,
+    /// `MAX_ATTEMPT_COUNTERS`: size of the (destination, process) counters map.
+    pub max_attempt_counters: u32,
+    /// Count under the process's name (the thread-group leader's); false:
+    /// under the calling thread's name.
+    pub comm_from_leader: bool,
+    /// The kernel's BTF, for the offsets the leader's name is read with.
+    pub btf_path: PathBuf,
+}
+
+impl CaptureSettings {
+    /// The defaults of the agent's flags, with `mode`.
+    pub fn new(mode: CaptureMode) -> Self {
+        Self {
+            mode,
+            cgroup_root: None,
+            tracefs_path: PathBuf::from(tracefs::KNOWN_PATHS[0]),
+            max_destinations: 262_144,
+            max_attempt_counters: 16_384,
+            comm_from_leader: true,
+            btf_path: PathBuf::from(btf::VMLINUX_BTF),
+        }
+    }
+
+    pub fn from_args(args: &crate::config::Args) -> Self {
+        Self {
+            mode: args.capture_mode,
+            cgroup_root: args.cgroup_root.clone(),
+            tracefs_path: args.tracefs_path.clone(),
+            max_destinations: args.max_destinations,
+            max_attempt_counters: args.max_attempt_counters,
+            ..Self::new(args.capture_mode)
+        }
+    }
+}
+
+/// Where `process_comm` comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommSource {
+    /// The thread-group leader's name, read with these offsets.
+    Leader(TaskOffsets),
+    /// The calling thread's name, and why not the leader's.
+    Thread { reason: String },
+}
+
+impl CommSource {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Leader(_) => "leader",
+            Self::Thread { .. } => "thread",
+        }
+    }
+}
+
+/// The kernel objects a [`Started`] capture holds, by kernel id.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadedObjects {
+    /// (name in the object, program id).
+    pub programs: Vec<(&'static str, u32)>,
+    /// Ids of the maps those programs use.
+    pub maps: Vec<u32>,
+}
+
+/// A running capture.
+pub struct Started {
+    pub kernel: Box<dyn Kernel>,
+    /// The mode in use (never [`CaptureMode::Auto`]).
+    pub mode: CaptureMode,
+    /// Why this mode.
+    pub reason: String,
+    /// What the programs are attached to.
+    pub attached_to: String,
+    pub comm_source: CommSource,
+    pub objects: LoadedObjects,
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started")
+            .field("mode", &self.mode)
+            .field("reason", &self.reason)
+            .field("attached_to", &self.attached_to)
+            .field("comm_source", &self.comm_source)
+            .field("objects", &self.objects)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Chooses the capture mode, loads and attaches its programs. Must be called
+/// inside a tokio runtime: wakes are read on a task of it.
+pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| CaptureError::NoRuntime(e.to_string()))?;
+    let features = mode::detect(settings.cgroup_root.as_deref());
+    let choice = mode::choose(settings.mode, &features)?;
+    tracing::info!(mode = %choice.mode, reason = %choice.reason, "capture mode chosen");
+
+    // Before anything attaches a tracepoint in this process: the loader keeps
+    // a failed tracefs lookup for good.
+    let tracepoint = if choice.mode == CaptureMode::Tracepoint {
+        tracefs::ensure_mounted(&settings.tracefs_path)?;
+        Some(tracefs::set_state_offsets(&settings.tracefs_path)?)
+    } else {
+        None
+    };
+
+    let leader = if settings.comm_from_leader {
+        btf::task_offsets(&settings.btf_path)
+    } else {
+        Err("switched off (comm_from_leader = false)".to_owned())
+    };
+    let (attached, comm_source) = match leader {
+        Ok(offsets) => match Attached::new(settings, &choice, tracepoint, Some(offsets)) {
+            Ok(attached) => (attached, CommSource::Leader(offsets)),
+            // The verifier refused the leader-name reads (a kernel that does
+            // not give bpf_get_current_task/bpf_probe_read_kernel to this
+            // program type): load again without them.
+            Err(err @ CaptureError::Program { action: "load", .. })
+                if !err.is_permission_denied() =>
+            {
+                tracing::warn!(error = %err, "reading the process name from the thread-group leader failed to load; counting under thread names");
+                let attached = Attached::new(settings, &choice, tracepoint, None)?;
+                let reason = format!("the verifier refused the leader-name reads: {err}");
+                (attached, CommSource::Thread { reason })
+            }
+            Err(err) => return Err(err),
+        },
+        Err(reason) => {
+            tracing::warn!(%reason, "cannot read process names from the thread-group leader; counting under thread names (a JVM's threads count apart)");
+            let attached = Attached::new(settings, &choice, tracepoint, None)?;
+            (attached, CommSource::Thread { reason })
+        }
+    };
+    let Attached {
+        ebpf,
+        attached_to,
+        objects,
+    } = attached;
+    let kernel = EbpfKernel::new(ebpf, settings, &runtime)?;
+    tracing::info!(
+        mode = %choice.mode,
+        attached_to = %attached_to,
+        comm_source = comm_source.as_str(),
+        programs = ?objects.programs,
+        "capture attached"
+    );
+    Ok(Started {
+        kernel: Box::new(kernel),
+        mode: choice.mode,
+        reason: choice.reason,
+        attached_to,
+        comm_source,
+        objects,
+    })
+}
+
+/// The loaded object with the programs of one mode attached.
+struct Attached {
+    ebpf: Ebpf,
+    attached_to: String,
+    objects: LoadedObjects,
+}
+
+impl Attached {
+    fn new(
+        settings: &CaptureSettings,
+        choice: &Choice,
+        tracepoint: Option<SetStateOffsets>,
+        leader: Option<TaskOffsets>,
+    ) -> Result<Self, CaptureError> {
+        let comm_from_leader = u32::from(leader.is_some());
+        let leader = leader.unwrap_or(TaskOffsets {
+            group_leader: 0,
+            comm: 0,
+        });
+        let tp = tracepoint.unwrap_or(SetStateOffsets {
+            newstate: 0,
+            dport: 0,
+            family: 0,
+            protocol: 0,
+            daddr: 0,
+            daddr_v6: 0,
+        });
+        // The kernel wants a ring buffer of a power-of-two number of pages.
+        let page_size = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(4096);
+        let wakes_bytes = capacity::WAKES_BYTES.max(page_size);
+
+        let mut loader = EbpfLoader::new();
+        loader
+            // The object carries no BTF and needs no relocation against the
+            // kernel's. (aya 0.14's EbpfLoader::new parses the kernel's BTF
+            // all the same; this only keeps it from being used.)
+            .btf(None)
+            .map_max_entries(maps::WATCHED, settings.max_destinations)
+            .map_max_entries(maps::ATTEMPTS, settings.max_attempt_counters)
+            .map_max_entries(maps::OVERFLOW, settings.max_destinations)
+            .map_max_entries(maps::WAKES, wakes_bytes)
+            .override_global(globals::COMM_FROM_LEADER, &comm_from_leader, true)
+            .override_global(
+                globals::TASK_GROUP_LEADER_OFFSET,
+                &leader.group_leader,
+                true,
+            )
+            .override_global(globals::TASK_COMM_OFFSET, &leader.comm, true)
+            .override_global(globals::TP_NEWSTATE_OFFSET, &tp.newstate, true)
+            .override_global(globals::TP_DPORT_OFFSET, &tp.dport, true)
+            .override_global(globals::TP_FAMILY_OFFSET, &tp.family, true)
+            .override_global(globals::TP_PROTOCOL_OFFSET, &tp.protocol, true)
+            .override_global(globals::TP_DADDR_OFFSET, &tp.daddr, true)
+            .override_global(globals::TP_DADDR_V6_OFFSET, &tp.daddr_v6, true);
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| CaptureError::Load(Box::new(e)))?;
+
+        // Load (verify) every program of the mode before attaching any, so a
+        // refusal leaves nothing attached.
+        let attached_to = match choice.mode {
+            CaptureMode::Cgroup => {
+                let root = choice.cgroup.as_ref().ok_or_else(|| {
+                    CaptureError::Other("cgroup mode chosen without a cgroup root".to_owned())
+                })?;
+                let cgroup = File::open(&root.path).map_err(|source| CaptureError::CgroupOpen {
+                    path: root.path.clone(),
+                    source,
+                })?;
+                for name in [programs::CONNECT4, programs::CONNECT6] {
+                    let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                    prog.load().map_err(program_error(name, "load"))?;
+                }
+                for name in [programs::CONNECT4, programs::CONNECT6] {
+                    let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                    prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                        .map_err(program_error(name, "attach"))?;
+                }
+                format!("cgroup {}", root.path.display())
+            }
+            CaptureMode::Kprobe => {
+                let probes = [
+                    (programs::TCP_V4_CONNECT, "tcp_v4_connect"),
+                    (programs::TCP_V6_CONNECT, "tcp_v6_connect"),
+                ];
+                for (name, _) in probes {
+                    let prog: &mut KProbe = program(&mut ebpf, name)?;
+                    prog.load().map_err(program_error(name, "load"))?;
+                }
+                for (name, function) in probes {
+                    let prog: &mut KProbe = program(&mut ebpf, name)?;
+                    prog.attach(function, 0)
+                        .map_err(program_error(name, "attach"))?;
+                }
+                "kprobes tcp_v4_connect, tcp_v6_connect".to_owned()
+            }
+            CaptureMode::Tracepoint => {
+                let name = programs::INET_SOCK_SET_STATE;
+                let prog: &mut TracePoint = program(&mut ebpf, name)?;
+                prog.load().map_err(program_error(name, "load"))?;
+                prog.attach(tracefs::CATEGORY, tracefs::EVENT)
+                    .map_err(program_error(name, "attach"))?;
+                format!("tracepoint {}:{}", tracefs::CATEGORY, tracefs::EVENT)
+            }
+            CaptureMode::Auto => {
+                return Err(CaptureError::Other(
+                    "capture mode auto reached the loader unresolved".to_owned(),
+                ));
+            }
+        };
+        let objects = loaded_objects(&ebpf)?;
+        Ok(Self {
+            ebpf,
+            attached_to,
+            objects,
+        })
+    }
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, CaptureError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(CaptureError::ObjectMismatch {
+        what: "program",
+        name,
+    })?;
+    prog.try_into().map_err(program_error(name, "load"))
+}
+
+fn program_error(
+    program: &'static str,
+    action: &'static str,
+) -> impl FnOnce(ProgramError) -> CaptureError {
+    move |source| CaptureError::Program {
+        program,
+        action,
+        source: Box::new(source),
+    }
+}
+
+/// The loaded programs' ids and the ids of the maps they use.
+fn loaded_objects(ebpf: &Ebpf) -> Result<LoadedObjects, CaptureError> {
+    let mut objects = LoadedObjects::default();
+    for name in [
+        programs::CONNECT4,
+        programs::CONNECT6,
+        programs::TCP_V4_CONNECT,
+        programs::TCP_V6_CONNECT,
+        programs::INET_SOCK_SET_STATE,
+    ] {
+        let Some(prog) = ebpf.program(name) else {
+            continue;
+        };
+        // Programs of other modes are in the object but not in the kernel.
+        if prog.fd().is_err() {
+            continue;
+        }
+        let info = prog.info().map_err(program_error(name, "inspect"))?;
+        objects.programs.push((name, info.id()));
+        // aya 0.14 reads map ids by re-opening the program by id, which
+        // needs CAP_SYS_ADMIN; the DaemonSet runs without it. The ids only
+        // serve logs and tests (which run as full root), so go without.
+        for id in info.map_ids().ok().flatten().unwrap_or_default() {
+            if !objects.maps.contains(&id) {
+                objects.maps.push(id);
+            }
+        }
+    }
+    objects.maps.sort_unstable();
+    Ok(objects)
+}
+
+/// The eBPF [`Kernel`]: the loaded object (owning programs and links) and
+/// handles on its maps.
+pub struct EbpfKernel {
+    // Dropping it detaches and unloads the programs.
+    _ebpf: Ebpf,
+    watched: HashMap<MapData, Destination, Watch>,
+    excluded: HashMap<MapData, Comm, u8>,
+    attempts: PerCpuHashMap<MapData, AttemptKey, u64>,
+    overflow: PerCpuHashMap<MapData, u32, u64>,
+    filtered: PerCpuHashMap<MapData, Comm, u64>,
+    stats: PerCpuArray<MapData, u64>,
+    excluded_now: HashSet<Comm>,
+    max_destinations: u32,
+    wakes: Option<mpsc::Receiver<u32>>,
+    wake_reader: JoinHandle<()>,
+}
+
+impl EbpfKernel {
+    fn new(
+        mut ebpf: Ebpf,
+        settings: &CaptureSettings,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Self, CaptureError> {
+        let ring: RingBuf<MapData> = take_map(&mut ebpf, maps::WAKES)?;
+        // Registering with the reactor needs the runtime's context.
+        let ring = {
+            let _guard = runtime.enter();
+            // SAFETY: the RingBuf owns its map's descriptor, which stays open
+            // and the same for as long as the RingBuf lives inside the AsyncFd.
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|err| {
+                CaptureError::Map {
+                    map: maps::WAKES,
+                    source: err.into(),
+                }
+            })?
+        };
+        let (tx, rx) = mpsc::channel(WAKE_CHANNEL);
+        let wake_reader = runtime.spawn(forward_wakes(ring, tx));
+        Ok(Self {
+            watched: take_map(&mut ebpf, maps::WATCHED)?,
+            excluded: take_map(&mut ebpf, maps::EXCLUDED)?,
+            attempts: take_map(&mut ebpf, maps::ATTEMPTS)?,
+            overflow: take_map(&mut ebpf, maps::OVERFLOW)?,
+            filtered: take_map(&mut ebpf, maps::FILTERED)?,
+            stats: take_map(&mut ebpf, maps::STATS)?,
+            _ebpf: ebpf,
+            excluded_now: HashSet::new(),
+            max_destinations: settings.max_destinations,
+            wakes: Some(rx),
+            wake_reader,
+        })
+    }
+}
+
+impl Drop for EbpfKernel {
+    fn drop(&mut self) {
+        // The reader owns the ring buffer's descriptor; the rest closes with self.
+        self.wake_reader.abort();
+    }
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, CaptureError>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(CaptureError::ObjectMismatch { what: "map", name })?;
+    M::try_from(map).map_err(|source| CaptureError::MapHandle {
+        map: name,
+        source: Box::new(source),
+    })
+}
+
+/// A map operation's error, naming the map.
+fn map_error(map: &'static str) -> impl Fn(MapError) -> CaptureError {
+    move |err| match err {
+        MapError::SyscallError(e) => CaptureError::Map {
+            map,
+            source: e.io_error,
+        },
+        other => CaptureError::MapHandle {
+            map,
+            source: Box::new(other),
+        },
+    }
+}
+
+/// Reads wake records as the kernel writes them and hands their destination
+/// ids on. Ends when the receiver is gone.
+async fn forward_wakes(mut ring: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<u32>) {
+    let mut ids = Vec::new();
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(guard) => guard,
+            Err(error) => {
+                tracing::error!(%error, "waiting on the wake ring buffer failed; wakes now come with the next collection only");
+                return;
+            }
+        };
+        // Clear first, then drain: a record written after the drain raises
+        // readiness again, so none is left behind until the next one.
+        guard.clear_ready();
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            match parse_wake(&item) {
+                Some(wake) => ids.push(wake.dest_id),
+                None => tracing::warn!(len = item.len(), "ignoring a malformed wake record"),
+            }
+        }
+        for id in ids.drain(..) {
+            // Waiting here (rather than dropping) lets the ring buffer absorb
+            // a burst; past its size the kernel counts what it drops.
+            if tx.send(id).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn parse_wake(record: &[u8]) -> Option<WakeEvent> {
+    let bytes: [u8; 4] = record.get(..4)?.try_into().ok()?;
+    (record.len() == size_of::<WakeEvent>()).then_some(WakeEvent {
+        dest_id: u32::from_ne_bytes(bytes),
+        _pad: 0,
+    })
+}
+
+fn sum(values: &[u64]) -> u64 {
+    values.iter().fold(0u64, |total, v| total.wrapping_add(*v))
+}
+
+impl Kernel for EbpfKernel {
+    fn watch(&mut self, dest: &Destination, dest_id: u32) -> Result<(), CaptureError> {
+        let watch = Watch { dest_id, armed: 1 };
+        self.watched
+            .insert(dest, watch, 0)
+            .map_err(|err| match map_error(maps::WATCHED)(err) {
+                CaptureError::Map { source, .. } if source.raw_os_error() == Some(libc::E2BIG) => {
+                    CaptureError::MapFull {
+                        map: maps::WATCHED,
+                        capacity: self.max_destinations,
+                        setting: "MAX_DESTINATIONS",
+                    }
+                }
+                other => other,
+            })
+    }
+
+    fn unwatch(&mut self, dest: &Destination) -> Result<(), CaptureError> {
+        match self.watched.remove(dest) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(err) => Err(map_error(maps::WATCHED)(err)),
+        }
+    }
+
+    fn set_excluded(&mut self, comms: &[Comm]) -> Result<(), CaptureError> {
+        let wanted: HashSet<Comm> = comms.iter().copied().collect();
+        if wanted.len() > capacity::EXCLUDED as usize {
+            return Err(CaptureError::MapFull {
+                map: maps::EXCLUDED,
+                capacity: capacity::EXCLUDED,
+                setting: "EXCLUDE_COMMS (fewer names)",
+            });
+        }
+        // Remove first so the map never holds more than its capacity.
+        for comm in self.excluded_now.difference(&wanted) {
+            match self.excluded.remove(comm) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(err) => return Err(map_error(maps::EXCLUDED)(err)),
+            }
+        }
+        for comm in wanted.difference(&self.excluded_now) {
+            self.excluded
+                .insert(comm, 1, 0)
+                .map_err(map_error(maps::EXCLUDED))?;
+        }
+        self.excluded_now = wanted;
+        Ok(())
+    }
+
+    fn read(&mut self, out: &mut KernelCounts) -> Result<(), CaptureError> {
+        out.clear();
+        for item in self.attempts.iter() {
+            let (key, values) = item.map_err(map_error(maps::ATTEMPTS))?;
+            out.attempts.push((key, sum(&values)));
+        }
+        for item in self.overflow.iter() {
+            let (dest_id, values) = item.map_err(map_error(maps::OVERFLOW))?;
+            out.overflow.push((dest_id, sum(&values)));
+        }
+        for item in self.filtered.iter() {
+            let (comm, values) = item.map_err(map_error(maps::FILTERED))?;
+            out.filtered.push((comm, sum(&values)));
+        }
+        // A hash map walk restarts from the first bucket when the key it
+        // stood on is deleted under it, so a key can come twice: keep the
+        // larger (later) of the cumulative values.
+        dedup_max(&mut out.attempts, |k| (k.dest_id, k.comm));
+        dedup_max(&mut out.overflow, |k| *k);
+        dedup_max(&mut out.filtered, |k| *k);
+        Ok(())
+    }
+
+    fn forget(&mut self, dest_ids: &[u32]) -> Result<(), CaptureError> {
+        let ids: HashSet<u32> = dest_ids.iter().copied().collect();
+        let mut doomed = Vec::new();
+        for key in self.attempts.keys() {
+            let key = key.map_err(map_error(maps::ATTEMPTS))?;
+            if ids.contains(&key.dest_id) {
+                doomed.push(key);
+            }
+        }
+        for key in &doomed {
+            match self.attempts.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(err) => return Err(map_error(maps::ATTEMPTS)(err)),
+            }
+        }
+        for id in &ids {
+            match self.overflow.remove(id) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(err) => return Err(map_error(maps::OVERFLOW)(err)),
+            }
+        }
+        Ok(())
+    }
+
+    fn stats(&mut self) -> Result<KernelStats, CaptureError> {
+        let get = |index: u32| -> Result<u64, CaptureError> {
+            let values = self.stats.get(&index, 0).map_err(map_error(maps::STATS))?;
+            Ok(sum(&values))
+        };
+        Ok(KernelStats {
+            wakes_dropped: get(stat::WAKE_DROPPED)?,
+            attempts_map_full: get(stat::ATTEMPTS_FULL)?,
+            overflow_map_full: get(stat::OVERFLOW_FULL)?,
+            leader_comm_failed: get(stat::LEADER_COMM_FAILED)?,
+        })
+    }
+
+    fn take_wakes(&mut self) -> Option<mpsc::Receiver<u32>> {
+        self.wakes.take()
+    }
+}
+
+fn dedup_max<K, O: Ord>(entries: &mut Vec<(K, u64)>, order: impl Fn(&K) -> O) {
+    entries.sort_by(|a, b| order(&a.0).cmp(&order(&b.0)).then(b.1.cmp(&a.1)));
+    entries.dedup_by(|later, earlier| order(&later.0) == order(&earlier.0));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wake_records_must_have_the_shared_layout() {
+        let mut record = 7u32.to_ne_bytes().to_vec();
+        record.extend_from_slice(&[0; 4]);
+        assert_eq!(parse_wake(&record).map(|w| w.dest_id), Some(7));
+        assert_eq!(parse_wake(&record[..4]), None);
+        record.push(0);
+        assert_eq!(parse_wake(&record), None);
+    }
+
+    #[test]
+    fn duplicates_from_a_restarted_walk_keep_the_larger_value() {
+        let mut entries = vec![(3u32, 5), (1, 2), (3, 9), (2, 4), (1, 1)];
+        dedup_max(&mut entries, |k| *k);
+        assert_eq!(entries, vec![(1, 2), (2, 4), (3, 9)]);
+    }
+
+    #[test]
+    fn the_embedded_object_has_every_program_and_map() {
+        let obj = aya_obj::Object::parse(OBJECT).unwrap();
+        for name in [
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::TCP_V4_CONNECT,
+            programs::TCP_V6_CONNECT,
+            programs::INET_SOCK_SET_STATE,
+        ] {
+            assert!(obj.programs.contains_key(name), "no program {name}");
+        }
+        for name in [
+            maps::WATCHED,
+            maps::EXCLUDED,
+            maps::ATTEMPTS,
+            maps::OVERFLOW,
+            maps::FILTERED,
+            maps::WAKES,
+            maps::STATS,
+        ] {
+            assert!(obj.maps.contains_key(name), "no map {name}");
+        }
+    }
+}
