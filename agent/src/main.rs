@@ -1,8 +1,246 @@
-use clap::Parser;
+//! `itw-agent`: wiring only. See the library's modules for what each piece does.
 
-fn main() -> anyhow::Result<()> {
-    let args = itw_agent::config::Args::parse();
-    itw_telemetry::logging::init(args.log_format)?;
-    tracing::info!(?args, "itw-agent starting");
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use axum::{Router, extract::State, http::StatusCode, routing::get};
+use clap::Parser;
+use itw_agent::{
+    capture::{self, CaptureSettings},
+    collect::Collector,
+    config::Args,
+    counting::{AgentClock, CollectionSink, CountingLoop, Health},
+    destinations::DestinationTable,
+    metrics::{AttemptCounters, CountingMetrics, Exporter},
+    report::{self, ReportMetrics, ReportSettings, Reporter, TokenSource, ledger::LogLimits},
+    resolve::{MapEvent, static_map},
+};
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How long shutdown waits for scaler replicas to acknowledge the last batches.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often SCALER_ADDR is resolved again to follow replicas.
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(15);
+/// A liveness probe fails when no collection happened for this many ticks.
+const LIVENESS_TICKS: u32 = 10;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(error) = itw_telemetry::logging::init(args.log_format) {
+        eprintln!("itw-agent: {error}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    let clock = AgentClock::new();
+    let node_name = match &args.node_name {
+        Some(name) => name.clone(),
+        None => host_name()?,
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        node = %node_name,
+        "itw-agent starting"
+    );
+
+    let mut registry = Registry::default();
+    let counting_metrics = Arc::new(CountingMetrics::default());
+    counting_metrics.register(&mut registry);
+    let attempts = Arc::new(AttemptCounters::default());
+
+    let started = capture::start(&CaptureSettings::from_args(&args)).context("starting capture")?;
+    if let capture::CommSource::Thread { reason } = &started.comm_source {
+        tracing::warn!(%reason, "process_comm is the calling thread's name, not the process's");
+    }
+    counting_metrics.capture_started(
+        started.mode,
+        started.comm_source.as_str(),
+        &started.objects.programs,
+    );
+    let mut kernel = started.kernel;
+    kernel
+        .set_excluded(&args.exclude_comms.comms())
+        .context("setting EXCLUDE_COMMS in the kernel")?;
+    if !args.exclude_comms.0.is_empty() {
+        tracing::info!(exclude = ?args.exclude_comms.0, "filtered process names");
+    }
+
+    let (events_tx, events_rx) = mpsc::channel::<MapEvent>(1024);
+    let _source = match &args.service_map {
+        Some(path) => {
+            let failures = counting_metrics.service_map_reload_failures.clone();
+            static_map::watch(path.clone(), events_tx, move || {
+                failures.inc();
+            })
+            .await?
+        }
+        None => anyhow::bail!(
+            "SERVICE_MAP is not set and the Kubernetes source is not available in this build"
+        ),
+    };
+
+    let report_stop = CancellationToken::new();
+    let mut reporter_task = None;
+    let mut sink: Option<Arc<dyn CollectionSink>> = None;
+    if let Some(scalers) = &args.scaler_addr {
+        let scalers =
+            report::parse_scaler_addrs(scalers).map_err(|e| anyhow::anyhow!("SCALER_ADDR: {e}"))?;
+        let report_metrics = Arc::new(ReportMetrics::default());
+        report_metrics.register(&mut registry);
+        let token = match (&args.scaler_token_file, &args.scaler_token) {
+            (Some(path), _) => TokenSource::File(path.clone()),
+            (None, Some(token)) => TokenSource::Value(token.clone()),
+            (None, None) => TokenSource::None,
+        };
+        let tls = match &args.scaler_ca_file {
+            Some(ca) => Some(report::TlsFiles::read(
+                ca,
+                args.scaler_cert_file
+                    .as_deref()
+                    .zip(args.scaler_key_file.as_deref()),
+            )?),
+            None => None,
+        };
+        let reporter = Arc::new(Reporter::new(
+            ReportSettings {
+                scalers: scalers.clone(),
+                node_name: node_name.clone(),
+                instance_id: uuid::Uuid::new_v4().to_string(),
+                token,
+                tls,
+                resolve_interval: RESOLVE_INTERVAL,
+                flush_timeout: FLUSH_TIMEOUT,
+                log_limits: LogLimits {
+                    max_batches: 3600,
+                    max_bytes: 4 << 20,
+                },
+            },
+            report_metrics,
+            clock,
+        ));
+        tracing::info!(scalers = ?scalers.iter().map(ToString::to_string).collect::<Vec<_>>(), "reporting to the scaler");
+        reporter_task = Some(reporter.spawn(report_stop.clone()));
+        sink = Some(reporter);
+    } else {
+        tracing::info!("SCALER_ADDR not set: /metrics only");
+    }
+
+    let health = Arc::new(Health::default());
+    let exporter = Arc::new(Exporter::new(registry, attempts.clone()));
+    let liveness = args.collect_interval * LIVENESS_TICKS;
+    let router = itw_telemetry::http::metrics_router(exporter).merge(
+        Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .with_state((health.clone(), clock, liveness)),
+    );
+    let listener = itw_telemetry::http::bind(args.metrics_addr).await?;
+    tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+    let http_stop = CancellationToken::new();
+    let http_done = http_stop.clone();
+    let http = tokio::spawn(itw_telemetry::http::serve(listener, router, async move {
+        http_done.cancelled().await;
+    }));
+
+    let counting = CountingLoop {
+        kernel,
+        table: DestinationTable::new(),
+        collector: Collector::new(args.max_comms_per_destination as usize),
+        attempts,
+        metrics: counting_metrics,
+        health,
+        clock,
+        reporter: sink,
+    };
+    let stopping = shutdown.clone();
+    let counted = counting
+        .run(events_rx, args.collect_interval, async move {
+            stopping.cancelled().await;
+        })
+        .await;
+    // The kernel side was dropped with the loop: every program is detached.
+    tracing::info!("capture detached");
+
+    report_stop.cancel();
+    if let Some(task) = reporter_task {
+        let _ = task.await;
+    }
+    http_stop.cancel();
+    match http.await {
+        Ok(result) => result?,
+        Err(error) => tracing::warn!(%error, "metrics server task failed"),
+    }
+    counted.context("counting")?;
+    tracing::info!("itw-agent stopped");
     Ok(())
+}
+
+type ProbeState = (Arc<Health>, AgentClock, Duration);
+
+async fn healthz(State((health, clock, grace)): State<ProbeState>) -> (StatusCode, &'static str) {
+    if health.alive(&clock, grace) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no collection for too long\n",
+        )
+    }
+}
+
+async fn readyz(State((health, _, _)): State<ProbeState>) -> (StatusCode, &'static str) {
+    if health.ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the service map\n",
+        )
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT; stop the agent with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}
+
+fn host_name() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("NODE_NAME is not set and the host name cannot be read")?;
+    Ok(name.trim().to_owned())
 }

@@ -117,6 +117,12 @@ pub struct MapLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabels {
+    pub program: String,
+    pub id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CaptureLabels {
     pub mode: String,
     pub process_name: String,
@@ -138,6 +144,7 @@ pub struct CountingMetrics {
     pub map_apply_failures: Counter,
     pub service_map_reload_failures: Counter,
     pub capture: Family<CaptureLabels, Gauge>,
+    pub programs: Family<ProgramLabels, Gauge>,
     last_stats: Mutex<KernelStats>,
 }
 
@@ -209,16 +216,34 @@ impl CountingMetrics {
             "The capture mode in use and where process names come from (value 1)",
             self.capture.clone(),
         );
+        agent.register(
+            "bpf_programs",
+            "The eBPF programs this agent attached, by kernel program id (value 1; see bpftool prog show id ID)",
+            self.programs.clone(),
+        );
     }
 
-    /// Records the capture mode chosen at start.
-    pub fn capture_started(&self, mode: CaptureMode, process_name: &str) {
+    /// Records the capture mode chosen at start and the programs attached.
+    pub fn capture_started(
+        &self,
+        mode: CaptureMode,
+        process_name: &str,
+        programs: &[(&'static str, u32)],
+    ) {
         self.capture
             .get_or_create(&CaptureLabels {
                 mode: mode.to_string(),
                 process_name: process_name.to_owned(),
             })
             .set(1);
+        for (program, id) in programs {
+            self.programs
+                .get_or_create(&ProgramLabels {
+                    program: (*program).to_owned(),
+                    id: id.to_string(),
+                })
+                .set(1);
+        }
     }
 
     /// Turns the kernel's cumulative trouble counters into counter increments.
