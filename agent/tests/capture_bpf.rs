@@ -1,0 +1,480 @@
+//! The eBPF capture, loaded and attached for real, through the [`Kernel`]
+//! trait: for each capture mode this kernel has, connects to stand-in
+//! ClusterIPs and pod IPs on loopback are counted exactly per (destination,
+//! process name).
+//!
+//! Every test loads its own copy of the programs with its own maps, and uses
+//! its own addresses (127.<mode>.<test>.x) and IPv6 ports, so tests running in
+//! parallel (and, for cgroup mode, every connect on the machine passing
+//! through each copy) cannot touch each other's counts.
+//!
+//! Needs root; see capture_support for skipping.
+
+mod capture_support;
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use capture_support as support;
+use itw_agent::{
+    capture::{CaptureMode, CommSource, KernelStats, mode},
+    config::comm_bytes,
+};
+use itw_common::Destination;
+use tokio::sync::mpsc;
+
+/// One mode's slice of the address space.
+#[derive(Clone, Copy)]
+struct Slot {
+    mode: CaptureMode,
+    /// Second octet of this mode's IPv4 addresses.
+    mode_octet: u8,
+    /// Third octet: the test's own.
+    test: u8,
+}
+
+impl Slot {
+    fn v4(self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(127, self.mode_octet, self.test, host)
+    }
+
+    fn v4_target(self, host: u8, port: u16) -> (Destination, SocketAddr) {
+        let ip = self.v4(host);
+        (
+            Destination::v4(ip.octets(), port),
+            SocketAddr::from((ip, port)),
+        )
+    }
+
+    /// `::1` with a port no other test (or mode) uses.
+    fn v6_target(self) -> (Destination, SocketAddr) {
+        let port = 43_000 + u16::from(self.mode_octet - 100) * 256 + u16::from(self.test);
+        (
+            Destination::new(Ipv6Addr::LOCALHOST.octets(), port),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+        )
+    }
+}
+
+const PORT: u16 = 8429;
+
+fn expected(entries: &[(u32, &str, u64)]) -> BTreeMap<(u32, String), u64> {
+    entries
+        .iter()
+        .map(|(id, comm, n)| ((*id, (*comm).to_owned()), *n))
+        .collect()
+}
+
+/// The next wake, if one comes within `wait`.
+async fn next_wake(wakes: &mut mpsc::Receiver<u32>, wait: Duration) -> Option<u32> {
+    tokio::time::timeout(wait, wakes.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Runs blocking connect code off the runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("the connect task panicked")
+}
+
+async fn counts_each_destination_and_process_exactly(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    assert_eq!(started.mode, slot.mode);
+    assert!(
+        matches!(started.comm_source, CommSource::Leader(_)),
+        "{:?}",
+        started.comm_source
+    );
+    let mut kernel = started.kernel;
+    let (service, service_addr) = slot.v4_target(1, PORT);
+    let (pod, pod_addr) = slot.v4_target(2, PORT);
+    let (v6, v6_addr) = slot.v6_target();
+    let (mapped, mapped_v4) = slot.v4_target(3, PORT);
+    let mapped_addr = SocketAddr::from((slot.v4(3).to_ipv6_mapped(), PORT));
+    let (_, unwatched_addr) = slot.v4_target(4, PORT);
+    // The watched IP on another port is another destination.
+    let (_, other_port_addr) = slot.v4_target(1, PORT + 1);
+    assert_ne!(mapped_v4, mapped_addr);
+    for (dest, id) in [(service, 10), (pod, 11), (v6, 12), (mapped, 13)] {
+        kernel.watch(&dest, id).unwrap();
+    }
+    blocking(move || {
+        support::connect_n(service_addr, 7);
+        support::connect_n(pod_addr, 5);
+        support::connect_n(v6_addr, 3);
+        support::connect_n(mapped_addr, 4);
+        support::connect_n(unwatched_addr, 6);
+        support::connect_n(other_port_addr, 2);
+    })
+    .await;
+
+    // The test thread has its own name (the test's); the counts are under
+    // the process's.
+    let comm = support::process_comm();
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[
+            (10, &comm, 7),
+            (11, &comm, 5),
+            (12, &comm, 3),
+            (13, &comm, 4)
+        ])
+    );
+    let counts = support::read(kernel.as_mut());
+    assert!(counts.overflow.is_empty(), "{:?}", counts.overflow);
+    assert!(counts.filtered.is_empty(), "{:?}", counts.filtered);
+    assert_eq!(kernel.stats().unwrap(), KernelStats::default());
+}
+
+async fn a_thread_with_its_own_name_counts_under_the_process_name(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let (dest, addr) = slot.v4_target(1, PORT);
+    kernel.watch(&dest, 1).unwrap();
+    let thread_comm = blocking(move || {
+        std::thread::spawn(move || {
+            support::name_this_thread(c"pool-3-thread-7");
+            support::connect_n(addr, 9);
+            std::fs::read_to_string("/proc/thread-self/comm").unwrap()
+        })
+        .join()
+        .unwrap()
+    })
+    .await;
+    assert_eq!(thread_comm, "pool-3-thread-7\n");
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(1, &support::process_comm(), 9)])
+    );
+}
+
+async fn thread_names_when_reading_the_leader_is_off(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |s| s.comm_from_leader = false) else {
+        return;
+    };
+    assert_eq!(started.comm_source.as_str(), "thread");
+    let mut kernel = started.kernel;
+    let (dest, addr) = slot.v4_target(1, PORT);
+    kernel.watch(&dest, 1).unwrap();
+    blocking(move || {
+        std::thread::spawn(move || {
+            support::name_this_thread(c"worker-a");
+            support::connect_n(addr, 2);
+        })
+        .join()
+        .unwrap()
+    })
+    .await;
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(1, "worker-a", 2)])
+    );
+}
+
+async fn an_excluded_process_is_counted_apart_and_never_wakes(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let mut wakes = kernel.take_wakes().unwrap();
+    kernel
+        .set_excluded(&[comm_bytes("kubelet"), comm_bytes("k3s")])
+        .unwrap();
+    let (dest, _) = slot.v4_target(1, PORT);
+    let target = SocketAddrV4::new(slot.v4(1), PORT);
+    kernel.watch(&dest, 20).unwrap();
+
+    blocking(move || support::connect_from_process(c"kubelet", target, 6)).await;
+    assert_eq!(
+        next_wake(&mut wakes, Duration::from_millis(300)).await,
+        None
+    );
+    blocking(move || support::connect_from_process(c"other-proc", target, 2)).await;
+    assert_eq!(
+        next_wake(&mut wakes, Duration::from_secs(5)).await,
+        Some(20)
+    );
+
+    // A name no longer excluded counts as traffic again; its old filtered
+    // count stays readable.
+    kernel.set_excluded(&[comm_bytes("k3s")]).unwrap();
+    blocking(move || support::connect_from_process(c"kubelet", target, 1)).await;
+
+    let counts = support::read(kernel.as_mut());
+    let filtered: Vec<_> = counts
+        .filtered
+        .iter()
+        .map(|(c, n)| (support::comm_str(c), *n))
+        .collect();
+    assert_eq!(filtered, vec![("kubelet".to_owned(), 6)]);
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(20, "kubelet", 1), (20, "other-proc", 2)])
+    );
+}
+
+async fn wakes_once_per_idle_to_active_until_rearmed(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let mut wakes = kernel.take_wakes().unwrap();
+    assert!(kernel.take_wakes().is_none());
+    let (a, a_addr) = slot.v4_target(1, PORT);
+    let (b, b_addr) = slot.v6_target();
+    let (_, unwatched) = slot.v4_target(9, PORT);
+    kernel.watch(&a, 30).unwrap();
+    kernel.watch(&b, 31).unwrap();
+
+    blocking(move || support::connect_n(unwatched, 3)).await;
+    assert_eq!(
+        next_wake(&mut wakes, Duration::from_millis(300)).await,
+        None
+    );
+
+    blocking(move || support::connect_n(a_addr, 3)).await;
+    assert_eq!(
+        next_wake(&mut wakes, Duration::from_secs(5)).await,
+        Some(30)
+    );
+    blocking(move || support::connect_n(a_addr, 4)).await;
+    assert_eq!(
+        next_wake(&mut wakes, Duration::from_millis(300)).await,
+        None
+    );
+
+    blocking(move || support::connect_n(b_addr, 1)).await;
+    assert_eq!(
+        next_wake(&mut wakes, Duration::from_secs(5)).await,
+        Some(31)
+    );
+
+    // The agent found it idle and re-armed it.
+    kernel.watch(&a, 30).unwrap();
+    blocking(move || support::connect_n(a_addr, 2)).await;
+    assert_eq!(
+        next_wake(&mut wakes, Duration::from_secs(5)).await,
+        Some(30)
+    );
+    assert_eq!(
+        next_wake(&mut wakes, Duration::from_millis(300)).await,
+        None
+    );
+
+    let comm = support::process_comm();
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(30, &comm, 9), (31, &comm, 1)])
+    );
+    assert_eq!(kernel.stats().unwrap().wakes_dropped, 0);
+}
+
+async fn unwatch_stops_counting_and_forget_removes_counters(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let (a, a_addr) = slot.v4_target(1, PORT);
+    let (b, b_addr) = slot.v4_target(2, PORT);
+    kernel.watch(&a, 1).unwrap();
+    kernel.watch(&b, 2).unwrap();
+    blocking(move || {
+        support::connect_n(a_addr, 3);
+        support::connect_n(b_addr, 1);
+    })
+    .await;
+    kernel.unwatch(&a).unwrap();
+    // Unwatching what is not watched is not an error.
+    kernel.unwatch(&a).unwrap();
+    blocking(move || support::connect_n(a_addr, 4)).await;
+    let comm = support::process_comm();
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(1, &comm, 3), (2, &comm, 1)])
+    );
+    kernel.forget(&[1]).unwrap();
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(2, &comm, 1)])
+    );
+}
+
+async fn a_full_attempts_map_counts_in_overflow(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |s| s.max_attempt_counters = 2) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let (a, a_addr) = slot.v4_target(1, PORT);
+    let (b, b_addr) = slot.v4_target(2, PORT);
+    kernel.watch(&a, 40).unwrap();
+    kernel.watch(&b, 41).unwrap();
+    blocking(move || {
+        support::connect_n(a_addr, 1);
+        support::connect_n(b_addr, 1);
+    })
+    .await;
+    // Two keys: the map is full. A new (destination, process) overflows...
+    let target = SocketAddrV4::new(slot.v4(1), PORT);
+    blocking(move || support::connect_from_process(c"ovf-child", target, 5)).await;
+    // ...while existing keys still count.
+    blocking(move || support::connect_n(a_addr, 2)).await;
+
+    let comm = support::process_comm();
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(40, &comm, 3), (41, &comm, 1)])
+    );
+    assert_eq!(support::read(kernel.as_mut()).overflow, vec![(40, 5)]);
+    assert_eq!(
+        kernel.stats().unwrap(),
+        KernelStats {
+            attempts_map_full: 5,
+            ..KernelStats::default()
+        }
+    );
+    // Forgetting a destination frees its keys for others and drops its overflow.
+    kernel.forget(&[40]).unwrap();
+    assert!(support::read(kernel.as_mut()).overflow.is_empty());
+    blocking(move || support::connect_from_process(c"ovf-child", target, 1)).await;
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(40, "ovf-child", 1), (41, &comm, 1)])
+    );
+}
+
+async fn many_threads_lose_nothing(slot: Slot) {
+    const THREADS: u64 = 4;
+    const PER_THREAD: u64 = 25_000;
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let (dest, addr) = slot.v4_target(1, PORT);
+    kernel.watch(&dest, 7).unwrap();
+    blocking(move || {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| std::thread::spawn(move || support::connect_n(addr, PER_THREAD)))
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    })
+    .await;
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(7, &support::process_comm(), THREADS * PER_THREAD)])
+    );
+    assert_eq!(kernel.stats().unwrap(), KernelStats::default());
+}
+
+/// One test per (mode, case); each case gets its own third octet.
+macro_rules! per_mode {
+    ($($case:ident = $test:literal),* $(,)?) => {
+        per_mode!(@mode cgroup, Cgroup, 101, $($case = $test),*);
+        per_mode!(@mode tracepoint, Tracepoint, 102, $($case = $test),*);
+        per_mode!(@mode kprobe, Kprobe, 103, $($case = $test),*);
+    };
+    (@mode $module:ident, $mode:ident, $octet:literal, $($case:ident = $test:literal),*) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Slot {
+                        mode: itw_agent::capture::CaptureMode::$mode,
+                        mode_octet: $octet,
+                        test: $test,
+                    })
+                    .await;
+                }
+            )*
+        }
+    };
+}
+
+per_mode!(
+    counts_each_destination_and_process_exactly = 1,
+    a_thread_with_its_own_name_counts_under_the_process_name = 2,
+    thread_names_when_reading_the_leader_is_off = 3,
+    an_excluded_process_is_counted_apart_and_never_wakes = 4,
+    wakes_once_per_idle_to_active_until_rearmed = 5,
+    unwatch_stops_counting_and_forget_removes_counters = 6,
+    a_full_attempts_map_counts_in_overflow = 7,
+    many_threads_lose_nothing = 8,
+);
+
+#[tokio::test]
+async fn kprobe_mode_on_a_kernel_without_kprobes_is_a_clear_start_error() {
+    let features = mode::detect(None);
+    if features.kprobes {
+        eprintln!("skipped: this kernel has kprobes; the kprobe:: tests cover it");
+        return;
+    }
+    let err = itw_agent::capture::start(&itw_agent::capture::CaptureSettings::new(
+        CaptureMode::Kprobe,
+    ))
+    .unwrap_err();
+    let others: Vec<_> = features.available().iter().map(|m| m.as_str()).collect();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "CAPTURE_MODE=kprobe: this kernel has no kprobe events (CONFIG_KPROBE_EVENTS; /sys/bus/event_source/devices/kprobe/type is missing); use {}",
+            others.join(" or ")
+        )
+    );
+}
+
+#[tokio::test]
+async fn auto_takes_cgroup_where_cgroup_v2_is_mounted() {
+    let features = mode::detect(None);
+    let Ok(root) = features.cgroup.clone() else {
+        eprintln!("skipped: no cgroup v2 here; mode::tests cover the choice");
+        return;
+    };
+    let Some(started) = support::start(CaptureMode::Auto, |_| {}) else {
+        return;
+    };
+    assert_eq!(started.mode, CaptureMode::Cgroup);
+    assert_eq!(
+        started.attached_to,
+        format!("cgroup {}", root.path.display())
+    );
+    assert!(
+        started
+            .reason
+            .starts_with(&format!("cgroup v2 is mounted at {}", root.path.display())),
+        "{}",
+        started.reason
+    );
+    assert_eq!(
+        started
+            .objects
+            .programs
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>(),
+        ["itw_connect4", "itw_connect6"]
+    );
+}
+
+#[test]
+fn start_outside_a_tokio_runtime_is_an_error() {
+    let err = itw_agent::capture::start(&itw_agent::capture::CaptureSettings::new(
+        CaptureMode::Cgroup,
+    ))
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("capture must start inside a tokio runtime"),
+        "{err}"
+    );
+}

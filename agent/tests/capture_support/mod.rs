@@ -1,0 +1,191 @@
+//! Shared by the eBPF capture tests: privilege checks, starting a mode, making
+//! connects (to loopback only), and reading counts back by name.
+//!
+//! Without root or BPF these tests skip with the reason printed, unless
+//! `ITW_REQUIRE_BPF=1` (CI), where that is a failure.
+
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::{
+    collections::BTreeMap,
+    ffi::CStr,
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use itw_agent::capture::{
+    self, CaptureError, CaptureMode, CaptureSettings, Kernel, KernelCounts, Started, mode,
+};
+use itw_common::{COMM_LEN, Comm};
+
+pub fn bpf_required() -> bool {
+    std::env::var("ITW_REQUIRE_BPF").is_ok_and(|v| v == "1")
+}
+
+/// Skips (returns) or, under `ITW_REQUIRE_BPF=1`, fails.
+pub fn skip(reason: &str) {
+    if bpf_required() {
+        panic!("ITW_REQUIRE_BPF=1 but {reason}");
+    }
+    eprintln!("skipped: {reason} (set ITW_REQUIRE_BPF=1 to make this a failure)");
+}
+
+/// Loading programs needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether this host offers `mode`; prints why not. A mode the kernel lacks
+/// is a skip even under ITW_REQUIRE_BPF=1: the test of the start error covers it.
+pub fn mode_available(mode: CaptureMode) -> bool {
+    match mode::choose(mode, &mode::detect(None)) {
+        Ok(_) => true,
+        Err(err) => {
+            eprintln!("skipped: {err}");
+            false
+        }
+    }
+}
+
+/// Starts `mode` with test-sized maps, adjusted by `customize`. None: skipped.
+pub fn start(mode: CaptureMode, customize: impl FnOnce(&mut CaptureSettings)) -> Option<Started> {
+    if !is_root() {
+        skip("not running as root, which loading eBPF programs needs");
+        return None;
+    }
+    if !mode_available(mode) {
+        return None;
+    }
+    let mut settings = CaptureSettings::new(mode);
+    settings.max_destinations = 1024;
+    settings.max_attempt_counters = 1024;
+    customize(&mut settings);
+    match capture::start(&settings) {
+        Ok(started) => Some(started),
+        Err(err) if err.is_permission_denied() => {
+            skip(&format!("the kernel refused eBPF: {err}"));
+            None
+        }
+        Err(err) => panic!("starting capture mode {mode}: {err}"),
+    }
+}
+
+/// A comm as the text it holds.
+pub fn comm_str(comm: &Comm) -> String {
+    let end = comm.iter().position(|b| *b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// This process's name as the kernel keeps it (the thread-group leader's).
+pub fn process_comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .expect("reading /proc/self/comm")
+        .trim_end_matches('\n')
+        .to_owned()
+}
+
+/// The attempt counters as (dest_id, process name) -> count.
+pub fn attempts(kernel: &mut dyn Kernel) -> BTreeMap<(u32, String), u64> {
+    let counts = read(kernel);
+    let mut out = BTreeMap::new();
+    for (key, n) in counts.attempts {
+        let previous = out.insert((key.dest_id, comm_str(&key.comm)), n);
+        assert_eq!(previous, None, "a key came twice from read()");
+    }
+    out
+}
+
+pub fn read(kernel: &mut dyn Kernel) -> KernelCounts {
+    let mut counts = KernelCounts::default();
+    kernel.read(&mut counts).expect("reading the kernel maps");
+    counts
+}
+
+/// `n` connects to `target`, where nothing listens. Each is refused at once;
+/// the attempt is what the programs count. Only loopback is allowed here.
+pub fn connect_n(target: SocketAddr, n: u64) {
+    assert_loopback(target);
+    for _ in 0..n {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => panic!("connect to {target}: {e} (expected: refused)"),
+            Ok(_) => panic!("something listens on {target}; the test needs a closed port"),
+        }
+    }
+}
+
+fn assert_loopback(target: SocketAddr) {
+    let ok = match target {
+        SocketAddr::V4(a) => a.ip().is_loopback(),
+        SocketAddr::V6(a) => {
+            a.ip().is_loopback() || a.ip().to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    };
+    assert!(ok, "tests connect to loopback only, not {target}");
+}
+
+/// Runs `n` connects to an IPv4 loopback `target` in a child process whose
+/// only (so main) thread is named `name`, as a separate program would be.
+/// The child makes raw system calls only: it is forked from a threaded process.
+pub fn connect_from_process(name: &CStr, target: std::net::SocketAddrV4, n: u32) {
+    assert!(target.ip().is_loopback(), "loopback only, not {target}");
+    assert!(
+        name.to_bytes().len() < COMM_LEN,
+        "{name:?} is too long for a comm"
+    );
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: target.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(target.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: the child calls only async-signal-safe functions (prctl,
+    // socket, connect, close, _exit) on data prepared before the fork.
+    unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            if libc::prctl(libc::PR_SET_NAME, name.as_ptr()) != 0 {
+                libc::_exit(2);
+            }
+            for _ in 0..n {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    libc::_exit(3);
+                }
+                let rc = libc::connect(
+                    fd,
+                    (&raw const addr).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                );
+                // Refused is the expected outcome; success means a listener.
+                if rc == 0 {
+                    libc::_exit(4);
+                }
+                libc::close(fd);
+            }
+            libc::_exit(0);
+        }
+        let mut status = 0;
+        let waited = libc::waitpid(pid, &mut status, 0);
+        assert_eq!(waited, pid, "waitpid: {}", std::io::Error::last_os_error());
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child {name:?} failed (status {status:#x}; exit 2: prctl, 3: socket, 4: connected)"
+        );
+    }
+}
+
+/// Sets the calling thread's name (its own comm, not the process's).
+pub fn name_this_thread(name: &CStr) {
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    assert_eq!(rc, 0, "prctl: {}", std::io::Error::last_os_error());
+}
+
+pub fn is_mode_unavailable(err: &CaptureError) -> bool {
+    matches!(err, CaptureError::ModeUnavailable { .. })
+}
