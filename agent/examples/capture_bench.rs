@@ -1,0 +1,349 @@
+//! What the capture programs cost a caller's `connect()`, and proof that they
+//! lose no count at the fastest rate this machine connects (`hack/bench
+//! capture`; as root, release build).
+//!
+//! 1. One thread connects in a loop (nonblocking socket, connect to a closed
+//!    loopback port, close) with nothing attached, then with each available
+//!    mode attached: once to a watched destination (the full counting path)
+//!    and once to an unwatched one (what every other connect on the node
+//!    pays: one map lookup). Rounds interleave the configurations so drift in
+//!    the machine's load spreads over all of them; the median round counts.
+//!    Each is measured twice: connects per second of wall time, and the
+//!    loop thread's own CPU time per connect (user + kernel), which other
+//!    work on a busy machine disturbs far less.
+//! 2. The programs' own run time per connect, from the kernel's BPF run-time
+//!    statistics (enabled for this step only).
+//! 3. Several threads connect as fast as they can with each mode attached;
+//!    the kernel's count must equal the connects made, exactly.
+//!
+//! Usage: `capture_bench [--seconds S] [--rounds R] [--threads N]
+//! [--max-destinations N] [--thread-comm]` (the last two change the agent's
+//! defaults: watched-map size, and thread names instead of the process's).
+//! Connects go to 127.88.0.0/16 only.
+
+use std::{
+    net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use itw_agent::capture::{self, CaptureMode, CaptureSettings, KernelCounts, mode};
+use itw_common::Destination;
+
+const PORT: u16 = 9;
+
+struct Options {
+    seconds: f64,
+    rounds: usize,
+    threads: usize,
+    settings: CaptureSettings,
+}
+
+fn parse_options() -> anyhow::Result<Options> {
+    let mut options = Options {
+        seconds: 2.0,
+        rounds: 5,
+        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        settings: CaptureSettings::new(CaptureMode::Auto),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--thread-comm" {
+            options.settings.comm_from_leader = false;
+            continue;
+        }
+        let value = args
+            .next()
+            .with_context(|| format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--seconds" => options.seconds = value.parse().context("--seconds")?,
+            "--rounds" => options.rounds = value.parse().context("--rounds")?,
+            "--threads" => options.threads = value.parse().context("--threads")?,
+            "--max-destinations" => {
+                options.settings.max_destinations = value.parse().context("--max-destinations")?;
+            }
+            _ => bail!(
+                "unknown option {arg}; use --seconds, --rounds, --threads, --max-destinations, --thread-comm"
+            ),
+        }
+    }
+    if options.rounds == 0 || options.threads == 0 || options.seconds <= 0.0 {
+        bail!("--seconds, --rounds and --threads must be positive");
+    }
+    Ok(options)
+}
+
+/// The loop under test: socket, connect (refused at once), close.
+/// Returns the connects made until `stop` and the thread's CPU time for them.
+fn connect_loop(target: Ipv4Addr, stop: &AtomicBool) -> (u64, Duration) {
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: PORT.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(target.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let cpu_start = thread_cpu_time();
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: plain system calls on a socket this loop owns.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            );
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let rc = libc::connect(
+                fd,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            assert!(rc != 0, "something listens on {target}:{PORT}");
+            libc::close(fd);
+        }
+        n += 1;
+    }
+    (n, thread_cpu_time().saturating_sub(cpu_start))
+}
+
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// One measurement of `threads` connect loops over `seconds`.
+struct Run {
+    /// Connects per second of wall time, all threads.
+    rate: f64,
+    /// CPU time per connect of the connecting threads, in ns.
+    cpu_ns: f64,
+    made: u64,
+}
+
+fn run(target: Ipv4Addr, threads: usize, seconds: f64) -> Run {
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || connect_loop(target, &stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let (made, cpu) = handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_default())
+        .fold((0, Duration::ZERO), |(n, t), (dn, dt)| (n + dn, t + dt));
+    Run {
+        rate: made as f64 / start.elapsed().as_secs_f64(),
+        cpu_ns: cpu.as_nanos() as f64 / made.max(1) as f64,
+        made,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Config {
+    Bare,
+    Watched(CaptureMode),
+    Unwatched(CaptureMode),
+}
+
+impl Config {
+    fn label(self) -> String {
+        match self {
+            Self::Bare => "nothing attached".to_owned(),
+            Self::Watched(m) => format!("{m}, watched destination (counted)"),
+            Self::Unwatched(m) => format!("{m}, other destination (lookup miss)"),
+        }
+    }
+}
+
+/// The attempts the kernel counted, summed over keys.
+fn counted(kernel: &mut dyn capture::Kernel) -> anyhow::Result<u64> {
+    let mut counts = KernelCounts::default();
+    kernel.read(&mut counts)?;
+    let overflow: u64 = counts.overflow.iter().map(|(_, n)| n).sum();
+    Ok(counts.attempts.iter().map(|(_, n)| n).sum::<u64>() + overflow)
+}
+
+fn settings(options: &Options, mode: CaptureMode) -> CaptureSettings {
+    CaptureSettings {
+        mode,
+        ..options.settings.clone()
+    }
+}
+
+/// Total (runs, run time in ns) of the programs with these ids.
+fn program_run_time(ids: &[u32]) -> anyhow::Result<(u64, u64)> {
+    let mut total = (0, 0);
+    for info in aya::programs::loaded_programs() {
+        let info = info.context("listing loaded programs")?;
+        if ids.contains(&info.id()) {
+            total.0 += info.run_count();
+            total.1 += u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
+        }
+    }
+    Ok(total)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = parse_options()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let _guard = runtime.enter();
+
+    let features = mode::detect(None);
+    let modes = features.available();
+    let default_mode = mode::choose(CaptureMode::Auto, &features)?.mode;
+    println!(
+        "capture bench: modes here {:?}, default {default_mode}; {} rounds of {}s per configuration, 1 thread",
+        modes.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+        options.rounds,
+        options.seconds
+    );
+
+    let watched = Ipv4Addr::new(127, 88, 0, 1);
+    let other = Ipv4Addr::new(127, 88, 0, 2);
+    let mut configs = vec![Config::Bare];
+    for m in &modes {
+        configs.push(Config::Watched(*m));
+        configs.push(Config::Unwatched(*m));
+    }
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    for round in 0..options.rounds {
+        for (i, config) in configs.iter().enumerate() {
+            let (measured, exact) = match *config {
+                Config::Bare => (run(watched, 1, options.seconds), true),
+                Config::Watched(m) | Config::Unwatched(m) => {
+                    let started = capture::start(&settings(&options, m))
+                        .with_context(|| format!("starting {m}"))?;
+                    let mut kernel = started.kernel;
+                    kernel.watch(&Destination::v4(watched.octets(), PORT), 1)?;
+                    let target = if matches!(config, Config::Watched(_)) {
+                        watched
+                    } else {
+                        other
+                    };
+                    let measured = run(target, 1, options.seconds);
+                    let expected = if target == watched { measured.made } else { 0 };
+                    let exact = counted(kernel.as_mut())? == expected;
+                    (measured, exact)
+                }
+            };
+            if !exact {
+                bail!(
+                    "round {round}, {}: the kernel's count is not the connects made",
+                    config.label()
+                );
+            }
+            rates[i].push(measured.rate);
+            cpu[i].push(measured.cpu_ns);
+        }
+    }
+
+    let bare_rate = median(&mut rates[0].clone());
+    let bare_cpu = median(&mut cpu[0].clone());
+    println!(
+        "\n{:<44} {:>11} {:>8} {:>11} {:>11} {:>8}",
+        "configuration", "connects/s", "vs bare", "CPU ns/conn", "ns added", "vs bare"
+    );
+    for (i, config) in configs.iter().enumerate() {
+        let rate = median(&mut rates[i].clone());
+        let cpu_ns = median(&mut cpu[i].clone());
+        println!(
+            "{:<44} {:>11.0} {:>7.1}% {:>11.0} {:>11.0} {:>7.1}%",
+            config.label(),
+            rate,
+            100.0 * rate / bare_rate,
+            cpu_ns,
+            cpu_ns - bare_cpu,
+            // Speed relative to bare, by CPU cost per connect.
+            100.0 * bare_cpu / cpu_ns,
+        );
+    }
+    println!("per-round CPU ns per connect:");
+    for (config, values) in configs.iter().zip(&cpu) {
+        let list: Vec<String> = values.iter().map(|v| format!("{v:.0}")).collect();
+        println!("  {:<42} {}", config.label(), list.join(" "));
+    }
+
+    println!("\nprogram run time per connect (kernel BPF run-time statistics):");
+    for m in &modes {
+        for (label, target) in [("watched", watched), ("other destination", other)] {
+            let started = capture::start(&settings(&options, *m))?;
+            let ids: Vec<u32> = started.objects.programs.iter().map(|(_, id)| *id).collect();
+            let mut kernel = started.kernel;
+            kernel.watch(&Destination::v4(watched.octets(), PORT), 1)?;
+            let before = program_run_time(&ids)?;
+            let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+                .context("enabling BPF run-time statistics")?;
+            let measured = run(target, 1, options.seconds);
+            drop(stats_fd);
+            let after = program_run_time(&ids)?;
+            let (runs, ns) = (after.0 - before.0, after.1 - before.1);
+            println!(
+                "  {:<42} {:>6.0} ns per connect, {:>4.0} ns per program run ({runs} runs)",
+                format!("{m}, {label}"),
+                ns as f64 / measured.made.max(1) as f64,
+                ns as f64 / runs.max(1) as f64,
+            );
+        }
+    }
+    println!("  (a tracepoint program runs on every TCP state change: twice per refused connect)");
+
+    println!(
+        "\nfastest rate, {} threads, {}s each, exact count check:",
+        options.threads,
+        options.seconds * 2.0
+    );
+    let bare = run(watched, options.threads, options.seconds * 2.0);
+    println!(
+        "  {:<42} {:>10.0} connects/s",
+        "nothing attached", bare.rate
+    );
+    for m in &modes {
+        let started = capture::start(&settings(&options, *m))?;
+        let mut kernel = started.kernel;
+        kernel.watch(&Destination::v4(watched.octets(), PORT), 1)?;
+        let measured = run(watched, options.threads, options.seconds * 2.0);
+        let stats = kernel.stats()?;
+        let got = counted(kernel.as_mut())?;
+        println!(
+            "  {:<42} {:>10.0} connects/s ({:.1}% of bare), {} made, {got} counted, lost {}, map-full {}",
+            format!("{m}, watched"),
+            measured.rate,
+            100.0 * measured.rate / bare.rate,
+            measured.made,
+            measured.made.saturating_sub(got),
+            stats.attempts_map_full + stats.overflow_map_full
+        );
+        if got != measured.made {
+            bail!("{m}: counted {got} of {} connects", measured.made);
+        }
+    }
+    Ok(())
+}
