@@ -8,7 +8,7 @@
 pub mod static_map;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -17,18 +17,72 @@ use std::{
 use itw_common::Destination;
 
 /// A Kubernetes Service, by namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceRef {
+///
+/// One pointer wide (every watched destination's [`Target`] holds one), and
+/// shared: clones of one `ServiceRef` are one allocation. It reads as the
+/// [`ServiceName`] it points to (`service.namespace`, `service.name`), and
+/// compares, orders and hashes by those names.
+#[derive(Clone)]
+pub struct ServiceRef(Arc<ServiceName>);
+
+/// The names a [`ServiceRef`] stands for.
+#[derive(Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
 }
 
 impl ServiceRef {
     pub fn new(namespace: &str, name: &str) -> Self {
-        Self {
-            namespace: namespace.into(),
-            name: name.into(),
-        }
+        Self::from_names(namespace.into(), name.into())
+    }
+
+    /// From names already shared elsewhere (a source that interns them).
+    pub fn from_names(namespace: Arc<str>, name: Arc<str>) -> Self {
+        Self(Arc::new(ServiceName { namespace, name }))
+    }
+}
+
+impl std::ops::Deref for ServiceRef {
+    type Target = ServiceName;
+
+    fn deref(&self) -> &ServiceName {
+        &self.0
+    }
+}
+
+impl PartialEq for ServiceRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl Eq for ServiceRef {}
+
+impl std::hash::Hash for ServiceRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl PartialOrd for ServiceRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ServiceRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+impl fmt::Debug for ServiceRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServiceRef")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -90,6 +144,94 @@ pub fn destination(addr: SocketAddr) -> Destination {
     }
 }
 
+/// A map keyed by kernel destination, compact for the 100k+ destinations of
+/// a large cluster: IPv4 keys (nearly all of them) take 8 bytes rather than
+/// the 20 of a [`Destination`].
+#[derive(Clone, Debug)]
+pub struct DestMap<V> {
+    v4: HashMap<(u32, u16), V>,
+    other: HashMap<Destination, V>,
+}
+
+impl<V> Default for DestMap<V> {
+    fn default() -> Self {
+        Self {
+            v4: HashMap::new(),
+            other: HashMap::new(),
+        }
+    }
+}
+
+/// The IPv4 key of an IPv4-mapped destination.
+fn v4_key(dest: &Destination) -> Option<(u32, u16)> {
+    let [a, b, c, d] = [dest.addr[12], dest.addr[13], dest.addr[14], dest.addr[15]];
+    (dest.addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff])
+        .then(|| (u32::from_be_bytes([a, b, c, d]), dest.port))
+}
+
+impl<V> DestMap<V> {
+    pub fn get(&self, dest: &Destination) -> Option<&V> {
+        match v4_key(dest) {
+            Some(key) => self.v4.get(&key),
+            None => self.other.get(dest),
+        }
+    }
+
+    pub fn get_mut(&mut self, dest: &Destination) -> Option<&mut V> {
+        match v4_key(dest) {
+            Some(key) => self.v4.get_mut(&key),
+            None => self.other.get_mut(dest),
+        }
+    }
+
+    pub fn contains_key(&self, dest: &Destination) -> bool {
+        self.get(dest).is_some()
+    }
+
+    pub fn insert(&mut self, dest: Destination, value: V) -> Option<V> {
+        match v4_key(&dest) {
+            Some(key) => self.v4.insert(key, value),
+            None => self.other.insert(dest, value),
+        }
+    }
+
+    pub fn remove(&mut self, dest: &Destination) -> Option<V> {
+        match v4_key(dest) {
+            Some(key) => self.v4.remove(&key),
+            None => self.other.remove(dest),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.other.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.v4.clear();
+        self.other.clear();
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (Destination, &V)> {
+        self.v4
+            .iter()
+            .map(|(&(ip, port), v)| (Destination::v4(ip.to_be_bytes(), port), v))
+            .chain(self.other.iter().map(|(d, v)| (*d, v)))
+    }
+}
+
+/// The address a kernel key stands for, in canonical form (the inverse of
+/// [`destination`]).
+pub fn socket_addr(dest: &Destination) -> SocketAddr {
+    canonical(SocketAddr::new(
+        IpAddr::V6(std::net::Ipv6Addr::from(dest.addr)),
+        dest.port,
+    ))
+}
+
 /// The canonical form of an address: IPv4-mapped IPv6 becomes IPv4, so a
 /// source cannot list one destination twice under two spellings.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
@@ -120,5 +262,28 @@ mod tests {
         let v6: SocketAddr = "[::1]:80".parse().unwrap();
         assert_eq!(destination(v6).addr[15], 1);
         assert_eq!(canonical(v6), v6);
+        assert_eq!(socket_addr(&destination(mapped)), v4);
+        assert_eq!(socket_addr(&destination(v6)), v6);
+    }
+
+    #[test]
+    fn a_dest_map_files_both_families_under_their_kernel_keys() {
+        let v4: SocketAddr = "127.10.0.1:8429".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.10.0.1]:8429".parse().unwrap();
+        let v6: SocketAddr = "[fd00::1]:80".parse().unwrap();
+        let mut map = DestMap::default();
+        assert_eq!(map.insert(destination(v4), 1), None);
+        assert_eq!(map.insert(destination(mapped), 2), Some(1));
+        assert_eq!(map.insert(destination(v6), 3), None);
+        assert_eq!(map.len(), 2);
+        assert_eq!(map.get(&destination(v4)), Some(&2));
+        *map.get_mut(&destination(v6)).unwrap() += 1;
+        let mut all: Vec<_> = map.iter().map(|(d, v)| (socket_addr(&d), *v)).collect();
+        all.sort();
+        assert_eq!(all, vec![(v4, 2), (v6, 4)]);
+        assert_eq!(map.remove(&destination(v4)), Some(2));
+        assert!(!map.contains_key(&destination(v4)));
+        map.clear();
+        assert!(map.is_empty());
     }
 }
