@@ -5,6 +5,7 @@
 //! the kernel's watched set. Sources are interchangeable: nothing downstream
 //! knows which one is running.
 
+pub mod kube;
 pub mod static_map;
 
 use std::{
