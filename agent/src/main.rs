@@ -13,7 +13,7 @@ use itw_agent::{
     destinations::DestinationTable,
     metrics::{AttemptCounters, CountingMetrics, Exporter},
     report::{self, ReportMetrics, ReportSettings, Reporter, TokenSource, ledger::LogLimits},
-    resolve::{MapEvent, static_map},
+    resolve::{MapEvent, kube, static_map},
 };
 use prometheus_client::registry::Registry;
 use tokio::sync::mpsc;
@@ -97,9 +97,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             })
             .await?
         }
-        None => anyhow::bail!(
-            "SERVICE_MAP is not set and the Kubernetes source is not available in this build"
-        ),
+        None => {
+            let settings =
+                kube::KubeSettings::new(&args.watch_namespaces, args.service_selector.as_deref())?;
+            let client = kube::connect().await?;
+            let kube_metrics = Arc::new(kube::KubeSourceMetrics::default());
+            kube_metrics.register(&mut registry);
+            tracing::info!(
+                namespaces = ?args.watch_namespaces,
+                selector = ?args.service_selector,
+                "watching Services and EndpointSlices"
+            );
+            tokio::spawn(kube::run(client, settings, events_tx, kube_metrics))
+        }
     };
 
     let report_stop = CancellationToken::new();

@@ -56,13 +56,12 @@ pub enum KubeSourceError {
     Namespace { namespace: String },
     #[error("SERVICE_SELECTOR={selector:?}: {reason}")]
     Selector { selector: String, reason: String },
+    /// kube's error text already holds its causes, so it is kept as text: as
+    /// a source, every cause would be printed again.
     #[error(
-        "no Kubernetes API to talk to ({source}); in a pod the service account is used, elsewhere set KUBECONFIG, or set SERVICE_MAP to use a static service map instead"
+        "no Kubernetes API to talk to ({reason}); in a pod the service account is used, elsewhere set KUBECONFIG, or set SERVICE_MAP to use a static service map instead"
     )]
-    Connect {
-        #[source]
-        source: kube::Error,
-    },
+    Connect { reason: String },
 }
 
 /// What to watch: checked settings of WATCH_NAMESPACES and SERVICE_SELECTOR.
@@ -152,7 +151,9 @@ impl KubeSettings {
 pub async fn connect() -> Result<kube::Client, KubeSourceError> {
     kube::Client::try_default()
         .await
-        .map_err(|source| KubeSourceError::Connect { source })
+        .map_err(|error| KubeSourceError::Connect {
+            reason: error.to_string(),
+        })
 }
 
 fn is_dns_label(s: &str) -> bool {
