@@ -154,7 +154,12 @@ fn reconcile(
         }
         tracing::info!(%addr, "scaler replica found; opening a stream");
         let token = stop.child_token();
-        let task = tokio::spawn(stream::run(ctx.clone(), *addr, domain.clone(), token.clone()));
+        let task = tokio::spawn(stream::run(
+            ctx.clone(),
+            *addr,
+            domain.clone(),
+            token.clone(),
+        ));
         replicas.insert(*addr, Replica { stop: token, task });
     }
 }
@@ -198,8 +203,15 @@ mod tests {
             "[::1]:9090"
         );
         let list = parse_scaler_addrs(" a:1, b:2 ,a:1,").unwrap();
-        assert_eq!(list.iter().map(ToString::to_string).collect::<Vec<_>>(), ["a:1", "b:2"]);
+        assert_eq!(
+            list.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["a:1", "b:2"]
+        );
         assert!(parse_scaler_addrs(" , ").is_err());
-        assert!(parse_scaler_addrs("a:1,b").unwrap_err().contains("\"b\" has no port"));
+        assert!(
+            parse_scaler_addrs("a:1,b")
+                .unwrap_err()
+                .contains("\"b\" has no port")
+        );
     }
 }
