@@ -126,7 +126,7 @@ async fn check(mode: CaptureMode, connects: u64, port_base: u16) -> anyhow::Resu
     kernel.read(&mut counts)?;
     let process = std::fs::read_to_string("/proc/self/comm")?;
     let comm = match started.comm_source {
-        capture::CommSource::Leader(_) => process.trim_end(),
+        capture::CommSource::Leader { .. } => process.trim_end(),
         capture::CommSource::Thread { .. } => "itw-worker",
     };
     let mut ok = true;
@@ -154,7 +154,9 @@ async fn check(mode: CaptureMode, connects: u64, port_base: u16) -> anyhow::Resu
     }
     // Each destination was armed: exactly one wake each.
     let mut woke = Vec::new();
-    while let Ok(Some(id)) = tokio::time::timeout(Duration::from_millis(500), wakes.recv()).await {
+    while let Ok(Some(wake)) = tokio::time::timeout(Duration::from_millis(500), wakes.recv()).await
+    {
+        let id = wake.key.dest_id;
         woke.push(id);
     }
     woke.sort_unstable();

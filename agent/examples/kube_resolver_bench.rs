@@ -35,7 +35,7 @@ use std::{
 };
 
 use itw_agent::{
-    capture::{CaptureError, Kernel, KernelCounts, KernelStats, fake::FakeKernel},
+    capture::{CaptureError, Kernel, KernelCounts, KernelStats, Wake, fake::FakeKernel},
     destinations::DestinationTable,
     resolve::{
         MapEvent,
@@ -184,8 +184,8 @@ fn serve_mock(o: &Options) -> Result<(), String> {
 /// A kernel that keeps nothing: the real agent's kernel maps are not in its
 /// memory.
 struct NullKernel {
-    wakes: Option<mpsc::Receiver<u32>>,
-    _tx: mpsc::Sender<u32>,
+    wakes: Option<mpsc::Receiver<Wake>>,
+    _tx: mpsc::Sender<Wake>,
 }
 
 impl Kernel for NullKernel {
@@ -202,13 +202,17 @@ impl Kernel for NullKernel {
         out.clear();
         Ok(())
     }
+    fn read_woken(&mut self, _: &[Wake], out: &mut KernelCounts) -> Result<(), CaptureError> {
+        out.clear();
+        Ok(())
+    }
     fn forget(&mut self, _: &[u32]) -> Result<(), CaptureError> {
         Ok(())
     }
     fn stats(&mut self) -> Result<KernelStats, CaptureError> {
         Ok(KernelStats::default())
     }
-    fn take_wakes(&mut self) -> Option<mpsc::Receiver<u32>> {
+    fn take_wakes(&mut self) -> Option<mpsc::Receiver<Wake>> {
         self.wakes.take()
     }
 }

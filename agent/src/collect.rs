@@ -16,7 +16,7 @@ use itw_common::{AttemptKey, Comm};
 use itw_telemetry::exposition::OVERFLOW_COMM;
 
 use crate::{
-    capture::{CaptureError, Kernel, KernelCounts},
+    capture::{CaptureError, Kernel, KernelCounts, Wake},
     destinations::DestinationTable,
     resolve::{ServiceRef, Target},
 };
@@ -77,14 +77,46 @@ impl Collector {
         }
     }
 
-    /// Reads the kernel once and returns what changed since the last call.
-    /// Also re-arms destinations that went idle and retires unwatched ids.
+    /// Reads every kernel counter and returns what changed since they were
+    /// last read. Also re-arms destinations that went idle and retires
+    /// unwatched ids.
     pub fn collect(
         &mut self,
         kernel: &mut dyn Kernel,
         table: &mut DestinationTable,
     ) -> Result<Collection, CaptureError> {
         kernel.read(&mut self.counts)?;
+        let out = self.fold(table);
+        for id in &self.active {
+            table.disarmed(*id);
+        }
+        table.rearm_idle(kernel, &self.active)?;
+        for id in table.after_read(kernel)? {
+            self.last_overflow.remove(&id);
+            self.last_attempts.retain(|k, _| k.dest_id != id);
+        }
+        Ok(out)
+    }
+
+    /// The fast path of a wake: reads only the counters the wakes name. The
+    /// deltas are as exact as a full read's (last values are per counter);
+    /// other counters wait for the next full read.
+    pub fn collect_woken(
+        &mut self,
+        kernel: &mut dyn Kernel,
+        table: &mut DestinationTable,
+        wakes: &[Wake],
+    ) -> Result<Collection, CaptureError> {
+        kernel.read_woken(wakes, &mut self.counts)?;
+        let out = self.fold(table);
+        for wake in wakes {
+            table.disarmed(wake.key.dest_id);
+        }
+        Ok(out)
+    }
+
+    /// Turns the counters just read (`self.counts`) into deltas.
+    fn fold(&mut self, table: &DestinationTable) -> Collection {
         let mut out = Collection::default();
         let mut deltas: HashMap<SeriesKey, u64> = HashMap::new();
         self.active.clear();
@@ -133,19 +165,10 @@ impl Collector {
             }
         }
 
-        for id in &self.active {
-            table.disarmed(*id);
-        }
-        table.rearm_idle(kernel, &self.active)?;
-        for id in table.after_read(kernel)? {
-            self.last_overflow.remove(&id);
-            self.last_attempts.retain(|k, _| k.dest_id != id);
-        }
-
         out.deltas = deltas.into_iter().collect();
         out.deltas.sort();
         out.filtered.sort();
-        Ok(out)
+        out
     }
 
     /// The label a process name gets for this target: itself while the
@@ -402,7 +425,7 @@ mod tests {
         rig.set("127.1.0.1:80", "a", None);
         let id = rig.table.id_of("127.1.0.1:80".parse().unwrap()).unwrap();
         rig.connect("127.1.0.1:80", "curl", 3);
-        assert_eq!(wakes.try_recv(), Ok(id));
+        assert_eq!(wakes.try_recv().map(|w| w.key.dest_id), Ok(id));
         assert!(wakes.try_recv().is_err(), "one wake per burst");
         rig.collect();
         // Still active: no re-arm, so steady traffic sends no wakes.
@@ -412,7 +435,53 @@ mod tests {
         // A whole collection with no attempt: re-armed, and the next attempt wakes.
         rig.collect();
         rig.connect("127.1.0.1:80", "curl", 1);
-        assert_eq!(wakes.try_recv(), Ok(id));
+        assert_eq!(wakes.try_recv().map(|w| w.key.dest_id), Ok(id));
+    }
+
+    #[tokio::test]
+    async fn a_wake_reads_its_own_counter_and_the_next_full_read_the_rest() {
+        let mut rig = Rig::new(64, 8);
+        let mut wakes = rig.kernel.take_wakes().unwrap();
+        rig.set("127.1.0.1:80", "a", None);
+        rig.set("127.1.0.2:80", "b", None);
+        rig.collect();
+        rig.connect("127.1.0.1:80", "curl", 1);
+        let wake = wakes.try_recv().unwrap();
+        // Attempts after the wake, to the same and to other counters.
+        rig.connect("127.1.0.1:80", "curl", 2);
+        rig.connect("127.1.0.1:80", "java", 1);
+        rig.connect("127.1.0.2:80", "curl", 4);
+        let woken = rig
+            .collector
+            .collect_woken(&mut rig.kernel, &mut rig.table, &[wake])
+            .unwrap();
+        assert_eq!(woken.deltas, vec![(key("a", "", "curl"), 3)]);
+        // The full read brings the rest, and nothing twice.
+        assert_eq!(
+            rig.collect().deltas,
+            vec![(key("a", "", "java"), 1), (key("b", "", "curl"), 4)]
+        );
+        assert_eq!(rig.collect(), Collection::default());
+    }
+
+    #[tokio::test]
+    async fn a_wake_for_an_overflowed_attempt_reads_the_overflow_counter() {
+        let mut rig = Rig::new(1, 8);
+        let mut wakes = rig.kernel.take_wakes().unwrap();
+        rig.set("127.1.0.1:80", "a", None);
+        rig.set("127.1.0.2:80", "b", None);
+        rig.connect("127.1.0.1:80", "curl", 1);
+        rig.collect();
+        let _first = wakes.try_recv().unwrap();
+        rig.connect("127.1.0.2:80", "java", 2);
+        let wake = wakes.try_recv().unwrap();
+        assert!(wake.overflowed);
+        let woken = rig
+            .collector
+            .collect_woken(&mut rig.kernel, &mut rig.table, &[wake])
+            .unwrap();
+        assert_eq!(woken.deltas, vec![(key("b", "", OVERFLOW_COMM), 2)]);
+        assert_eq!(woken.kernel_overflow, 2);
     }
 
     #[test]

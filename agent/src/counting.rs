@@ -23,8 +23,8 @@ use tokio::{
 };
 
 use crate::{
-    capture::{CaptureError, Kernel},
-    collect::{Collector, SeriesKey},
+    capture::{CaptureError, Kernel, Wake},
+    collect::{Collection, Collector, SeriesKey},
     destinations::{Applied, DestinationTable},
     metrics::{AttemptCounters, CommLabels, CountingMetrics, TriggerLabels},
     resolve::MapEvent,
@@ -129,18 +129,20 @@ impl CountingLoop {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let mut events_open = true;
+        let mut woken = Vec::new();
         loop {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                Some(_) = wakes.recv() => {
+                Some(wake) = wakes.recv() => {
                     let woken_at = Instant::now();
-                    let mut n = 1;
-                    while wakes.try_recv().is_ok() {
-                        n += 1;
+                    woken.clear();
+                    woken.push(wake);
+                    while let Ok(wake) = wakes.try_recv() {
+                        woken.push(wake);
                     }
-                    self.metrics.wakes.inc_by(n);
-                    self.collect("wake", Some(woken_at))?;
+                    self.metrics.wakes.inc_by(woken.len() as u64);
+                    self.collect_woken(&woken, woken_at)?;
                 }
                 event = events.recv(), if events_open => match event {
                     Some(event) => {
@@ -157,10 +159,10 @@ impl CountingLoop {
                         events_open = false;
                     }
                 },
-                _ = tick.tick() => self.collect("tick", None)?,
+                _ = tick.tick() => self.collect("tick")?,
             }
         }
-        self.collect("shutdown", None)?;
+        self.collect("shutdown")?;
         Ok(())
     }
 
@@ -202,27 +204,43 @@ impl CountingLoop {
         );
     }
 
-    /// One collection: kernel counters -> deltas -> metrics and reporter.
-    pub fn collect(
-        &mut self,
-        trigger: &'static str,
-        woken_at: Option<Instant>,
-    ) -> Result<(), CaptureError> {
+    /// One full collection: every kernel counter -> deltas -> metrics and
+    /// reporter.
+    pub fn collect(&mut self, trigger: &'static str) -> Result<(), CaptureError> {
         let collection = self
             .collector
             .collect(self.kernel.as_mut(), &mut self.table)?;
-        let now = self.clock.now_ms();
-        self.health.last_collection_ms.store(now, Ordering::Release);
+        self.health
+            .last_collection_ms
+            .store(self.clock.now_ms(), Ordering::Release);
         self.metrics
             .collections
             .get_or_create(&TriggerLabels { trigger })
             .inc();
-        self.metrics.capped.inc_by(collection.capped);
-        self.metrics.unattributed.inc_by(collection.unattributed);
         match self.kernel.stats() {
             Ok(stats) => self.metrics.kernel_stats(stats),
             Err(error) => tracing::warn!(%error, "kernel stats not read"),
         }
+        self.publish(collection, None);
+        Ok(())
+    }
+
+    /// The fast path: only the counters the wakes name, reported at once.
+    pub fn collect_woken(&mut self, wakes: &[Wake], woken_at: Instant) -> Result<(), CaptureError> {
+        let collection =
+            self.collector
+                .collect_woken(self.kernel.as_mut(), &mut self.table, wakes)?;
+        self.metrics
+            .collections
+            .get_or_create(&TriggerLabels { trigger: "wake" })
+            .inc();
+        self.publish(collection, Some(woken_at));
+        Ok(())
+    }
+
+    fn publish(&mut self, collection: Collection, woken_at: Option<Instant>) {
+        self.metrics.capped.inc_by(collection.capped);
+        self.metrics.unattributed.inc_by(collection.unattributed);
         for (comm, n) in &collection.filtered {
             tracing::debug!(process_comm = %comm, attempts = n, "filtered attempts (EXCLUDE_COMMS)");
             self.metrics
@@ -232,18 +250,17 @@ impl CountingLoop {
                 })
                 .inc_by(*n);
         }
-        if collection.deltas.is_empty() && woken_at.is_none() {
-            return Ok(());
+        if collection.deltas.is_empty() {
+            return;
         }
         self.attempts.add(&collection.deltas);
         if let Some(reporter) = &self.reporter {
             reporter.record(Collected {
-                collected_at_unix_ms: now,
+                collected_at_unix_ms: self.clock.now_ms(),
                 woken_at,
                 deltas: collection.deltas,
             });
         }
-        Ok(())
     }
 }
 

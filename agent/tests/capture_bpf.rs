@@ -20,7 +20,7 @@ use std::{
 
 use capture_support as support;
 use itw_agent::{
-    capture::{CaptureMode, CommSource, KernelStats, mode},
+    capture::{CaptureMode, CommSource, KernelCounts, KernelStats, LeaderRead, Wake, mode},
     config::comm_bytes,
 };
 use itw_common::Destination;
@@ -68,8 +68,13 @@ fn expected(entries: &[(u32, &str, u64)]) -> BTreeMap<(u32, String), u64> {
         .collect()
 }
 
+/// The destination id of the next wake, if one comes within `wait`.
+async fn next_wake(wakes: &mut mpsc::Receiver<Wake>, wait: Duration) -> Option<u32> {
+    next_wake_record(wakes, wait).await.map(|w| w.key.dest_id)
+}
+
 /// The next wake, if one comes within `wait`.
-async fn next_wake(wakes: &mut mpsc::Receiver<u32>, wait: Duration) -> Option<u32> {
+async fn next_wake_record(wakes: &mut mpsc::Receiver<Wake>, wait: Duration) -> Option<Wake> {
     tokio::time::timeout(wait, wakes.recv())
         .await
         .ok()
@@ -88,8 +93,15 @@ async fn counts_each_destination_and_process_exactly(slot: Slot) {
         return;
     };
     assert_eq!(started.mode, slot.mode);
+    // This kernel's verifier takes the cheap way of reading process names.
     assert!(
-        matches!(started.comm_source, CommSource::Leader(_)),
+        matches!(
+            started.comm_source,
+            CommSource::Leader {
+                read: LeaderRead::Btf,
+                ..
+            }
+        ),
         "{:?}",
         started.comm_source
     );
@@ -155,6 +167,41 @@ async fn a_thread_with_its_own_name_counts_under_the_process_name(slot: Slot) {
     assert_eq!(
         support::attempts(kernel.as_mut()),
         expected(&[(1, &support::process_comm(), 9)])
+    );
+}
+
+async fn the_probe_read_fallback_counts_under_the_process_name_too(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |s| {
+        s.leader_reads = vec![LeaderRead::ProbeRead];
+    }) else {
+        return;
+    };
+    assert!(
+        matches!(
+            started.comm_source,
+            CommSource::Leader {
+                read: LeaderRead::ProbeRead,
+                ..
+            }
+        ),
+        "{:?}",
+        started.comm_source
+    );
+    let mut kernel = started.kernel;
+    let (dest, addr) = slot.v4_target(1, PORT);
+    kernel.watch(&dest, 1).unwrap();
+    blocking(move || {
+        std::thread::spawn(move || {
+            support::name_this_thread(c"grpc-worker-3");
+            support::connect_n(addr, 5);
+        })
+        .join()
+        .unwrap()
+    })
+    .await;
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(1, &support::process_comm(), 5)])
     );
 }
 
@@ -243,10 +290,19 @@ async fn wakes_once_per_idle_to_active_until_rearmed(slot: Slot) {
     );
 
     blocking(move || support::connect_n(a_addr, 3)).await;
-    assert_eq!(
-        next_wake(&mut wakes, Duration::from_secs(5)).await,
-        Some(30)
-    );
+    let wake = next_wake_record(&mut wakes, Duration::from_secs(5))
+        .await
+        .expect("a wake for the first attempt to a");
+    // The wake names the counter the attempt went to, and reading just that
+    // counter gives the whole burst so far.
+    let comm = support::process_comm();
+    assert_eq!(wake.key.dest_id, 30);
+    assert_eq!(itw_agent::collect::comm_name(&wake.key.comm), comm);
+    assert!(!wake.overflowed);
+    let mut woken = KernelCounts::default();
+    kernel.read_woken(&[wake], &mut woken).unwrap();
+    assert_eq!(woken.attempts, vec![(wake.key, 3)]);
+    assert!(woken.overflow.is_empty());
     blocking(move || support::connect_n(a_addr, 4)).await;
     assert_eq!(
         next_wake(&mut wakes, Duration::from_millis(300)).await,
@@ -271,7 +327,6 @@ async fn wakes_once_per_idle_to_active_until_rearmed(slot: Slot) {
         None
     );
 
-    let comm = support::process_comm();
     assert_eq!(
         support::attempts(kernel.as_mut()),
         expected(&[(30, &comm, 9), (31, &comm, 1)])
@@ -410,6 +465,7 @@ per_mode!(
     unwatch_stops_counting_and_forget_removes_counters = 6,
     a_full_attempts_map_counts_in_overflow = 7,
     many_threads_lose_nothing = 8,
+    the_probe_read_fallback_counts_under_the_process_name_too = 9,
 );
 
 #[tokio::test]

@@ -10,11 +10,12 @@ use std::{collections::HashSet, fs::File, os::fd::AsFd, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupAttachMode, CgroupSockAddr, KProbe, ProgramError, TracePoint},
 };
 use itw_common::{
-    AttemptKey, Comm, Destination, WakeEvent, Watch, capacity, globals, maps, programs, stat,
+    AttemptKey, Comm, Destination, WakeEvent, Watch, capacity, comm_source, excluded_hint_bit,
+    globals, maps, programs, stat,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -23,7 +24,7 @@ use tokio::{
 };
 
 use super::{
-    CaptureError, CaptureMode, Kernel, KernelCounts, KernelStats,
+    CaptureError, CaptureMode, Kernel, KernelCounts, KernelStats, Wake,
     btf::{self, TaskOffsets},
     mode::{self, Choice},
     tracefs::{self, SetStateOffsets},
@@ -59,6 +60,9 @@ pub struct CaptureSettings {
     /// Count under the process's name (the thread-group leader's); false:
     /// under the calling thread's name.
     pub comm_from_leader: bool,
+    /// The ways of reading the leader's name to try, in order (the first
+    /// the verifier accepts is used).
+    pub leader_reads: Vec<LeaderRead>,
     /// The kernel's BTF, for the offsets the leader's name is read with.
     pub btf_path: PathBuf,
 }
@@ -73,6 +77,7 @@ impl CaptureSettings {
             max_destinations: 262_144,
             max_attempt_counters: 16_384,
             comm_from_leader: true,
+            leader_reads: vec![LeaderRead::Btf, LeaderRead::ProbeRead],
             btf_path: PathBuf::from(btf::VMLINUX_BTF),
         }
     }
@@ -93,16 +98,43 @@ impl CaptureSettings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CommSource {
     /// The thread-group leader's name, read with these offsets.
-    Leader(TaskOffsets),
+    Leader {
+        offsets: TaskOffsets,
+        read: LeaderRead,
+    },
     /// The calling thread's name, and why not the leader's.
     Thread { reason: String },
+}
+
+/// How the programs read the leader's name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaderRead {
+    /// Plain loads through `bpf_get_current_task_btf` (the cheap way).
+    Btf,
+    /// `bpf_probe_read_kernel`, where the verifier refuses the BTF loads.
+    ProbeRead,
 }
 
 impl CommSource {
     pub fn as_str(&self) -> &'static str {
         match self {
-            Self::Leader(_) => "leader",
+            Self::Leader { .. } => "leader",
             Self::Thread { .. } => "thread",
+        }
+    }
+
+    /// The value of the programs' `ITW_COMM_FROM_LEADER` global.
+    fn global(&self) -> u32 {
+        match self {
+            Self::Leader {
+                read: LeaderRead::Btf,
+                ..
+            } => comm_source::LEADER_BTF,
+            Self::Leader {
+                read: LeaderRead::ProbeRead,
+                ..
+            } => comm_source::LEADER_PROBE_READ,
+            Self::Thread { .. } => comm_source::THREAD,
         }
     }
 }
@@ -159,31 +191,53 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
         None
     };
 
-    let leader = if settings.comm_from_leader {
-        btf::task_offsets(&settings.btf_path)
-    } else {
-        Err("switched off (comm_from_leader = false)".to_owned())
+    // The cheapest process-name source this kernel's verifier accepts: BTF
+    // loads, else probe reads, else the thread's own name.
+    let mut sources = Vec::new();
+    let mut thread_reason = match settings.comm_from_leader {
+        true => match btf::task_offsets(&settings.btf_path) {
+            Ok(offsets) => {
+                for read in &settings.leader_reads {
+                    sources.push(CommSource::Leader {
+                        offsets,
+                        read: *read,
+                    });
+                }
+                String::new()
+            }
+            Err(reason) => reason,
+        },
+        false => "switched off (comm_from_leader = false)".to_owned(),
     };
-    let (attached, comm_source) = match leader {
-        Ok(offsets) => match Attached::new(settings, &choice, tracepoint, Some(offsets)) {
-            Ok(attached) => (attached, CommSource::Leader(offsets)),
-            // The verifier refused the leader-name reads (a kernel that does
-            // not give bpf_get_current_task/bpf_probe_read_kernel to this
-            // program type): load again without them.
+    let mut attached = None;
+    for source in sources {
+        match Attached::new(settings, &choice, tracepoint, &source) {
+            Ok(done) => {
+                attached = Some((done, source));
+                break;
+            }
+            // The verifier refused this way of reading the leader's name:
+            // try the next one.
             Err(err @ CaptureError::Program { action: "load", .. })
                 if !err.is_permission_denied() =>
             {
-                tracing::warn!(error = %err, "reading the process name from the thread-group leader failed to load; counting under thread names");
-                let attached = Attached::new(settings, &choice, tracepoint, None)?;
-                let reason = format!("the verifier refused the leader-name reads: {err}");
-                (attached, CommSource::Thread { reason })
+                tracing::warn!(source = ?source, error = %err, "this kernel refuses a way of reading process names; trying the next");
+                thread_reason = format!("the verifier refused the leader-name reads: {err}");
             }
             Err(err) => return Err(err),
-        },
-        Err(reason) => {
-            tracing::warn!(%reason, "cannot read process names from the thread-group leader; counting under thread names (a JVM's threads count apart)");
-            let attached = Attached::new(settings, &choice, tracepoint, None)?;
-            (attached, CommSource::Thread { reason })
+        }
+    }
+    let (attached, comm_source) = match attached {
+        Some(done) => done,
+        None => {
+            tracing::warn!(reason = %thread_reason, "counting under thread names (a JVM's threads count apart)");
+            let source = CommSource::Thread {
+                reason: thread_reason,
+            };
+            (
+                Attached::new(settings, &choice, tracepoint, &source)?,
+                source,
+            )
         }
     };
     let Attached {
@@ -195,7 +249,7 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
     tracing::info!(
         mode = %choice.mode,
         attached_to = %attached_to,
-        comm_source = comm_source.as_str(),
+        comm_source = ?comm_source,
         programs = ?objects.programs,
         "capture attached"
     );
@@ -221,13 +275,16 @@ impl Attached {
         settings: &CaptureSettings,
         choice: &Choice,
         tracepoint: Option<SetStateOffsets>,
-        leader: Option<TaskOffsets>,
+        comm: &CommSource,
     ) -> Result<Self, CaptureError> {
-        let comm_from_leader = u32::from(leader.is_some());
-        let leader = leader.unwrap_or(TaskOffsets {
-            group_leader: 0,
-            comm: 0,
-        });
+        let comm_from_leader = comm.global();
+        let leader = match comm {
+            CommSource::Leader { offsets, .. } => *offsets,
+            CommSource::Thread { .. } => TaskOffsets {
+                group_leader: 0,
+                comm: 0,
+            },
+        };
         let tp = tracepoint.unwrap_or(SetStateOffsets {
             newstate: 0,
             dport: 0,
@@ -392,13 +449,14 @@ pub struct EbpfKernel {
     _ebpf: Ebpf,
     watched: HashMap<MapData, Destination, Watch>,
     excluded: HashMap<MapData, Comm, u8>,
+    excluded_hint: Array<MapData, u64>,
     attempts: PerCpuHashMap<MapData, AttemptKey, u64>,
     overflow: PerCpuHashMap<MapData, u32, u64>,
     filtered: PerCpuHashMap<MapData, Comm, u64>,
     stats: PerCpuArray<MapData, u64>,
     excluded_now: HashSet<Comm>,
     max_destinations: u32,
-    wakes: Option<mpsc::Receiver<u32>>,
+    wakes: Option<mpsc::Receiver<Wake>>,
     wake_reader: JoinHandle<()>,
 }
 
@@ -426,6 +484,7 @@ impl EbpfKernel {
         Ok(Self {
             watched: take_map(&mut ebpf, maps::WATCHED)?,
             excluded: take_map(&mut ebpf, maps::EXCLUDED)?,
+            excluded_hint: take_map(&mut ebpf, maps::EXCLUDED_HINT)?,
             attempts: take_map(&mut ebpf, maps::ATTEMPTS)?,
             overflow: take_map(&mut ebpf, maps::OVERFLOW)?,
             filtered: take_map(&mut ebpf, maps::FILTERED)?,
@@ -473,9 +532,9 @@ fn map_error(map: &'static str) -> impl Fn(MapError) -> CaptureError {
     }
 }
 
-/// Reads wake records as the kernel writes them and hands their destination
-/// ids on. Ends when the receiver is gone.
-async fn forward_wakes(mut ring: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<u32>) {
+/// Reads wake records as the kernel writes them and hands them on. Ends when
+/// the receiver is gone.
+async fn forward_wakes(mut ring: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<Wake>) {
     let mut ids = Vec::new();
     loop {
         let mut guard = match ring.readable_mut().await {
@@ -491,7 +550,13 @@ async fn forward_wakes(mut ring: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<u32
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             match parse_wake(&item) {
-                Some(wake) => ids.push(wake.dest_id),
+                Some(wake) => ids.push(Wake {
+                    key: AttemptKey {
+                        dest_id: wake.dest_id,
+                        comm: wake.comm,
+                    },
+                    overflowed: wake.overflowed != 0,
+                }),
                 None => tracing::warn!(len = item.len(), "ignoring a malformed wake record"),
             }
         }
@@ -506,10 +571,16 @@ async fn forward_wakes(mut ring: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<u32
 }
 
 fn parse_wake(record: &[u8]) -> Option<WakeEvent> {
-    let bytes: [u8; 4] = record.get(..4)?.try_into().ok()?;
-    (record.len() == size_of::<WakeEvent>()).then_some(WakeEvent {
-        dest_id: u32::from_ne_bytes(bytes),
-        _pad: 0,
+    if record.len() != size_of::<WakeEvent>() {
+        return None;
+    }
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(record.get(at..at + 4)?.try_into().ok()?))
+    };
+    Some(WakeEvent {
+        dest_id: word(0)?,
+        overflowed: word(4)?,
+        comm: record.get(8..24)?.try_into().ok()?,
     })
 }
 
@@ -553,6 +624,12 @@ impl Kernel for EbpfKernel {
                 setting: "EXCLUDE_COMMS (fewer names)",
             });
         }
+        // The hint covers old and new names while the map changes, so a name
+        // in the map is never skipped for a missing bit; it narrows after.
+        let hint = |names: &HashSet<Comm>| names.iter().fold(0u64, |h, c| h | excluded_hint_bit(c));
+        self.excluded_hint
+            .set(0, hint(&self.excluded_now) | hint(&wanted), 0)
+            .map_err(map_error(maps::EXCLUDED_HINT))?;
         // Remove first so the map never holds more than its capacity.
         for comm in self.excluded_now.difference(&wanted) {
             match self.excluded.remove(comm) {
@@ -567,6 +644,9 @@ impl Kernel for EbpfKernel {
                 .insert(comm, 1, 0)
                 .map_err(map_error(maps::EXCLUDED))?;
         }
+        self.excluded_hint
+            .set(0, hint(&wanted), 0)
+            .map_err(map_error(maps::EXCLUDED_HINT))?;
         self.excluded_now = wanted;
         Ok(())
     }
@@ -591,6 +671,26 @@ impl Kernel for EbpfKernel {
         dedup_max(&mut out.attempts, |k| (k.dest_id, k.comm));
         dedup_max(&mut out.overflow, |k| *k);
         dedup_max(&mut out.filtered, |k| *k);
+        Ok(())
+    }
+
+    fn read_woken(&mut self, wakes: &[Wake], out: &mut KernelCounts) -> Result<(), CaptureError> {
+        out.clear();
+        for wake in wakes {
+            match self.attempts.get(&wake.key, 0) {
+                Ok(values) => out.attempts.push((wake.key, sum(&values))),
+                // Forgotten meanwhile: the next full read settles it.
+                Err(MapError::KeyNotFound) => {}
+                Err(err) => return Err(map_error(maps::ATTEMPTS)(err)),
+            }
+            if wake.overflowed {
+                match self.overflow.get(&wake.key.dest_id, 0) {
+                    Ok(values) => out.overflow.push((wake.key.dest_id, sum(&values))),
+                    Err(MapError::KeyNotFound) => {}
+                    Err(err) => return Err(map_error(maps::OVERFLOW)(err)),
+                }
+            }
+        }
         Ok(())
     }
 
@@ -635,7 +735,7 @@ impl Kernel for EbpfKernel {
         })
     }
 
-    fn take_wakes(&mut self) -> Option<mpsc::Receiver<u32>> {
+    fn take_wakes(&mut self) -> Option<mpsc::Receiver<Wake>> {
         self.wakes.take()
     }
 }
@@ -652,9 +752,17 @@ mod tests {
     #[test]
     fn wake_records_must_have_the_shared_layout() {
         let mut record = 7u32.to_ne_bytes().to_vec();
-        record.extend_from_slice(&[0; 4]);
-        assert_eq!(parse_wake(&record).map(|w| w.dest_id), Some(7));
-        assert_eq!(parse_wake(&record[..4]), None);
+        record.extend_from_slice(&1u32.to_ne_bytes());
+        record.extend_from_slice(b"java\0\0\0\0\0\0\0\0\0\0\0\0");
+        assert_eq!(
+            parse_wake(&record),
+            Some(WakeEvent {
+                dest_id: 7,
+                overflowed: 1,
+                comm: *b"java\0\0\0\0\0\0\0\0\0\0\0\0",
+            })
+        );
+        assert_eq!(parse_wake(&record[..8]), None);
         record.push(0);
         assert_eq!(parse_wake(&record), None);
     }
@@ -681,6 +789,7 @@ mod tests {
         for name in [
             maps::WATCHED,
             maps::EXCLUDED,
+            maps::EXCLUDED_HINT,
             maps::ATTEMPTS,
             maps::OVERFLOW,
             maps::FILTERED,

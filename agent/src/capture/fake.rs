@@ -12,7 +12,7 @@ use itw_common::{AttemptKey, Comm, Destination};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use super::{CaptureError, Kernel, KernelCounts, KernelStats};
+use super::{CaptureError, Kernel, KernelCounts, KernelStats, Wake};
 
 #[derive(Debug, Default)]
 struct Maps {
@@ -30,14 +30,14 @@ struct Maps {
 pub struct FakeKernelHandle {
     maps: Arc<Mutex<Maps>>,
     attempts_capacity: usize,
-    wakes: mpsc::Sender<u32>,
+    wakes: mpsc::Sender<Wake>,
 }
 
 /// In-memory [`Kernel`].
 #[derive(Debug)]
 pub struct FakeKernel {
     handle: FakeKernelHandle,
-    wakes: Option<mpsc::Receiver<u32>>,
+    wakes: Option<mpsc::Receiver<Wake>>,
 }
 
 impl FakeKernel {
@@ -72,15 +72,17 @@ impl FakeKernelHandle {
             return;
         }
         let key = AttemptKey { dest_id, comm };
+        let mut overflowed = false;
         if maps.attempts.contains_key(&key) || maps.attempts.len() < self.attempts_capacity {
             *maps.attempts.entry(key).or_default() += 1;
         } else {
             maps.stats.attempts_map_full += 1;
             *maps.overflow.entry(dest_id).or_default() += 1;
+            overflowed = true;
         }
         if armed {
             maps.watched.insert(dest, (dest_id, false));
-            if self.wakes.try_send(dest_id).is_err() {
+            if self.wakes.try_send(Wake { key, overflowed }).is_err() {
                 maps.stats.wakes_dropped += 1;
             }
         }
@@ -129,6 +131,22 @@ impl Kernel for FakeKernel {
         Ok(())
     }
 
+    fn read_woken(&mut self, wakes: &[Wake], out: &mut KernelCounts) -> Result<(), CaptureError> {
+        out.clear();
+        let maps = self.handle.maps.lock();
+        for wake in wakes {
+            if let Some(n) = maps.attempts.get(&wake.key) {
+                out.attempts.push((wake.key, *n));
+            }
+            if wake.overflowed
+                && let Some(n) = maps.overflow.get(&wake.key.dest_id)
+            {
+                out.overflow.push((wake.key.dest_id, *n));
+            }
+        }
+        Ok(())
+    }
+
     fn forget(&mut self, dest_ids: &[u32]) -> Result<(), CaptureError> {
         let mut maps = self.handle.maps.lock();
         maps.attempts.retain(|k, _| !dest_ids.contains(&k.dest_id));
@@ -140,7 +158,7 @@ impl Kernel for FakeKernel {
         Ok(self.handle.maps.lock().stats)
     }
 
-    fn take_wakes(&mut self) -> Option<mpsc::Receiver<u32>> {
+    fn take_wakes(&mut self) -> Option<mpsc::Receiver<Wake>> {
         self.wakes.take()
     }
 }

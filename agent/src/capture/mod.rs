@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use itw_common::{AttemptKey, Comm, Destination};
 use tokio::sync::mpsc;
 
-pub use ebpf::{CaptureSettings, CommSource, LoadedObjects, Started, start};
+pub use ebpf::{CaptureSettings, CommSource, LeaderRead, LoadedObjects, Started, start};
 
 /// How connects are caught (`CAPTURE_MODE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -75,6 +75,15 @@ impl KernelCounts {
     }
 }
 
+/// A destination went from idle to active: the counter its attempt went to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wake {
+    pub key: AttemptKey,
+    /// The attempt found the attempts map full and was counted in the
+    /// overflow counter of `key.dest_id`.
+    pub overflowed: bool,
+}
+
 /// The kernel side's own trouble counters (`ITW_STATS`), summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelStats {
@@ -101,6 +110,10 @@ pub trait Kernel: Send + 'static {
     /// Reads every cumulative counter into `out` (cleared first).
     fn read(&mut self, out: &mut KernelCounts) -> Result<(), CaptureError>;
 
+    /// Reads only the counters the wakes name into `out` (cleared first):
+    /// the fast path of a wake, one lookup instead of a walk of every map.
+    fn read_woken(&mut self, wakes: &[Wake], out: &mut KernelCounts) -> Result<(), CaptureError>;
+
     /// Deletes the counters of destination ids that are no longer watched,
     /// once their final values have been read.
     fn forget(&mut self, dest_ids: &[u32]) -> Result<(), CaptureError>;
@@ -108,9 +121,9 @@ pub trait Kernel: Send + 'static {
     /// The kernel side's trouble counters.
     fn stats(&mut self) -> Result<KernelStats, CaptureError>;
 
-    /// The wakes (destination ids going idle -> active), delivered as they
+    /// The wakes (destinations going idle -> active), delivered as they
     /// happen. Yields the receiver once; later calls return `None`.
-    fn take_wakes(&mut self) -> Option<mpsc::Receiver<u32>>;
+    fn take_wakes(&mut self) -> Option<mpsc::Receiver<Wake>>;
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -70,11 +70,30 @@ pub struct AttemptKey {
 }
 
 /// Record of [`maps::WAKES`]: a watched destination went from idle to active.
+/// It names the counter the attempt went to, so the agent reads that one
+/// counter at once instead of the whole map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WakeEvent {
     pub dest_id: u32,
-    pub _pad: u32,
+    /// Non-zero when the attempt found ATTEMPTS full and was counted in
+    /// OVERFLOW under `dest_id`.
+    pub overflowed: u32,
+    /// The process name the attempt was counted under.
+    pub comm: Comm,
+}
+
+/// The bit of [`maps::EXCLUDED_HINT`] a process name sets: a one-word Bloom
+/// filter, so that most connects skip the excluded-names hash lookup. Both
+/// the programs and the agent compute it with this function.
+#[inline(always)]
+pub fn excluded_hint_bit(comm: &Comm) -> u64 {
+    let mut low = [0u8; 8];
+    let mut high = [0u8; 8];
+    low.copy_from_slice(&comm[..8]);
+    high.copy_from_slice(&comm[8..]);
+    let folded = u64::from_le_bytes(low) ^ u64::from_le_bytes(high).rotate_left(29);
+    1u64 << (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58)
 }
 
 /// Names of the maps, as the agent looks them up in the loaded object.
@@ -83,6 +102,9 @@ pub mod maps {
     pub const WATCHED: &str = "ITW_WATCHED";
     /// `HashMap<Comm, u8>`: process names whose attempts are filtered (EXCLUDE_COMMS).
     pub const EXCLUDED: &str = "ITW_EXCLUDED";
+    /// `Array<u64>` of one: the OR of [`super::excluded_hint_bit`] over
+    /// EXCLUDED's names. A name whose bit is clear is not excluded.
+    pub const EXCLUDED_HINT: &str = "ITW_EXCLUDED_HINT";
     /// `PerCpuHashMap<AttemptKey, u64>`: attempts per destination and process.
     pub const ATTEMPTS: &str = "ITW_ATTEMPTS";
     /// `PerCpuHashMap<u32, u64>`: attempts per destination id that found
@@ -105,8 +127,8 @@ pub mod capacity {
     /// old counters stay until read). Allocated on use, so a large bound costs nothing.
     pub const FILTERED: u32 = 4096;
     /// Default byte size of [`maps::WAKES`] (the agent raises it to the page
-    /// size where pages are larger). One wake takes 16 bytes with its header,
-    /// so 4096 destinations can wake before the agent reads one.
+    /// size where pages are larger). One wake takes 32 bytes with its header,
+    /// so 2048 destinations can wake before the agent reads one.
     pub const WAKES_BYTES: u32 = 64 * 1024;
 }
 
@@ -133,11 +155,23 @@ pub mod programs {
     pub const INET_SOCK_SET_STATE: &str = "itw_inet_sock_set_state";
 }
 
+/// Values of [`globals::COMM_FROM_LEADER`].
+pub mod comm_source {
+    /// The calling thread's name (`bpf_get_current_comm`).
+    pub const THREAD: u32 = 0;
+    /// `task->group_leader->comm` through `bpf_probe_read_kernel` (two
+    /// helper calls, about 140 ns per attempt).
+    pub const LEADER_PROBE_READ: u32 = 1;
+    /// `task->group_leader->comm` through the BTF-typed task pointer of
+    /// `bpf_get_current_task_btf`: plain loads the verifier checks against
+    /// the kernel's BTF (about 30 ns per attempt).
+    pub const LEADER_BTF: u32 = 2;
+}
+
 /// Read-only globals the agent sets at load time (the verifier sees them as
 /// constants and prunes what they switch off).
 pub mod globals {
-    /// 1: read the process name from `task->group_leader->comm` with the two
-    /// offsets below; 0: use the calling thread's name.
+    /// Where the process name comes from, one of [`super::comm_source`].
     pub const COMM_FROM_LEADER: &str = "ITW_COMM_FROM_LEADER";
     /// Byte offset of `task_struct.group_leader` (from the kernel's BTF).
     pub const TASK_GROUP_LEADER_OFFSET: &str = "ITW_TASK_GROUP_LEADER_OFFSET";
@@ -159,4 +193,52 @@ mod pod {
     unsafe impl aya::Pod for super::Watch {}
     unsafe impl aya::Pod for super::AttemptKey {}
     unsafe impl aya::Pod for super::WakeEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_what_both_sides_expect() {
+        assert_eq!(core::mem::size_of::<Destination>(), 20);
+        assert_eq!(core::mem::size_of::<Watch>(), 8);
+        assert_eq!(core::mem::size_of::<AttemptKey>(), 20);
+        assert_eq!(core::mem::size_of::<WakeEvent>(), 24);
+    }
+
+    #[test]
+    fn the_excluded_hint_sets_one_bit_per_name_and_spreads_names() {
+        let comm = |s: &str| {
+            let mut c = [0u8; COMM_LEN];
+            c[..s.len()].copy_from_slice(s.as_bytes());
+            c
+        };
+        let kubelet = excluded_hint_bit(&comm("kubelet"));
+        assert_eq!(kubelet.count_ones(), 1);
+        // Common callers should rarely share kubelet's bit.
+        let others = [
+            "java",
+            "python3",
+            "curl",
+            "nc",
+            "node",
+            "envoy",
+            "nginx",
+            "redis-cli",
+        ];
+        let collisions = others
+            .iter()
+            .filter(|n| excluded_hint_bit(&comm(n)) == kubelet)
+            .count();
+        assert!(
+            collisions <= 1,
+            "{collisions} of {} share kubelet's bit",
+            others.len()
+        );
+        assert_ne!(
+            excluded_hint_bit(&comm("kubelet")),
+            excluded_hint_bit(&comm("k3s"))
+        );
+    }
 }

@@ -29,12 +29,18 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     Global,
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::{bpf_get_current_comm, bpf_probe_read_kernel, generated::bpf_get_current_task},
+    helpers::{
+        bpf_get_current_comm, bpf_probe_read_kernel,
+        generated::{bpf_get_current_task, bpf_get_current_task_btf},
+    },
     macros::{cgroup_sock_addr, kprobe, map, tracepoint},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, SockAddrContext, TracePointContext},
 };
-use itw_common::{AttemptKey, COMM_LEN, Comm, Destination, WakeEvent, Watch, capacity, stat};
+use itw_common::{
+    AttemptKey, COMM_LEN, Comm, Destination, WakeEvent, Watch, capacity, comm_source,
+    excluded_hint_bit, stat,
+};
 
 // Map sizes here are defaults: the agent sets WATCHED, ATTEMPTS and OVERFLOW
 // from MAX_DESTINATIONS and MAX_ATTEMPT_COUNTERS at load time.
@@ -52,6 +58,12 @@ static ITW_WATCHED: HashMap<Destination, Watch> =
 
 #[map(name = "ITW_EXCLUDED")]
 static ITW_EXCLUDED: HashMap<Comm, u8> = HashMap::with_max_entries(capacity::EXCLUDED, 0);
+
+// One word, written by the agent: a name whose hint bit is clear here is not
+// in ITW_EXCLUDED, so most connects skip that hash lookup. Array lookups are
+// inlined by the verifier: a load, not a call.
+#[map(name = "ITW_EXCLUDED_HINT")]
+static ITW_EXCLUDED_HINT: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "ITW_ATTEMPTS")]
 static ITW_ATTEMPTS: PerCpuHashMap<AttemptKey, u64> =
@@ -73,8 +85,8 @@ static ITW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 
 
 // Read-only globals, set by the agent at load (itw_common::globals). The
 // verifier sees their values as constants and skips the branches they switch
-// off, so a kernel lacking a helper of the leader-name path still loads the
-// program with ITW_COMM_FROM_LEADER = 0.
+// off, so a kernel refusing one process-name path still loads the program
+// with another (ITW_COMM_FROM_LEADER, itw_common::comm_source).
 #[unsafe(no_mangle)]
 static ITW_COMM_FROM_LEADER: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
@@ -260,7 +272,7 @@ fn on_attempt(dest: &Destination) {
     let comm = process_comm();
     // SAFETY: reading the value of a present key; the map is only written by
     // the agent (whole-value updates) and by the armed flag below.
-    if unsafe { ITW_EXCLUDED.get(comm) }.is_some() {
+    if maybe_excluded(&comm) && unsafe { ITW_EXCLUDED.get(comm) }.is_some() {
         if !increment(&ITW_FILTERED, &comm) {
             add_stat(stat::OVERFLOW_FULL);
         }
@@ -269,8 +281,10 @@ fn on_attempt(dest: &Destination) {
     // SAFETY: `watch` points to a live value of WATCHED (freed only after
     // this program's RCU read section if the agent deletes it meanwhile).
     let (dest_id, armed) = unsafe { ((*watch).dest_id, (*watch).armed) };
+    let mut overflowed = 0;
     if !increment(&ITW_ATTEMPTS, &AttemptKey { dest_id, comm }) {
         add_stat(stat::ATTEMPTS_FULL);
+        overflowed = 1;
         if !increment(&ITW_OVERFLOW, &dest_id) {
             add_stat(stat::OVERFLOW_FULL);
         }
@@ -282,13 +296,28 @@ fn on_attempt(dest: &Destination) {
         unsafe { (*watch).armed = 0 };
         match ITW_WAKES.reserve::<WakeEvent>(0) {
             Some(mut entry) => {
-                entry.write(WakeEvent { dest_id, _pad: 0 });
+                // The counter it went to: the agent reads that one at once.
+                entry.write(WakeEvent {
+                    dest_id,
+                    overflowed,
+                    comm,
+                });
                 // Flags 0: the kernel wakes the reader when it has caught up,
                 // which is what a rare, latency-critical record wants.
                 entry.submit(0);
             }
             None => add_stat(stat::WAKE_DROPPED),
         }
+    }
+}
+
+/// Whether `comm` may be an excluded name (false: it surely is not).
+#[inline(always)]
+fn maybe_excluded(comm: &Comm) -> bool {
+    match ITW_EXCLUDED_HINT.get(0) {
+        Some(hint) => *hint & excluded_hint_bit(comm) != 0,
+        // Unreachable for a one-entry array; check the map rather than guess.
+        None => true,
     }
 }
 
@@ -338,21 +367,61 @@ fn atomic_inc(value: *mut u64) {
 /// when the agent switched that off or the read fails.
 #[inline(always)]
 fn process_comm() -> Comm {
-    if ITW_COMM_FROM_LEADER.load() != 0 {
-        if let Some(comm) = leader_comm() {
-            return comm;
+    let source = ITW_COMM_FROM_LEADER.load();
+    let leader = if source == comm_source::LEADER_BTF {
+        Some(leader_comm_btf())
+    } else if source == comm_source::LEADER_PROBE_READ {
+        leader_comm_probe_read()
+    } else {
+        None
+    };
+    match leader {
+        Some(comm) => comm,
+        None => {
+            if source != comm_source::THREAD {
+                add_stat(stat::LEADER_COMM_FAILED);
+            }
+            // The helper copies the name NUL-padded (strncpy, or strscpy_pad
+            // on newer kernels): nothing to clean.
+            bpf_get_current_comm().unwrap_or([0; COMM_LEN])
         }
-        add_stat(stat::LEADER_COMM_FAILED);
     }
-    let mut comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
-    zero_after_nul(&mut comm);
-    comm
 }
 
-/// `current->group_leader->comm`, with the offsets the agent read from this
-/// kernel's BTF.
+/// `current->group_leader->comm` through the BTF-typed pointer
+/// `bpf_get_current_task_btf` returns: plain loads, which the verifier
+/// checks against the kernel's BTF (the offsets are read-only globals, so it
+/// sees them as constants) and turns into fault-safe loads. A quarter of what
+/// two `bpf_probe_read_kernel` calls cost on every counted connect.
 #[inline(always)]
-fn leader_comm() -> Option<Comm> {
+fn leader_comm_btf() -> Comm {
+    // SAFETY: the verifier allows only loads of fields the kernel's BTF has
+    // at these offsets; a faulting load yields zero instead of an oops.
+    unsafe {
+        let task = bpf_get_current_task_btf() as *const u8;
+        let leader = core::ptr::read_volatile(
+            task.add(ITW_TASK_GROUP_LEADER_OFFSET.load() as usize)
+                .cast::<*const u8>(),
+        );
+        let name = leader
+            .add(ITW_TASK_COMM_OFFSET.load() as usize)
+            .cast::<u64>();
+        let words = [
+            core::ptr::read_volatile(name),
+            core::ptr::read_volatile(name.add(1)),
+        ];
+        let mut comm = [0u8; COMM_LEN];
+        comm.as_mut_ptr().cast::<[u64; 2]>().write_unaligned(words);
+        zero_after_nul(&mut comm);
+        comm
+    }
+}
+
+/// `current->group_leader->comm` through `bpf_probe_read_kernel`, with the
+/// offsets the agent read from this kernel's BTF: for kernels whose verifier
+/// refuses the BTF loads.
+#[inline(always)]
+fn leader_comm_probe_read() -> Option<Comm> {
     // SAFETY: bpf_get_current_task returns the current task_struct (as an
     // integer); bpf_probe_read_kernel checks every address it is given.
     unsafe {
