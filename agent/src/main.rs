@@ -1,4 +1,11 @@
 //! `itw-agent`: wiring only. See the library's modules for what each piece does.
+//!
+//! Two runtimes. The fast path (the kernel's wakes, the counting loop, the
+//! streams to the scaler and their gRPC connections) runs on one thread of
+//! its own with a single-threaded runtime: a wake reaches the scaler without
+//! a single cross-thread hand-off, and no Kubernetes relist or /metrics
+//! scrape can stand in its way. Everything else (the service map source, the
+//! HTTP endpoint, signals) runs on the main runtime.
 
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
@@ -16,7 +23,7 @@ use itw_agent::{
     resolve::{MapEvent, kube, static_map},
 };
 use prometheus_client::registry::Registry;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// How long shutdown waits for scaler replicas to acknowledge the last batches.
@@ -35,6 +42,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .worker_threads(2)
+        .thread_name("itw-agent")
         .build()
     {
         Ok(runtime) => runtime,
@@ -70,25 +78,48 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let counting_metrics = Arc::new(CountingMetrics::default());
     counting_metrics.register(&mut registry);
     let attempts = Arc::new(AttemptCounters::default());
-
-    let started = capture::start(&CaptureSettings::from_args(&args)).context("starting capture")?;
-    if let capture::CommSource::Thread { reason } = &started.comm_source {
-        tracing::warn!(%reason, "process_comm is the calling thread's name, not the process's");
-    }
-    counting_metrics.capture_started(
-        started.mode,
-        started.comm_source.as_str(),
-        &started.objects.programs,
-    );
-    let mut kernel = started.kernel;
-    kernel
-        .set_excluded(&args.exclude_comms.comms())
-        .context("setting EXCLUDE_COMMS in the kernel")?;
-    if !args.exclude_comms.0.is_empty() {
-        tracing::info!(exclude = ?args.exclude_comms.0, "filtered process names");
-    }
+    let health = Arc::new(Health::default());
+    let report = match &args.scaler_addr {
+        Some(scalers) => {
+            let metrics = Arc::new(ReportMetrics::default());
+            metrics.register(&mut registry);
+            Some((report_settings(&args, scalers, node_name)?, metrics))
+        }
+        None => {
+            tracing::info!("SCALER_ADDR not set: /metrics only");
+            None
+        }
+    };
 
     let (events_tx, events_rx) = mpsc::channel::<MapEvent>(1024);
+    let (started_tx, started_rx) = oneshot::channel();
+    let (done_tx, done_rx) = oneshot::channel();
+    let fast = FastPath {
+        capture: CaptureSettings::from_args(&args),
+        exclude: args.exclude_comms.clone(),
+        max_comms: args.max_comms_per_destination as usize,
+        interval: args.collect_interval,
+        report,
+        attempts: attempts.clone(),
+        metrics: counting_metrics.clone(),
+        health: health.clone(),
+        clock,
+        shutdown: shutdown.clone(),
+    };
+    std::thread::Builder::new()
+        .name("itw-fast-path".to_owned())
+        .spawn(move || {
+            let _ = done_tx.send(fast.run(events_rx, started_tx));
+        })
+        .context("starting the fast-path thread")?;
+    // Capture must be attached before anything else starts: a host where it
+    // cannot be is a failed start.
+    match started_rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => return Err(error),
+        Err(_) => anyhow::bail!("the fast-path thread ended before capture started"),
+    }
+
     let _source = match &args.service_map {
         Some(path) => {
             let failures = counting_metrics.service_map_reload_failures.clone();
@@ -112,60 +143,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
 
-    let report_stop = CancellationToken::new();
-    let mut reporter_task = None;
-    let mut sink: Option<Arc<dyn CollectionSink>> = None;
-    if let Some(scalers) = &args.scaler_addr {
-        let scalers =
-            report::parse_scaler_addrs(scalers).map_err(|e| anyhow::anyhow!("SCALER_ADDR: {e}"))?;
-        let report_metrics = Arc::new(ReportMetrics::default());
-        report_metrics.register(&mut registry);
-        let token = match (&args.scaler_token_file, &args.scaler_token) {
-            (Some(path), _) => TokenSource::File(path.clone()),
-            (None, Some(token)) => TokenSource::Value(token.clone()),
-            (None, None) => TokenSource::None,
-        };
-        let tls = match &args.scaler_ca_file {
-            Some(ca) => Some(report::TlsFiles::read(
-                ca,
-                args.scaler_cert_file
-                    .as_deref()
-                    .zip(args.scaler_key_file.as_deref()),
-            )?),
-            None => None,
-        };
-        let reporter = Arc::new(Reporter::new(
-            ReportSettings {
-                scalers: scalers.clone(),
-                node_name: node_name.clone(),
-                instance_id: uuid::Uuid::new_v4().to_string(),
-                token,
-                tls,
-                resolve_interval: RESOLVE_INTERVAL,
-                flush_timeout: FLUSH_TIMEOUT,
-                log_limits: LogLimits {
-                    max_batches: 3600,
-                    max_bytes: 4 << 20,
-                },
-            },
-            report_metrics,
-            clock,
-        ));
-        tracing::info!(scalers = ?scalers.iter().map(ToString::to_string).collect::<Vec<_>>(), "reporting to the scaler");
-        reporter_task = Some(reporter.spawn(report_stop.clone()));
-        sink = Some(reporter);
-    } else {
-        tracing::info!("SCALER_ADDR not set: /metrics only");
-    }
-
-    let health = Arc::new(Health::default());
-    let exporter = Arc::new(Exporter::new(registry, attempts.clone()));
+    let exporter = Arc::new(Exporter::new(registry, attempts));
     let liveness = args.collect_interval * LIVENESS_TICKS;
     let router = itw_telemetry::http::metrics_router(exporter).merge(
         Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .with_state((health.clone(), clock, liveness)),
+            .with_state((health, clock, liveness)),
     );
     let listener = itw_telemetry::http::bind(args.metrics_addr).await?;
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
@@ -175,37 +159,169 @@ async fn run(args: Args) -> anyhow::Result<()> {
         http_done.cancelled().await;
     }));
 
-    let counting = CountingLoop {
-        kernel,
-        table: DestinationTable::new(),
-        collector: Collector::new(args.max_comms_per_destination as usize),
-        attempts,
-        metrics: counting_metrics,
-        health,
-        clock,
-        reporter: sink,
+    // The fast path ends after shutdown: last collection, streams flushed,
+    // every program detached. A failure of its own ends the agent too.
+    let mut done_rx = done_rx;
+    let finished = tokio::select! {
+        done = &mut done_rx => Some(done),
+        () = shutdown.cancelled() => None,
     };
-    let stopping = shutdown.clone();
-    let counted = counting
-        .run(events_rx, args.collect_interval, async move {
-            stopping.cancelled().await;
-        })
-        .await;
-    // The kernel side was dropped with the loop: every program is detached.
-    tracing::info!("capture detached");
-
-    report_stop.cancel();
-    if let Some(task) = reporter_task {
-        let _ = task.await;
-    }
+    shutdown.cancel();
+    let finished = match finished {
+        Some(done) => done,
+        // Bounded by the fast path's own flush timeout.
+        None => done_rx.await,
+    };
+    let counted =
+        finished.unwrap_or_else(|_| Err(anyhow::anyhow!("the fast-path thread panicked")));
     http_stop.cancel();
     match http.await {
         Ok(result) => result?,
         Err(error) => tracing::warn!(%error, "metrics server task failed"),
     }
-    counted.context("counting")?;
+    counted?;
     tracing::info!("itw-agent stopped");
     Ok(())
+}
+
+/// What runs on the fast-path thread.
+struct FastPath {
+    capture: CaptureSettings,
+    exclude: itw_agent::config::ExcludeComms,
+    max_comms: usize,
+    interval: Duration,
+    report: Option<(ReportSettings, Arc<ReportMetrics>)>,
+    attempts: Arc<AttemptCounters>,
+    metrics: Arc<CountingMetrics>,
+    health: Arc<Health>,
+    clock: AgentClock,
+    shutdown: CancellationToken,
+}
+
+impl FastPath {
+    /// Runs until shutdown; `started` says whether capture came up.
+    fn run(
+        self,
+        events: mpsc::Receiver<MapEvent>,
+        started: oneshot::Sender<anyhow::Result<()>>,
+    ) -> anyhow::Result<()> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the fast-path runtime")?;
+        runtime.block_on(self.serve(events, started))
+    }
+
+    async fn serve(
+        self,
+        events: mpsc::Receiver<MapEvent>,
+        started: oneshot::Sender<anyhow::Result<()>>,
+    ) -> anyhow::Result<()> {
+        let kernel = match self.start_capture() {
+            Ok(kernel) => {
+                let _ = started.send(Ok(()));
+                kernel
+            }
+            Err(error) => {
+                let _ = started.send(Err(error));
+                return Ok(());
+            }
+        };
+
+        let report_stop = CancellationToken::new();
+        let (sink, reporter_task) = match self.report {
+            Some((settings, metrics)) => {
+                tracing::info!(
+                    scalers = ?settings.scalers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "reporting to the scaler"
+                );
+                let reporter = Arc::new(Reporter::new(settings, metrics, self.clock));
+                let task = reporter.spawn(report_stop.clone());
+                (Some(reporter as Arc<dyn CollectionSink>), Some(task))
+            }
+            None => (None, None),
+        };
+
+        let counting = CountingLoop {
+            kernel,
+            table: DestinationTable::new(),
+            collector: Collector::new(self.max_comms),
+            attempts: self.attempts,
+            metrics: self.metrics,
+            health: self.health,
+            clock: self.clock,
+            reporter: sink,
+        };
+        let shutdown = self.shutdown.clone();
+        let counted = counting
+            .run(events, self.interval, async move {
+                shutdown.cancelled().await;
+            })
+            .await;
+        // The kernel side was dropped with the loop: every program is detached.
+        tracing::info!("capture detached");
+        report_stop.cancel();
+        if let Some(task) = reporter_task {
+            let _ = task.await;
+        }
+        counted.context("counting")
+    }
+
+    fn start_capture(&self) -> anyhow::Result<Box<dyn capture::Kernel>> {
+        let started = capture::start(&self.capture).context("starting capture")?;
+        if let capture::CommSource::Thread { reason } = &started.comm_source {
+            tracing::warn!(%reason, "process_comm is the calling thread's name, not the process's");
+        }
+        self.metrics.capture_started(
+            started.mode,
+            started.comm_source.as_str(),
+            &started.objects.programs,
+        );
+        let mut kernel = started.kernel;
+        kernel
+            .set_excluded(&self.exclude.comms())
+            .context("setting EXCLUDE_COMMS in the kernel")?;
+        if !self.exclude.0.is_empty() {
+            tracing::info!(exclude = ?self.exclude.0, "filtered process names");
+        }
+        Ok(kernel)
+    }
+}
+
+fn report_settings(
+    args: &Args,
+    scalers: &str,
+    node_name: String,
+) -> anyhow::Result<ReportSettings> {
+    let scalers =
+        report::parse_scaler_addrs(scalers).map_err(|e| anyhow::anyhow!("SCALER_ADDR: {e}"))?;
+    let token = match (&args.scaler_token_file, &args.scaler_token) {
+        (Some(path), _) => TokenSource::File(path.clone()),
+        (None, Some(token)) => TokenSource::Value(token.clone()),
+        (None, None) => TokenSource::None,
+    };
+    let tls = match &args.scaler_ca_file {
+        Some(ca) => Some(report::TlsFiles::read(
+            ca,
+            args.scaler_cert_file
+                .as_deref()
+                .zip(args.scaler_key_file.as_deref()),
+        )?),
+        None => None,
+    };
+    Ok(ReportSettings {
+        scalers,
+        node_name,
+        instance_id: uuid::Uuid::new_v4().to_string(),
+        token,
+        tls,
+        resolve_interval: RESOLVE_INTERVAL,
+        flush_timeout: FLUSH_TIMEOUT,
+        log_limits: LogLimits {
+            max_batches: 3600,
+            max_bytes: 4 << 20,
+        },
+    })
 }
 
 type ProbeState = (Arc<Health>, AgentClock, Duration);
