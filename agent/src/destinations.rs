@@ -9,7 +9,10 @@
 //! deleted a full collection later, so an attempt still in flight in the
 //! kernel when it was unwatched is read too.
 
-use std::{collections::BTreeSet, net::SocketAddr};
+use std::{
+    collections::{BTreeSet, HashSet},
+    net::SocketAddr,
+};
 
 use crate::{
     capture::{CaptureError, Kernel},
@@ -48,6 +51,8 @@ pub struct DestinationTable {
     /// What each id in use (watched or retiring) counts attempts to.
     ids: IdPages,
     services: BTreeSet<ServiceRef>,
+    /// Ids the kernel has disarmed (they counted since they were armed).
+    disarmed: HashSet<u32>,
     next_id: u32,
     free_ids: Vec<u32>,
     /// Ids unwatched since the last collection: read once more, then forgotten.
@@ -191,7 +196,10 @@ impl DestinationTable {
     /// Notes that a counter of `id` moved or a wake came: the kernel has
     /// disarmed it.
     pub fn disarmed(&mut self, id: u32) {
-        self.ids.set_armed(id, false);
+        if self.ids.armed(id) == Some(true) {
+            self.ids.set_armed(id, false);
+            self.disarmed.insert(id);
+        }
     }
 
     /// Re-arms watched destinations that saw no attempt in the last
@@ -202,15 +210,27 @@ impl DestinationTable {
         kernel: &mut dyn Kernel,
         active: &std::collections::HashSet<u32>,
     ) -> Result<Vec<u32>, CaptureError> {
+        // Only destinations that were active are disarmed: the table is
+        // walked (for their kernel keys) only on the tick one goes idle, not
+        // on every tick.
+        if self.disarmed.iter().all(|id| active.contains(id)) {
+            return Ok(Vec::new());
+        }
         let mut rearmed = Vec::new();
         for (dest, &id) in self.by_addr.iter() {
-            if self.ids.armed(id).is_none_or(|armed| armed) || active.contains(&id) {
+            if !self.disarmed.contains(&id) || active.contains(&id) {
                 continue;
             }
             kernel.watch(&dest, id)?;
             self.ids.set_armed(id, true);
             rearmed.push(id);
         }
+        for id in &rearmed {
+            self.disarmed.remove(id);
+        }
+        // Ids no longer watched (retired or replaced) need no re-arming.
+        self.disarmed
+            .retain(|id| self.ids.armed(*id).is_some_and(|armed| !armed));
         Ok(rearmed)
     }
 
