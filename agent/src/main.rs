@@ -277,6 +277,7 @@ impl FastPath {
             started.comm_source.as_str(),
             &started.objects.programs,
         );
+        self.metrics.attach_order(&started.attach_order);
         let mut kernel = started.kernel;
         kernel
             .set_excluded(&self.exclude.comms())

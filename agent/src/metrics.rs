@@ -123,6 +123,11 @@ pub struct ProgramLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookLabels {
+    pub hook: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CaptureLabels {
     pub mode: String,
     pub process_name: String,
@@ -145,6 +150,7 @@ pub struct CountingMetrics {
     pub service_map_reload_failures: Counter,
     pub capture: Family<CaptureLabels, Gauge>,
     pub programs: Family<ProgramLabels, Gauge>,
+    pub programs_before_ours: Family<HookLabels, Gauge>,
     last_stats: Mutex<KernelStats>,
 }
 
@@ -217,6 +223,11 @@ impl CountingMetrics {
             self.capture.clone(),
         );
         agent.register(
+            "cgroup_programs_before_ours",
+            "Cgroup mode: other programs of the same hook that run before ours (a socket load balancer among them rewrites ClusterIPs to pod IPs before we see them)",
+            self.programs_before_ours.clone(),
+        );
+        agent.register(
             "bpf_programs",
             "The eBPF programs this agent attached, by kernel program id (value 1; see bpftool prog show id ID)",
             self.programs.clone(),
@@ -243,6 +254,15 @@ impl CountingMetrics {
                     id: id.to_string(),
                 })
                 .set(1);
+        }
+    }
+
+    /// Records where our cgroup programs run among each hook's programs.
+    pub fn attach_order(&self, orders: &[crate::capture::order::AttachOrder]) {
+        for order in orders {
+            self.programs_before_ours
+                .get_or_create(&HookLabels { hook: order.hook })
+                .set(i64::try_from(order.before_ours().len()).unwrap_or(i64::MAX));
         }
     }
 

@@ -468,6 +468,36 @@ per_mode!(
     the_probe_read_fallback_counts_under_the_process_name_too = 9,
 );
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cgroup_mode_reports_which_programs_run_before_ours() {
+    let Some(first) = support::start(CaptureMode::Cgroup, |_| {}) else {
+        return;
+    };
+    let Some(second) = support::start(CaptureMode::Cgroup, |_| {}) else {
+        return;
+    };
+    let hooks = |s: &itw_agent::capture::Started| -> Vec<&'static str> {
+        s.attach_order.iter().map(|o| o.hook).collect()
+    };
+    assert_eq!(hooks(&first), ["connect4", "connect6"]);
+    assert_eq!(hooks(&second), ["connect4", "connect6"]);
+    for (a, b) in first.attach_order.iter().zip(&second.attach_order) {
+        assert!(a.present() && b.present(), "{a:?} {b:?}");
+        // Programs of one cgroup run in the order they were attached: the
+        // second capture's run after the first's (and after any another
+        // test or tool attached before them).
+        assert!(
+            b.before_ours().contains(&a.ours),
+            "{}: {:?} should run before {} in {:?}",
+            b.hook,
+            a.ours,
+            b.ours,
+            b.effective
+        );
+        assert!(!a.before_ours().contains(&b.ours));
+    }
+}
+
 #[tokio::test]
 async fn kprobe_mode_on_a_kernel_without_kprobes_is_a_clear_start_error() {
     let features = mode::detect(None);

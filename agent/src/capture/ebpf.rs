@@ -27,6 +27,7 @@ use super::{
     CaptureError, CaptureMode, Kernel, KernelCounts, KernelStats, Wake,
     btf::{self, TaskOffsets},
     mode::{self, Choice},
+    order::{self, AttachOrder},
     tracefs::{self, SetStateOffsets},
 };
 
@@ -159,6 +160,8 @@ pub struct Started {
     pub attached_to: String,
     pub comm_source: CommSource,
     pub objects: LoadedObjects,
+    /// Cgroup mode: where our programs run among each hook's programs.
+    pub attach_order: Vec<AttachOrder>,
 }
 
 impl std::fmt::Debug for Started {
@@ -169,6 +172,7 @@ impl std::fmt::Debug for Started {
             .field("attached_to", &self.attached_to)
             .field("comm_source", &self.comm_source)
             .field("objects", &self.objects)
+            .field("attach_order", &self.attach_order)
             .finish_non_exhaustive()
     }
 }
@@ -244,7 +248,20 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
         ebpf,
         attached_to,
         objects,
+        attach_order,
     } = attached;
+    for order in &attach_order {
+        match order.before_ours() {
+            [] => {
+                tracing::info!(hook = order.hook, programs = ?order.effective, "our program runs first for this hook")
+            }
+            before => tracing::warn!(
+                hook = order.hook,
+                before_ours = ?before,
+                "other programs run before ours for this hook: a socket load balancer among them rewrites a ClusterIP to a pod IP before we see it (the attempt then counts under the pod), and refuses one of a Service without endpoints unrewritten (counted as usual)"
+            ),
+        }
+    }
     let kernel = EbpfKernel::new(ebpf, settings, &runtime)?;
     tracing::info!(
         mode = %choice.mode,
@@ -260,6 +277,7 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
         attached_to,
         comm_source,
         objects,
+        attach_order,
     })
 }
 
@@ -268,6 +286,7 @@ struct Attached {
     ebpf: Ebpf,
     attached_to: String,
     objects: LoadedObjects,
+    attach_order: Vec<AttachOrder>,
 }
 
 impl Attached {
@@ -329,6 +348,7 @@ impl Attached {
 
         // Load (verify) every program of the mode before attaching any, so a
         // refusal leaves nothing attached.
+        let mut attach_order = Vec::new();
         let attached_to = match choice.mode {
             CaptureMode::Cgroup => {
                 let root = choice.cgroup.as_ref().ok_or_else(|| {
@@ -346,6 +366,31 @@ impl Attached {
                     let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                     prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
                         .map_err(program_error(name, "attach"))?;
+                }
+                for (name, hook, attach_type) in [
+                    (
+                        programs::CONNECT4,
+                        "connect4",
+                        order::BPF_CGROUP_INET4_CONNECT,
+                    ),
+                    (
+                        programs::CONNECT6,
+                        "connect6",
+                        order::BPF_CGROUP_INET6_CONNECT,
+                    ),
+                ] {
+                    let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                    let ours = prog.info().map_err(program_error(name, "inspect"))?.id();
+                    match order::effective(&cgroup, attach_type) {
+                        Ok(effective) => attach_order.push(AttachOrder {
+                            hook,
+                            ours,
+                            effective,
+                        }),
+                        Err(error) => {
+                            tracing::warn!(hook, %error, "cannot tell where our program runs among this hook's programs")
+                        }
+                    }
                 }
                 format!("cgroup {}", root.path.display())
             }
@@ -384,6 +429,7 @@ impl Attached {
             ebpf,
             attached_to,
             objects,
+            attach_order,
         })
     }
 }

@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod ebpf;
 pub mod fake;
 pub mod mode;
+pub mod order;
 pub mod tracefs;
 
 use std::path::PathBuf;
