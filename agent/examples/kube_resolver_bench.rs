@@ -212,6 +212,15 @@ impl Kernel for NullKernel {
     fn stats(&mut self) -> Result<KernelStats, CaptureError> {
         Ok(KernelStats::default())
     }
+    fn hold(&mut self, _: &Destination, _: u16) -> Result<(), CaptureError> {
+        Ok(())
+    }
+    fn unhold(&mut self, _: &Destination) -> Result<(), CaptureError> {
+        Ok(())
+    }
+    fn forget_park(&mut self, _: &Destination, _: u16) -> Result<(), CaptureError> {
+        Ok(())
+    }
     fn take_wakes(&mut self) -> Option<mpsc::Receiver<Wake>> {
         self.wakes.take()
     }

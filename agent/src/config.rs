@@ -101,9 +101,80 @@ pub struct Args {
     #[arg(long, env = "MAX_ATTEMPT_COUNTERS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempt_counters: u32,
 
+    /// Which Services have connects held while they have no ready endpoint:
+    /// off, annotated (internal-tcp-watcher.io/hold: "true", or `hold: true`
+    /// in a static map) or all. Needs the cgroup capture mode.
+    #[arg(long, env = "HOLD", value_enum, default_value_t = HoldPolicy::Annotated)]
+    pub hold: HoldPolicy,
+
+    /// How long a connection is held before it is reset, unless the Service
+    /// says otherwise (internal-tcp-watcher.io/hold-timeout).
+    #[arg(long, env = "HOLD_TIMEOUT", default_value = "60s", value_parser = parse_hold_timeout)]
+    pub hold_timeout: Duration,
+
+    /// IPv4 address the parking listeners of held connections listen on:
+    /// reachable from every pod (the node's IP, from the downward API
+    /// status.hostIP). Default: the address of the interface of the default
+    /// route. Never a 127.x address when pods are to be held: it is each
+    /// pod's own loopback.
+    #[arg(long, env = "HOLD_PARK_ADDR")]
+    pub hold_park_addr: Option<std::net::Ipv4Addr>,
+
+    /// IPv6 address for parking listeners; without it IPv6 ClusterIPs are not
+    /// held.
+    #[arg(long, env = "HOLD_PARK_ADDR6")]
+    pub hold_park_addr6: Option<std::net::Ipv6Addr>,
+
+    /// Socket mark of the agent's own connects to held Services (after
+    /// release), so its programs neither count nor hold them. Pick a value no
+    /// CNI rule on the node matches (decimal or 0x-hex).
+    #[arg(long, env = "HOLD_MARK", default_value = "0x2a7c", value_parser = parse_mark)]
+    pub hold_mark: u32,
+
+    /// The cgroup of the pods (a child of the cgroup v2 root): the programs
+    /// are attached there too, so they run before a socket load balancer
+    /// attached to the root. Default: kubepods.slice or kubepods under the
+    /// root, when present; `none` to attach to the root only.
+    #[arg(long, env = "POD_CGROUP")]
+    pub pod_cgroup: Option<String>,
+
     /// Log output: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+}
+
+/// `HOLD`: which Services are held while they have no ready endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HoldPolicy {
+    /// Never: connects to a Service with no endpoint are refused as usual.
+    Off,
+    /// Services that ask for it (annotation or static map).
+    Annotated,
+    /// Every Service.
+    All,
+}
+
+/// A hold timeout: between 1 s and 1 h.
+pub fn parse_hold_timeout(s: &str) -> Result<Duration, String> {
+    let d =
+        humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e} (e.g. 30s, 2m)"))?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+        return Err(format!("{s:?}: must be between 1s and 1h"));
+    }
+    Ok(d)
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let s = s.trim();
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("0 is no mark (every socket has it)".to_owned()),
+        Ok(mark) => Ok(mark),
+        Err(e) => Err(format!("{s:?}: {e}")),
+    }
 }
 
 /// Process names to filter, each as the kernel stores it.
@@ -183,6 +254,9 @@ mod tests {
         assert_eq!(args.collect_interval, Duration::from_secs(1));
         assert_eq!(args.scaler_addr, None);
         assert_eq!(args.log_format, LogFormat::Text);
+        assert_eq!(args.hold, HoldPolicy::Annotated);
+        assert_eq!(args.hold_timeout, Duration::from_secs(60));
+        assert_eq!(args.hold_mark, 0x2a7c);
     }
 
     #[test]
@@ -218,6 +292,12 @@ mod tests {
                 "--max-comms-per-destination",
             ),
             (&["--scaler-cert-file", "c.pem"][..], "--scaler-key-file"),
+            (&["--hold", "sometimes"][..], "--hold"),
+            (&["--hold-timeout", "500ms"][..], "--hold-timeout"),
+            (&["--hold-timeout", "2h"][..], "--hold-timeout"),
+            (&["--hold-mark", "0"][..], "--hold-mark"),
+            (&["--hold-mark", "0xzz"][..], "--hold-mark"),
+            (&["--hold-park-addr", "::1"][..], "--hold-park-addr"),
         ] {
             let msg = parse(args).unwrap_err().to_string();
             assert!(msg.contains(setting), "{args:?}: {msg}");

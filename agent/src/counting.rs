@@ -26,6 +26,7 @@ use crate::{
     capture::{CaptureError, Kernel, Wake},
     collect::{Collection, Collector, SeriesKey},
     destinations::{Applied, DestinationTable},
+    hold::Holder,
     metrics::{AttemptCounters, CommLabels, CountingMetrics, TriggerLabels},
     resolve::MapEvent,
 };
@@ -111,6 +112,8 @@ pub struct CountingLoop {
     pub clock: AgentClock,
     /// Where collections go when a scaler is configured.
     pub reporter: Option<Arc<dyn CollectionSink>>,
+    /// Holding connects to Services without a ready endpoint, when on.
+    pub holder: Option<Holder>,
 }
 
 impl CountingLoop {
@@ -168,6 +171,9 @@ impl CountingLoop {
 
     /// Applies a map event to the table, the kernel and the zero series.
     pub fn apply(&mut self, event: MapEvent) {
+        if let Some(holder) = &mut self.holder {
+            holder.apply(self.kernel.as_mut(), &event);
+        }
         let applied = self.table.apply(self.kernel.as_mut(), event);
         self.after_apply(applied);
         self.health.map_applied.store(true, Ordering::Release);
@@ -207,6 +213,9 @@ impl CountingLoop {
     /// One full collection: every kernel counter -> deltas -> metrics and
     /// reporter.
     pub fn collect(&mut self, trigger: &'static str) -> Result<(), CaptureError> {
+        if let Some(holder) = &mut self.holder {
+            holder.reap(self.kernel.as_mut());
+        }
         let collection = self
             .collector
             .collect(self.kernel.as_mut(), &mut self.table)?;
@@ -308,10 +317,12 @@ mod tests {
             health: health.clone(),
             clock: AgentClock::new(),
             reporter: Some(Arc::new(ChannelSink(report_tx))),
+            holder: None,
         };
         let addr = "127.1.0.1:80".parse().unwrap();
         let mut map = ServiceMap::default();
-        map.services.insert(ServiceRef::new("default", "web"));
+        map.services
+            .insert(ServiceRef::new("default", "web"), Default::default());
         map.destinations.insert(
             addr,
             Target {

@@ -97,12 +97,17 @@ impl DestinationTable {
             let result = self.set(kernel, addr, target, applied);
             applied.record(result);
         }
-        let gone: Vec<ServiceRef> = self.services.difference(&map.services).cloned().collect();
+        let gone: Vec<ServiceRef> = self
+            .services
+            .iter()
+            .filter(|s| !map.services.contains_key(s))
+            .cloned()
+            .collect();
         for service in gone {
             self.services.remove(&service);
             applied.services_removed.push(service);
         }
-        for service in map.services {
+        for service in map.services.into_keys() {
             if self.services.insert(service.clone()) {
                 applied.services_added.push(service);
             }
@@ -120,7 +125,7 @@ impl DestinationTable {
                 let result = self.remove(kernel, addr, applied);
                 applied.record(result);
             }
-            MapChange::ServiceAdded(service) => {
+            MapChange::ServiceSet(service, _) => {
                 if self.services.insert(service.clone()) {
                     applied.services_added.push(service);
                 }
@@ -381,7 +386,7 @@ mod tests {
     fn map(entries: &[(&str, Target)]) -> ServiceMap {
         let mut map = ServiceMap::default();
         for (a, t) in entries {
-            map.services.insert(t.service.clone());
+            map.services.insert(t.service.clone(), Default::default());
             map.destinations.insert(addr(a), t.clone());
         }
         map

@@ -5,6 +5,7 @@
 //! - [`destinations`]: the ids the kernel counts under, kept in step with the map.
 //! - [`collect`]: kernel counters turned into exact deltas per series.
 //! - [`counting`]: the loop that owns the kernel side and collects on ticks and wakes.
+//! - [`hold`]: connects to a Service without a ready endpoint parked until one is ready.
 //! - [`metrics`]: what `/metrics` serves.
 //! - [`report`]: the streams to every scaler replica.
 //! - [`config`]: flags and env vars.
@@ -14,6 +15,7 @@ pub mod collect;
 pub mod config;
 pub mod counting;
 pub mod destinations;
+pub mod hold;
 pub mod metrics;
 pub mod report;
 pub mod resolve;

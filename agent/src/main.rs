@@ -13,11 +13,12 @@ use anyhow::Context;
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use clap::Parser;
 use itw_agent::{
-    capture::{self, CaptureSettings},
+    capture::{self, CaptureMode, CaptureSettings, KernelHold},
     collect::Collector,
-    config::Args,
+    config::{Args, HoldPolicy},
     counting::{AgentClock, CollectionSink, CountingLoop, Health},
     destinations::DestinationTable,
+    hold::{self, HoldMetrics, HoldSettings, Holder},
     metrics::{AttemptCounters, CountingMetrics, Exporter},
     report::{self, ReportMetrics, ReportSettings, Reporter, TokenSource, ledger::LogLimits},
     resolve::{MapEvent, kube, static_map},
@@ -92,11 +93,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
 
+    let hold = hold_settings(&args).map(|settings| {
+        let metrics = Arc::new(HoldMetrics::default());
+        metrics.register(&mut registry);
+        (settings, metrics, tokio::runtime::Handle::current())
+    });
+    let mut capture = CaptureSettings::from_args(&args);
+    capture.hold = hold.as_ref().map(|(settings, _, _)| KernelHold {
+        mark: settings.mark,
+        park_ip4: settings.park_ip4,
+        park_ip6: settings.park_ip6,
+    });
+
     let (events_tx, events_rx) = mpsc::channel::<MapEvent>(1024);
     let (started_tx, started_rx) = oneshot::channel();
     let (done_tx, done_rx) = oneshot::channel();
     let fast = FastPath {
-        capture: CaptureSettings::from_args(&args),
+        capture,
+        hold,
         exclude: args.exclude_comms.clone(),
         max_comms: args.max_comms_per_destination as usize,
         interval: args.collect_interval,
@@ -188,6 +202,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// What runs on the fast-path thread.
 struct FastPath {
     capture: CaptureSettings,
+    /// Holding, when asked for: its parking tasks run on the main runtime,
+    /// off the fast path.
+    hold: Option<(HoldSettings, Arc<HoldMetrics>, tokio::runtime::Handle)>,
     exclude: itw_agent::config::ExcludeComms,
     max_comms: usize,
     interval: Duration,
@@ -218,10 +235,10 @@ impl FastPath {
         events: mpsc::Receiver<MapEvent>,
         started: oneshot::Sender<anyhow::Result<()>>,
     ) -> anyhow::Result<()> {
-        let kernel = match self.start_capture() {
-            Ok(kernel) => {
+        let (kernel, holding) = match self.start_capture() {
+            Ok(started_capture) => {
                 let _ = started.send(Ok(()));
-                kernel
+                started_capture
             }
             Err(error) => {
                 let _ = started.send(Err(error));
@@ -243,8 +260,28 @@ impl FastPath {
             None => (None, None),
         };
 
+        let holder = match (self.hold, holding) {
+            (Some((settings, metrics, runtime)), true) => {
+                tracing::info!(
+                    policy = ?settings.policy,
+                    park_ip4 = ?settings.park_ip4,
+                    park_ip6 = ?settings.park_ip6,
+                    timeout = ?settings.default_timeout,
+                    "holding connects to Services without a ready endpoint"
+                );
+                Some(Holder::new(settings, runtime, metrics))
+            }
+            (Some(_), false) => {
+                tracing::warn!(
+                    "HOLD is on but the capture mode is not cgroup: connects are never held"
+                );
+                None
+            }
+            (None, _) => None,
+        };
         let counting = CountingLoop {
             kernel,
+            holder,
             table: DestinationTable::new(),
             collector: Collector::new(self.max_comms),
             attempts: self.attempts,
@@ -268,7 +305,7 @@ impl FastPath {
         counted.context("counting")
     }
 
-    fn start_capture(&self) -> anyhow::Result<Box<dyn capture::Kernel>> {
+    fn start_capture(&self) -> anyhow::Result<(Box<dyn capture::Kernel>, bool)> {
         let started = capture::start(&self.capture).context("starting capture")?;
         if let capture::CommSource::Thread { reason } = &started.comm_source {
             tracing::warn!(%reason, "process_comm is the calling thread's name, not the process's");
@@ -286,8 +323,50 @@ impl FastPath {
         if !self.exclude.0.is_empty() {
             tracing::info!(exclude = ?self.exclude.0, "filtered process names");
         }
-        Ok(kernel)
+        Ok((kernel, started.holding))
     }
+}
+
+/// What holding needs, or `None` (with the reason logged) when it is off or
+/// has no parking address.
+fn hold_settings(args: &Args) -> Option<HoldSettings> {
+    if args.hold == HoldPolicy::Off {
+        return None;
+    }
+    if !matches!(args.capture_mode, CaptureMode::Auto | CaptureMode::Cgroup) {
+        tracing::warn!(mode = %args.capture_mode, "HOLD needs the cgroup capture mode: connects are never held");
+        return None;
+    }
+    let park_ip4 = match args.hold_park_addr {
+        Some(ip) => Some(ip),
+        None => match hold::net::default_route_ipv4() {
+            Ok(ip) => Some(ip),
+            Err(reason) => {
+                tracing::warn!(%reason, "no IPv4 parking address (set HOLD_PARK_ADDR to the node IP): IPv4 connects are not held");
+                None
+            }
+        },
+    };
+    let park_ip6 = args.hold_park_addr6;
+    for ip in park_ip4
+        .map(std::net::IpAddr::V4)
+        .into_iter()
+        .chain(park_ip6.map(std::net::IpAddr::V6))
+    {
+        if !hold::net::reachable_from_pods(ip) {
+            tracing::warn!(park_addr = %ip, "the parking address is not reachable from pods (their loopback is their own): only this host's own processes can be held");
+        }
+    }
+    if park_ip4.is_none() && park_ip6.is_none() {
+        return None;
+    }
+    Some(HoldSettings {
+        policy: args.hold,
+        default_timeout: args.hold_timeout,
+        park_ip4,
+        park_ip6,
+        mark: args.hold_mark,
+    })
 }
 
 fn report_settings(

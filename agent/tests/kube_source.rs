@@ -680,6 +680,7 @@ async fn the_counting_loop_counts_under_the_services_labels() {
         health: health.clone(),
         clock: AgentClock::new(),
         reporter: Some(Arc::new(ChannelSink(report_tx))),
+        holder: None,
     };
     let (tx, rx) = mpsc::channel(16);
     let source = tokio::spawn(resolve::kube::run(

@@ -6,7 +6,13 @@
 //! file descriptors, so they are detached and freed when [`EbpfKernel`] is
 //! dropped or the process exits in any way, a crash included.
 
-use std::{collections::HashSet, fs::File, os::fd::AsFd, path::PathBuf};
+use std::{
+    collections::HashSet,
+    fs::File,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::{fd::AsFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -14,8 +20,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, KProbe, ProgramError, TracePoint},
 };
 use itw_common::{
-    AttemptKey, Comm, Destination, WakeEvent, Watch, capacity, comm_source, excluded_hint_bit,
-    globals, maps, programs, stat,
+    AttemptKey, Comm, Destination, Park, ParkKey, WakeEvent, Watch, capacity, comm_source,
+    excluded_hint_bit, globals, maps, programs, stat,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -66,6 +72,99 @@ pub struct CaptureSettings {
     pub leader_reads: Vec<LeaderRead>,
     /// The kernel's BTF, for the offsets the leader's name is read with.
     pub btf_path: PathBuf,
+    /// Holding connects to Services without a ready endpoint (cgroup mode
+    /// only); `None`: the programs never rewrite anything.
+    pub hold: Option<KernelHold>,
+    /// The pods' cgroup, where the connect programs are attached too.
+    pub pod_cgroup: PodCgroup,
+}
+
+/// What the programs need for holding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelHold {
+    /// The agent's own connects carry it: never counted, never held.
+    pub mark: u32,
+    /// Parking addresses; a family without one is not held.
+    pub park_ip4: Option<Ipv4Addr>,
+    pub park_ip6: Option<Ipv6Addr>,
+}
+
+/// `POD_CGROUP`: a child of the cgroup v2 root whose processes (the pods)
+/// get the connect programs attached to their own cgroup, so ours run before
+/// any attached to the root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodCgroup {
+    /// `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs driver)
+    /// under the root, when present.
+    Detect,
+    /// Attach to the root only.
+    None,
+    /// This directory (absolute, or relative to the cgroup root).
+    Path(PathBuf),
+}
+
+impl PodCgroup {
+    /// The names kubelet gives the pods' cgroup.
+    pub const KNOWN: [&'static str; 2] = ["kubepods.slice", "kubepods"];
+
+    pub fn parse(value: Option<&str>) -> Self {
+        match value.map(str::trim) {
+            None | Some("") => Self::Detect,
+            Some("none") => Self::None,
+            Some(path) => Self::Path(PathBuf::from(path)),
+        }
+    }
+
+    /// The directory to attach to, if any, under `root`. A configured path
+    /// must exist; a detected one may not.
+    fn resolve(&self, root: &Path) -> Result<Option<PathBuf>, CaptureError> {
+        match self {
+            Self::None => Ok(None),
+            Self::Detect => Ok(Self::KNOWN
+                .iter()
+                .map(|name| root.join(name))
+                .find(|path| path.is_dir())),
+            Self::Path(path) => {
+                let path = root.join(path);
+                if path.is_dir() && path.starts_with(root) && path != root {
+                    Ok(Some(path))
+                } else {
+                    Err(CaptureError::Other(format!(
+                        "POD_CGROUP {}: not a directory below the cgroup root {}",
+                        path.display(),
+                        root.display()
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// The pods' cgroup as the programs identify it: its id (the inode of its
+/// directory) and its depth below the root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PodsAttachment {
+    path: PathBuf,
+    id: u64,
+    level: u32,
+}
+
+impl PodsAttachment {
+    fn new(root: &Path, path: PathBuf) -> Result<Self, CaptureError> {
+        let meta = std::fs::metadata(&path).map_err(|source| CaptureError::CgroupOpen {
+            path: path.clone(),
+            source,
+        })?;
+        let level = path
+            .strip_prefix(root)
+            .map(|rel| rel.components().count())
+            .unwrap_or(0);
+        Ok(Self {
+            id: meta.ino(),
+            level: u32::try_from(level).unwrap_or(u32::MAX),
+            path,
+        })
+    }
 }
 
 impl CaptureSettings {
@@ -80,6 +179,8 @@ impl CaptureSettings {
             comm_from_leader: true,
             leader_reads: vec![LeaderRead::Btf, LeaderRead::ProbeRead],
             btf_path: PathBuf::from(btf::VMLINUX_BTF),
+            hold: None,
+            pod_cgroup: PodCgroup::Detect,
         }
     }
 
@@ -90,6 +191,7 @@ impl CaptureSettings {
             tracefs_path: args.tracefs_path.clone(),
             max_destinations: args.max_destinations,
             max_attempt_counters: args.max_attempt_counters,
+            pod_cgroup: PodCgroup::parse(args.pod_cgroup.as_deref()),
             ..Self::new(args.capture_mode)
         }
     }
@@ -162,6 +264,9 @@ pub struct Started {
     pub objects: LoadedObjects,
     /// Cgroup mode: where our programs run among each hook's programs.
     pub attach_order: Vec<AttachOrder>,
+    /// The programs rewrite held destinations' connects (cgroup mode with
+    /// [`CaptureSettings::hold`]).
+    pub holding: bool,
 }
 
 impl std::fmt::Debug for Started {
@@ -173,6 +278,7 @@ impl std::fmt::Debug for Started {
             .field("comm_source", &self.comm_source)
             .field("objects", &self.objects)
             .field("attach_order", &self.attach_order)
+            .field("holding", &self.holding)
             .finish_non_exhaustive()
     }
 }
@@ -215,7 +321,7 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
     };
     let mut attached = None;
     for source in sources {
-        match Attached::new(settings, &choice, tracepoint, &source) {
+        match Attached::with_fallback(settings, &choice, tracepoint, &source) {
             Ok(done) => {
                 attached = Some((done, source));
                 break;
@@ -239,7 +345,7 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
                 reason: thread_reason,
             };
             (
-                Attached::new(settings, &choice, tracepoint, &source)?,
+                Attached::with_fallback(settings, &choice, tracepoint, &source)?,
                 source,
             )
         }
@@ -249,6 +355,7 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
         attached_to,
         objects,
         attach_order,
+        holding,
     } = attached;
     for order in &attach_order {
         match order.before_ours() {
@@ -262,7 +369,7 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
             ),
         }
     }
-    let kernel = EbpfKernel::new(ebpf, settings, &runtime)?;
+    let kernel = EbpfKernel::new(ebpf, settings, holding, &runtime)?;
     tracing::info!(
         mode = %choice.mode,
         attached_to = %attached_to,
@@ -278,6 +385,7 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
         comm_source,
         objects,
         attach_order,
+        holding,
     })
 }
 
@@ -287,9 +395,41 @@ struct Attached {
     attached_to: String,
     objects: LoadedObjects,
     attach_order: Vec<AttachOrder>,
+    /// The programs hold (cgroup mode with holding asked for).
+    holding: bool,
 }
 
+/// The action of a failed attach to the pods' cgroup.
+const ATTACH_PODS: &str = "attach to the pods' cgroup";
+
 impl Attached {
+    /// [`Attached::new`], and again without the pods' cgroup when attaching
+    /// there fails (another program may hold it exclusively): the root's
+    /// programs then count everyone, as without one.
+    fn with_fallback(
+        settings: &CaptureSettings,
+        choice: &Choice,
+        tracepoint: Option<SetStateOffsets>,
+        comm: &CommSource,
+    ) -> Result<Self, CaptureError> {
+        match Self::new(settings, choice, tracepoint, comm) {
+            Err(
+                error @ CaptureError::Program {
+                    action: ATTACH_PODS,
+                    ..
+                },
+            ) if settings.pod_cgroup != PodCgroup::None => {
+                tracing::warn!(%error, "attaching to the root cgroup only: a socket load balancer there may run before our programs");
+                let root_only = CaptureSettings {
+                    pod_cgroup: PodCgroup::None,
+                    ..settings.clone()
+                };
+                Self::new(&root_only, choice, tracepoint, comm)
+            }
+            other => other,
+        }
+    }
+
     fn new(
         settings: &CaptureSettings,
         choice: &Choice,
@@ -319,6 +459,32 @@ impl Attached {
             .unwrap_or(4096);
         let wakes_bytes = capacity::WAKES_BYTES.max(page_size);
 
+        let cgroup_root = match choice.mode {
+            CaptureMode::Cgroup => Some(choice.cgroup.as_ref().ok_or_else(|| {
+                CaptureError::Other("cgroup mode chosen without a cgroup root".to_owned())
+            })?),
+            _ => None,
+        };
+        let pods = match cgroup_root {
+            Some(root) => match settings.pod_cgroup.resolve(&root.path)? {
+                Some(path) => Some(PodsAttachment::new(&root.path, path)?),
+                None => None,
+            },
+            None => None,
+        };
+        // Rewriting needs the connect hooks: cgroup mode only.
+        let hold = settings.hold.as_ref().filter(|_| cgroup_root.is_some());
+        let hold_enabled = u32::from(hold.is_some());
+        let hold_mark = hold.map_or(0, |h| h.mark);
+        let park_ip4 = hold
+            .and_then(|h| h.park_ip4)
+            .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
+        let park_ip6 = hold.and_then(|h| h.park_ip6).map_or([0u32; 4], |ip| {
+            let o = ip.octets();
+            [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
+        });
+        let (pods_id, pods_level) = pods.as_ref().map_or((0, 0), |p| (p.id, p.level));
+
         let mut loader = EbpfLoader::new();
         loader
             // The object carries no BTF and needs no relocation against the
@@ -341,7 +507,13 @@ impl Attached {
             .override_global(globals::TP_FAMILY_OFFSET, &tp.family, true)
             .override_global(globals::TP_PROTOCOL_OFFSET, &tp.protocol, true)
             .override_global(globals::TP_DADDR_OFFSET, &tp.daddr, true)
-            .override_global(globals::TP_DADDR_V6_OFFSET, &tp.daddr_v6, true);
+            .override_global(globals::TP_DADDR_V6_OFFSET, &tp.daddr_v6, true)
+            .override_global(globals::HOLD_ENABLED, &hold_enabled, true)
+            .override_global(globals::HOLD_MARK, &hold_mark, true)
+            .override_global(globals::PARK_IP4, &park_ip4, true)
+            .override_global(globals::PARK_IP6, &park_ip6, true)
+            .override_global(globals::POD_CGROUP_ID, &pods_id, true)
+            .override_global(globals::POD_CGROUP_LEVEL, &pods_level, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| CaptureError::Load(Box::new(e)))?;
@@ -351,37 +523,85 @@ impl Attached {
         let mut attach_order = Vec::new();
         let attached_to = match choice.mode {
             CaptureMode::Cgroup => {
-                let root = choice.cgroup.as_ref().ok_or_else(|| {
+                let root = cgroup_root.ok_or_else(|| {
                     CaptureError::Other("cgroup mode chosen without a cgroup root".to_owned())
                 })?;
                 let cgroup = File::open(&root.path).map_err(|source| CaptureError::CgroupOpen {
                     path: root.path.clone(),
                     source,
                 })?;
-                for name in [programs::CONNECT4, programs::CONNECT6] {
+                let pods_cgroup =
+                    match &pods {
+                        Some(pods) => Some(File::open(&pods.path).map_err(|source| {
+                            CaptureError::CgroupOpen {
+                                path: pods.path.clone(),
+                                source,
+                            }
+                        })?),
+                        None => None,
+                    };
+                let mut root_programs = vec![programs::CONNECT4, programs::CONNECT6];
+                if hold.is_some() {
+                    // At the root only: the pods' sockets inherit it.
+                    root_programs.extend([programs::GETPEERNAME4, programs::GETPEERNAME6]);
+                }
+                let pods_programs: &[&'static str] = match pods_cgroup {
+                    Some(_) => &[programs::CONNECT4_PODS, programs::CONNECT6_PODS],
+                    None => &[],
+                };
+                for name in root_programs.iter().chain(pods_programs) {
                     let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                     prog.load().map_err(program_error(name, "load"))?;
                 }
-                for name in [programs::CONNECT4, programs::CONNECT6] {
+                for name in &root_programs {
                     let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                     prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
                         .map_err(program_error(name, "attach"))?;
                 }
-                for (name, hook, attach_type) in [
+                if let Some(pods_cgroup) = &pods_cgroup {
+                    for name in pods_programs {
+                        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+                        // A link (kernels >= 5.7) always runs alongside
+                        // the others of its cgroup; the kernel refuses
+                        // attach flags on links.
+                        prog.attach(pods_cgroup.as_fd(), CgroupAttachMode::Single)
+                            .map_err(program_error(name, ATTACH_PODS))?;
+                    }
+                }
+                let mut hooks = vec![
                     (
+                        &cgroup,
                         programs::CONNECT4,
                         "connect4",
                         order::BPF_CGROUP_INET4_CONNECT,
                     ),
                     (
+                        &cgroup,
                         programs::CONNECT6,
                         "connect6",
                         order::BPF_CGROUP_INET6_CONNECT,
                     ),
-                ] {
+                ];
+                if let Some(pods_cgroup) = &pods_cgroup {
+                    hooks.extend([
+                        (
+                            pods_cgroup,
+                            programs::CONNECT4_PODS,
+                            "connect4 (pods)",
+                            order::BPF_CGROUP_INET4_CONNECT,
+                        ),
+                        (
+                            pods_cgroup,
+                            programs::CONNECT6_PODS,
+                            "connect6 (pods)",
+                            order::BPF_CGROUP_INET6_CONNECT,
+                        ),
+                    ]);
+                }
+                for (at, name, hook, attach_type) in hooks {
                     let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
                     let ours = prog.info().map_err(program_error(name, "inspect"))?.id();
-                    match order::effective(&cgroup, attach_type) {
+                    match order::effective(at, attach_type) {
                         Ok(effective) => attach_order.push(AttachOrder {
                             hook,
                             ours,
@@ -392,7 +612,14 @@ impl Attached {
                         }
                     }
                 }
-                format!("cgroup {}", root.path.display())
+                match &pods {
+                    Some(pods) => format!(
+                        "cgroup {} and the pods' cgroup {}",
+                        root.path.display(),
+                        pods.path.display()
+                    ),
+                    None => format!("cgroup {}", root.path.display()),
+                }
             }
             CaptureMode::Kprobe => {
                 let probes = [
@@ -430,6 +657,7 @@ impl Attached {
             attached_to,
             objects,
             attach_order,
+            holding: hold.is_some(),
         })
     }
 }
@@ -456,16 +684,22 @@ fn program_error(
     }
 }
 
+const ALL_PROGRAMS: [&str; 9] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::CONNECT4_PODS,
+    programs::CONNECT6_PODS,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+    programs::TCP_V4_CONNECT,
+    programs::TCP_V6_CONNECT,
+    programs::INET_SOCK_SET_STATE,
+];
+
 /// The loaded programs' ids and the ids of the maps they use.
 fn loaded_objects(ebpf: &Ebpf) -> Result<LoadedObjects, CaptureError> {
     let mut objects = LoadedObjects::default();
-    for name in [
-        programs::CONNECT4,
-        programs::CONNECT6,
-        programs::TCP_V4_CONNECT,
-        programs::TCP_V6_CONNECT,
-        programs::INET_SOCK_SET_STATE,
-    ] {
+    for name in ALL_PROGRAMS {
         let Some(prog) = ebpf.program(name) else {
             continue;
         };
@@ -504,14 +738,54 @@ pub struct EbpfKernel {
     max_destinations: u32,
     wakes: Option<mpsc::Receiver<Wake>>,
     wake_reader: JoinHandle<()>,
+    /// Present when the programs hold.
+    hold: Option<HoldMaps>,
+}
+
+struct HoldMaps {
+    hold: HashMap<MapData, Destination, Park>,
+    count: Array<MapData, u64>,
+    parked: HashMap<MapData, ParkKey, Destination>,
+    /// What `hold` holds, so the count is known without a walk.
+    held: HashSet<Destination>,
+}
+
+fn park_key(dest: &Destination, port: u16) -> ParkKey {
+    ParkKey {
+        family: if dest.is_ipv4() { 4 } else { 6 },
+        port,
+    }
+}
+
+/// Removes `key`, an absent key being no error.
+fn remove_entry<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<(), CaptureError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(err) => Err(map_error(name)(err)),
+    }
 }
 
 impl EbpfKernel {
     fn new(
         mut ebpf: Ebpf,
         settings: &CaptureSettings,
+        holding: bool,
         runtime: &tokio::runtime::Handle,
     ) -> Result<Self, CaptureError> {
+        let hold = match holding {
+            true => Some(HoldMaps {
+                hold: take_map(&mut ebpf, maps::HOLD)?,
+                count: take_map(&mut ebpf, maps::HOLD_COUNT)?,
+                parked: take_map(&mut ebpf, maps::PARKED)?,
+                held: HashSet::new(),
+            }),
+            false => None,
+        };
         let ring: RingBuf<MapData> = take_map(&mut ebpf, maps::WAKES)?;
         // Registering with the reactor needs the runtime's context.
         let ring = {
@@ -540,6 +814,7 @@ impl EbpfKernel {
             max_destinations: settings.max_destinations,
             wakes: Some(rx),
             wake_reader,
+            hold,
         })
     }
 }
@@ -784,6 +1059,52 @@ impl Kernel for EbpfKernel {
     fn take_wakes(&mut self) -> Option<mpsc::Receiver<Wake>> {
         self.wakes.take()
     }
+
+    fn hold(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError> {
+        let maps = self.hold.as_mut().ok_or_else(not_holding)?;
+        // getpeername() must know the port before any connect lands there.
+        maps.parked
+            .insert(park_key(dest, park_port), dest, 0)
+            .map_err(map_error(maps::PARKED))?;
+        let park = Park {
+            port: park_port,
+            _pad: 0,
+        };
+        maps.hold
+            .insert(dest, park, 0)
+            .map_err(|err| match map_error(maps::HOLD)(err) {
+                CaptureError::Map { source, .. } if source.raw_os_error() == Some(libc::E2BIG) => {
+                    CaptureError::MapFull {
+                        map: maps::HOLD,
+                        capacity: capacity::HOLD,
+                        setting: "HOLD=annotated with fewer held Services",
+                    }
+                }
+                other => other,
+            })?;
+        maps.held.insert(*dest);
+        maps.count
+            .set(0, maps.held.len() as u64, 0)
+            .map_err(map_error(maps::HOLD_COUNT))
+    }
+
+    fn unhold(&mut self, dest: &Destination) -> Result<(), CaptureError> {
+        let maps = self.hold.as_mut().ok_or_else(not_holding)?;
+        remove_entry(&mut maps.hold, dest, maps::HOLD)?;
+        maps.held.remove(dest);
+        maps.count
+            .set(0, maps.held.len() as u64, 0)
+            .map_err(map_error(maps::HOLD_COUNT))
+    }
+
+    fn forget_park(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError> {
+        let maps = self.hold.as_mut().ok_or_else(not_holding)?;
+        remove_entry(&mut maps.parked, &park_key(dest, park_port), maps::PARKED)
+    }
+}
+
+fn not_holding() -> CaptureError {
+    CaptureError::Other("holding is off in the loaded programs".to_owned())
 }
 
 fn dedup_max<K, O: Ord>(entries: &mut Vec<(K, u64)>, order: impl Fn(&K) -> O) {
@@ -823,13 +1144,7 @@ mod tests {
     #[test]
     fn the_embedded_object_has_every_program_and_map() {
         let obj = aya_obj::Object::parse(OBJECT).unwrap();
-        for name in [
-            programs::CONNECT4,
-            programs::CONNECT6,
-            programs::TCP_V4_CONNECT,
-            programs::TCP_V6_CONNECT,
-            programs::INET_SOCK_SET_STATE,
-        ] {
+        for name in ALL_PROGRAMS {
             assert!(obj.programs.contains_key(name), "no program {name}");
         }
         for name in [
@@ -841,6 +1156,9 @@ mod tests {
             maps::FILTERED,
             maps::WAKES,
             maps::STATS,
+            maps::HOLD,
+            maps::HOLD_COUNT,
+            maps::PARKED,
         ] {
             assert!(obj.maps.contains_key(name), "no map {name}");
         }

@@ -22,6 +22,8 @@ struct Maps {
     overflow: HashMap<u32, u64>,
     filtered: HashMap<Comm, u64>,
     stats: KernelStats,
+    hold: HashMap<Destination, u16>,
+    parked: HashMap<(bool, u16), Destination>,
 }
 
 /// The test's handle on a [`FakeKernel`]: makes attempts and inspects maps
@@ -93,6 +95,16 @@ impl FakeKernelHandle {
         self.maps.lock().watched.clone()
     }
 
+    /// The hold map: destination -> parking port.
+    pub fn held(&self) -> HashMap<Destination, u16> {
+        self.maps.lock().hold.clone()
+    }
+
+    /// The getpeername map: (IPv4?, parking port) -> destination.
+    pub fn parked(&self) -> HashMap<(bool, u16), Destination> {
+        self.maps.lock().parked.clone()
+    }
+
     /// Number of (destination, process) counters in the attempts map.
     pub fn attempt_keys(&self) -> usize {
         self.maps.lock().attempts.len()
@@ -160,5 +172,26 @@ impl Kernel for FakeKernel {
 
     fn take_wakes(&mut self) -> Option<mpsc::Receiver<Wake>> {
         self.wakes.take()
+    }
+
+    fn hold(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError> {
+        let mut maps = self.handle.maps.lock();
+        maps.hold.insert(*dest, park_port);
+        maps.parked.insert((dest.is_ipv4(), park_port), *dest);
+        Ok(())
+    }
+
+    fn unhold(&mut self, dest: &Destination) -> Result<(), CaptureError> {
+        self.handle.maps.lock().hold.remove(dest);
+        Ok(())
+    }
+
+    fn forget_park(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError> {
+        self.handle
+            .maps
+            .lock()
+            .parked
+            .remove(&(dest.is_ipv4(), park_port));
+        Ok(())
     }
 }

@@ -24,7 +24,9 @@ use std::path::PathBuf;
 use itw_common::{AttemptKey, Comm, Destination};
 use tokio::sync::mpsc;
 
-pub use ebpf::{CaptureSettings, CommSource, LeaderRead, LoadedObjects, Started, start};
+pub use ebpf::{
+    CaptureSettings, CommSource, KernelHold, LeaderRead, LoadedObjects, PodCgroup, Started, start,
+};
 
 /// How connects are caught (`CAPTURE_MODE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -125,6 +127,18 @@ pub trait Kernel: Send + 'static {
     /// The wakes (destinations going idle -> active), delivered as they
     /// happen. Yields the receiver once; later calls return `None`.
     fn take_wakes(&mut self) -> Option<mpsc::Receiver<Wake>>;
+
+    /// Holding: connects to `dest` go to the parking listener on
+    /// `park_port` from now on, and getpeername() on them shows `dest`.
+    fn hold(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError>;
+
+    /// Connects to `dest` go where they asked again. Connections parked
+    /// before keep showing `dest` to getpeername() until
+    /// [`Kernel::forget_park`].
+    fn unhold(&mut self, dest: &Destination) -> Result<(), CaptureError>;
+
+    /// The parking listener of `dest` on `park_port` is closed.
+    fn forget_park(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError>;
 }
 
 #[derive(Debug, thiserror::Error)]

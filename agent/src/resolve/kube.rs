@@ -5,7 +5,7 @@
 //! What is mapped:
 //! - every `spec.clusterIPs` entry (both families) x every TCP Service port
 //!   -> the Service, no pod. Headless and ExternalName Services have none,
-//!   but are still announced (`ServiceAdded`), so their zero series exist.
+//!   but are still announced (`ServiceSet`), so their zero series exist.
 //! - every EndpointSlice endpoint address x TCP port -> the Service named by
 //!   its `kubernetes.io/service-name` label, the *Service* port of the same
 //!   name, and the pod of its `targetRef`; ready or not (a connect to a

@@ -9,10 +9,11 @@ pub mod kube;
 pub mod static_map;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     fmt,
     net::{IpAddr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
 use itw_common::Destination;
@@ -110,7 +111,26 @@ pub struct Target {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceMap {
     pub destinations: BTreeMap<SocketAddr, Target>,
-    pub services: BTreeSet<ServiceRef>,
+    /// Every known Service (one with no endpoints and no ClusterIP still
+    /// gets its zero series) and what the hold logic needs to know of it.
+    pub services: BTreeMap<ServiceRef, ServiceState>,
+}
+
+/// What the agent needs to know of a Service beyond its destinations: whether
+/// it asks to be held while it has no ready endpoint, and how many it has.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceState {
+    /// The Service asks to be held (annotation
+    /// `internal-tcp-watcher.io/hold: "true"`, or `hold: true` in the static
+    /// map).
+    pub hold: bool,
+    /// How long a connection may be held (annotation
+    /// `internal-tcp-watcher.io/hold-timeout`, or `holdTimeout`); `None`:
+    /// the agent's default.
+    pub hold_timeout: Option<Duration>,
+    /// Endpoints ready to take connections, counted once per address (not
+    /// per port); `None` when the source cannot tell, which never holds.
+    pub ready_endpoints: Option<u32>,
 }
 
 /// One incremental change.
@@ -120,7 +140,8 @@ pub enum MapChange {
     Set(SocketAddr, Target),
     /// Stop watching `addr`.
     Remove(SocketAddr),
-    ServiceAdded(ServiceRef),
+    /// A Service is known, or its state changed.
+    ServiceSet(ServiceRef, ServiceState),
     ServiceRemoved(ServiceRef),
 }
 

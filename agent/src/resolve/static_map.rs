@@ -7,10 +7,13 @@
 //!     name: my-svc
 //!     clusterIPs: [127.10.0.1]        # one or more, IPv4 or IPv6; none = headless
 //!     ports: [8429]                   # or {port: 80, targetPort: 8080}
+//!     hold: true                      # optional: hold connects while no endpoint is ready
+//!     holdTimeout: 30s                # optional: how long (default: the agent's HOLD_TIMEOUT)
 //!     endpoints:                      # optional: pods behind it
 //!       - pod: my-svc-0
 //!         ip: 127.10.1.1
 //!         ports: [8429]               # optional: the service ports' targetPorts
+//!         ready: false                # optional (default true): not taking connections yet
 //! ```
 //!
 //! A malformed file is refused with the line and field at fault. The file is
@@ -27,7 +30,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 use tokio::sync::mpsc;
 
-use super::{MapEvent, ServiceMap, ServiceRef, Target, canonical};
+use super::{MapEvent, ServiceMap, ServiceRef, ServiceState, Target, canonical};
 
 /// How often the file's modification time and size are checked.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -58,6 +61,10 @@ struct ServiceEntry {
     #[serde(default, rename = "clusterIPs")]
     cluster_ips: Vec<Spanned<IpAddr>>,
     ports: Spanned<Vec<Spanned<PortEntry>>>,
+    #[serde(default)]
+    hold: bool,
+    #[serde(default)]
+    hold_timeout: Option<Spanned<String>>,
     #[serde(default)]
     endpoints: Vec<EndpointEntry>,
 }
@@ -97,6 +104,12 @@ struct EndpointEntry {
     ip: Spanned<IpAddr>,
     #[serde(default)]
     ports: Option<Spanned<Vec<Spanned<u32>>>>,
+    #[serde(default = "ready_by_default")]
+    ready: bool,
+}
+
+fn ready_by_default() -> bool {
+    true
 }
 
 /// Parses a service map; `path` only names the file in errors.
@@ -133,7 +146,28 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
         check_name(&svc.namespace, &at("namespace"), 63).map_err(&invalid)?;
         check_name(&svc.name, &at("name"), 63).map_err(&invalid)?;
         let service = ServiceRef::new(&svc.namespace.value, &svc.name.value);
-        if !map.services.insert(service.clone()) {
+        let hold_timeout = match &svc.hold_timeout {
+            None => None,
+            Some(t) => Some(crate::config::parse_hold_timeout(&t.value).map_err(|e| {
+                invalid(format!(
+                    "line {}: {}: {e}",
+                    t.referenced.line(),
+                    at("holdTimeout")
+                ))
+            })?),
+        };
+        let ready: std::collections::BTreeSet<IpAddr> = svc
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .map(|e| e.ip.value)
+            .collect();
+        let state = ServiceState {
+            hold: svc.hold,
+            hold_timeout,
+            ready_endpoints: Some(u32::try_from(ready.len()).unwrap_or(u32::MAX)),
+        };
+        if map.services.insert(service.clone(), state).is_some() {
             return Err(invalid(format!(
                 "line {}: {}: service {service} is listed twice",
                 svc.name.referenced.line(),
@@ -408,15 +442,80 @@ services:
         .map(|(a, t)| (a.parse().unwrap(), t))
         .collect();
         assert_eq!(map.destinations, expected);
+        let ready = |n| ServiceState {
+            ready_endpoints: Some(n),
+            ..ServiceState::default()
+        };
         assert_eq!(
             map.services,
             [
-                ServiceRef::new("default", "my-svc"),
-                ServiceRef::new("other", "headless")
+                (ServiceRef::new("default", "my-svc"), ready(2)),
+                (ServiceRef::new("other", "headless"), ready(0)),
             ]
             .into_iter()
             .collect()
         );
+    }
+
+    #[test]
+    fn hold_settings_and_endpoint_readiness() {
+        let map = parse_ok(
+            "services:
+  - namespace: default
+    name: cold
+    clusterIPs: [127.1.0.1]
+    ports: [80]
+    hold: true
+    holdTimeout: 45s
+    endpoints:
+      - {pod: cold-0, ip: 127.1.1.1, ready: false}
+      - {pod: cold-1, ip: 127.1.1.2, ready: false, ports: [81]}
+  - namespace: default
+    name: warm
+    ports: [80]
+    hold: true
+    endpoints:
+      - {pod: warm-0, ip: 127.1.2.1}
+      - {pod: warm-1, ip: 127.1.2.2, ready: false}
+",
+        );
+        assert_eq!(
+            map.services[&ServiceRef::new("default", "cold")],
+            ServiceState {
+                hold: true,
+                hold_timeout: Some(Duration::from_secs(45)),
+                ready_endpoints: Some(0),
+            }
+        );
+        assert_eq!(
+            map.services[&ServiceRef::new("default", "warm")],
+            ServiceState {
+                hold: true,
+                hold_timeout: None,
+                ready_endpoints: Some(1),
+            }
+        );
+        // Not-ready endpoints are still watched: a connect to a starting pod counts.
+        assert!(
+            map.destinations
+                .contains_key(&"127.1.1.2:81".parse().unwrap())
+        );
+        for (bad, needles) in [
+            (
+                "holdTimeout: soon",
+                &["line 6", "services[0].holdTimeout", "\"soon\""][..],
+            ),
+            ("holdTimeout: 100ms", &["line 6", "between 1s and 1h"][..]),
+            ("hold: maybe", &["line 6", "hold"][..]),
+        ] {
+            let text = format!(
+                "services:\n  - namespace: default\n    name: a\n    clusterIPs: [127.1.0.1]\n    ports: [80]\n    {bad}\n"
+            );
+            let msg = parse_err(&text);
+            for needle in needles {
+                assert!(msg.contains(needle), "missing {needle:?} in {msg}");
+            }
+        }
     }
 
     #[test]

@@ -45,6 +45,11 @@ impl Destination {
             port,
         )
     }
+
+    /// Whether this is an IPv4 destination (stored IPv4-mapped).
+    pub fn is_ipv4(&self) -> bool {
+        self.addr[..10].iter().all(|b| *b == 0) && self.addr[10] == 0xff && self.addr[11] == 0xff
+    }
 }
 
 /// Value of [`maps::WATCHED`].
@@ -96,6 +101,26 @@ pub fn excluded_hint_bit(comm: &Comm) -> u64 {
     1u64 << (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58)
 }
 
+/// Value of [`maps::HOLD`]: where a held destination's connects are parked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Park {
+    /// The parking listener's port, host byte order (its address is
+    /// [`globals::PARK_IP4`] or [`globals::PARK_IP6`]).
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of [`maps::PARKED`]: a parking listener, by family and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ParkKey {
+    /// 4 or 6: which parking address the port belongs to.
+    pub family: u16,
+    /// Host byte order.
+    pub port: u16,
+}
+
 /// Names of the maps, as the agent looks them up in the loaded object.
 pub mod maps {
     /// `HashMap<Destination, Watch>`: the destinations to count.
@@ -116,6 +141,14 @@ pub mod maps {
     pub const WAKES: &str = "ITW_WAKES";
     /// `PerCpuArray<u64>` indexed by [`super::stat`].
     pub const STATS: &str = "ITW_STATS";
+    /// `HashMap<Destination, Park>`: held destinations (a Service with no
+    /// ready endpoint): their connects are rewritten to a parking listener.
+    pub const HOLD: &str = "ITW_HOLD";
+    /// `Array<u64>` of one: how many entries HOLD has; 0 skips the lookup.
+    pub const HOLD_COUNT: &str = "ITW_HOLD_COUNT";
+    /// `HashMap<ParkKey, Destination>`: a parking listener's destination, so
+    /// getpeername() on a held client shows the ClusterIP it asked for.
+    pub const PARKED: &str = "ITW_PARKED";
 }
 
 /// Sizes of the maps the agent does not size at load time (it sizes
@@ -126,6 +159,9 @@ pub mod capacity {
     /// Distinct excluded names ever counted (a reload may exclude new names;
     /// old counters stay until read). Allocated on use, so a large bound costs nothing.
     pub const FILTERED: u32 = 4096;
+    /// Held destinations at once (ClusterIP:ports of Services with no ready
+    /// endpoint that ask to be held). Allocated on use.
+    pub const HOLD: u32 = 65_536;
     /// Default byte size of [`maps::WAKES`] (the agent raises it to the page
     /// size where pages are larger). One wake takes 32 bytes with its header,
     /// so 2048 destinations can wake before the agent reads one.
@@ -153,6 +189,13 @@ pub mod programs {
     pub const TCP_V4_CONNECT: &str = "itw_tcp_v4_connect";
     pub const TCP_V6_CONNECT: &str = "itw_tcp_v6_connect";
     pub const INET_SOCK_SET_STATE: &str = "itw_inet_sock_set_state";
+    /// The connect programs for the pods' cgroup (they run before the root's;
+    /// the root's then skip the pods' connects).
+    pub const CONNECT4_PODS: &str = "itw_connect4_pods";
+    pub const CONNECT6_PODS: &str = "itw_connect6_pods";
+    /// Restore the ClusterIP for getpeername() on held connections.
+    pub const GETPEERNAME4: &str = "itw_getpeername4";
+    pub const GETPEERNAME6: &str = "itw_getpeername6";
 }
 
 /// Values of [`globals::COMM_FROM_LEADER`].
@@ -184,6 +227,20 @@ pub mod globals {
     pub const TP_PROTOCOL_OFFSET: &str = "ITW_TP_PROTOCOL_OFFSET";
     pub const TP_DADDR_OFFSET: &str = "ITW_TP_DADDR_OFFSET";
     pub const TP_DADDR_V6_OFFSET: &str = "ITW_TP_DADDR_V6_OFFSET";
+    /// 1: holding is on (HOLD map, rewrite, exempt mark); 0: the programs
+    /// never look at any of it.
+    pub const HOLD_ENABLED: &str = "ITW_HOLD_ENABLED";
+    /// The agent's own connects carry this socket mark: never counted, never held.
+    pub const HOLD_MARK: &str = "ITW_HOLD_MARK";
+    /// Parking IPv4 address, as `bpf_sock_addr.user_ip4` holds it (network
+    /// byte order in memory); 0: IPv4 destinations are not held.
+    pub const PARK_IP4: &str = "ITW_PARK_IP4";
+    /// Parking IPv6 address, as `user_ip6` holds it; all zero: not held.
+    pub const PARK_IP6: &str = "ITW_PARK_IP6";
+    /// The pods' cgroup id (inode of its directory) and its depth below the
+    /// root; 0: no pods cgroup attachment, the root programs count everyone.
+    pub const POD_CGROUP_ID: &str = "ITW_POD_CGROUP_ID";
+    pub const POD_CGROUP_LEVEL: &str = "ITW_POD_CGROUP_LEVEL";
 }
 
 #[cfg(feature = "user")]
@@ -193,6 +250,8 @@ mod pod {
     unsafe impl aya::Pod for super::Watch {}
     unsafe impl aya::Pod for super::AttemptKey {}
     unsafe impl aya::Pod for super::WakeEvent {}
+    unsafe impl aya::Pod for super::Park {}
+    unsafe impl aya::Pod for super::ParkKey {}
 }
 
 #[cfg(test)]
@@ -205,6 +264,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<Watch>(), 8);
         assert_eq!(core::mem::size_of::<AttemptKey>(), 20);
         assert_eq!(core::mem::size_of::<WakeEvent>(), 24);
+        assert_eq!(core::mem::size_of::<Park>(), 4);
+        assert_eq!(core::mem::size_of::<ParkKey>(), 4);
     }
 
     #[test]

@@ -31,15 +31,17 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_probe_read_kernel,
-        generated::{bpf_get_current_task, bpf_get_current_task_btf},
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_get_current_task_btf,
+        },
     },
     macros::{cgroup_sock_addr, kprobe, map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, SockAddrContext, TracePointContext},
 };
 use itw_common::{
-    AttemptKey, COMM_LEN, Comm, Destination, WakeEvent, Watch, capacity, comm_source,
-    excluded_hint_bit, stat,
+    AttemptKey, COMM_LEN, Comm, Destination, Park, ParkKey, WakeEvent, Watch, capacity,
+    comm_source, excluded_hint_bit, stat,
 };
 
 // Map sizes here are defaults: the agent sets WATCHED, ATTEMPTS and OVERFLOW
@@ -83,6 +85,21 @@ static ITW_WAKES: RingBuf = RingBuf::with_byte_size(capacity::WAKES_BYTES, 0);
 #[map(name = "ITW_STATS")]
 static ITW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 
+// Holding (cgroup mode): a held ClusterIP:port's connects go to a parking
+// listener of the agent, which hands them over once a pod is ready.
+#[map(name = "ITW_HOLD")]
+static ITW_HOLD: HashMap<Destination, Park> =
+    HashMap::with_max_entries(capacity::HOLD, BPF_F_NO_PREALLOC);
+
+// How many entries ITW_HOLD has: 0 (nothing held, the usual case) skips the
+// lookup on the warm path. An inlined array load, not a call.
+#[map(name = "ITW_HOLD_COUNT")]
+static ITW_HOLD_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map(name = "ITW_PARKED")]
+static ITW_PARKED: HashMap<ParkKey, Destination> =
+    HashMap::with_max_entries(capacity::HOLD, BPF_F_NO_PREALLOC);
+
 // Read-only globals, set by the agent at load (itw_common::globals). The
 // verifier sees their values as constants and skips the branches they switch
 // off, so a kernel refusing one process-name path still loads the program
@@ -105,6 +122,18 @@ static ITW_TP_PROTOCOL_OFFSET: Global<u32> = Global::new(0);
 static ITW_TP_DADDR_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static ITW_TP_DADDR_V6_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_HOLD_ENABLED: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_HOLD_MARK: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_PARK_IP4: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_PARK_IP6: Global<[u32; 4]> = Global::new([0; 4]);
+#[unsafe(no_mangle)]
+static ITW_POD_CGROUP_ID: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_POD_CGROUP_LEVEL: Global<u32> = Global::new(0);
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -138,41 +167,198 @@ struct SockaddrIn6 {
     scope_id: u32,
 }
 
+/// Which attachment a connect program serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Attached to the cgroup v2 root: every process on the node, except the
+    /// pods' when the pods' cgroup has its own attachment.
+    Root,
+    /// Attached to the pods' cgroup: runs before the root's programs (and so
+    /// before a socket load balancer attached there), which matters for
+    /// holding.
+    Pods,
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn itw_connect4(ctx: SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    // SAFETY: the kernel passes a valid bpf_sock_addr; each field is read
-    // with the one-word load the verifier allows for it.
-    unsafe {
-        // connect4 also runs for UDP (and raw) sockets' connect().
-        if read_ctx(&raw const (*sa).type_) != SOCK_STREAM {
-            return ALLOW;
-        }
-        let addr = read_ctx(&raw const (*sa).user_ip4).to_ne_bytes();
-        let port = u16::from_be(read_ctx(&raw const (*sa).user_port) as u16);
-        on_attempt(&Destination::v4(addr, port));
-    }
+    connect4(&ctx, Role::Root);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn itw_connect4_pods(ctx: SockAddrContext) -> i32 {
+    connect4(&ctx, Role::Pods);
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn itw_connect6(ctx: SockAddrContext) -> i32 {
+    connect6(&ctx, Role::Root);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn itw_connect6_pods(ctx: SockAddrContext) -> i32 {
+    connect6(&ctx, Role::Pods);
+    ALLOW
+}
+
+#[inline(always)]
+fn connect4(ctx: &SockAddrContext, role: Role) {
     let sa = ctx.sock_addr;
-    // SAFETY: as in itw_connect4.
+    // SAFETY: the kernel passes a valid bpf_sock_addr; each field is read
+    // with the one-word load the verifier allows for it.
     unsafe {
-        if read_ctx(&raw const (*sa).type_) != SOCK_STREAM {
-            return ALLOW;
+        // connect4 also runs for UDP (and raw) sockets' connect().
+        if read_ctx(&raw const (*sa).type_) != SOCK_STREAM || handled_elsewhere(ctx, role) {
+            return;
+        }
+        let addr = read_ctx(&raw const (*sa).user_ip4).to_ne_bytes();
+        let port = u16::from_be(read_ctx(&raw const (*sa).user_port) as u16);
+        let dest = Destination::v4(addr, port);
+        on_attempt(&dest);
+        if let Some(park) = held(&dest) {
+            let ip = ITW_PARK_IP4.load();
+            if ip != 0 {
+                write_ctx(&raw mut (*sa).user_ip4, ip);
+                write_ctx(&raw mut (*sa).user_port, u32::from(park.port.to_be()));
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn connect6(ctx: &SockAddrContext, role: Role) {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in connect4.
+    unsafe {
+        if read_ctx(&raw const (*sa).type_) != SOCK_STREAM || handled_elsewhere(ctx, role) {
+            return;
         }
         let mut addr = [0u8; 16];
-        let words = &raw const (*sa).user_ip6;
+        let words = &raw mut (*sa).user_ip6;
         for (i, chunk) in addr.chunks_exact_mut(4).enumerate() {
             chunk.copy_from_slice(&read_ctx(words.cast::<u32>().add(i)).to_ne_bytes());
         }
         let port = u16::from_be(read_ctx(&raw const (*sa).user_port) as u16);
         // A v4-mapped address is already the key its IPv4 form is watched under.
-        on_attempt(&Destination::new(addr, port));
+        let dest = Destination::new(addr, port);
+        on_attempt(&dest);
+        if let Some(park) = held(&dest) {
+            // A v4-mapped ClusterIP parks at the v4-mapped parking address:
+            // the socket can only reach IPv4 through that form.
+            let park_words = if is_v4_mapped(&addr) {
+                let ip = ITW_PARK_IP4.load();
+                [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip]
+            } else {
+                ITW_PARK_IP6.load()
+            };
+            if park_words[3] != 0 || park_words[2] != 0 || park_words[1] != 0 || park_words[0] != 0 {
+                for (i, word) in park_words.iter().enumerate() {
+                    write_ctx(words.cast::<u32>().add(i), *word);
+                }
+                write_ctx(&raw mut (*sa).user_port, u32::from(park.port.to_be()));
+            }
+        }
+    }
+}
+
+/// Whether this connect is not ours to count: the agent's own (marked), or,
+/// for the root's program, a pod's that the pods' cgroup program handled.
+#[inline(always)]
+unsafe fn handled_elsewhere(ctx: &SockAddrContext, role: Role) -> bool {
+    if ITW_HOLD_ENABLED.load() != 0 {
+        // SAFETY: `sk` of a connect hook's context is the connecting socket
+        // (the verifier types it as such and still wants a null check).
+        let sk = unsafe { core::ptr::read_volatile(&raw const (*ctx.sock_addr).__bindgen_anon_1.sk) };
+        if !sk.is_null() && unsafe { core::ptr::read_volatile(&raw const (*sk).mark) } == ITW_HOLD_MARK.load() {
+            return true;
+        }
+    }
+    if role == Role::Root {
+        let pods = ITW_POD_CGROUP_ID.load();
+        // SAFETY: a helper call with a level; it returns 0 past the task's depth.
+        if pods != 0
+            && unsafe { bpf_get_current_ancestor_cgroup_id(ITW_POD_CGROUP_LEVEL.load() as i32) }
+                == pods
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Where `dest`'s connects are parked, if it is held.
+#[inline(always)]
+fn held(dest: &Destination) -> Option<Park> {
+    if ITW_HOLD_ENABLED.load() == 0 {
+        return None;
+    }
+    if ITW_HOLD_COUNT.get(0).is_none_or(|n| *n == 0) {
+        return None;
+    }
+    // SAFETY: a copy of the value, taken under the program's RCU section.
+    unsafe { ITW_HOLD.get(dest) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn itw_getpeername4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in connect4.
+    unsafe {
+        let park_ip = ITW_PARK_IP4.load();
+        if ITW_HOLD_ENABLED.load() == 0 || park_ip == 0 || read_ctx(&raw const (*sa).user_ip4) != park_ip {
+            return ALLOW;
+        }
+        let port = u16::from_be(read_ctx(&raw const (*sa).user_port) as u16);
+        if let Some(dest) = ITW_PARKED.get(&ParkKey { family: 4, port }) {
+            let a = dest.addr;
+            write_ctx(&raw mut (*sa).user_ip4, u32::from_ne_bytes([a[12], a[13], a[14], a[15]]));
+            write_ctx(&raw mut (*sa).user_port, u32::from(dest.port.to_be()));
+        }
     }
     ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn itw_getpeername6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in connect4.
+    unsafe {
+        if ITW_HOLD_ENABLED.load() == 0 {
+            return ALLOW;
+        }
+        let words = &raw mut (*sa).user_ip6;
+        let mut peer = [0u32; 4];
+        for (i, word) in peer.iter_mut().enumerate() {
+            *word = read_ctx(words.cast::<u32>().add(i));
+        }
+        let mapped4 = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ITW_PARK_IP4.load()];
+        let family = if peer[3] != 0 && peer == mapped4 {
+            4
+        } else if peer == ITW_PARK_IP6.load() && peer != [0; 4] {
+            6
+        } else {
+            return ALLOW;
+        };
+        let port = u16::from_be(read_ctx(&raw const (*sa).user_port) as u16);
+        if let Some(dest) = ITW_PARKED.get(&ParkKey { family, port }) {
+            for (i, chunk) in dest.addr.chunks_exact(4).enumerate() {
+                let word = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                write_ctx(words.cast::<u32>().add(i), word);
+            }
+            write_ctx(&raw mut (*sa).user_port, u32::from(dest.port.to_be()));
+        }
+    }
+    ALLOW
+}
+
+/// Writes a field of the cgroup programs' context (the one-word store the
+/// verifier allows for the writable ones).
+#[inline(always)]
+unsafe fn write_ctx(field: *mut u32, value: u32) {
+    // SAFETY: the caller passes a writable field of the context.
+    unsafe { core::ptr::write_volatile(field, value) }
 }
 
 /// A field of the cgroup programs' context. Volatile so that the compiler

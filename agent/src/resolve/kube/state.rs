@@ -21,7 +21,7 @@ use super::{
     extract::{self, Extracted, Malformed, Names, ServiceSpec, SliceSpec},
     objects::EndpointSliceObject,
 };
-use crate::resolve::{MapChange, ServiceMap, ServiceRef, Target, destination};
+use crate::resolve::{MapChange, ServiceMap, ServiceRef, ServiceState, Target, destination};
 
 /// A table whose slots keep their numbers while they live (the claim book
 /// refers to objects by slot). Slots are in fixed pages: growing by a page
@@ -501,7 +501,10 @@ impl ClusterState {
         let service = entry.service.clone();
         let new_spec = entry.spec.as_ref();
         if old.is_none() {
-            out.push(MapChange::ServiceAdded(service.clone()));
+            out.push(MapChange::ServiceSet(
+                service.clone(),
+                ServiceState::default(),
+            ));
         }
         let new_claims = new_spec
             .map(|s| cluster_claims(&service, s))
@@ -743,7 +746,8 @@ impl ClusterState {
         let mut map = ServiceMap::default();
         for (slot, entry) in self.services.iter() {
             let Some(spec) = &entry.spec else { continue };
-            map.services.insert(entry.service.clone());
+            map.services
+                .insert(entry.service.clone(), ServiceState::default());
             for claim in cluster_claims(&entry.service, spec) {
                 if self.book.winner(&claim.dest) == Some(Claimant::service(slot)) {
                     map.destinations

@@ -5,11 +5,7 @@
 //! downstream), and that a fresh relist of the same objects gives that map
 //! too (the winner of a contested IP:port does not depend on event order).
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use kube::runtime::watcher::Event;
 use serde_json::{Value, json};
@@ -17,7 +13,7 @@ use serde_json::{Value, json};
 use super::{
     EndpointSliceObject as EndpointSlice, Kind, Resolver, ServiceObject as Service, StreamSpec,
 };
-use crate::resolve::{MapChange, MapEvent, ServiceMap, ServiceRef, Target};
+use crate::resolve::{MapChange, MapEvent, ServiceMap, ServiceRef, ServiceState, Target};
 
 // ---- objects as the apiserver sends them -------------------------------
 
@@ -198,8 +194,8 @@ fn map_of(
             .collect::<BTreeMap<_, _>>(),
         services: services
             .iter()
-            .map(|(ns, n)| svc_ref(ns, n))
-            .collect::<BTreeSet<_>>(),
+            .map(|(ns, n)| (svc_ref(ns, n), ServiceState::default()))
+            .collect::<BTreeMap<_, _>>(),
     }
 }
 
@@ -385,8 +381,8 @@ fn apply(downstream: &mut Option<ServiceMap>, event: MapEvent) {
                     MapChange::Remove(a) => {
                         map.destinations.remove(&a);
                     }
-                    MapChange::ServiceAdded(s) => {
-                        map.services.insert(s);
+                    MapChange::ServiceSet(s, state) => {
+                        map.services.insert(s, state);
                     }
                     MapChange::ServiceRemoved(s) => {
                         map.services.remove(&s);
@@ -467,7 +463,7 @@ fn add_modify_and_delete_send_only_what_changed() {
     assert_eq!(
         changes(h.svc(Event::Apply(web()))),
         vec![
-            MapChange::ServiceAdded(svc_ref("shop", "web")),
+            MapChange::ServiceSet(svc_ref("shop", "web"), ServiceState::default()),
             set("10.96.0.10:80", "shop", "web", 80, None),
         ]
     );
@@ -561,7 +557,7 @@ fn deleting_a_service_unmaps_its_endpoints_too() {
     assert_eq!(
         changes(h.svc(Event::Apply(web()))),
         vec![
-            MapChange::ServiceAdded(svc_ref("shop", "web")),
+            MapChange::ServiceSet(svc_ref("shop", "web"), ServiceState::default()),
             set("10.96.0.10:80", "shop", "web", 80, None),
             set("10.244.1.5:8080", "shop", "web", 80, Some("web-0")),
         ]
@@ -776,7 +772,7 @@ fn a_slice_before_its_service_waits_for_it() {
     assert_eq!(
         changes(h.svc(Event::Apply(web()))),
         vec![
-            MapChange::ServiceAdded(svc_ref("shop", "web")),
+            MapChange::ServiceSet(svc_ref("shop", "web"), ServiceState::default()),
             set("10.96.0.10:80", "shop", "web", 80, None),
             set("10.244.1.5:8080", "shop", "web", 80, Some("web-0")),
             set("10.244.1.6:8080", "shop", "web", 80, Some("web-1")),
@@ -868,7 +864,10 @@ fn headless_and_external_name_services_have_no_cluster_ip_entries() {
             &[],
             &[("redis", 6379, 6379)]
         )))),
-        vec![MapChange::ServiceAdded(svc_ref("db", "redis"))]
+        vec![MapChange::ServiceSet(
+            svc_ref("db", "redis"),
+            ServiceState::default()
+        )]
     );
     let _ = headless;
 }
@@ -1083,7 +1082,7 @@ fn malformed_parts_are_skipped_with_the_object_and_field_named() {
             &[("http", 80, 8080)]
         )))),
         vec![
-            MapChange::ServiceAdded(svc_ref("shop", "api")),
+            MapChange::ServiceSet(svc_ref("shop", "api"), ServiceState::default()),
             set("10.96.0.11:80", "shop", "api", 80, None),
         ]
     );

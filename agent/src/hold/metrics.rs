@@ -1,0 +1,125 @@
+//! What holding exposes on `/metrics`, per Service.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::resolve::ServiceRef;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub destination_namespace: String,
+    pub destination_service: String,
+}
+
+impl ServiceLabels {
+    pub fn of(service: &ServiceRef) -> Self {
+        Self {
+            destination_namespace: service.namespace.to_string(),
+            destination_service: service.name.to_string(),
+        }
+    }
+}
+
+fn hold_histogram() -> Histogram {
+    // 10 ms .. ~164 s: a cold start is seconds to minutes.
+    Histogram::new(exponential_buckets(0.01, 2.0, 15))
+}
+
+#[derive(Debug)]
+pub struct HoldMetrics {
+    /// Connections parked now.
+    pub held: Family<ServiceLabels, Gauge>,
+    /// Connections ever parked.
+    pub held_total: Family<ServiceLabels, Counter>,
+    /// Handed over to the Service once it had a ready endpoint.
+    pub released: Family<ServiceLabels, Counter>,
+    /// Reset because the hold timeout passed first.
+    pub timed_out: Family<ServiceLabels, Counter>,
+    /// The client went away while parked.
+    pub left: Family<ServiceLabels, Counter>,
+    /// Released, but the Service refused the agent's connect.
+    pub release_failed: Family<ServiceLabels, Counter>,
+    /// Seconds from accept to release, per Service: the cold start the
+    /// client waited for.
+    pub hold_seconds: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    /// Destinations whose connects are parked now.
+    pub held_destinations: Gauge,
+    /// Destinations that should have been held and were not (no parking
+    /// port, kernel map refused).
+    pub hold_failures: Counter,
+}
+
+impl Default for HoldMetrics {
+    fn default() -> Self {
+        Self {
+            held: Family::default(),
+            held_total: Family::default(),
+            released: Family::default(),
+            timed_out: Family::default(),
+            left: Family::default(),
+            release_failed: Family::default(),
+            hold_seconds: Family::new_with_constructor(hold_histogram),
+            held_destinations: Gauge::default(),
+            hold_failures: Counter::default(),
+        }
+    }
+}
+
+impl HoldMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        let agent = registry.sub_registry_with_prefix("itw_agent");
+        agent.register(
+            "held_connections",
+            "Connections to a Service without a ready endpoint, parked by the agent now",
+            self.held.clone(),
+        );
+        agent.register(
+            "connections_held",
+            "Connections ever parked while their Service had no ready endpoint",
+            self.held_total.clone(),
+        );
+        agent.register(
+            "held_released",
+            "Parked connections handed over to their Service once it had a ready endpoint",
+            self.released.clone(),
+        );
+        agent.register(
+            "held_timed_out",
+            "Parked connections reset because the hold timeout passed first",
+            self.timed_out.clone(),
+        );
+        agent.register(
+            "held_left",
+            "Parked connections whose client went away before release",
+            self.left.clone(),
+        );
+        agent.register(
+            "held_release_failed",
+            "Released connections the Service then refused (reset)",
+            self.release_failed.clone(),
+        );
+        agent.register(
+            "hold_seconds",
+            "How long released connections were held: the cold start their clients waited for",
+            self.hold_seconds.clone(),
+        );
+        agent.register(
+            "held_destinations",
+            "ClusterIP:ports whose connects are parked now",
+            self.held_destinations.clone(),
+        );
+        agent.register(
+            "hold_failures",
+            "ClusterIP:ports that should have been held and could not be (see the log)",
+            self.hold_failures.clone(),
+        );
+    }
+}

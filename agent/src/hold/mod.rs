@@ -1,0 +1,334 @@
+//! Holding: a connect to a Service that has no ready endpoint is parked at a
+//! listener of the agent instead of being refused, and handed over to the
+//! Service once an endpoint is ready.
+//!
+//! The kernel side (cgroup connect programs) rewrites a held ClusterIP:port
+//! to `park address:port` after counting the attempt, so activation reaches
+//! the scaler as before; each held destination gets a listener of its own,
+//! so the listener knows the destination from its port. Release takes the
+//! destination out of the kernel's hold map first (new connects go straight
+//! to the Service from then on), then tells the listener, whose parked
+//! connections connect to the ClusterIP with the agent's socket mark (which
+//! the programs let through) and are spliced both ways for their lifetime.
+//!
+//! [`Holder`] is the bookkeeping, driven by the counting loop (which owns the
+//! kernel side) with every service map event; listeners and connections run
+//! as tasks on the runtime it is given.
+
+pub mod metrics;
+pub mod net;
+pub mod park;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, watch};
+
+pub use self::{metrics::HoldMetrics, net::connect_marked};
+use self::{
+    metrics::ServiceLabels,
+    park::{Parking, Phase},
+};
+use crate::{
+    capture::Kernel,
+    config::HoldPolicy,
+    resolve::{self, MapChange, MapEvent, ServiceRef, ServiceState},
+};
+
+/// What holding needs, once the agent has decided it can hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldSettings {
+    pub policy: HoldPolicy,
+    /// For a Service that sets none.
+    pub default_timeout: Duration,
+    /// Parking addresses; a family without one is not held.
+    pub park_ip4: Option<Ipv4Addr>,
+    pub park_ip6: Option<Ipv6Addr>,
+    /// The agent's own connects carry it.
+    pub mark: u32,
+}
+
+impl HoldSettings {
+    /// Whether connects to `service` are held now.
+    pub fn holds(&self, state: &ServiceState) -> bool {
+        let asks = match self.policy {
+            HoldPolicy::Off => false,
+            HoldPolicy::Annotated => state.hold,
+            HoldPolicy::All => true,
+        };
+        // A source that cannot tell readiness never holds.
+        asks && state.ready_endpoints == Some(0)
+    }
+
+    fn park_ip(&self, dest: SocketAddr) -> Option<IpAddr> {
+        match dest {
+            SocketAddr::V4(_) => self.park_ip4.map(IpAddr::V4),
+            SocketAddr::V6(_) => self.park_ip6.map(IpAddr::V6),
+        }
+    }
+}
+
+/// A destination whose connects are parked now.
+struct Held {
+    service: ServiceRef,
+    port: u16,
+    phase: watch::Sender<Phase>,
+}
+
+/// The hold bookkeeping: which Services are held, their ClusterIP:ports, and
+/// a listener per held destination.
+pub struct Holder {
+    settings: HoldSettings,
+    runtime: tokio::runtime::Handle,
+    metrics: Arc<HoldMetrics>,
+    services: HashMap<ServiceRef, ServiceState>,
+    /// ClusterIP:ports (destinations without a pod) by Service, and back.
+    cluster: HashMap<ServiceRef, BTreeSet<SocketAddr>>,
+    owner: HashMap<SocketAddr, ServiceRef>,
+    held: HashMap<SocketAddr, Held>,
+    /// Listeners closed since the last [`Holder::reap`]: (destination, port).
+    closed_tx: mpsc::UnboundedSender<(SocketAddr, u16)>,
+    closed_rx: mpsc::UnboundedReceiver<(SocketAddr, u16)>,
+}
+
+impl Holder {
+    pub fn new(
+        settings: HoldSettings,
+        runtime: tokio::runtime::Handle,
+        metrics: Arc<HoldMetrics>,
+    ) -> Self {
+        let (closed_tx, closed_rx) = mpsc::unbounded_channel();
+        Self {
+            settings,
+            runtime,
+            metrics,
+            services: HashMap::new(),
+            cluster: HashMap::new(),
+            owner: HashMap::new(),
+            held: HashMap::new(),
+            closed_tx,
+            closed_rx,
+        }
+    }
+
+    /// Destinations held now.
+    pub fn held(&self) -> BTreeSet<SocketAddr> {
+        self.held.keys().copied().collect()
+    }
+
+    /// Takes in a service map event (before or after the destination table
+    /// does) and holds or releases what it changed.
+    pub fn apply(&mut self, kernel: &mut dyn Kernel, event: &MapEvent) {
+        let touched = self.observe(event);
+        for service in touched {
+            self.reconcile(kernel, &service);
+        }
+        self.metrics
+            .held_destinations
+            .set(i64::try_from(self.held.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Records what `event` says; returns the Services it may have changed.
+    fn observe(&mut self, event: &MapEvent) -> BTreeSet<ServiceRef> {
+        let mut touched = BTreeSet::new();
+        match event {
+            MapEvent::Reset(map) => {
+                touched.extend(self.services.keys().cloned());
+                touched.extend(self.held.values().map(|h| h.service.clone()));
+                self.services = map
+                    .services
+                    .iter()
+                    .map(|(s, state)| (s.clone(), state.clone()))
+                    .collect();
+                self.cluster.clear();
+                self.owner.clear();
+                for (addr, target) in &map.destinations {
+                    if target.pod.is_none() {
+                        self.claim(*addr, &target.service);
+                    }
+                }
+                touched.extend(self.services.keys().cloned());
+            }
+            MapEvent::Changes(changes) => {
+                for change in changes {
+                    match change {
+                        MapChange::Set(addr, target) => {
+                            if let Some(old) = self.unclaim(*addr) {
+                                touched.insert(old);
+                            }
+                            if target.pod.is_none() {
+                                self.claim(*addr, &target.service);
+                                touched.insert(target.service.clone());
+                            }
+                        }
+                        MapChange::Remove(addr) => {
+                            if let Some(old) = self.unclaim(*addr) {
+                                touched.insert(old);
+                            }
+                        }
+                        MapChange::ServiceSet(service, state) => {
+                            self.services.insert(service.clone(), state.clone());
+                            touched.insert(service.clone());
+                        }
+                        MapChange::ServiceRemoved(service) => {
+                            self.services.remove(service);
+                            touched.insert(service.clone());
+                        }
+                    }
+                }
+            }
+        }
+        touched
+    }
+
+    fn claim(&mut self, addr: SocketAddr, service: &ServiceRef) {
+        let addr = resolve::canonical(addr);
+        self.owner.insert(addr, service.clone());
+        self.cluster
+            .entry(service.clone())
+            .or_default()
+            .insert(addr);
+    }
+
+    fn unclaim(&mut self, addr: SocketAddr) -> Option<ServiceRef> {
+        let addr = resolve::canonical(addr);
+        let service = self.owner.remove(&addr)?;
+        if let Some(addrs) = self.cluster.get_mut(&service) {
+            addrs.remove(&addr);
+            if addrs.is_empty() {
+                self.cluster.remove(&service);
+            }
+        }
+        Some(service)
+    }
+
+    /// Holds `service`'s destinations or releases them, as its state says.
+    fn reconcile(&mut self, kernel: &mut dyn Kernel, service: &ServiceRef) {
+        let state = self.services.get(service);
+        let wanted: BTreeSet<SocketAddr> = match state {
+            Some(state) if self.settings.holds(state) => self
+                .cluster
+                .get(service)
+                .map(|addrs| {
+                    addrs
+                        .iter()
+                        .copied()
+                        .filter(|a| self.settings.park_ip(*a).is_some())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            _ => BTreeSet::new(),
+        };
+        let timeout = state
+            .and_then(|s| s.hold_timeout)
+            .unwrap_or(self.settings.default_timeout);
+        let releasing: Vec<SocketAddr> = self
+            .held
+            .iter()
+            .filter(|(addr, held)| &held.service == service && !wanted.contains(addr))
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in releasing {
+            self.release(kernel, addr);
+        }
+        for addr in wanted {
+            match self.held.get(&addr) {
+                Some(held) if &held.service == service => {}
+                Some(_) => {
+                    // Re-attributed to this Service while held for another.
+                    self.release(kernel, addr);
+                    self.hold(kernel, addr, service, timeout);
+                }
+                None => self.hold(kernel, addr, service, timeout),
+            }
+        }
+    }
+
+    fn hold(
+        &mut self,
+        kernel: &mut dyn Kernel,
+        dest: SocketAddr,
+        service: &ServiceRef,
+        timeout: Duration,
+    ) {
+        let Some(ip) = self.settings.park_ip(dest) else {
+            return;
+        };
+        let listener = match std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(|l| Ok((l.local_addr()?.port(), l)))
+        {
+            Ok(listener) => listener,
+            Err(error) => {
+                self.metrics.hold_failures.inc();
+                tracing::error!(%dest, service = %service, park_addr = %ip, %error, "cannot open a parking listener; connects to this destination are not held");
+                return;
+            }
+        };
+        let (port, listener) = listener;
+        if let Err(error) = kernel.hold(&resolve::destination(dest), port) {
+            self.metrics.hold_failures.inc();
+            tracing::error!(%dest, service = %service, %error, "the kernel refused to hold this destination");
+            let _ = kernel.forget_park(&resolve::destination(dest), port);
+            return;
+        }
+        let (phase, phase_rx) = watch::channel(Phase::Holding);
+        let parking = Parking {
+            dest,
+            labels: ServiceLabels::of(service),
+            timeout,
+            mark: self.settings.mark,
+            metrics: self.metrics.clone(),
+        };
+        let closed = self.closed_tx.clone();
+        self.runtime.spawn(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => park::run(listener, parking, phase_rx).await,
+                Err(error) => {
+                    tracing::error!(%dest, %error, "cannot register a parking listener")
+                }
+            }
+            let _ = closed.send((dest, port));
+        });
+        tracing::info!(%dest, service = %service, park = %SocketAddr::new(ip, port), ?timeout, "holding connects: the Service has no ready endpoint");
+        self.held.insert(
+            dest,
+            Held {
+                service: service.clone(),
+                port,
+                phase,
+            },
+        );
+    }
+
+    /// New connects go straight to `dest` first, then the parked ones are
+    /// handed over.
+    fn release(&mut self, kernel: &mut dyn Kernel, dest: SocketAddr) {
+        let Some(held) = self.held.remove(&dest) else {
+            return;
+        };
+        if let Err(error) = kernel.unhold(&resolve::destination(dest)) {
+            tracing::error!(%dest, %error, "the kernel refused to stop holding this destination");
+        }
+        tracing::info!(%dest, service = %held.service, park_port = held.port, "releasing held connects");
+        // The listener ends (and reports to reap) once its connections have.
+        let _ = held.phase.send(Phase::Released);
+    }
+
+    /// Forgets the parking ports of listeners that have closed, so
+    /// getpeername() no longer maps them.
+    pub fn reap(&mut self, kernel: &mut dyn Kernel) {
+        while let Ok((dest, port)) = self.closed_rx.try_recv() {
+            if let Err(error) = kernel.forget_park(&resolve::destination(dest), port) {
+                tracing::warn!(%dest, port, %error, "forgetting a parking port failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,426 @@
+//! The hold bookkeeping against the fake kernel, and parking listeners with
+//! real loopback sockets (the client connects to the parking port itself,
+//! standing in for the kernel's rewrite).
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::*;
+use crate::{
+    capture::fake::{FakeKernel, FakeKernelHandle},
+    resolve::{ServiceMap, Target},
+};
+
+fn settings(policy: HoldPolicy) -> HoldSettings {
+    HoldSettings {
+        policy,
+        default_timeout: Duration::from_secs(30),
+        park_ip4: Some(Ipv4Addr::LOCALHOST),
+        park_ip6: None,
+        // No mark: these tests need no CAP_NET_ADMIN.
+        mark: 0,
+    }
+}
+
+fn svc(name: &str) -> ServiceRef {
+    ServiceRef::new("default", name)
+}
+
+fn state(hold: bool, ready: Option<u32>) -> ServiceState {
+    ServiceState {
+        hold,
+        hold_timeout: None,
+        ready_endpoints: ready,
+    }
+}
+
+fn cluster(service: &str, port: u16) -> Target {
+    Target {
+        service: svc(service),
+        port,
+        pod: None,
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+struct Rig {
+    holder: Holder,
+    kernel: FakeKernel,
+    handle: FakeKernelHandle,
+    metrics: Arc<HoldMetrics>,
+}
+
+impl Rig {
+    fn new(settings: HoldSettings) -> Self {
+        let metrics = Arc::new(HoldMetrics::default());
+        let kernel = FakeKernel::new(64);
+        let handle = kernel.handle();
+        Self {
+            holder: Holder::new(settings, tokio::runtime::Handle::current(), metrics.clone()),
+            kernel,
+            handle,
+            metrics,
+        }
+    }
+
+    fn apply(&mut self, event: MapEvent) {
+        self.holder.apply(&mut self.kernel, &event);
+    }
+
+    fn reap(&mut self) {
+        self.holder.reap(&mut self.kernel);
+    }
+
+    /// Held destinations -> parking port, as the kernel has them.
+    fn kernel_held(&self) -> HashMap<SocketAddr, u16> {
+        self.handle
+            .held()
+            .into_iter()
+            .map(|(dest, port)| (resolve::socket_addr(&dest), port))
+            .collect()
+    }
+
+    fn park_port(&self, dest: &str) -> u16 {
+        self.kernel_held()[&addr(dest)]
+    }
+}
+
+/// web (annotated, 2 ClusterIP ports, a pod), api (not annotated), v6 (an
+/// IPv6 ClusterIP, annotated), all without a ready endpoint.
+fn map() -> ServiceMap {
+    let mut map = ServiceMap::default();
+    map.services.insert(svc("web"), state(true, Some(0)));
+    map.services.insert(svc("api"), state(false, Some(0)));
+    map.services.insert(svc("v6"), state(true, Some(0)));
+    map.destinations
+        .insert(addr("127.50.0.1:80"), cluster("web", 80));
+    map.destinations
+        .insert(addr("127.50.0.1:443"), cluster("web", 443));
+    map.destinations.insert(
+        addr("127.50.1.1:8080"),
+        Target {
+            service: svc("web"),
+            port: 80,
+            pod: Some("web-0".into()),
+        },
+    );
+    map.destinations
+        .insert(addr("127.50.0.2:80"), cluster("api", 80));
+    map.destinations
+        .insert(addr("[fd00::1]:80"), cluster("v6", 80));
+    map
+}
+
+#[tokio::test]
+async fn annotated_services_without_ready_endpoints_are_held_on_their_cluster_ips() {
+    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
+    rig.apply(MapEvent::Reset(map()));
+    let held = rig.kernel_held();
+    // Not the pod IP, not the unannotated Service, not IPv6 (no parking
+    // address for it).
+    assert_eq!(
+        held.keys().copied().collect::<BTreeSet<_>>(),
+        [addr("127.50.0.1:80"), addr("127.50.0.1:443")].into()
+    );
+    // A listener of its own per destination, known to getpeername().
+    assert_ne!(held[&addr("127.50.0.1:80")], held[&addr("127.50.0.1:443")]);
+    let parked = rig.handle.parked();
+    assert_eq!(parked.len(), 2);
+    for (dest, port) in &held {
+        assert_eq!(
+            parked.get(&(true, *port)).map(resolve::socket_addr),
+            Some(*dest)
+        );
+    }
+    assert_eq!(rig.metrics.held_destinations.get(), 2);
+    assert_eq!(rig.holder.held(), held.keys().copied().collect());
+}
+
+#[tokio::test]
+async fn policy_all_holds_every_service_and_off_none() {
+    let mut all = Rig::new(settings(HoldPolicy::All));
+    all.apply(MapEvent::Reset(map()));
+    assert_eq!(all.kernel_held().len(), 3);
+    assert!(all.kernel_held().contains_key(&addr("127.50.0.2:80")));
+
+    let mut off = Rig::new(settings(HoldPolicy::Off));
+    off.apply(MapEvent::Reset(map()));
+    assert!(off.kernel_held().is_empty());
+}
+
+#[tokio::test]
+async fn ipv6_cluster_ips_are_held_with_an_ipv6_parking_address() {
+    let mut rig = Rig::new(HoldSettings {
+        park_ip6: Some(Ipv6Addr::LOCALHOST),
+        ..settings(HoldPolicy::Annotated)
+    });
+    rig.apply(MapEvent::Reset(map()));
+    let port = rig.park_port("[fd00::1]:80");
+    assert_eq!(
+        rig.handle
+            .parked()
+            .get(&(false, port))
+            .map(resolve::socket_addr),
+        Some(addr("[fd00::1]:80"))
+    );
+}
+
+#[tokio::test]
+async fn unknown_readiness_or_ready_endpoints_never_hold() {
+    let mut rig = Rig::new(settings(HoldPolicy::All));
+    let mut map = map();
+    map.services.insert(svc("web"), state(true, None));
+    map.services.insert(svc("api"), state(true, Some(1)));
+    map.services.insert(svc("v6"), state(true, Some(2)));
+    rig.apply(MapEvent::Reset(map));
+    assert!(rig.kernel_held().is_empty());
+}
+
+#[tokio::test]
+async fn a_ready_endpoint_releases_and_the_parking_port_is_forgotten_once_closed() {
+    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
+    rig.apply(MapEvent::Reset(map()));
+    let port = rig.park_port("127.50.0.1:80");
+    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
+        svc("web"),
+        state(true, Some(1)),
+    )]));
+    // The hold entries go at once ...
+    assert!(rig.kernel_held().is_empty());
+    assert_eq!(rig.metrics.held_destinations.get(), 0);
+    // ... getpeername() keeps mapping the ports until their listeners close
+    // (after the release grace, nothing being parked).
+    assert_eq!(rig.handle.parked().len(), 2);
+    tokio::time::sleep(park::RELEASE_GRACE + Duration::from_millis(300)).await;
+    rig.reap();
+    assert!(rig.handle.parked().is_empty());
+    // The port is closed.
+    assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
+
+    // No ready endpoint again: held again, on a new listener.
+    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
+        svc("web"),
+        state(true, Some(0)),
+    )]));
+    assert_eq!(rig.kernel_held().len(), 2);
+}
+
+#[tokio::test]
+async fn cluster_ips_follow_changes_and_a_removed_service_is_released() {
+    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
+    rig.apply(MapEvent::Reset(map()));
+    rig.apply(MapEvent::Changes(vec![
+        MapChange::Remove(addr("127.50.0.1:443")),
+        MapChange::Set(addr("127.50.0.9:80"), cluster("web", 80)),
+        // A ClusterIP re-attributed to a pod is no ClusterIP any more.
+        MapChange::Set(
+            addr("127.50.0.1:80"),
+            Target {
+                service: svc("web"),
+                port: 80,
+                pod: Some("web-1".into()),
+            },
+        ),
+    ]));
+    assert_eq!(
+        rig.kernel_held().keys().copied().collect::<BTreeSet<_>>(),
+        [addr("127.50.0.9:80")].into()
+    );
+    // The annotation taken away releases too.
+    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
+        svc("web"),
+        state(false, Some(0)),
+    )]));
+    assert!(rig.kernel_held().is_empty());
+    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
+        svc("web"),
+        state(true, Some(0)),
+    )]));
+    assert_eq!(rig.kernel_held().len(), 1);
+    rig.apply(MapEvent::Changes(vec![MapChange::ServiceRemoved(svc(
+        "web",
+    ))]));
+    assert!(rig.kernel_held().is_empty());
+    // A relist without the Service at all releases as well.
+    rig.apply(MapEvent::Reset(map()));
+    assert_eq!(rig.kernel_held().len(), 2);
+    rig.apply(MapEvent::Reset(ServiceMap::default()));
+    assert!(rig.kernel_held().is_empty());
+}
+
+/// A server on `dest` answering each request line with "reply:<line>".
+async fn echo_server(dest: SocketAddr) -> tokio::task::JoinHandle<()> {
+    let listener = TcpListener::bind(dest).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64];
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                let reply = format!("reply:{}", String::from_utf8_lossy(&buf[..n]));
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    })
+}
+
+fn single_service(dest: &str, hold_timeout: Option<Duration>) -> ServiceMap {
+    let mut map = ServiceMap::default();
+    map.services.insert(
+        svc("web"),
+        ServiceState {
+            hold_timeout,
+            ..state(true, Some(0))
+        },
+    );
+    map.destinations.insert(addr(dest), cluster("web", 80));
+    map
+}
+
+fn labels() -> ServiceLabels {
+    ServiceLabels::of(&svc("web"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_gets_its_reply_once_released() {
+    let dest = "127.50.2.1:18080";
+    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
+    rig.apply(MapEvent::Reset(single_service(dest, None)));
+    let port = rig.park_port(dest);
+
+    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rig.metrics.held.get_or_create(&labels()).get(), 1);
+    assert_eq!(rig.metrics.held_total.get_or_create(&labels()).get(), 1);
+
+    let _server = echo_server(addr(dest)).await;
+    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
+        svc("web"),
+        state(true, Some(1)),
+    )]));
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, "reply:ping");
+    assert_eq!(rig.metrics.held.get_or_create(&labels()).get(), 0);
+    assert_eq!(rig.metrics.released.get_or_create(&labels()).get(), 1);
+    assert_eq!(rig.metrics.timed_out.get_or_create(&labels()).get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_speaks_first_to_a_released_client() {
+    let dest = "127.50.2.2:18080";
+    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
+    rig.apply(MapEvent::Reset(single_service(dest, None)));
+    let port = rig.park_port(dest);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let listener = TcpListener::bind(dest).await.unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        stream.write_all(b"220 hello\r\n").await.unwrap();
+    });
+    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
+        svc("web"),
+        state(true, Some(1)),
+    )]));
+    let mut greeting = String::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(greeting, "220 hello\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_held_past_its_timeout_is_reset() {
+    let dest = "127.50.2.3:18080";
+    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
+    rig.apply(MapEvent::Reset(single_service(
+        dest,
+        Some(Duration::from_millis(300)),
+    )));
+    let port = rig.park_port(dest);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    assert_eq!(rig.metrics.timed_out.get_or_create(&labels()).get(), 1);
+    assert_eq!(rig.metrics.held.get_or_create(&labels()).get(), 0);
+    assert_eq!(rig.metrics.released.get_or_create(&labels()).get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_parked_is_freed() {
+    let dest = "127.50.2.4:18080";
+    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
+    rig.apply(MapEvent::Reset(single_service(dest, None)));
+    let port = rig.park_port(dest);
+    // `nc -z`: connect, close.
+    drop(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rig.metrics.left.get_or_create(&labels()).get(), 1);
+    assert_eq!(rig.metrics.held.get_or_create(&labels()).get(), 0);
+
+    // One that half-closes after its request still gets the reply.
+    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    client.write_all(b"req").await.unwrap();
+    client.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rig.metrics.held.get_or_create(&labels()).get(), 1);
+    let _server = echo_server(addr(dest)).await;
+    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
+        svc("web"),
+        state(true, Some(1)),
+    )]));
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, "reply:req");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_the_service_refuses_resets_the_client() {
+    let dest = "127.50.2.5:18080";
+    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
+    rig.apply(MapEvent::Reset(single_service(dest, None)));
+    let port = rig.park_port(dest);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Ready, says the map, but nothing listens.
+    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
+        svc("web"),
+        state(true, Some(1)),
+    )]));
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    assert_eq!(rig.metrics.release_failed.get_or_create(&labels()).get(), 1);
+}

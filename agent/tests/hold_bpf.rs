@@ -1,0 +1,266 @@
+//! Holding in the kernel, loaded and attached for real: the connect programs
+//! rewrite a held ClusterIP:port to its parking listener after counting it,
+//! getpeername() shows the ClusterIP, the agent's marked connects pass
+//! untouched, and a pods' cgroup attachment counts each connect once.
+//!
+//! Addresses: 127.121.<test>.x (and ::1 with ports 44<test>xx). Needs root;
+//! see capture_support for skipping.
+
+mod capture_support;
+
+use std::{
+    ffi::CString,
+    io::{Read, Write},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    os::unix::ffi::OsStrExt,
+    path::PathBuf,
+    time::Duration,
+};
+
+use capture_support as support;
+use itw_agent::{
+    capture::{CaptureMode, KernelHold, PodCgroup, Started},
+    hold::connect_marked,
+};
+use itw_common::Destination;
+
+const MARK: u32 = 0x2a7c;
+
+fn start(pod_cgroup: PodCgroup) -> Option<Started> {
+    support::start(CaptureMode::Cgroup, |s| {
+        s.hold = Some(KernelHold {
+            mark: MARK,
+            park_ip4: Some(Ipv4Addr::LOCALHOST),
+            park_ip6: Some(Ipv6Addr::LOCALHOST),
+        });
+        s.pod_cgroup = pod_cgroup;
+    })
+}
+
+fn dest_of(addr: SocketAddr) -> Destination {
+    itw_agent::resolve::destination(addr)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_ipv4_destination_is_parked_counted_and_keeps_its_address() {
+    let Some(started) = start(PodCgroup::None) else {
+        return;
+    };
+    assert!(started.holding);
+    let mut kernel = started.kernel;
+    let cluster: SocketAddr = "127.121.1.1:8080".parse().unwrap();
+    let park = TcpListener::bind("127.0.0.1:0").unwrap();
+    let park_port = park.local_addr().unwrap().port();
+    kernel.watch(&dest_of(cluster), 21).unwrap();
+    kernel.hold(&dest_of(cluster), park_port).unwrap();
+
+    // Nothing listens on the ClusterIP, yet the connect succeeds: it went
+    // to the parking listener, and the client still sees where it asked to go.
+    let mut client = TcpStream::connect_timeout(&cluster, Duration::from_secs(2)).unwrap();
+    assert_eq!(client.peer_addr().unwrap(), cluster);
+    let (mut parked, from) = park.accept().unwrap();
+    assert_eq!(from, client.local_addr().unwrap());
+    client.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    parked.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    // Counted first, as any attempt.
+    let comm = support::process_comm();
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        [((21, comm.clone()), 1)].into()
+    );
+
+    // The agent's own connect (marked) goes where it asked, uncounted.
+    let server = TcpListener::bind(cluster).unwrap();
+    let upstream = connect_marked(cluster, MARK).await.unwrap();
+    assert_eq!(upstream.peer_addr().unwrap(), cluster);
+    let (_, from) = server.accept().unwrap();
+    assert_eq!(from, upstream.local_addr().unwrap());
+    // An unmarked one is still parked, though a server listens now.
+    let second = TcpStream::connect(cluster).unwrap();
+    let (_, from) = park.accept().unwrap();
+    assert_eq!(from, second.local_addr().unwrap());
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        [((21, comm.clone()), 2)].into()
+    );
+
+    // Unheld: connects go straight to the server; parked ones keep their
+    // ClusterIP for getpeername() until the port is forgotten.
+    kernel.unhold(&dest_of(cluster)).unwrap();
+    let direct = TcpStream::connect(cluster).unwrap();
+    let (_, from) = server.accept().unwrap();
+    assert_eq!(from, direct.local_addr().unwrap());
+    assert_eq!(client.peer_addr().unwrap(), cluster);
+    kernel.forget_park(&dest_of(cluster), park_port).unwrap();
+    assert_eq!(
+        client.peer_addr().unwrap(),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, park_port))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_ipv6_and_v4_mapped_destinations_are_parked_in_their_family() {
+    let Some(started) = start(PodCgroup::None) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let v6: SocketAddr = SocketAddr::from((Ipv6Addr::LOCALHOST, 44_201));
+    let park6 = TcpListener::bind("[::1]:0").unwrap();
+    kernel
+        .hold(&dest_of(v6), park6.local_addr().unwrap().port())
+        .unwrap();
+    let client = TcpStream::connect(v6).unwrap();
+    assert_eq!(client.peer_addr().unwrap(), v6);
+    let (_, from) = park6.accept().unwrap();
+    assert_eq!(from, client.local_addr().unwrap());
+
+    // An IPv6 socket to a v4-mapped ClusterIP reaches the IPv4 listener.
+    let cluster4 = SocketAddrV4::new(Ipv4Addr::new(127, 121, 2, 1), 8080);
+    let park4 = TcpListener::bind("127.0.0.1:0").unwrap();
+    kernel
+        .hold(
+            &dest_of(SocketAddr::V4(cluster4)),
+            park4.local_addr().unwrap().port(),
+        )
+        .unwrap();
+    let mapped = SocketAddr::from((cluster4.ip().to_ipv6_mapped(), cluster4.port()));
+    let client = TcpStream::connect(mapped).unwrap();
+    assert_eq!(client.peer_addr().unwrap(), mapped);
+    let (_, from) = park4.accept().unwrap();
+    assert_eq!(from.port(), client.local_addr().unwrap().port());
+}
+
+/// A child cgroup of the root standing in for kubepods.slice; removed on drop.
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new(name: &str) -> Self {
+        let root = itw_agent::capture::cgroup::find_root(None).expect("a cgroup v2 root");
+        let path = root.path.join(name);
+        let _ = std::fs::remove_dir(&path);
+        std::fs::create_dir(&path).expect("creating a test cgroup");
+        Self(path)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Forks a child that moves itself into `cgroup`, names itself `name`, and
+/// connects once to `target`; returns whether the connect succeeded.
+fn connect_from_cgroup(cgroup: &TestCgroup, name: &str, target: SocketAddrV4) -> bool {
+    assert!(target.ip().is_loopback());
+    let procs = CString::new(cgroup.0.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+    let name = CString::new(name).unwrap();
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: target.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(target.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: the child makes raw system calls only, on data prepared
+    // before the fork.
+    unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0);
+        if pid == 0 {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            // "0" moves the writer itself.
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(2);
+            }
+            libc::close(fd);
+            libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+            let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let rc = libc::connect(
+                sock,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            libc::_exit(if rc == 0 { 0 } else { 1 });
+        }
+        let mut status = 0;
+        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        let code = libc::WEXITSTATUS(status);
+        assert_ne!(code, 2, "the child could not join {:?}", cgroup.0);
+        code == 0
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pods_cgroup_programs_run_first_and_each_connect_counts_once() {
+    if !support::is_root() {
+        support::skip("not running as root, which loading eBPF programs needs");
+        return;
+    }
+    let pods = TestCgroup::new(&format!("itw-test-pods-{}", std::process::id()));
+    let Some(started) = start(PodCgroup::Path(pods.0.clone())) else {
+        return;
+    };
+    let hooks: Vec<&str> = started.attach_order.iter().map(|o| o.hook).collect();
+    assert_eq!(
+        hooks,
+        ["connect4", "connect6", "connect4 (pods)", "connect6 (pods)"]
+    );
+    // In the pods' cgroup, ours runs before the root's (ours among them).
+    let root4 = started.attach_order[0].ours;
+    let pods4 = &started.attach_order[2];
+    let position = |id| pods4.effective.iter().position(|p| *p == id);
+    assert!(
+        matches!((position(pods4.ours), position(root4)), (Some(p), Some(r)) if p < r),
+        "{pods4:?}"
+    );
+    assert!(
+        started.attached_to.contains("pods' cgroup"),
+        "{}",
+        started.attached_to
+    );
+
+    let mut kernel = started.kernel;
+    let refused = SocketAddrV4::new(Ipv4Addr::new(127, 121, 3, 1), 8080);
+    let held = SocketAddrV4::new(Ipv4Addr::new(127, 121, 3, 2), 8080);
+    kernel.watch(&dest_of(refused.into()), 31).unwrap();
+    kernel.watch(&dest_of(held.into()), 32).unwrap();
+    let park = TcpListener::bind("127.0.0.1:0").unwrap();
+    kernel
+        .hold(&dest_of(held.into()), park.local_addr().unwrap().port())
+        .unwrap();
+
+    let pods_cgroup = TestCgroup(pods.0.clone());
+    let (refused_ok, held_ok) = blocking(move || {
+        let a = connect_from_cgroup(&pods_cgroup, "pod-client", refused);
+        let b = connect_from_cgroup(&pods_cgroup, "pod-client", held);
+        std::mem::forget(pods_cgroup);
+        (a, b)
+    })
+    .await;
+    assert!(!refused_ok, "nothing listens on {refused}");
+    assert!(
+        held_ok,
+        "the held connect from the pods' cgroup was not parked"
+    );
+    park.accept().unwrap();
+    // From outside the pods' cgroup, the root's programs count.
+    let _ = TcpStream::connect(SocketAddr::V4(refused));
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        [
+            ((31, "pod-client".to_owned()), 1),
+            ((31, support::process_comm()), 1),
+            ((32, "pod-client".to_owned()), 1),
+        ]
+        .into()
+    );
+}
