@@ -36,6 +36,7 @@ const LIVENESS_TICKS: u32 = 10;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    raise_open_files_limit();
     let args = Args::parse();
     if let Err(error) = itw_telemetry::logging::init(args.log_format) {
         eprintln!("itw-agent: {error}");
@@ -455,6 +456,24 @@ fn limit_malloc_arenas() {
     // SAFETY: called first in main, before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// Each held connection takes two descriptors (client and upstream) for its
+/// lifetime: take the hard limit the runtime grants rather than the usual
+/// soft 1024.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }
 

@@ -52,6 +52,9 @@ pub struct HoldMetrics {
     pub hold_seconds: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     /// Destinations whose connects are parked now.
     pub held_destinations: Gauge,
+    /// Parking listeners open (held destinations, and released ones whose
+    /// connections are still spliced); getpeername() maps their ports.
+    pub parking_listeners: Gauge,
     /// Destinations that should have been held and were not (no parking
     /// port, kernel map refused).
     pub hold_failures: Counter,
@@ -68,6 +71,7 @@ impl Default for HoldMetrics {
             release_failed: Family::default(),
             hold_seconds: Family::new_with_constructor(hold_histogram),
             held_destinations: Gauge::default(),
+            parking_listeners: Gauge::default(),
             hold_failures: Counter::default(),
         }
     }
@@ -115,6 +119,11 @@ impl HoldMetrics {
             "held_destinations",
             "ClusterIP:ports whose connects are parked now",
             self.held_destinations.clone(),
+        );
+        agent.register(
+            "parking_listeners",
+            "Parking listeners open: held destinations, and released ones whose connections the agent still splices",
+            self.parking_listeners.clone(),
         );
         agent.register(
             "hold_failures",

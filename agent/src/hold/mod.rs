@@ -285,6 +285,7 @@ impl Holder {
             metrics: self.metrics.clone(),
         };
         let closed = self.closed_tx.clone();
+        self.metrics.parking_listeners.inc();
         self.runtime.spawn(async move {
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => park::run(listener, parking, phase_rx).await,
@@ -323,6 +324,7 @@ impl Holder {
     /// getpeername() no longer maps them.
     pub fn reap(&mut self, kernel: &mut dyn Kernel) {
         while let Ok((dest, port)) = self.closed_rx.try_recv() {
+            self.metrics.parking_listeners.dec();
             if let Err(error) = kernel.forget_park(&resolve::destination(dest), port) {
                 tracing::warn!(%dest, port, %error, "forgetting a parking port failed");
             }

@@ -356,6 +356,7 @@ impl Scaler {
 pub struct Agent {
     pub proc: Proc,
     pub metrics: SocketAddr,
+    map: PathBuf,
     _map: TempDir,
 }
 
@@ -397,6 +398,7 @@ impl Agent {
         let agent = Agent {
             proc,
             metrics,
+            map,
             _map: dir,
         };
         let want = scalers.len() as f64;
@@ -404,6 +406,11 @@ impl Agent {
             agent.wait_streams_up(want).await;
         }
         agent
+    }
+
+    /// The static service map file the agent reads.
+    pub fn map_path(&self) -> &Path {
+        &self.map
     }
 
     pub async fn wait_streams_up(&self, want: f64) {
