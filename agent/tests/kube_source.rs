@@ -17,7 +17,7 @@ use itw_agent::{
     destinations::DestinationTable,
     metrics::{AttemptCounters, CountingMetrics},
     resolve::{
-        self, MapEvent, ServiceRef, Target,
+        self, MapChange, MapEvent, ServiceRef, ServiceState, Target,
         kube::{KubeSettings, KubeSourceMetrics},
     },
 };
@@ -168,6 +168,42 @@ impl Agent {
                 id,
                 "{addr} watched under another id"
             );
+        }
+    }
+
+    /// A Service's state as the events sent so far leave it.
+    fn state(&self, service: &ServiceRef) -> Option<ServiceState> {
+        let mut state = None;
+        for event in self.events() {
+            match event {
+                MapEvent::Reset(map) => state = map.services.get(service).cloned(),
+                MapEvent::Changes(changes) => {
+                    for change in changes {
+                        match change {
+                            MapChange::ServiceSet(s, new) if s == *service => state = Some(new),
+                            MapChange::ServiceRemoved(s) if s == *service => state = None,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+        state
+    }
+
+    /// Waits until the events sent give `service` the state `want`.
+    async fn expect_state(&mut self, service: &ServiceRef, want: &ServiceState) {
+        let deadline = tokio::time::Instant::now() + STEP;
+        while self.state(service).as_ref() != Some(want) {
+            match tokio::time::timeout_at(deadline, self.applied.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => panic!("the consumer of the source's events ended"),
+                Err(_) => panic!(
+                    "{service}: state not reached within {STEP:?}\nwant: {want:?}\nhave: {:?}\nevents: {:#?}",
+                    self.state(service),
+                    self.events()
+                ),
+            }
         }
     }
 
@@ -649,6 +685,64 @@ async fn malformed_objects_are_skipped_and_the_watch_goes_on() {
             &[("db", "postgres"), ("shop", "broken"), ("shop", "web")],
         )
         .await;
+}
+
+#[tokio::test]
+async fn hold_annotations_and_ready_endpoints_make_the_service_state() {
+    let mock = MockApiServer::start().await;
+    mock.load(
+        [
+            "service-shop-cold-held.json",
+            "endpointslice-shop-cold-starting.json",
+        ]
+        .into_iter()
+        .map(fixture),
+    );
+    let mut agent = Agent::all(mock).await;
+    let cold = ServiceRef::new("shop", "cold");
+    let pod = Some("cold-5f8d9c7b6-t4w2r");
+    agent
+        .expect(
+            &[
+                ("10.96.140.7:80", "shop", "cold", 80, None),
+                // Not ready: mapped all the same.
+                ("10.244.2.51:8080", "shop", "cold", 80, pod),
+            ],
+            &[("shop", "cold")],
+        )
+        .await;
+    let starting = ServiceState {
+        hold: true,
+        hold_timeout: Some(Duration::from_secs(45)),
+        ready_endpoints: Some(0),
+    };
+    let Some(MapEvent::Reset(first)) = agent.events().first().cloned() else {
+        panic!("the first event must be the complete map");
+    };
+    assert_eq!(first.services.get(&cold), Some(&starting));
+    agent.expect_state(&cold, &starting).await;
+    agent.seen(1, is_watch(Resource::EndpointSlices)).await;
+
+    // The pod becomes ready: the Service's new state comes as a change.
+    let mut slice = fixture("endpointslice-shop-cold-starting.json");
+    slice["endpoints"][0]["conditions"] =
+        json!({ "ready": true, "serving": true, "terminating": false });
+    agent.mock.put(&slice);
+    let ready = ServiceState {
+        ready_endpoints: Some(1),
+        ..starting
+    };
+    agent.expect_state(&cold, &ready).await;
+    let sent: Vec<MapChange> = agent
+        .events()
+        .into_iter()
+        .flat_map(|e| match e {
+            MapEvent::Changes(changes) => changes,
+            MapEvent::Reset(_) => Vec::new(),
+        })
+        .collect();
+    assert_eq!(sent, vec![MapChange::ServiceSet(cold.clone(), ready)]);
+    assert_eq!(resets(&agent.events()), vec![2]);
 }
 
 struct ChannelSink(mpsc::UnboundedSender<Collected>);

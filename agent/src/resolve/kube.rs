@@ -11,6 +11,19 @@
 //!   name, and the pod of its `targetRef`; ready or not (a connect to a
 //!   starting pod still counts).
 //! - UDP and SCTP ports are left out: only TCP connects are counted.
+//! - every known Service comes with a [`ServiceState`](super::ServiceState),
+//!   sent again (`ServiceSet`) whenever it changes:
+//!   - `hold`: the annotation `internal-tcp-watcher.io/hold` is `"true"`
+//!     (`"false"` or absent: not held);
+//!   - `hold_timeout`: the annotation `internal-tcp-watcher.io/hold-timeout`
+//!     (`30s`, `2m`; 1s to 1h), absent: the agent's default;
+//!   - `ready_endpoints`: the distinct endpoint addresses (both families)
+//!     that are ready over all the Service's slices; ready is
+//!     `conditions.ready` true or unset, as the EndpointSlice API defines
+//!     it. Always known: a Service without slices has 0.
+//!
+//!   Any other annotation value is warned about (Service, key and value) and
+//!   read as absent; the Service is mapped all the same.
 //! - SERVICE_SELECTOR filters Services on the apiserver; slices are watched
 //!   unfiltered (they do not carry their Service's labels) and mapped only
 //!   while their Service is known, so a slice that comes before its Service

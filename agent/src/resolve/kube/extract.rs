@@ -6,19 +6,27 @@
 //! addresses and port numbers. A malformed part of an object (a bad IP, a
 //! port out of range, an FQDN slice, a slice without its Service label) is
 //! skipped and reported as a [`Malformed`] naming the object and the field;
-//! the rest of the object, and the watch, go on.
+//! the rest of the object, and the watch, go on. A bad hold annotation is
+//! reported the same way and read as absent.
 
 use std::{
     collections::{HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
+    time::Duration,
 };
 
 use super::objects::{EndpointSliceObject, ServiceObject};
 
 /// The label the EndpointSlice controller ties a slice to its Service with.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// `"true"`: hold connects to the Service while it has no ready endpoint.
+pub const HOLD_ANNOTATION: &str = "internal-tcp-watcher.io/hold";
+
+/// How long a connect to the Service may be held (`30s`, `2m`; 1s to 1h).
+pub const HOLD_TIMEOUT_ANNOTATION: &str = "internal-tcp-watcher.io/hold-timeout";
 
 /// The two kinds of object the resolver watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -106,6 +114,11 @@ pub struct ServiceSpec {
     /// Empty for headless and ExternalName Services.
     pub cluster_ips: Box<[IpAddr]>,
     pub ports: Box<[NamedPort]>,
+    /// [`HOLD_ANNOTATION`] is `"true"`. Kept with the spec so that a change
+    /// of the annotations alone is a change of the Service.
+    pub hold: bool,
+    /// [`HOLD_TIMEOUT_ANNOTATION`]; `None`: the agent's default.
+    pub hold_timeout: Option<Duration>,
 }
 
 /// What the resolver keeps of an EndpointSlice.
@@ -150,8 +163,9 @@ impl Default for Addresses {
 pub struct Endpoint<'a> {
     pub ip: IpAddr,
     pub pod: Option<&'a Arc<str>>,
-    /// `conditions.ready`, unknown read as ready (as the API asks). Only
-    /// used to pick a winner when two objects claim one IP:port.
+    /// `conditions.ready`, unknown read as ready (as the API asks). Picks
+    /// the winner when two objects claim one IP:port, and makes the
+    /// Service's ready count.
     pub ready: bool,
 }
 
@@ -288,6 +302,7 @@ pub fn service(
         object: format!("{namespace}/{name}"),
         out: malformed,
     };
+    let (hold, hold_timeout) = hold_annotations(meta.annotations.as_ref(), &mut report);
     let mut cluster_ips = Vec::new();
     let mut ports = Vec::new();
     match &svc.spec {
@@ -352,8 +367,42 @@ pub fn service(
         spec: ServiceSpec {
             cluster_ips: cluster_ips.into(),
             ports: ports.into(),
+            hold,
+            hold_timeout,
         },
     })
+}
+
+/// Reads the hold annotations; a bad value is reported and read as absent,
+/// so a typo never holds a Service nor stops it from being mapped.
+fn hold_annotations(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    report: &mut Report<'_>,
+) -> (bool, Option<Duration>) {
+    let value = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+    let field = |key: &str| format!("metadata.annotations[\"{key}\"]");
+    let hold = match value(HOLD_ANNOTATION) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            report.skip(
+                field(HOLD_ANNOTATION),
+                format!("{other:?} is neither \"true\" nor \"false\"; the Service is not held"),
+            );
+            false
+        }
+    };
+    let hold_timeout = value(HOLD_TIMEOUT_ANNOTATION).and_then(|given| {
+        crate::config::parse_hold_timeout(given)
+            .map_err(|problem| {
+                report.skip(
+                    field(HOLD_TIMEOUT_ANNOTATION),
+                    format!("{problem}; the agent's default applies"),
+                );
+            })
+            .ok()
+    });
+    (hold, hold_timeout)
 }
 
 /// Reads an EndpointSlice. `None` (with a report) when the slice cannot be

@@ -1,7 +1,7 @@
 //! The Service and EndpointSlice as the source decodes them: only the fields
 //! it maps, read straight from the apiserver's JSON. Everything else
-//! (managedFields, annotations, status, topology, every label but the
-//! Service name) is skipped without being built, which makes a list of 10k
+//! (managedFields, status, topology, every label but the Service name, every
+//! annotation but the hold ones) is skipped without being built, which makes a list of 10k
 //! slices several times cheaper to decode and leaves far less freed memory
 //! behind in the allocator than the full k8s-openapi types would.
 //!
@@ -11,7 +11,7 @@
 //! optional here, so an object the apiserver accepted always decodes; what
 //! is missing or wrong is reported by `extract`, field by field.
 
-use std::{borrow::Cow, collections::BTreeMap, fmt};
+use std::{borrow::Cow, collections::BTreeMap, fmt, marker::PhantomData};
 
 use k8s_openapi::{
     NamespaceResourceScope,
@@ -23,7 +23,7 @@ use serde::{
     de::{IgnoredAny, MapAccess, Visitor},
 };
 
-use super::extract::SERVICE_NAME_LABEL;
+use super::extract::{HOLD_ANNOTATION, HOLD_TIMEOUT_ANNOTATION, SERVICE_NAME_LABEL};
 
 /// A core/v1 Service, as far as the resolver reads it.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -141,7 +141,8 @@ impl k8s_openapi::Metadata for EndpointSliceObject {
 }
 
 /// The metadata the resolver and the watcher use: name, namespace,
-/// resourceVersion, and of the labels only the Service name.
+/// resourceVersion, of the labels only the Service name, and of the
+/// annotations only the hold ones.
 fn metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -153,50 +154,73 @@ fn metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D:
         #[serde(default)]
         resource_version: Option<String>,
         #[serde(default)]
-        labels: Option<ServiceNameLabel>,
+        labels: Option<Picked<LabelKeys>>,
+        #[serde(default)]
+        annotations: Option<Picked<AnnotationKeys>>,
     }
     let fields = Fields::deserialize(deserializer)?;
-    let labels = fields
-        .labels
-        .and_then(|l| l.0)
-        .map(|value| BTreeMap::from([(SERVICE_NAME_LABEL.to_owned(), value)]));
     Ok(ObjectMeta {
         name: fields.name,
         namespace: fields.namespace,
         resource_version: fields.resource_version,
-        labels,
+        labels: fields.labels.and_then(Picked::into_map),
+        annotations: fields.annotations.and_then(Picked::into_map),
         ..ObjectMeta::default()
     })
 }
 
-/// A label map reduced to the `kubernetes.io/service-name` value.
-struct ServiceNameLabel(Option<String>);
+/// The keys of a string map worth building.
+trait Keys {
+    const KEYS: &'static [&'static str];
+}
 
-impl<'de> Deserialize<'de> for ServiceNameLabel {
+struct LabelKeys;
+
+impl Keys for LabelKeys {
+    const KEYS: &'static [&'static str] = &[SERVICE_NAME_LABEL];
+}
+
+struct AnnotationKeys;
+
+impl Keys for AnnotationKeys {
+    const KEYS: &'static [&'static str] = &[HOLD_ANNOTATION, HOLD_TIMEOUT_ANNOTATION];
+}
+
+/// A label or annotation map reduced to the entries of `K::KEYS`.
+struct Picked<K>(BTreeMap<String, String>, PhantomData<K>);
+
+impl<K> Picked<K> {
+    /// `None` when none of the keys is there, as for an absent map.
+    fn into_map(self) -> Option<BTreeMap<String, String>> {
+        (!self.0.is_empty()).then_some(self.0)
+    }
+}
+
+impl<'de, K: Keys> Deserialize<'de> for Picked<K> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct LabelVisitor;
+        struct PickVisitor<K>(PhantomData<K>);
 
-        impl<'de> Visitor<'de> for LabelVisitor {
-            type Value = ServiceNameLabel;
+        impl<'de, K: Keys> Visitor<'de> for PickVisitor<K> {
+            type Value = Picked<K>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a map of labels")
+                f.write_str("a map of strings")
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut found = None;
+                let mut found = BTreeMap::new();
                 while let Some(key) = map.next_key::<Key<'de>>()? {
-                    if key.0 == SERVICE_NAME_LABEL {
-                        found = Some(map.next_value::<String>()?);
+                    if K::KEYS.contains(&&*key.0) {
+                        found.insert(key.0.into_owned(), map.next_value::<String>()?);
                     } else {
                         map.next_value::<IgnoredAny>()?;
                     }
                 }
-                Ok(ServiceNameLabel(found))
+                Ok(Picked(found, PhantomData))
             }
         }
 
-        deserializer.deserialize_map(LabelVisitor)
+        deserializer.deserialize_map(PickVisitor(PhantomData))
     }
 }
 
@@ -282,6 +306,34 @@ mod tests {
                 .expect("nulls decode");
         assert!(empty.endpoints.is_none());
         assert_eq!(empty.metadata.labels, None);
+    }
+
+    #[test]
+    fn keeps_only_the_hold_annotations() {
+        let svc: ServiceObject = serde_json::from_str(
+            r#"{
+                "metadata": {
+                    "name": "web", "namespace": "shop",
+                    "annotations": {
+                        "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                        "internal-tcp-watcher.io/hold": "true",
+                        "internal-tcp-watcher.io/holdx": "x",
+                        "internal-tcp-watcher.io/hold-timeout": "45s"
+                    }
+                }
+            }"#,
+        )
+        .expect("decodes");
+        assert_eq!(
+            svc.metadata.annotations,
+            Some(BTreeMap::from([
+                (HOLD_ANNOTATION.into(), "true".into()),
+                (HOLD_TIMEOUT_ANNOTATION.into(), "45s".into()),
+            ]))
+        );
+        let other: ServiceObject =
+            serde_json::from_str(r#"{"metadata": {"annotations": {"a": "b"}}}"#).expect("decodes");
+        assert_eq!(other.metadata.annotations, None);
     }
 
     #[test]

@@ -7,10 +7,15 @@
 //! [`MapChange`]s). A slice whose Service is unknown (not seen yet, or not
 //! selected) claims nothing until the Service comes; a Service whose ports
 //! change re-maps its slices.
+//!
+//! Each Service entry also caches its ready count (distinct ready endpoint
+//! addresses over its slices), recounted from its own slices when one of
+//! them changes, so a [`MapChange::ServiceSet`] goes out exactly when a
+//! known Service's [`ServiceState`] changes.
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
@@ -102,6 +107,13 @@ impl<T> Slab<T> {
             .filter_map(|(i, item)| Some((u32::try_from(i).ok()?, item.as_ref()?)))
     }
 
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.pages
+            .iter_mut()
+            .flat_map(|page| page.iter_mut())
+            .filter_map(Option::as_mut)
+    }
+
     fn len(&self) -> usize {
         self.len
     }
@@ -114,6 +126,21 @@ struct ServiceEntry {
     /// selected): the entry then only holds the slices waiting for it.
     spec: Option<ServiceSpec>,
     slices: Vec<u32>,
+    /// Distinct ready endpoint addresses over `slices`; kept current while
+    /// tracking (and recounted by a rebuild), for spec-less entries too, so
+    /// a Service that comes after its slices is announced with its count.
+    ready: u32,
+}
+
+impl ServiceEntry {
+    fn state(&self) -> Option<ServiceState> {
+        let spec = self.spec.as_ref()?;
+        Some(ServiceState {
+            hold: spec.hold,
+            hold_timeout: spec.hold_timeout,
+            ready_endpoints: Some(self.ready),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -235,6 +262,26 @@ fn slice_rank<'a>(service: &'a ServiceRef, slice: &'a str, ready: bool) -> Rank<
         service: &service.name,
         slice,
     }
+}
+
+/// Distinct ready endpoint addresses over `of`, counted in `scratch` (a
+/// buffer reused across Services by a rebuild). An address listed in both
+/// an IPv4 and an IPv6 slice (IPv4-mapped) is one address.
+fn count_ready(slices: &Slab<SliceEntry>, of: &[u32], scratch: &mut Vec<IpAddr>) -> u32 {
+    scratch.clear();
+    for slice in of.iter().filter_map(|slot| slices.get(*slot)) {
+        scratch.extend(
+            slice
+                .spec
+                .endpoints
+                .iter()
+                .filter(|ep| ep.ready)
+                .map(|ep| ep.ip.to_canonical()),
+        );
+    }
+    scratch.sort_unstable();
+    scratch.dedup();
+    u32::try_from(scratch.len()).unwrap_or(u32::MAX)
 }
 
 /// Every ClusterIP x Service port, sorted by destination.
@@ -364,6 +411,7 @@ impl ClusterState {
             service: ServiceRef::from_names(namespace.clone(), name.clone()),
             spec: None,
             slices: Vec::new(),
+            ready: 0,
         });
         self.service_slots
             .entry(namespace.clone())
@@ -395,6 +443,26 @@ impl ClusterState {
                 &entry.service.namespace,
                 &entry.service.name,
             );
+        }
+    }
+
+    /// Recounts a Service entry's ready endpoints after one of its slices
+    /// came, changed or went, and announces a known Service whose count
+    /// moved. Only while tracking: a rebuild recounts every entry.
+    fn recount(&mut self, slot: u32, out: &mut Vec<MapChange>) {
+        if !self.tracking {
+            return;
+        }
+        let Some(entry) = self.services.get_mut(slot) else {
+            return;
+        };
+        let ready = count_ready(&self.slices, &entry.slices, &mut Vec::new());
+        if ready == entry.ready {
+            return;
+        }
+        entry.ready = ready;
+        if let Some(state) = entry.state() {
+            out.push(MapChange::ServiceSet(entry.service.clone(), state));
         }
     }
 
@@ -500,11 +568,14 @@ impl ClusterState {
         }
         let service = entry.service.clone();
         let new_spec = entry.spec.as_ref();
-        if old.is_none() {
-            out.push(MapChange::ServiceSet(
-                service.clone(),
-                ServiceState::default(),
-            ));
+        // New, or its hold annotations changed: its ready count is the
+        // entry's, and a change of that is sent by the slice that made it.
+        let announce = match (&old, new_spec) {
+            (Some(o), Some(n)) => (o.hold, o.hold_timeout) != (n.hold, n.hold_timeout),
+            _ => true,
+        };
+        if announce && let Some(state) = entry.state() {
+            out.push(MapChange::ServiceSet(service.clone(), state));
         }
         let new_claims = new_spec
             .map(|s| cluster_claims(&service, s))
@@ -616,9 +687,11 @@ impl ClusterState {
             let after = self.slice_claims_of(slot);
             self.diff(Claimant::slice(slot), before, after, out);
         }
+        self.recount(service, out);
         if let Some(previous) = previous_service
             && previous != service
         {
+            self.recount(previous, out);
             self.release_service(previous);
         }
     }
@@ -643,6 +716,7 @@ impl ClusterState {
             if let Some(entry) = self.services.get_mut(slice.service) {
                 entry.slices.retain(|s| *s != slot);
             }
+            self.recount(slice.service, out);
             self.release_service(slice.service);
         }
         self.deleted();
@@ -702,6 +776,10 @@ impl ClusterState {
     pub fn rebuild(&mut self) -> ServiceMap {
         self.book.clear();
         self.tracking = true;
+        let mut scratch = Vec::new();
+        for entry in self.services.values_mut() {
+            entry.ready = count_ready(&self.slices, &entry.slices, &mut scratch);
+        }
         let objects = Objects {
             services: &self.services,
             slices: &self.slices,
@@ -745,9 +823,10 @@ impl ClusterState {
     pub fn map(&self) -> ServiceMap {
         let mut map = ServiceMap::default();
         for (slot, entry) in self.services.iter() {
-            let Some(spec) = &entry.spec else { continue };
-            map.services
-                .insert(entry.service.clone(), ServiceState::default());
+            let (Some(spec), Some(state)) = (&entry.spec, entry.state()) else {
+                continue;
+            };
+            map.services.insert(entry.service.clone(), state);
             for claim in cluster_claims(&entry.service, spec) {
                 if self.book.winner(&claim.dest) == Some(Claimant::service(slot)) {
                     map.destinations

@@ -183,8 +183,22 @@ fn remove(a: &str) -> MapChange {
     MapChange::Remove(addr(a))
 }
 
+/// A Service that does not ask to be held, with `n` ready endpoints.
+fn ready(n: u32) -> ServiceState {
+    ServiceState {
+        hold: false,
+        hold_timeout: None,
+        ready_endpoints: Some(n),
+    }
+}
+
+fn service_set(ns: &str, name: &str, state: ServiceState) -> MapChange {
+    MapChange::ServiceSet(svc_ref(ns, name), state)
+}
+
+/// `services`: (namespace, name, ready endpoints), none of them held.
 fn map_of(
-    services: &[(&str, &str)],
+    services: &[(&str, &str, u32)],
     destinations: &[(&str, &str, &str, u16, Option<&str>)],
 ) -> ServiceMap {
     ServiceMap {
@@ -194,7 +208,7 @@ fn map_of(
             .collect::<BTreeMap<_, _>>(),
         services: services
             .iter()
-            .map(|(ns, n)| (svc_ref(ns, n), ServiceState::default()))
+            .map(|(ns, n, r)| (svc_ref(ns, n), ready(*r)))
             .collect::<BTreeMap<_, _>>(),
     }
 }
@@ -382,7 +396,12 @@ fn apply(downstream: &mut Option<ServiceMap>, event: MapEvent) {
                         map.destinations.remove(&a);
                     }
                     MapChange::ServiceSet(s, state) => {
-                        map.services.insert(s, state);
+                        let before = map.services.insert(s.clone(), state.clone());
+                        assert_ne!(
+                            before,
+                            Some(state),
+                            "a ServiceSet of {s} that changes nothing"
+                        );
                     }
                     MapChange::ServiceRemoved(s) => {
                         map.services.remove(&s);
@@ -437,7 +456,8 @@ fn the_first_list_sends_one_complete_map() {
         ],
     );
     let expected = map_of(
-        &[("shop", "api"), ("shop", "web")],
+        // web-1 is not ready.
+        &[("shop", "api", 1), ("shop", "web", 1)],
         &[
             ("10.96.0.10:80", "shop", "web", 80, None),
             ("10.96.0.11:80", "shop", "api", 80, None),
@@ -463,7 +483,7 @@ fn add_modify_and_delete_send_only_what_changed() {
     assert_eq!(
         changes(h.svc(Event::Apply(web()))),
         vec![
-            MapChange::ServiceSet(svc_ref("shop", "web"), ServiceState::default()),
+            service_set("shop", "web", ready(0)),
             set("10.96.0.10:80", "shop", "web", 80, None),
         ]
     );
@@ -473,7 +493,10 @@ fn add_modify_and_delete_send_only_what_changed() {
             Some("web-0"),
             true
         )])))),
-        vec![set("10.244.1.5:8080", "shop", "web", 80, Some("web-0"))]
+        vec![
+            set("10.244.1.5:8080", "shop", "web", 80, Some("web-0")),
+            service_set("shop", "web", ready(1)),
+        ]
     );
 
     // An update that changes nothing mapped (a status write) sends nothing.
@@ -508,7 +531,8 @@ fn add_modify_and_delete_send_only_what_changed() {
         vec![set("[fd00:10:96::a]:8000", "shop", "web", 8000, None)]
     );
 
-    // A slice change: one pod leaves, one comes.
+    // A slice change: one pod leaves, one comes (still one ready: the
+    // Service's state is not sent again).
     assert_eq!(
         changes(h.slice(Event::Apply(web_slice(&[(
             "10.244.3.3",
@@ -524,7 +548,10 @@ fn add_modify_and_delete_send_only_what_changed() {
     // Delete the slice, then the Service.
     assert_eq!(
         changes(h.slice(Event::Delete(web_slice(&[])))),
-        vec![remove("10.244.3.3:8080")]
+        vec![
+            remove("10.244.3.3:8080"),
+            service_set("shop", "web", ready(0)),
+        ]
     );
     assert_eq!(
         changes(h.svc(Event::Delete(web()))),
@@ -553,11 +580,12 @@ fn deleting_a_service_unmaps_its_endpoints_too() {
             MapChange::ServiceRemoved(svc_ref("shop", "web")),
         ]
     );
-    // The slice stays known and maps again when the Service comes back.
+    // The slice stays known and maps again when the Service comes back,
+    // which comes with its ready count.
     assert_eq!(
         changes(h.svc(Event::Apply(web()))),
         vec![
-            MapChange::ServiceSet(svc_ref("shop", "web"), ServiceState::default()),
+            service_set("shop", "web", ready(1)),
             set("10.96.0.10:80", "shop", "web", 80, None),
             set("10.244.1.5:8080", "shop", "web", 80, Some("web-0")),
         ]
@@ -590,7 +618,10 @@ fn a_relist_swaps_the_map_whole_and_drops_what_is_gone() {
             ("10.244.1.5", Some("web-0"), true),
             ("10.244.1.6", Some("web-1"), true),
         ])))),
-        vec![set("10.244.1.6:8080", "shop", "web", 80, Some("web-1"))]
+        vec![
+            set("10.244.1.6:8080", "shop", "web", 80, Some("web-1")),
+            service_set("shop", "web", ready(2)),
+        ]
     );
     let Some(MapEvent::Reset(map)) = h.svc(Event::InitDone) else {
         panic!("a relist ends with a reset");
@@ -598,7 +629,7 @@ fn a_relist_swaps_the_map_whole_and_drops_what_is_gone() {
     assert_eq!(
         map,
         map_of(
-            &[("shop", "api")],
+            &[("shop", "api", 0)],
             &[("10.96.0.11:81", "shop", "api", 81, None)]
         )
     );
@@ -649,7 +680,10 @@ fn an_ip_reused_by_another_pod_is_re_attributed_at_once() {
     // slice lists it.
     assert_eq!(
         changes(h.slice(Event::Apply(web_slice(&[])))),
-        vec![remove("10.244.1.5:8080")]
+        vec![
+            remove("10.244.1.5:8080"),
+            service_set("shop", "web", ready(0)),
+        ]
     );
     assert_eq!(
         changes(h.slice(Event::Apply(api_slice(&[(
@@ -657,7 +691,10 @@ fn an_ip_reused_by_another_pod_is_re_attributed_at_once() {
             Some("api-0"),
             true
         )])))),
-        vec![set("10.244.1.5:8080", "shop", "api", 80, Some("api-0"))]
+        vec![
+            set("10.244.1.5:8080", "shop", "api", 80, Some("api-0")),
+            service_set("shop", "api", ready(1)),
+        ]
     );
 
     // The other order, with the stale listing not ready (the old pod is
@@ -677,21 +714,27 @@ fn an_ip_reused_by_another_pod_is_re_attributed_at_once() {
     // ...and the other way round: api's pod leaves, web's pod takes the IP.
     assert_eq!(
         changes(h.slice(Event::Apply(api_slice(&[])))),
-        vec![set("10.244.1.5:8080", "shop", "web", 80, Some("web-9"))]
+        vec![
+            set("10.244.1.5:8080", "shop", "web", 80, Some("web-9")),
+            service_set("shop", "api", ready(0)),
+        ]
     );
-    // When the stale listing becomes ready it stays the owner; when it
-    // leaves, the IP is unwatched.
+    // When the stale listing becomes ready it stays the owner (only web's
+    // ready count moves); when it leaves, the IP is unwatched.
     assert_eq!(
-        h.slice(Event::Apply(web_slice(&[(
+        changes(h.slice(Event::Apply(web_slice(&[(
             "10.244.1.5",
             Some("web-9"),
             true
-        )]))),
-        None
+        )])))),
+        vec![service_set("shop", "web", ready(1))]
     );
     assert_eq!(
         changes(h.slice(Event::Apply(web_slice(&[])))),
-        vec![remove("10.244.1.5:8080")]
+        vec![
+            remove("10.244.1.5:8080"),
+            service_set("shop", "web", ready(0)),
+        ]
     );
 }
 
@@ -712,11 +755,17 @@ fn an_ip_moving_between_services_of_equal_rank_switches_when_the_winner_leaves()
             Some("api-0"),
             true
         )])))),
-        vec![set("10.244.1.5:8080", "shop", "api", 80, Some("api-0"))]
+        vec![
+            set("10.244.1.5:8080", "shop", "api", 80, Some("api-0")),
+            service_set("shop", "api", ready(1)),
+        ]
     );
     assert_eq!(
         changes(h.slice(Event::Delete(api_slice(&[])))),
-        vec![set("10.244.1.5:8080", "shop", "web", 80, Some("web-0"))]
+        vec![
+            set("10.244.1.5:8080", "shop", "web", 80, Some("web-0")),
+            service_set("shop", "api", ready(0)),
+        ]
     );
 }
 
@@ -772,7 +821,7 @@ fn a_slice_before_its_service_waits_for_it() {
     assert_eq!(
         changes(h.svc(Event::Apply(web()))),
         vec![
-            MapChange::ServiceSet(svc_ref("shop", "web"), ServiceState::default()),
+            service_set("shop", "web", ready(2)),
             set("10.96.0.10:80", "shop", "web", 80, None),
             set("10.244.1.5:8080", "shop", "web", 80, Some("web-0")),
             set("10.244.1.6:8080", "shop", "web", 80, Some("web-1")),
@@ -809,7 +858,9 @@ fn dual_stack_maps_both_families() {
     assert_eq!(
         map,
         map_of(
-            &[("shop", "web")],
+            // Every address counts, of both families; the IPv4-mapped one
+            // as the IPv4 address it is.
+            &[("shop", "web", 3)],
             &[
                 ("10.96.0.10:80", "shop", "web", 80, None),
                 ("[fd00:10:96::a]:80", "shop", "web", 80, None),
@@ -846,7 +897,7 @@ fn headless_and_external_name_services_have_no_cluster_ip_entries() {
     assert_eq!(
         map,
         map_of(
-            &[("db", "legacy"), ("db", "postgres")],
+            &[("db", "legacy", 0), ("db", "postgres", 1)],
             &[(
                 "10.244.4.4:5432",
                 "db",
@@ -864,10 +915,7 @@ fn headless_and_external_name_services_have_no_cluster_ip_entries() {
             &[],
             &[("redis", 6379, 6379)]
         )))),
-        vec![MapChange::ServiceSet(
-            svc_ref("db", "redis"),
-            ServiceState::default()
-        )]
+        vec![service_set("db", "redis", ready(0))]
     );
     let _ = headless;
 }
@@ -878,7 +926,7 @@ fn a_service_with_no_endpoints_keeps_its_cluster_ip_entries() {
     assert_eq!(
         map,
         map_of(
-            &[("shop", "web")],
+            &[("shop", "web", 0)],
             &[("10.96.0.10:80", "shop", "web", 80, None)]
         )
     );
@@ -889,11 +937,17 @@ fn a_service_with_no_endpoints_keeps_its_cluster_ip_entries() {
             Some("web-0"),
             true
         )])))),
-        vec![set("10.244.1.5:8080", "shop", "web", 80, Some("web-0"))]
+        vec![
+            set("10.244.1.5:8080", "shop", "web", 80, Some("web-0")),
+            service_set("shop", "web", ready(1)),
+        ]
     );
     assert_eq!(
         changes(h.slice(Event::Apply(web_slice(&[])))),
-        vec![remove("10.244.1.5:8080")]
+        vec![
+            remove("10.244.1.5:8080"),
+            service_set("shop", "web", ready(0)),
+        ]
     );
     assert!(h.map().destinations.contains_key(&addr("10.96.0.10:80")));
 }
@@ -939,7 +993,7 @@ fn ports_match_by_name_and_udp_is_left_out() {
     assert_eq!(
         map,
         map_of(
-            &[("kube-system", "kube-dns"), ("shop", "one")],
+            &[("kube-system", "kube-dns", 1), ("shop", "one", 1)],
             &[
                 ("10.96.0.10:53", "kube-system", "kube-dns", 53, None),
                 ("10.96.0.10:9153", "kube-system", "kube-dns", 9153, None),
@@ -1067,7 +1121,8 @@ fn malformed_parts_are_skipped_with_the_object_and_field_named() {
     assert_eq!(
         map,
         map_of(
-            &[("shop", "web")],
+            // The endpoint with the bad address is not counted.
+            &[("shop", "web", 1)],
             &[
                 ("10.96.0.10:80", "shop", "web", 80, None),
                 ("10.244.1.5:8080", "shop", "web", 80, Some("web-0")),
@@ -1082,7 +1137,7 @@ fn malformed_parts_are_skipped_with_the_object_and_field_named() {
             &[("http", 80, 8080)]
         )))),
         vec![
-            MapChange::ServiceSet(svc_ref("shop", "api"), ServiceState::default()),
+            service_set("shop", "api", ready(0)),
             set("10.96.0.11:80", "shop", "api", 80, None),
         ]
     );
@@ -1109,7 +1164,10 @@ fn a_slice_that_loses_its_service_label_is_unmapped() {
     assert_eq!(outcome.malformed.len(), 1);
     assert_eq!(
         outcome.event,
-        Some(MapEvent::Changes(vec![remove("10.244.1.5:8080")]))
+        Some(MapEvent::Changes(vec![
+            remove("10.244.1.5:8080"),
+            service_set("shop", "web", ready(0)),
+        ]))
     );
 }
 
@@ -1175,7 +1233,7 @@ fn namespaced_streams_sync_and_relist_independently() {
     assert_eq!(
         map,
         map_of(
-            &[("shop", "web")],
+            &[("shop", "web", 0)],
             &[("10.96.0.10:80", "shop", "web", 80, None)]
         )
     );
@@ -1368,8 +1426,387 @@ fn an_address_of_the_other_family_is_skipped_unless_it_is_ipv4_mapped() {
     assert_eq!(
         map,
         map_of(
-            &[("shop", "web")],
+            &[("shop", "web", 1)],
             &[("10.244.1.8:8080", "shop", "web", 80, Some("web-8"))]
         )
+    );
+}
+
+// ---- hold annotations and readiness ----------------------------------------
+
+const HOLD: &str = "internal-tcp-watcher.io/hold";
+const HOLD_TIMEOUT: &str = "internal-tcp-watcher.io/hold-timeout";
+
+/// web, with `annotations` added to the ones it already has.
+fn web_annotated(annotations: &[(&str, &str)]) -> Service {
+    let mut svc = service_json("shop", "web", &["10.96.0.10"], &[("http", 80, 8080)]);
+    for (key, value) in annotations {
+        svc["metadata"]["annotations"][*key] = json!(value);
+    }
+    decode(svc)
+}
+
+fn held(timeout: Option<u64>, n: u32) -> ServiceState {
+    ServiceState {
+        hold: true,
+        hold_timeout: timeout.map(std::time::Duration::from_secs),
+        ready_endpoints: Some(n),
+    }
+}
+
+#[test]
+fn hold_annotations_make_the_service_state() {
+    let pg = |annotations: Value| {
+        let mut svc = service_json("db", "pg", &["10.96.1.1"], &[("pg", 5432, 5432)]);
+        svc["metadata"]["annotations"] = annotations;
+        decode::<Service>(svc)
+    };
+    let (mut h, map) = Harness::start(
+        vec![
+            web_annotated(&[(HOLD, "true"), (HOLD_TIMEOUT, "45s")]),
+            pg(json!({ HOLD: "false", HOLD_TIMEOUT: "2m" })),
+        ],
+        vec![web_slice(&[("10.244.1.5", Some("web-0"), false)])],
+    );
+    assert_eq!(
+        map.services,
+        BTreeMap::from([
+            (
+                svc_ref("db", "pg"),
+                ServiceState {
+                    hold: false,
+                    hold_timeout: Some(std::time::Duration::from_secs(120)),
+                    ready_endpoints: Some(0),
+                }
+            ),
+            (svc_ref("shop", "web"), held(Some(45), 0)),
+        ])
+    );
+    // Announced with its annotations when it comes after the first list.
+    assert_eq!(
+        changes(h.svc(Event::Apply(pg(json!({ HOLD: "true" }))))),
+        vec![service_set("db", "pg", held(None, 0))]
+    );
+    // No annotations at all (the map absent, or null): not held.
+    let mut bare = service_json("db", "bare", &[], &[("pg", 5432, 5432)]);
+    bare["metadata"]
+        .as_object_mut()
+        .map(|m| m.remove("annotations"));
+    assert_eq!(
+        changes(h.svc(Event::Apply(decode(bare)))),
+        vec![service_set("db", "bare", ready(0))]
+    );
+    let mut null = service_json("db", "null", &[], &[("pg", 5432, 5432)]);
+    null["metadata"]["annotations"] = Value::Null;
+    assert_eq!(
+        changes(h.svc(Event::Apply(decode(null)))),
+        vec![service_set("db", "null", ready(0))]
+    );
+}
+
+#[test]
+fn an_annotation_change_alone_sends_one_service_set() {
+    let (mut h, map) = Harness::start(
+        vec![web()],
+        vec![web_slice(&[("10.244.1.5", Some("web-0"), true)])],
+    );
+    assert_eq!(map.services[&svc_ref("shop", "web")], ready(1));
+
+    assert_eq!(
+        changes(h.svc(Event::Apply(web_annotated(&[(HOLD, "true")])))),
+        vec![service_set("shop", "web", held(None, 1))]
+    );
+    assert_eq!(
+        changes(h.svc(Event::Apply(web_annotated(&[
+            (HOLD, "true"),
+            (HOLD_TIMEOUT, "30s")
+        ])))),
+        vec![service_set("shop", "web", held(Some(30), 1))]
+    );
+    // Another annotation, or a new resourceVersion: nothing to send.
+    let mut same = web_annotated(&[(HOLD, "true"), (HOLD_TIMEOUT, "30s"), ("x/y", "z")]);
+    same.metadata.resource_version = Some("2000".into());
+    assert_eq!(h.svc(Event::Apply(same)), None);
+    // Removed: back to the default.
+    assert_eq!(
+        changes(h.svc(Event::Apply(web()))),
+        vec![service_set("shop", "web", ready(1))]
+    );
+    assert_eq!(h.map().services[&svc_ref("shop", "web")], ready(1));
+}
+
+#[test]
+fn bad_hold_annotations_are_reported_and_read_as_absent() {
+    let (mut h, _) = Harness::start(vec![], vec![]);
+    let outcome = h.resolver.service_event(
+        SERVICES,
+        Event::Apply(web_annotated(&[(HOLD, "yes"), (HOLD_TIMEOUT, "soon")])),
+    );
+    let found: Vec<(Kind, &str, &str)> = outcome
+        .malformed
+        .iter()
+        .map(|m| (m.kind, m.object.as_str(), m.field.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (
+                Kind::Service,
+                "shop/web",
+                "metadata.annotations[\"internal-tcp-watcher.io/hold\"]"
+            ),
+            (
+                Kind::Service,
+                "shop/web",
+                "metadata.annotations[\"internal-tcp-watcher.io/hold-timeout\"]"
+            ),
+        ]
+    );
+    assert!(
+        outcome.malformed[0].problem.contains("\"yes\""),
+        "{}",
+        outcome.malformed[0].problem
+    );
+    assert!(
+        outcome.malformed[1].problem.contains("\"soon\""),
+        "{}",
+        outcome.malformed[1].problem
+    );
+    // The Service itself is mapped as ever, not held, with the default
+    // timeout.
+    assert_eq!(
+        outcome.event,
+        Some(MapEvent::Changes(vec![
+            service_set("shop", "web", ready(0)),
+            set("10.96.0.10:80", "shop", "web", 80, None),
+        ]))
+    );
+
+    // A timeout out of range, and a hold value in the wrong case: the same.
+    for (annotations, field, problem) in [
+        (
+            [(HOLD, "true"), (HOLD_TIMEOUT, "100ms")],
+            HOLD_TIMEOUT,
+            "\"100ms\": must be between 1s and 1h",
+        ),
+        (
+            [(HOLD, "True"), (HOLD_TIMEOUT, "2h")],
+            HOLD,
+            "\"True\" is neither",
+        ),
+    ] {
+        let outcome = h
+            .resolver
+            .service_event(SERVICES, Event::Apply(web_annotated(&annotations)));
+        assert!(
+            outcome
+                .malformed
+                .iter()
+                .any(|m| m.field.contains(field) && m.problem.contains(problem)),
+            "{:?}",
+            outcome.malformed
+        );
+        let state = &h.map().services[&svc_ref("shop", "web")];
+        assert_eq!(state.hold_timeout, None);
+        assert!(h.map().destinations.contains_key(&addr("10.96.0.10:80")));
+    }
+    assert_eq!(h.map().services[&svc_ref("shop", "web")], ready(0));
+}
+
+#[test]
+fn ready_endpoints_count_distinct_ready_addresses() {
+    let api = service("shop", "api", &["10.96.0.11"], &[("http", 80, 8080)]);
+    // conditions.ready absent (no conditions, or ready null) means ready.
+    let mut first = slice_json(
+        "shop",
+        "web-abcde",
+        "web",
+        "IPv4",
+        &[("http", 8080)],
+        &[
+            ("10.244.1.1", Some("web-1"), true),
+            ("10.244.1.2", Some("web-2"), true),
+            ("10.244.1.3", Some("web-3"), true),
+            ("10.244.1.4", Some("web-4"), false),
+        ],
+    );
+    first["endpoints"][1]
+        .as_object_mut()
+        .map(|e| e.remove("conditions"));
+    first["endpoints"][2]["conditions"]["ready"] = Value::Null;
+    let (mut h, map) = Harness::start(vec![web(), api], vec![decode(first)]);
+    assert_eq!(map.services[&svc_ref("shop", "web")], ready(3));
+    assert_eq!(map.services[&svc_ref("shop", "api")], ready(0));
+
+    // A second slice of web: one new ready address, one listed in the first
+    // slice too (counted once), one not ready.
+    let second = |eps: &[Ep<'_>]| slice("shop", "web-fghij", "web", &[("http", 8080)], eps);
+    assert_eq!(
+        changes(h.slice(Event::Apply(second(&[
+            ("10.244.1.1", Some("web-1"), true),
+            ("10.244.2.1", Some("web-5"), true),
+            ("10.244.2.2", Some("web-6"), false),
+        ])))),
+        vec![
+            set("10.244.2.1:8080", "shop", "web", 80, Some("web-5")),
+            set("10.244.2.2:8080", "shop", "web", 80, Some("web-6")),
+            service_set("shop", "web", ready(4)),
+        ]
+    );
+    // The same address twice in one slice is one too; an address that goes
+    // not ready here is still ready in the first slice.
+    assert_eq!(
+        changes(h.slice(Event::Apply(second(&[
+            ("10.244.1.1", Some("web-1"), false),
+            ("10.244.2.1", Some("web-5"), true),
+            ("10.244.2.1", Some("web-5"), true),
+            ("10.244.2.2", Some("web-6"), true),
+        ])))),
+        vec![service_set("shop", "web", ready(5))]
+    );
+
+    // A slice of another Service leaves web alone.
+    let api_slice = slice(
+        "shop",
+        "api-xyz12",
+        "api",
+        &[("http", 8080)],
+        &[("10.244.3.1", Some("api-0"), true)],
+    );
+    assert_eq!(
+        changes(h.slice(Event::Apply(api_slice.clone()))),
+        vec![
+            set("10.244.3.1:8080", "shop", "api", 80, Some("api-0")),
+            service_set("shop", "api", ready(1)),
+        ]
+    );
+    assert_eq!(h.map().services[&svc_ref("shop", "web")], ready(5));
+
+    // A slice deleted: its addresses no longer count (10.244.1.1 still
+    // does, through the first slice).
+    assert_eq!(
+        changes(h.slice(Event::Delete(second(&[])))),
+        vec![
+            remove("10.244.2.1:8080"),
+            remove("10.244.2.2:8080"),
+            service_set("shop", "web", ready(3)),
+        ]
+    );
+    assert_eq!(
+        changes(h.slice(Event::Delete(api_slice))),
+        vec![
+            remove("10.244.3.1:8080"),
+            service_set("shop", "api", ready(0)),
+        ]
+    );
+    // A slice whose ports alone change (no readiness change): no state.
+    let mut ports_only = slice_json(
+        "shop",
+        "web-abcde",
+        "web",
+        "IPv4",
+        &[("http", 8081)],
+        &[
+            ("10.244.1.1", Some("web-1"), true),
+            ("10.244.1.2", Some("web-2"), true),
+            ("10.244.1.3", Some("web-3"), true),
+            ("10.244.1.4", Some("web-4"), false),
+        ],
+    );
+    ports_only["endpoints"][1]
+        .as_object_mut()
+        .map(|e| e.remove("conditions"));
+    let sent = changes(h.slice(Event::Apply(decode(ports_only))));
+    assert!(
+        !sent.iter().any(|c| matches!(c, MapChange::ServiceSet(..))),
+        "{sent:?}"
+    );
+    assert_eq!(h.map().services[&svc_ref("shop", "web")], ready(3));
+}
+
+#[test]
+fn a_slice_moving_to_another_service_moves_its_count() {
+    let api = service("shop", "api", &["10.96.0.11"], &[("http", 80, 8080)]);
+    let eps: &[Ep<'_>] = &[("10.244.1.5", Some("web-0"), true)];
+    let (mut h, _) = Harness::start(
+        vec![web(), api],
+        vec![slice("shop", "moving", "web", &[("http", 8080)], eps)],
+    );
+    assert_eq!(
+        changes(h.slice(Event::Apply(slice(
+            "shop",
+            "moving",
+            "api",
+            &[("http", 8080)],
+            eps
+        )))),
+        vec![
+            set("10.244.1.5:8080", "shop", "api", 80, Some("web-0")),
+            service_set("shop", "api", ready(1)),
+            service_set("shop", "web", ready(0)),
+        ]
+    );
+}
+
+#[test]
+fn a_relist_gives_the_states_incremental_application_gives() {
+    let web_held = || web_annotated(&[(HOLD, "true"), (HOLD_TIMEOUT, "45s")]);
+    let first = || {
+        web_slice(&[
+            ("10.244.1.5", Some("web-0"), true),
+            ("10.244.1.6", Some("web-1"), false),
+        ])
+    };
+    let second = || {
+        slice6(
+            "shop",
+            "web-v6",
+            "web",
+            &[("http", 8080)],
+            &[
+                ("fd00::5", Some("web-0"), true),
+                ("::ffff:10.244.1.5", Some("web-0"), true),
+            ],
+        )
+    };
+    // Incrementally: the slices first (waiting), then the Service.
+    let (mut h, _) = Harness::start(vec![], vec![]);
+    assert_eq!(h.slice(Event::Apply(first())), None);
+    assert_eq!(h.slice(Event::Apply(second())), None);
+    let sent = changes(h.svc(Event::Apply(web_held())));
+    assert_eq!(sent[0], service_set("shop", "web", held(Some(45), 2)));
+    let incremental = h.map();
+    assert_eq!(
+        incremental.services,
+        BTreeMap::from([(svc_ref("shop", "web"), held(Some(45), 2))])
+    );
+
+    // A first list of the same objects.
+    let (_, listed) = Harness::start(vec![web_held()], vec![second(), first()]);
+    assert_eq!(listed, incremental);
+
+    // A relist of the slices in a running resolver, during which one pod
+    // became ready: the Reset carries the new count.
+    assert_eq!(h.slice(Event::Init), None);
+    assert_eq!(h.slice(Event::InitApply(second())), None);
+    assert_eq!(
+        h.slice(Event::InitApply(web_slice(&[
+            ("10.244.1.5", Some("web-0"), true),
+            ("10.244.1.6", Some("web-1"), true),
+        ]))),
+        None
+    );
+    let Some(MapEvent::Reset(map)) = h.slice(Event::InitDone) else {
+        panic!("a relist ends with a reset");
+    };
+    assert_eq!(map.services[&svc_ref("shop", "web")], held(Some(45), 3));
+    assert_eq!(map, h.map());
+    // And counting goes on from there.
+    assert_eq!(
+        changes(h.slice(Event::Delete(second()))),
+        vec![
+            remove("[fd00::5]:8080"),
+            service_set("shop", "web", held(Some(45), 2)),
+        ]
     );
 }
