@@ -112,16 +112,16 @@ pub struct Args {
     #[arg(long, env = "HOLD_TIMEOUT", default_value = "60s", value_parser = parse_hold_timeout)]
     pub hold_timeout: Duration,
 
-    /// IPv4 address the parking listeners of held connections listen on:
-    /// reachable from every pod (the node's IP, from the downward API
-    /// status.hostIP). Default: the address of the interface of the default
-    /// route. Never a 127.x address when pods are to be held: it is each
-    /// pod's own loopback.
+    /// Address the parking listeners of held connections listen on: one
+    /// every pod reaches, such as the node's IP (the downward API's
+    /// status.hostIP), of either family. Default: the IPv4 address of the
+    /// interface of the default route. Never a 127.x address when pods are
+    /// to be held: it is each pod's own loopback.
     #[arg(long, env = "HOLD_PARK_ADDR")]
-    pub hold_park_addr: Option<std::net::Ipv4Addr>,
+    pub hold_park_addr: Option<std::net::IpAddr>,
 
-    /// IPv6 address for parking listeners; without it IPv6 ClusterIPs are not
-    /// held.
+    /// A second, IPv6 parking address on a dual-stack node (IPv6 ClusterIPs
+    /// are held only with an IPv6 parking address).
     #[arg(long, env = "HOLD_PARK_ADDR6")]
     pub hold_park_addr6: Option<std::net::Ipv6Addr>,
 
@@ -297,7 +297,8 @@ mod tests {
             (&["--hold-timeout", "2h"][..], "--hold-timeout"),
             (&["--hold-mark", "0"][..], "--hold-mark"),
             (&["--hold-mark", "0xzz"][..], "--hold-mark"),
-            (&["--hold-park-addr", "::1"][..], "--hold-park-addr"),
+            (&["--hold-park-addr", "node"][..], "--hold-park-addr"),
+            (&["--hold-park-addr6", "10.0.0.1"][..], "--hold-park-addr6"),
         ] {
             let msg = parse(args).unwrap_err().to_string();
             assert!(msg.contains(setting), "{args:?}: {msg}");

@@ -338,26 +338,38 @@ fn hold_settings(args: &Args) -> Option<HoldSettings> {
         tracing::warn!(mode = %args.capture_mode, "HOLD needs the cgroup capture mode: connects are never held");
         return None;
     }
-    let park_ip4 = match args.hold_park_addr {
-        Some(ip) => Some(ip),
+    let (park_ip4, park_ip6) = match args.hold_park_addr {
+        Some(std::net::IpAddr::V4(ip)) => (Some(ip), args.hold_park_addr6),
+        Some(std::net::IpAddr::V6(ip)) => {
+            if args.hold_park_addr6.is_some_and(|other| other != ip) {
+                tracing::warn!(HOLD_PARK_ADDR = %ip, HOLD_PARK_ADDR6 = ?args.hold_park_addr6, "two IPv6 parking addresses: using HOLD_PARK_ADDR");
+            }
+            (None, Some(ip))
+        }
         None => match hold::net::default_route_ipv4() {
-            Ok(ip) => Some(ip),
+            Ok(ip) => (Some(ip), args.hold_park_addr6),
             Err(reason) => {
                 tracing::warn!(%reason, "no IPv4 parking address (set HOLD_PARK_ADDR to the node IP): IPv4 connects are not held");
-                None
+                (None, args.hold_park_addr6)
             }
         },
     };
-    let park_ip6 = args.hold_park_addr6;
-    for ip in park_ip4
-        .map(std::net::IpAddr::V4)
-        .into_iter()
-        .chain(park_ip6.map(std::net::IpAddr::V6))
-    {
-        if !hold::net::reachable_from_pods(ip) {
-            tracing::warn!(park_addr = %ip, "the parking address is not reachable from pods (their loopback is their own): only this host's own processes can be held");
+    // A parking address must be one of this host's: try it once now rather
+    // than fail each hold later.
+    let usable = |ip: std::net::IpAddr| match std::net::TcpListener::bind((ip, 0)) {
+        Ok(_) => {
+            if !hold::net::reachable_from_pods(ip) {
+                tracing::warn!(park_addr = %ip, "the parking address is not reachable from pods (their loopback is their own): only this host's own processes can be held");
+            }
+            true
         }
-    }
+        Err(error) => {
+            tracing::error!(park_addr = %ip, %error, "cannot listen on the parking address (HOLD_PARK_ADDR must be an address of this host): connects of its family are not held");
+            false
+        }
+    };
+    let park_ip4 = park_ip4.filter(|ip| usable((*ip).into()));
+    let park_ip6 = park_ip6.filter(|ip| usable((*ip).into()));
     if park_ip4.is_none() && park_ip6.is_none() {
         return None;
     }

@@ -124,6 +124,10 @@ fn env_value(entry: &Value) -> Result<String, String> {
     if from["fieldRef"]["fieldPath"] == "spec.nodeName" {
         return Ok("node-a".to_owned());
     }
+    // An IPv4 node address (a documentation range: the test never connects).
+    if from["fieldRef"]["fieldPath"] == "status.hostIP" {
+        return Ok("192.0.2.10".to_owned());
+    }
     if from.get("fieldRef").is_some()
         || from.get("secretKeyRef").is_some()
         || from.get("configMapKeyRef").is_some()
