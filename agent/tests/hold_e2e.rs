@@ -483,3 +483,46 @@ async fn a_client_in_another_network_namespace_is_held_and_released() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_while_holding_leaves_connects_as_without_it() {
+    if !bpf_available("an_agent_killed_while_holding_leaves_connects_as_without_it") {
+        return;
+    }
+    let target = addr("127.102.6.1:18080");
+    let mut agent = Agent::start(
+        "hold-killed",
+        &held_map("orphan", "127.102.6.1", 18080, false, ""),
+        &[],
+        &hold_env("127.0.0.1"),
+    )
+    .await;
+    wait_metric(&agent, "itw_agent_held_destinations", &[], 1.0).await;
+    let programs = agent.program_ids().await;
+    assert_eq!(programs.len(), 4, "two connect, two getpeername programs");
+    let mut parked = TcpStream::connect(target).expect("a held connect succeeds");
+    wait_metric(
+        &agent,
+        "itw_agent_held_connections",
+        &service_labels("orphan"),
+        1.0,
+    )
+    .await;
+
+    agent.proc.kill().await;
+    // The parked client learns its connection is gone ...
+    parked
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    assert!(
+        matches!(parked.read(&mut buf), Ok(0) | Err(_)),
+        "the parked connection outlived the agent"
+    );
+    // ... the programs went with the agent, and a new connect is refused,
+    // as without it.
+    for id in programs {
+        assert!(!program_loaded(id), "program {id} still loaded");
+    }
+    connect_refused(target);
+}
