@@ -21,7 +21,8 @@ pub mod park;
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    ops::Bound,
     sync::Arc,
     time::Duration,
 };
@@ -36,7 +37,7 @@ use self::{
 use crate::{
     capture::Kernel,
     config::HoldPolicy,
-    resolve::{self, MapChange, MapEvent, ServiceRef, ServiceState},
+    resolve::{self, DestMap, MapChange, MapEvent, ServiceRef, ServiceState},
 };
 
 /// What holding needs, once the agent has decided it can hold.
@@ -53,15 +54,19 @@ pub struct HoldSettings {
 }
 
 impl HoldSettings {
-    /// Whether connects to `service` are held now.
-    pub fn holds(&self, state: &ServiceState) -> bool {
-        let asks = match self.policy {
+    /// Whether the policy holds `service` while it has no ready endpoint.
+    fn asks(&self, state: &ServiceState) -> bool {
+        match self.policy {
             HoldPolicy::Off => false,
             HoldPolicy::Annotated => state.hold,
             HoldPolicy::All => true,
-        };
+        }
+    }
+
+    /// Whether connects to `service` are held now.
+    pub fn holds(&self, state: &ServiceState) -> bool {
         // A source that cannot tell readiness never holds.
-        asks && state.ready_endpoints == Some(0)
+        self.asks(state) && state.ready_endpoints == Some(0)
     }
 
     fn park_ip(&self, dest: SocketAddr) -> Option<IpAddr> {
@@ -85,11 +90,17 @@ pub struct Holder {
     settings: HoldSettings,
     runtime: tokio::runtime::Handle,
     metrics: Arc<HoldMetrics>,
+    /// The Services the policy holds when they have no ready endpoint (under
+    /// `annotated`, only the annotated ones: most clusters have few).
     services: HashMap<ServiceRef, ServiceState>,
-    /// ClusterIP:ports (destinations without a pod) by Service, and back.
-    cluster: HashMap<ServiceRef, BTreeSet<SocketAddr>>,
-    owner: HashMap<SocketAddr, ServiceRef>,
+    /// ClusterIP:ports (destinations without a pod) of every Service, sorted
+    /// by Service, and each one's owner: compact, as every Service of the
+    /// cluster is here (an annotation may come later).
+    cluster: BTreeSet<(ServiceRef, SocketAddr)>,
+    owner: DestMap<ServiceRef>,
     held: HashMap<SocketAddr, Held>,
+    /// The keys of `held` by Service.
+    held_index: BTreeSet<(ServiceRef, SocketAddr)>,
     /// Listeners closed since the last [`Holder::reap`]: (destination, port).
     closed_tx: mpsc::UnboundedSender<(SocketAddr, u16)>,
     closed_rx: mpsc::UnboundedReceiver<(SocketAddr, u16)>,
@@ -107,9 +118,10 @@ impl Holder {
             runtime,
             metrics,
             services: HashMap::new(),
-            cluster: HashMap::new(),
-            owner: HashMap::new(),
+            cluster: BTreeSet::new(),
+            owner: DestMap::default(),
             held: HashMap::new(),
+            held_index: BTreeSet::new(),
             closed_tx,
             closed_rx,
         }
@@ -138,10 +150,11 @@ impl Holder {
         match event {
             MapEvent::Reset(map) => {
                 touched.extend(self.services.keys().cloned());
-                touched.extend(self.held.values().map(|h| h.service.clone()));
+                touched.extend(self.held_index.iter().map(|(s, _)| s.clone()));
                 self.services = map
                     .services
                     .iter()
+                    .filter(|(_, state)| self.settings.asks(state))
                     .map(|(s, state)| (s.clone(), state.clone()))
                     .collect();
                 self.cluster.clear();
@@ -171,7 +184,11 @@ impl Holder {
                             }
                         }
                         MapChange::ServiceSet(service, state) => {
-                            self.services.insert(service.clone(), state.clone());
+                            if self.settings.asks(state) {
+                                self.services.insert(service.clone(), state.clone());
+                            } else {
+                                self.services.remove(service);
+                            }
                             touched.insert(service.clone());
                         }
                         MapChange::ServiceRemoved(service) => {
@@ -182,28 +199,44 @@ impl Holder {
                 }
             }
         }
+        // Only Services that are or were held can change anything.
+        touched.retain(|s| self.services.contains_key(s) || self.held_by(s));
         touched
+    }
+
+    fn held_by(&self, service: &ServiceRef) -> bool {
+        self.held_of(service).next().is_some()
+    }
+
+    /// `service`'s held destinations.
+    fn held_of<'a>(&'a self, service: &'a ServiceRef) -> impl Iterator<Item = SocketAddr> + 'a {
+        by_service(&self.held_index, service)
     }
 
     fn claim(&mut self, addr: SocketAddr, service: &ServiceRef) {
         let addr = resolve::canonical(addr);
-        self.owner.insert(addr, service.clone());
-        self.cluster
-            .entry(service.clone())
-            .or_default()
-            .insert(addr);
+        if let Some(old) = self
+            .owner
+            .insert(resolve::destination(addr), service.clone())
+        {
+            self.cluster.remove(&(old, addr));
+        }
+        self.cluster.insert((service.clone(), addr));
     }
 
     fn unclaim(&mut self, addr: SocketAddr) -> Option<ServiceRef> {
         let addr = resolve::canonical(addr);
-        let service = self.owner.remove(&addr)?;
-        if let Some(addrs) = self.cluster.get_mut(&service) {
-            addrs.remove(&addr);
-            if addrs.is_empty() {
-                self.cluster.remove(&service);
-            }
-        }
+        let service = self.owner.remove(&resolve::destination(addr))?;
+        self.cluster.remove(&(service.clone(), addr));
         Some(service)
+    }
+
+    /// `service`'s ClusterIP:ports.
+    fn cluster_addrs<'a>(
+        &'a self,
+        service: &'a ServiceRef,
+    ) -> impl Iterator<Item = SocketAddr> + 'a {
+        by_service(&self.cluster, service)
     }
 
     /// Holds `service`'s destinations or releases them, as its state says.
@@ -211,26 +244,17 @@ impl Holder {
         let state = self.services.get(service);
         let wanted: BTreeSet<SocketAddr> = match state {
             Some(state) if self.settings.holds(state) => self
-                .cluster
-                .get(service)
-                .map(|addrs| {
-                    addrs
-                        .iter()
-                        .copied()
-                        .filter(|a| self.settings.park_ip(*a).is_some())
-                        .collect()
-                })
-                .unwrap_or_default(),
+                .cluster_addrs(service)
+                .filter(|a| self.settings.park_ip(*a).is_some())
+                .collect(),
             _ => BTreeSet::new(),
         };
         let timeout = state
             .and_then(|s| s.hold_timeout)
             .unwrap_or(self.settings.default_timeout);
         let releasing: Vec<SocketAddr> = self
-            .held
-            .iter()
-            .filter(|(addr, held)| &held.service == service && !wanted.contains(addr))
-            .map(|(addr, _)| *addr)
+            .held_of(service)
+            .filter(|addr| !wanted.contains(addr))
             .collect();
         for addr in releasing {
             self.release(kernel, addr);
@@ -296,6 +320,7 @@ impl Holder {
             let _ = closed.send((dest, port));
         });
         tracing::info!(%dest, service = %service, park = %SocketAddr::new(ip, port), ?timeout, "holding connects: the Service has no ready endpoint");
+        self.held_index.insert((service.clone(), dest));
         self.held.insert(
             dest,
             Held {
@@ -312,6 +337,7 @@ impl Holder {
         let Some(held) = self.held.remove(&dest) else {
             return;
         };
+        self.held_index.remove(&(held.service.clone(), dest));
         if let Err(error) = kernel.unhold(&resolve::destination(dest)) {
             tracing::error!(%dest, %error, "the kernel refused to stop holding this destination");
         }
@@ -330,6 +356,18 @@ impl Holder {
             }
         }
     }
+}
+
+/// The addresses of `service` in a set sorted by Service.
+fn by_service<'a>(
+    set: &'a BTreeSet<(ServiceRef, SocketAddr)>,
+    service: &'a ServiceRef,
+) -> impl Iterator<Item = SocketAddr> + 'a {
+    // The smallest SocketAddr: every address of `service` sorts after it.
+    let first = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    set.range((Bound::Included((service.clone(), first)), Bound::Unbounded))
+        .take_while(move |(s, _)| s == service)
+        .map(|(_, addr)| *addr)
 }
 
 #[cfg(test)]
