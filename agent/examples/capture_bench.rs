@@ -21,16 +21,13 @@
 //! defaults: watched-map size, and thread names instead of the process's).
 //! Connects go to 127.88.0.0/16 only.
 
-use std::{
-    net::Ipv4Addr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
-};
+#[path = "bench_support/mod.rs"]
+mod bench_support;
+
+use std::net::Ipv4Addr;
 
 use anyhow::{Context, bail};
+use bench_support::{percentile, program_run_time};
 use itw_agent::capture::{self, CaptureMode, CaptureSettings, KernelCounts, mode};
 use itw_common::Destination;
 
@@ -77,86 +74,6 @@ fn parse_options() -> anyhow::Result<Options> {
     Ok(options)
 }
 
-/// The loop under test: socket, connect (refused at once), close.
-/// Returns the connects made until `stop` and the thread's CPU time for them.
-fn connect_loop(target: Ipv4Addr, stop: &AtomicBool) -> (u64, Duration) {
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: PORT.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(target.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    let cpu_start = thread_cpu_time();
-    let mut n = 0;
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: plain system calls on a socket this loop owns.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_INET,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            );
-            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            let rc = libc::connect(
-                fd,
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            );
-            assert!(rc != 0, "something listens on {target}:{PORT}");
-            libc::close(fd);
-        }
-        n += 1;
-    }
-    (n, thread_cpu_time().saturating_sub(cpu_start))
-}
-
-fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
-    Duration::new(
-        u64::try_from(ts.tv_sec).unwrap_or(0),
-        u32::try_from(ts.tv_nsec).unwrap_or(0),
-    )
-}
-
-/// One measurement of `threads` connect loops over `seconds`.
-struct Run {
-    /// Connects per second of wall time, all threads.
-    rate: f64,
-    /// CPU time per connect of the connecting threads, in ns.
-    cpu_ns: f64,
-    made: u64,
-}
-
-fn run(target: Ipv4Addr, threads: usize, seconds: f64) -> Run {
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || connect_loop(target, &stop))
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    stop.store(true, Ordering::Relaxed);
-    let (made, cpu) = handles
-        .into_iter()
-        .map(|h| h.join().unwrap_or_default())
-        .fold((0, Duration::ZERO), |(n, t), (dn, dt)| (n + dn, t + dt));
-    Run {
-        rate: made as f64 / start.elapsed().as_secs_f64(),
-        cpu_ns: cpu.as_nanos() as f64 / made.max(1) as f64,
-        made,
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Config {
     Bare,
@@ -189,22 +106,8 @@ fn settings(options: &Options, mode: CaptureMode) -> CaptureSettings {
     }
 }
 
-/// Total (runs, run time in ns) of the programs with these ids.
-fn program_run_time(ids: &[u32]) -> anyhow::Result<(u64, u64)> {
-    let mut total = (0, 0);
-    for info in aya::programs::loaded_programs() {
-        let info = info.context("listing loaded programs")?;
-        if ids.contains(&info.id()) {
-            total.0 += info.run_count();
-            total.1 += u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
-        }
-    }
-    Ok(total)
-}
-
 fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    percentile(values, 0.5)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -237,7 +140,7 @@ fn main() -> anyhow::Result<()> {
     for round in 0..options.rounds {
         for (i, config) in configs.iter().enumerate() {
             let (measured, exact) = match *config {
-                Config::Bare => (run(watched, 1, options.seconds), true),
+                Config::Bare => (bench_support::run(watched, PORT, 1, options.seconds), true),
                 Config::Watched(m) | Config::Unwatched(m) => {
                     let started = capture::start(&settings(&options, m))
                         .with_context(|| format!("starting {m}"))?;
@@ -248,7 +151,7 @@ fn main() -> anyhow::Result<()> {
                     } else {
                         other
                     };
-                    let measured = run(target, 1, options.seconds);
+                    let measured = bench_support::run(target, PORT, 1, options.seconds);
                     let expected = if target == watched { measured.made } else { 0 };
                     let exact = counted(kernel.as_mut())? == expected;
                     (measured, exact)
@@ -301,7 +204,7 @@ fn main() -> anyhow::Result<()> {
             let before = program_run_time(&ids)?;
             let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
                 .context("enabling BPF run-time statistics")?;
-            let measured = run(target, 1, options.seconds);
+            let measured = bench_support::run(target, PORT, 1, options.seconds);
             drop(stats_fd);
             let after = program_run_time(&ids)?;
             let (runs, ns) = (after.0 - before.0, after.1 - before.1);
@@ -320,7 +223,7 @@ fn main() -> anyhow::Result<()> {
         options.threads,
         options.seconds * 2.0
     );
-    let bare = run(watched, options.threads, options.seconds * 2.0);
+    let bare = bench_support::run(watched, PORT, options.threads, options.seconds * 2.0);
     println!(
         "  {:<42} {:>10.0} connects/s",
         "nothing attached", bare.rate
@@ -329,7 +232,7 @@ fn main() -> anyhow::Result<()> {
         let started = capture::start(&settings(&options, *m))?;
         let mut kernel = started.kernel;
         kernel.watch(&Destination::v4(watched.octets(), PORT), 1)?;
-        let measured = run(watched, options.threads, options.seconds * 2.0);
+        let measured = bench_support::run(watched, PORT, options.threads, options.seconds * 2.0);
         let stats = kernel.stats()?;
         let got = counted(kernel.as_mut())?;
         println!(

@@ -15,17 +15,18 @@
 //! Usage: `hold_bench [--seconds S] [--rounds R] [--releases N] [--batch N]`.
 //! Connects go to 127.89.0.0/16 and 127.0.0.1 only.
 
+#[path = "bench_support/mod.rs"]
+mod bench_support;
+
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
+use bench_support::{cpu_time, percentile, program_run_time};
 use itw_agent::{
     capture::{self, CaptureMode, CaptureSettings, Kernel, KernelHold, PodCgroup},
     config::HoldPolicy,
@@ -71,65 +72,10 @@ fn parse_options() -> anyhow::Result<Options> {
     Ok(options)
 }
 
-fn cpu_time(clock: libc::clockid_t) -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
-    Duration::new(
-        u64::try_from(ts.tv_sec).unwrap_or(0),
-        u32::try_from(ts.tv_nsec).unwrap_or(0),
-    )
-}
-
-/// socket, connect (refused), close, until `stop`; (connects, CPU time).
-fn connect_loop(target: Ipv4Addr, stop: &AtomicBool) -> (u64, Duration) {
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: PORT.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(target.octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    let start = cpu_time(libc::CLOCK_THREAD_CPUTIME_ID);
-    let mut n = 0;
-    while !stop.load(Ordering::Relaxed) {
-        // SAFETY: plain system calls on a socket this loop owns.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_INET,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            );
-            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            let rc = libc::connect(
-                fd,
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            );
-            assert!(rc != 0, "something listens on {target}:{PORT}");
-            libc::close(fd);
-        }
-        n += 1;
-    }
-    (
-        n,
-        cpu_time(libc::CLOCK_THREAD_CPUTIME_ID).saturating_sub(start),
-    )
-}
-
+/// (connects, CPU ns per connect) of one thread's loop over `seconds`.
 fn run(target: Ipv4Addr, seconds: f64) -> (u64, f64) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let handle = std::thread::spawn(move || connect_loop(target, &flag));
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    stop.store(true, Ordering::Relaxed);
-    let (made, cpu) = handle.join().unwrap_or_default();
-    (made, cpu.as_nanos() as f64 / made.max(1) as f64)
+    let measured = bench_support::run(target, PORT, 1, seconds);
+    (measured.made, measured.cpu_ns)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -188,24 +134,6 @@ fn attach(config: Config, watched: Ipv4Addr) -> anyhow::Result<Option<capture::S
             .hold(&Destination::v4([127, 89, 9, 9], PORT), 1)?;
     }
     Ok(Some(started))
-}
-
-fn program_run_time(ids: &[u32]) -> anyhow::Result<(u64, u64)> {
-    let mut total = (0, 0);
-    for info in aya::programs::loaded_programs() {
-        let info = info.context("listing loaded programs")?;
-        if ids.contains(&info.id()) {
-            total.0 += info.run_count();
-            total.1 += u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX);
-        }
-    }
-    Ok(total)
-}
-
-fn percentile(values: &mut [f64], p: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let at = ((values.len() as f64 - 1.0) * p).round() as usize;
-    values[at.min(values.len() - 1)]
 }
 
 fn warm_path(options: &Options) -> anyhow::Result<()> {

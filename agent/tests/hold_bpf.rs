@@ -155,48 +155,12 @@ impl Drop for TestCgroup {
     }
 }
 
-/// Forks a child that moves itself into `cgroup`, names itself `name`, and
-/// connects once to `target`; returns whether the connect succeeded.
+/// Connects once to `target` from a child process named `name` in `cgroup`;
+/// whether the connect succeeded.
 fn connect_from_cgroup(cgroup: &TestCgroup, name: &str, target: SocketAddrV4) -> bool {
-    assert!(target.ip().is_loopback());
     let procs = CString::new(cgroup.0.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
     let name = CString::new(name).unwrap();
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: target.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(target.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: the child makes raw system calls only, on data prepared
-    // before the fork.
-    unsafe {
-        let pid = libc::fork();
-        assert!(pid >= 0);
-        if pid == 0 {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            // "0" moves the writer itself.
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                libc::_exit(2);
-            }
-            libc::close(fd);
-            libc::prctl(libc::PR_SET_NAME, name.as_ptr());
-            let sock = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-            let rc = libc::connect(
-                sock,
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            );
-            libc::_exit(if rc == 0 { 0 } else { 1 });
-        }
-        let mut status = 0;
-        assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
-        assert!(libc::WIFEXITED(status), "child status {status:#x}");
-        let code = libc::WEXITSTATUS(status);
-        assert_ne!(code, 2, "the child could not join {:?}", cgroup.0);
-        code == 0
-    }
+    support::connects_from_child(&name, target, 1, Some(&procs)) == 1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,6 +90,41 @@ impl Rig {
     fn park_port(&self, dest: &str) -> u16 {
         self.kernel_held()[&addr(dest)]
     }
+
+    /// Service "web" (annotated) now has `ready` ready endpoints.
+    fn web_ready(&mut self, ready: u32) {
+        self.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
+            svc("web"),
+            state(true, Some(ready)),
+        )]));
+    }
+
+    /// A rig holding "web" on `dest` alone; the parking port.
+    fn holding(dest: &str, hold_timeout: Option<Duration>) -> (Self, u16) {
+        let mut rig = Self::new(settings(HoldPolicy::Annotated));
+        rig.apply(MapEvent::Reset(single_service(dest, hold_timeout)));
+        let port = rig.park_port(dest);
+        (rig, port)
+    }
+}
+
+/// Everything `client` receives until it closes (5 s at most).
+async fn read_all(client: &mut TcpStream) -> String {
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut text))
+        .await
+        .expect("the reply within 5 s")
+        .expect("reading the reply");
+    text
+}
+
+/// What reading `client` ends with (5 s at most): the error kind expected.
+async fn read_error(client: &mut TcpStream) -> Result<usize, std::io::ErrorKind> {
+    let mut buf = [0u8; 16];
+    tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+        .await
+        .expect("an end within 5 s")
+        .map_err(|e| e.kind())
 }
 
 /// web (annotated, 2 ClusterIP ports, a pod), api (not annotated), v6 (an
@@ -188,10 +223,7 @@ async fn a_ready_endpoint_releases_and_the_parking_port_is_forgotten_once_closed
     let mut rig = Rig::new(settings(HoldPolicy::Annotated));
     rig.apply(MapEvent::Reset(map()));
     let port = rig.park_port("127.50.0.1:80");
-    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
-        svc("web"),
-        state(true, Some(1)),
-    )]));
+    rig.web_ready(1);
     // The hold entries go at once ...
     assert!(rig.kernel_held().is_empty());
     assert_eq!(rig.metrics.held_destinations.get(), 0);
@@ -205,10 +237,7 @@ async fn a_ready_endpoint_releases_and_the_parking_port_is_forgotten_once_closed
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
 
     // No ready endpoint again: held again, on a new listener.
-    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
-        svc("web"),
-        state(true, Some(0)),
-    )]));
+    rig.web_ready(0);
     assert_eq!(rig.kernel_held().len(), 2);
 }
 
@@ -239,10 +268,7 @@ async fn cluster_ips_follow_changes_and_a_removed_service_is_released() {
         state(false, Some(0)),
     )]));
     assert!(rig.kernel_held().is_empty());
-    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
-        svc("web"),
-        state(true, Some(0)),
-    )]));
+    rig.web_ready(0);
     assert_eq!(rig.kernel_held().len(), 1);
     rig.apply(MapEvent::Changes(vec![MapChange::ServiceRemoved(svc(
         "web",
@@ -293,9 +319,7 @@ fn labels() -> ServiceLabels {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_connection_gets_its_reply_once_released() {
     let dest = "127.50.2.1:18080";
-    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
-    rig.apply(MapEvent::Reset(single_service(dest, None)));
-    let port = rig.park_port(dest);
+    let (mut rig, port) = Rig::holding(dest, None);
 
     let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     client.write_all(b"ping").await.unwrap();
@@ -304,16 +328,8 @@ async fn a_parked_connection_gets_its_reply_once_released() {
     assert_eq!(rig.metrics.held_total.get_or_create(&labels()).get(), 1);
 
     let _server = echo_server(addr(dest)).await;
-    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
-        svc("web"),
-        state(true, Some(1)),
-    )]));
-    let mut reply = String::new();
-    tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut reply))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(reply, "reply:ping");
+    rig.web_ready(1);
+    assert_eq!(read_all(&mut client).await, "reply:ping");
     assert_eq!(rig.metrics.held.get_or_create(&labels()).get(), 0);
     assert_eq!(rig.metrics.released.get_or_create(&labels()).get(), 1);
     assert_eq!(rig.metrics.timed_out.get_or_create(&labels()).get(), 0);
@@ -322,9 +338,7 @@ async fn a_parked_connection_gets_its_reply_once_released() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_speaks_first_to_a_released_client() {
     let dest = "127.50.2.2:18080";
-    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
-    rig.apply(MapEvent::Reset(single_service(dest, None)));
-    let port = rig.park_port(dest);
+    let (mut rig, port) = Rig::holding(dest, None);
     let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
 
@@ -333,35 +347,18 @@ async fn the_server_speaks_first_to_a_released_client() {
         let (mut stream, _) = listener.accept().await.unwrap();
         stream.write_all(b"220 hello\r\n").await.unwrap();
     });
-    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
-        svc("web"),
-        state(true, Some(1)),
-    )]));
-    let mut greeting = String::new();
-    tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut greeting))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(greeting, "220 hello\r\n");
+    rig.web_ready(1);
+    assert_eq!(read_all(&mut client).await, "220 hello\r\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_held_past_its_timeout_is_reset() {
     let dest = "127.50.2.3:18080";
-    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
-    rig.apply(MapEvent::Reset(single_service(
-        dest,
-        Some(Duration::from_millis(300)),
-    )));
-    let port = rig.park_port(dest);
+    let (rig, port) = Rig::holding(dest, Some(Duration::from_millis(300)));
     let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     client.write_all(b"ping").await.unwrap();
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-        .await
-        .unwrap();
     assert_eq!(
-        read.map_err(|e| e.kind()),
+        read_error(&mut client).await,
         Err(std::io::ErrorKind::ConnectionReset)
     );
     assert_eq!(rig.metrics.timed_out.get_or_create(&labels()).get(), 1);
@@ -372,9 +369,7 @@ async fn a_connection_held_past_its_timeout_is_reset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_while_parked_is_freed() {
     let dest = "127.50.2.4:18080";
-    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
-    rig.apply(MapEvent::Reset(single_service(dest, None)));
-    let port = rig.park_port(dest);
+    let (mut rig, port) = Rig::holding(dest, None);
     // `nc -z`: connect, close.
     drop(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -388,38 +383,21 @@ async fn a_client_that_leaves_while_parked_is_freed() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(rig.metrics.held.get_or_create(&labels()).get(), 1);
     let _server = echo_server(addr(dest)).await;
-    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
-        svc("web"),
-        state(true, Some(1)),
-    )]));
-    let mut reply = String::new();
-    tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut reply))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(reply, "reply:req");
+    rig.web_ready(1);
+    assert_eq!(read_all(&mut client).await, "reply:req");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_the_service_refuses_resets_the_client() {
     let dest = "127.50.2.5:18080";
-    let mut rig = Rig::new(settings(HoldPolicy::Annotated));
-    rig.apply(MapEvent::Reset(single_service(dest, None)));
-    let port = rig.park_port(dest);
+    let (mut rig, port) = Rig::holding(dest, None);
     let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     client.write_all(b"ping").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Ready, says the map, but nothing listens.
-    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
-        svc("web"),
-        state(true, Some(1)),
-    )]));
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
-        .await
-        .unwrap();
+    rig.web_ready(1);
     assert_eq!(
-        read.map_err(|e| e.kind()),
+        read_error(&mut client).await,
         Err(std::io::ErrorKind::ConnectionReset)
     );
     assert_eq!(rig.metrics.release_failed.get_or_create(&labels()).get(), 1);

@@ -127,9 +127,24 @@ fn assert_loopback(target: SocketAddr) {
 
 /// Runs `n` connects to an IPv4 loopback `target` in a child process whose
 /// only (so main) thread is named `name`, as a separate program would be.
-/// The child makes raw system calls only: it is forked from a threaded process.
+/// Each connect is expected to be refused (nothing listens).
 pub fn connect_from_process(name: &CStr, target: std::net::SocketAddrV4, n: u32) {
+    let connected = connects_from_child(name, target, n, None);
+    assert_eq!(connected, 0, "something listens on {target}");
+}
+
+/// Runs `n` connects to an IPv4 loopback `target` from a child process named
+/// `name`, which first moves itself into the cgroup whose `cgroup.procs` is
+/// given, if any. Returns how many connects succeeded. The child makes raw
+/// system calls only: it is forked from a threaded process.
+pub fn connects_from_child(
+    name: &CStr,
+    target: std::net::SocketAddrV4,
+    n: u32,
+    cgroup_procs: Option<&CStr>,
+) -> u32 {
     assert!(target.ip().is_loopback(), "loopback only, not {target}");
+    assert!(n <= 200, "the child reports its count in its exit status");
     assert!(
         name.to_bytes().len() < COMM_LEN,
         "{name:?} is too long for a comm"
@@ -142,40 +157,49 @@ pub fn connect_from_process(name: &CStr, target: std::net::SocketAddrV4, n: u32)
         },
         sin_zero: [0; 8],
     };
-    // SAFETY: the child calls only async-signal-safe functions (prctl,
-    // socket, connect, close, _exit) on data prepared before the fork.
+    // SAFETY: the child calls only async-signal-safe functions (open, write,
+    // prctl, socket, connect, close, _exit) on data prepared before the fork.
     unsafe {
         let pid = libc::fork();
         assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
         if pid == 0 {
-            if libc::prctl(libc::PR_SET_NAME, name.as_ptr()) != 0 {
-                libc::_exit(2);
+            if let Some(procs) = cgroup_procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                // "0" moves the writer itself.
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(251);
+                }
+                libc::close(fd);
             }
+            if libc::prctl(libc::PR_SET_NAME, name.as_ptr()) != 0 {
+                libc::_exit(252);
+            }
+            let mut connected = 0;
             for _ in 0..n {
                 let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
                 if fd < 0 {
-                    libc::_exit(3);
+                    libc::_exit(253);
                 }
                 let rc = libc::connect(
                     fd,
                     (&raw const addr).cast(),
                     size_of::<libc::sockaddr_in>() as libc::socklen_t,
                 );
-                // Refused is the expected outcome; success means a listener.
                 if rc == 0 {
-                    libc::_exit(4);
+                    connected += 1;
                 }
                 libc::close(fd);
             }
-            libc::_exit(0);
+            libc::_exit(connected);
         }
         let mut status = 0;
         let waited = libc::waitpid(pid, &mut status, 0);
         assert_eq!(waited, pid, "waitpid: {}", std::io::Error::last_os_error());
         assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "the child {name:?} failed (status {status:#x}; exit 2: prctl, 3: socket, 4: connected)"
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) <= 200,
+            "the child {name:?} failed (status {status:#x}; exit 251: joining the cgroup, 252: prctl, 253: socket)"
         );
+        libc::WEXITSTATUS(status) as u32
     }
 }
 
