@@ -261,7 +261,16 @@ impl Holder {
         }
         for addr in wanted {
             match self.held.get(&addr) {
-                Some(held) if &held.service == service => {}
+                Some(held) if &held.service == service => {
+                    // The Service's hold timeout may have changed.
+                    held.phase.send_if_modified(|phase| match phase {
+                        Phase::Holding { timeout: now } if *now != timeout => {
+                            *now = timeout;
+                            true
+                        }
+                        _ => false,
+                    });
+                }
                 Some(_) => {
                     // Re-attributed to this Service while held for another.
                     self.release(kernel, addr);
@@ -283,6 +292,7 @@ impl Holder {
             return;
         };
         let listener = match std::net::TcpListener::bind((ip, 0))
+            .and_then(net::widen_backlog)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .and_then(|l| Ok((l.local_addr()?.port(), l)))
         {
@@ -300,11 +310,10 @@ impl Holder {
             let _ = kernel.forget_park(&resolve::destination(dest), port);
             return;
         }
-        let (phase, phase_rx) = watch::channel(Phase::Holding);
+        let (phase, phase_rx) = watch::channel(Phase::Holding { timeout });
         let parking = Parking {
             dest,
             labels: ServiceLabels::of(service),
-            timeout,
             mark: self.settings.mark,
             metrics: self.metrics.clone(),
         };

@@ -52,6 +52,19 @@ pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream
     }
 }
 
+/// A cold start gathers callers: a burst of them must wait in the
+/// listener's queue, not have their handshakes dropped (std listens with a
+/// backlog of 128). The kernel caps it at `net.core.somaxconn`.
+pub fn widen_backlog(listener: std::net::TcpListener) -> io::Result<std::net::TcpListener> {
+    // SAFETY: listen(2) on a socket we own; calling it again on a listening
+    // socket only changes its backlog.
+    if unsafe { libc::listen(listener.as_raw_fd(), 4096) } == 0 {
+        Ok(listener)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Closes `stream` with a reset (RST), so its client sees an error at once
 /// instead of an orderly end of a reply that never came.
 pub fn reset(stream: TcpStream) {

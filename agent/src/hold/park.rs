@@ -28,8 +28,9 @@ pub const RELEASE_GRACE: Duration = Duration::from_secs(1);
 /// What the parked connections of one listener are waiting for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// Keep them (each up to its timeout).
-    Holding,
+    /// Keep them, each up to `timeout` after it was accepted (the Service's
+    /// setting, which may change while it is held).
+    Holding { timeout: Duration },
     /// Hand them over to the original destination now.
     Released,
 }
@@ -39,8 +40,6 @@ pub struct Parking {
     /// The ClusterIP:port the held connects asked for.
     pub dest: SocketAddr,
     pub labels: ServiceLabels,
-    /// How long one connection may wait.
-    pub timeout: Duration,
     /// The agent's exempting socket mark.
     pub mark: u32,
     pub metrics: Arc<HoldMetrics>,
@@ -95,17 +94,19 @@ async fn one(mut client: TcpStream, parking: Arc<Parking>, mut phase: watch::Rec
     let labels = &parking.labels;
     let metrics = &parking.metrics;
     let accepted = Instant::now();
-    let held = *phase.borrow() == Phase::Holding;
+    let held = *phase.borrow() != Phase::Released;
     let mut buffer = Vec::new();
     let mut client_done = false;
     if held {
         metrics.held.get_or_create(labels).inc();
         metrics.held_total.get_or_create(labels).inc();
-        let deadline = accepted + parking.timeout;
+        let mut timeout = Duration::ZERO;
         let outcome = loop {
-            if *phase.borrow_and_update() == Phase::Released {
-                break Outcome::Released;
+            match *phase.borrow_and_update() {
+                Phase::Released => break Outcome::Released,
+                Phase::Holding { timeout: now } => timeout = now,
             }
+            let deadline = accepted + timeout;
             tokio::select! {
                 changed = phase.changed() => if changed.is_err() {
                     break Outcome::Shutdown;
@@ -133,7 +134,7 @@ async fn one(mut client: TcpStream, parking: Arc<Parking>, mut phase: watch::Rec
             }
             Outcome::TimedOut => {
                 metrics.timed_out.get_or_create(labels).inc();
-                tracing::info!(dest = %parking.dest, service = ?labels, timeout = ?parking.timeout, "held connection reset: no ready endpoint within the hold timeout");
+                tracing::info!(dest = %parking.dest, service = ?labels, ?timeout, "held connection reset: no ready endpoint within the hold timeout");
                 net::reset(client);
                 return;
             }

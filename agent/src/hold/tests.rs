@@ -367,6 +367,29 @@ async fn a_connection_held_past_its_timeout_is_reset() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_hold_timeout_applies_to_connections_already_parked() {
+    let dest = "127.50.2.6:18080";
+    let (mut rig, port) = Rig::holding(dest, Some(Duration::from_secs(30)));
+    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    client.write_all(b"ping").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
+        svc("web"),
+        ServiceState {
+            hold_timeout: Some(Duration::from_millis(300)),
+            ..state(true, Some(0))
+        },
+    )]));
+    assert_eq!(
+        read_error(&mut client).await,
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(rig.metrics.timed_out.get_or_create(&labels()).get(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_while_parked_is_freed() {
     let dest = "127.50.2.4:18080";
     let (mut rig, port) = Rig::holding(dest, None);
