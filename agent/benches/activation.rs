@@ -249,7 +249,11 @@ async fn main() {
             match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
                 Ok(Some((j, true, at))) if j == i => break at,
                 Ok(Some(_)) => continue,
-                other => panic!("activation {n} of svc-{i:05}: no true within 10 s ({other:?})"),
+                other => panic!(
+                    "activation {n} of svc-{i:05}: no true within 10 s ({other:?})\n--- agent log:\n{}\n--- scaler log:\n{}",
+                    agent.proc.log(),
+                    scaler.proc.log()
+                ),
             }
         };
         direct.push(at - t0);
