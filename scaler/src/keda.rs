@@ -77,7 +77,15 @@ impl ExternalScaler for KedaService {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
         let trigger = self.trigger(Some(request.get_ref()))?;
-        let result = window::exceeds(self.attempts(&trigger), trigger.activation_threshold);
+        // The activity window (one second more than the rate's), as
+        // StreamIsActive has it.
+        let attempts = self.store.attempts(
+            &trigger.namespace,
+            &trigger.service,
+            trigger.port,
+            trigger.window_secs().saturating_add(1),
+        );
+        let result = window::exceeds(attempts, trigger.activation_threshold);
         Ok(Response::new(IsActiveResponse { result }))
     }
 
@@ -285,10 +293,16 @@ mod tests {
 
         /// A batch collected now (agent and scaler clocks agree).
         fn attempts(&mut self, port: u16, attempts: u64) {
+            let now = self.store.clock().now_ms();
+            self.attempts_collected_at(port, attempts, now);
+        }
+
+        /// A batch the agent collected at `collected_at_ms`, applied now.
+        fn attempts_collected_at(&mut self, port: u16, attempts: u64, collected_at_ms: i64) {
             self.sequence += 1;
             let batch = BatchView {
                 sequence: self.sequence,
-                collected_at_ms: self.store.clock().now_ms(),
+                collected_at_ms,
                 deltas: vec![(
                     SeriesName {
                         namespace: "apps",
@@ -383,15 +397,16 @@ mod tests {
             "no more true while active"
         );
 
-        // The last attempt is in second +1 (1_700_000_001); a 10 s window
-        // drops it when second 1_700_000_011 begins, 9.9 s from now.
-        tokio::time::advance(Duration::from_millis(9899)).await;
+        // The last attempt is in second +1 (1_700_000_001), which ends at
+        // 1_700_000_002; activity over a 10 s window drops it when second
+        // 1_700_000_012 begins, 10.9 s from now.
+        tokio::time::advance(Duration::from_millis(10_899)).await;
         settle().await;
         assert_eq!(drain(&mut rx), Vec::<bool>::new());
         tokio::time::advance(Duration::from_millis(1)).await;
         settle().await;
         assert_eq!(drain(&mut rx), vec![false]);
-        assert_eq!(f.store.clock().now_ms(), 1_700_000_011_000);
+        assert_eq!(f.store.clock().now_ms(), 1_700_000_012_000);
 
         // Next burst: exactly one more true.
         f.attempts(80, 1);
@@ -424,15 +439,16 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1000)).await;
         settle().await;
         assert_eq!(drain(&mut rx), Vec::<bool>::new(), "still active at +2");
-        tokio::time::advance(Duration::from_millis(899)).await;
+        // The second attempt's second ends at +2: active for 2 s after that.
+        tokio::time::advance(Duration::from_millis(1899)).await;
         settle().await;
-        assert_eq!(drain(&mut rx), Vec::<bool>::new());
+        assert_eq!(drain(&mut rx), Vec::<bool>::new(), "still active at +3.999");
         tokio::time::advance(Duration::from_millis(1)).await;
         settle().await;
         assert_eq!(
             drain(&mut rx),
             vec![false],
-            "inactive when second +3 begins"
+            "inactive when second +4 begins"
         );
     }
 
@@ -463,8 +479,11 @@ mod tests {
         f.attempts(80, 1);
         settle().await;
         assert_eq!(drain(&mut rx), vec![true]);
-        // At +5 s the whole second leaves the window.
+        // Activity keeps the second for 5 s after it ended: false at +6.
         tokio::time::advance(Duration::from_millis(4900)).await;
+        settle().await;
+        assert_eq!(drain(&mut rx), Vec::<bool>::new());
+        tokio::time::advance(Duration::from_millis(1000)).await;
         settle().await;
         assert_eq!(drain(&mut rx), vec![false]);
     }
@@ -504,6 +523,33 @@ mod tests {
         assert_eq!(drain(&mut rx), vec![true]);
         tokio::time::advance(Duration::from_millis(900)).await;
         settle().await;
+        assert_eq!(drain(&mut rx), Vec::<bool>::new());
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        settle().await;
         assert_eq!(drain(&mut rx), vec![false]);
+    }
+
+    /// The bench found it: with a 1 s window, an attempt made at the end of
+    /// a second and evaluated just after the next began was already outside
+    /// the window, and no `true` was ever sent for it.
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_at_the_end_of_a_second_still_activates_a_one_second_window() {
+        let mut f = Fixture::new();
+        let shutdown = CancellationToken::new();
+        let (mut rx, _task) = spawn_watch(
+            &f.store,
+            trigger(&[("service", "web"), ("window", "1s")]),
+            &shutdown,
+        );
+        settle().await;
+        assert_eq!(drain(&mut rx), vec![false]);
+        // Collected at .999 of its second, applied after the next began.
+        tokio::time::advance(Duration::from_millis(899)).await;
+        let collected_at = f.store.clock().now_ms();
+        assert_eq!(collected_at % 1000, 999);
+        tokio::time::advance(Duration::from_millis(2)).await;
+        f.attempts_collected_at(80, 1, collected_at);
+        settle().await;
+        assert_eq!(drain(&mut rx), vec![true]);
     }
 }

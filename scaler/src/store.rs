@@ -389,7 +389,7 @@ impl Store {
         window_secs: u64,
         threshold: f64,
     ) -> Activity {
-        let first = window::first_second(self.clock.now_second(), window_secs);
+        let first = window::activity_first_second(self.clock.now_second(), window_secs);
         let seconds = entry.seconds_since(port, first);
         let attempts = seconds
             .iter()

@@ -67,6 +67,17 @@ pub fn first_second(now: i64, window_secs: u64) -> i64 {
     now.saturating_sub(window).saturating_add(1)
 }
 
+/// The first second activity counts: one more than the rate's window. With
+/// whole-second buckets, the window's seconds `now - window + 1 ..= now`
+/// cover between `window - 1` and `window` seconds of real time, so an
+/// attempt made at the very end of a second would have left a 1-second
+/// window a moment after it was made, and never activated anything. Activity
+/// must not miss an attempt: it keeps one more second, so an attempt stays
+/// active for at least `window` seconds (at most one more).
+pub fn activity_first_second(now: i64, window_secs: u64) -> i64 {
+    first_second(now, window_secs.saturating_add(1))
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Bucket {
     second: i64,
@@ -143,7 +154,8 @@ impl Window {
 /// from which the window holds at most `threshold` attempts, or `None` when it
 /// already does. Walking from the newest second back, the second at which the
 /// running sum first exceeds the threshold is the one whose expiry ends the
-/// activity: it leaves the window `window_secs` seconds after it began.
+/// activity: it leaves the activity window (see [`activity_first_second`])
+/// `window_secs` seconds after it ended.
 pub fn inactive_from(
     mut seconds: Vec<(i64, u64)>,
     threshold: f64,
@@ -155,7 +167,7 @@ pub fn inactive_from(
         sum = sum.saturating_add(attempts);
         if exceeds(sum, threshold) {
             let window = i64::try_from(window_secs).unwrap_or(i64::MAX);
-            return Some(second.saturating_add(window));
+            return Some(second.saturating_add(window).saturating_add(1));
         }
     }
     None
@@ -210,6 +222,9 @@ mod tests {
         assert_eq!(first_second(100, 1), 100);
         assert_eq!(w.attempts_since(first_second(100, 2)), 5);
         assert_eq!(first_second(100, 10), 91);
+        // Activity keeps one second more.
+        assert_eq!(activity_first_second(100, 1), 99);
+        assert_eq!(activity_first_second(100, 10), 90);
         assert_eq!(w.attempts_since(first_second(100, 10)), 6);
         assert_eq!(w.attempts_since(first_second(100, 11)), 10);
         assert_eq!(w.attempts_since(first_second(120, 10)), 0);
@@ -226,22 +241,22 @@ mod tests {
 
     #[test]
     fn inactive_from_is_when_the_exceeding_second_leaves_the_window() {
-        // Threshold 0: the newest attempt decides. Second 105 leaves a
-        // 10-second window when second 115 begins.
-        assert_eq!(inactive_from(vec![(100, 1), (105, 1)], 0.0, 10), Some(115));
+        // Threshold 0: the newest attempt decides. Second 105 ends at 106
+        // and leaves a 10-second activity window when second 116 begins.
+        assert_eq!(inactive_from(vec![(100, 1), (105, 1)], 0.0, 10), Some(116));
         // Threshold 2: seconds 105 (1) and 103 (1) sum to 2, not above; 100
-        // makes it 5, so activity ends when 100 leaves at 110.
+        // makes it 5, so activity ends when 100 leaves at 111.
         assert_eq!(
             inactive_from(vec![(105, 1), (100, 3), (103, 1)], 2.0, 10),
-            Some(110)
+            Some(111)
         );
         // Repeated seconds (several ports) add up.
-        assert_eq!(inactive_from(vec![(105, 1), (105, 2)], 2.0, 10), Some(115));
+        assert_eq!(inactive_from(vec![(105, 1), (105, 2)], 2.0, 10), Some(116));
         // Not above the threshold: already inactive.
         assert_eq!(inactive_from(vec![(105, 1), (104, 1)], 2.0, 10), None);
         assert_eq!(inactive_from(vec![], 0.0, 10), None);
         // Fractional thresholds compare as numbers.
-        assert_eq!(inactive_from(vec![(105, 2)], 1.5, 3), Some(108));
+        assert_eq!(inactive_from(vec![(105, 2)], 1.5, 3), Some(109));
         assert_eq!(inactive_from(vec![(105, 1)], 1.5, 3), None);
     }
 
