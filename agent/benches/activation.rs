@@ -180,10 +180,18 @@ async fn main() {
         let tx = events_tx.clone();
         let state = state.clone();
         tokio::spawn(async move {
-            while let Ok(Some(message)) = stream.message().await {
-                let at = Instant::now();
-                state.lock()[i] = Some(message.result);
-                let _ = tx.send((i, message.result, at));
+            loop {
+                match stream.message().await {
+                    Ok(Some(message)) => {
+                        let at = Instant::now();
+                        state.lock()[i] = Some(message.result);
+                        let _ = tx.send((i, message.result, at));
+                    }
+                    end => {
+                        eprintln!("StreamIsActive of svc-{i:05} ended: {end:?}");
+                        return;
+                    }
+                }
             }
         });
     }
@@ -249,11 +257,19 @@ async fn main() {
             match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
                 Ok(Some((j, true, at))) if j == i => break at,
                 Ok(Some(_)) => continue,
-                other => panic!(
-                    "activation {n} of svc-{i:05}: no true within 10 s ({other:?})\n--- agent log:\n{}\n--- scaler log:\n{}",
-                    agent.proc.log(),
-                    scaler.proc.log()
-                ),
+                other => {
+                    let service = format!("svc-{i:05}");
+                    let mut keda = scaler.keda().await;
+                    let object = scaled_object(NS, &service, &[("window", WINDOW)]);
+                    panic!(
+                        "activation {n} of {service}: no true within 10 s ({other:?}); attempts at the agent {}, at the scaler {}, IsActive now {}\n--- agent log:\n{}\n--- scaler log:\n{}",
+                        agent.attempts(NS, &service).await,
+                        scaler.attempts(NS, &service).await,
+                        is_active(&mut keda, &object).await,
+                        agent.proc.log(),
+                        scaler.proc.log()
+                    )
+                }
             }
         };
         direct.push(at - t0);
