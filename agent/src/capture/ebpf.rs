@@ -125,8 +125,14 @@ impl PodCgroup {
                 .map(|name| root.join(name))
                 .find(|path| path.is_dir())),
             Self::Path(path) => {
+                // Canonical, so `..` cannot lead outside the root.
+                let canonical = |p: &Path| std::fs::canonicalize(p).ok();
                 let path = root.join(path);
-                if path.is_dir() && path.starts_with(root) && path != root {
+                let inside = match (canonical(&path), canonical(root)) {
+                    (Some(p), Some(r)) => p.starts_with(&r) && p != r,
+                    _ => false,
+                };
+                if path.is_dir() && inside {
                     Ok(Some(path))
                 } else {
                     Err(CaptureError::Other(format!(
@@ -1132,6 +1138,47 @@ mod tests {
         assert_eq!(parse_wake(&record[..8]), None);
         record.push(0);
         assert_eq!(parse_wake(&record), None);
+    }
+
+    #[test]
+    fn the_pods_cgroup_is_detected_or_must_be_below_the_root() {
+        assert_eq!(PodCgroup::parse(None), PodCgroup::Detect);
+        assert_eq!(PodCgroup::parse(Some(" ")), PodCgroup::Detect);
+        assert_eq!(PodCgroup::parse(Some("none")), PodCgroup::None);
+        assert_eq!(
+            PodCgroup::parse(Some("kubepods.slice")),
+            PodCgroup::Path(PathBuf::from("kubepods.slice"))
+        );
+
+        let base = std::env::temp_dir().join(format!("itw-pods-cgroup-{}", std::process::id()));
+        let root = base.join("root");
+        std::fs::create_dir_all(root.join("kubepods")).unwrap();
+        std::fs::create_dir_all(base.join("outside")).unwrap();
+        assert_eq!(PodCgroup::None.resolve(&root).unwrap(), None);
+        // The cgroupfs driver's name; the systemd driver's comes first.
+        assert_eq!(
+            PodCgroup::Detect.resolve(&root).unwrap(),
+            Some(root.join("kubepods"))
+        );
+        std::fs::create_dir_all(root.join("kubepods.slice")).unwrap();
+        assert_eq!(
+            PodCgroup::Detect.resolve(&root).unwrap(),
+            Some(root.join("kubepods.slice"))
+        );
+        assert_eq!(
+            PodCgroup::Path(root.join("kubepods"))
+                .resolve(&root)
+                .unwrap(),
+            Some(root.join("kubepods"))
+        );
+        for bad in ["missing", "../outside", ".", "/"] {
+            let err = PodCgroup::Path(PathBuf::from(bad))
+                .resolve(&root)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("POD_CGROUP"), "{bad}: {err}");
+        }
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
