@@ -220,12 +220,9 @@ fn map_of(
 struct Harness {
     resolver: Resolver,
     downstream: Option<ServiceMap>,
-    /// Every object currently live, to check a relist reproduces the map,
-    /// and the objects of a list in progress.
-    services: BTreeMap<(String, String), Service>,
-    slices: BTreeMap<(String, String), EndpointSlice>,
-    listing_services: Option<BTreeMap<(String, String), Service>>,
-    listing_slices: Option<BTreeMap<(String, String), EndpointSlice>>,
+    /// Every object currently live, to check a relist reproduces the map.
+    services: Live<Service>,
+    slices: Live<EndpointSlice>,
     /// Whether each step is checked against a fresh relist (not for the
     /// harness that does that relist).
     verify: bool,
@@ -233,6 +230,49 @@ struct Harness {
 
 const SERVICES: usize = 0;
 const SLICES: usize = 1;
+
+/// The live objects of one kind as a watcher's events leave them, and the
+/// objects of a list in progress.
+struct Live<K> {
+    objects: BTreeMap<(String, String), K>,
+    listing: Option<BTreeMap<(String, String), K>>,
+}
+
+impl<K: kube::Resource + Clone> Live<K> {
+    fn new() -> Self {
+        Self {
+            objects: BTreeMap::new(),
+            listing: None,
+        }
+    }
+
+    fn track(&mut self, event: &Event<K>) {
+        match event {
+            Event::Init => self.listing = Some(BTreeMap::new()),
+            Event::InitApply(o) => {
+                self.listing
+                    .get_or_insert_default()
+                    .insert(key(o.meta()), o.clone());
+            }
+            Event::InitDone => {
+                if let Some(listed) = self.listing.take() {
+                    self.objects = listed;
+                }
+            }
+            Event::Apply(o) => {
+                self.objects.insert(key(o.meta()), o.clone());
+            }
+            Event::Delete(o) => {
+                self.objects.remove(&key(o.meta()));
+            }
+        }
+    }
+
+    /// The live objects, in the reverse of their key order.
+    fn reversed(&self) -> Vec<K> {
+        self.objects.values().rev().cloned().collect()
+    }
+}
 
 fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
     (
@@ -259,10 +299,8 @@ impl Harness {
                 },
             ]),
             downstream: None,
-            services: BTreeMap::new(),
-            slices: BTreeMap::new(),
-            listing_services: None,
-            listing_slices: None,
+            services: Live::new(),
+            slices: Live::new(),
             verify,
         }
     }
@@ -298,59 +336,15 @@ impl Harness {
     }
 
     fn svc(&mut self, event: Event<Service>) -> Option<MapEvent> {
-        self.track_services(&event);
+        self.services.track(&event);
         let outcome = self.resolver.service_event(SERVICES, event);
         self.after(outcome.event)
     }
 
     fn slice(&mut self, event: Event<EndpointSlice>) -> Option<MapEvent> {
-        self.track_slices(&event);
+        self.slices.track(&event);
         let outcome = self.resolver.slice_event(SLICES, event);
         self.after(outcome.event)
-    }
-
-    fn track_services(&mut self, event: &Event<Service>) {
-        match event {
-            Event::Init => self.listing_services = Some(BTreeMap::new()),
-            Event::InitApply(s) => {
-                self.listing_services
-                    .get_or_insert_default()
-                    .insert(key(&s.metadata), s.clone());
-            }
-            Event::InitDone => {
-                if let Some(listed) = self.listing_services.take() {
-                    self.services = listed;
-                }
-            }
-            Event::Apply(s) => {
-                self.services.insert(key(&s.metadata), s.clone());
-            }
-            Event::Delete(s) => {
-                self.services.remove(&key(&s.metadata));
-            }
-        }
-    }
-
-    fn track_slices(&mut self, event: &Event<EndpointSlice>) {
-        match event {
-            Event::Init => self.listing_slices = Some(BTreeMap::new()),
-            Event::InitApply(s) => {
-                self.listing_slices
-                    .get_or_insert_default()
-                    .insert(key(&s.metadata), s.clone());
-            }
-            Event::InitDone => {
-                if let Some(listed) = self.listing_slices.take() {
-                    self.slices = listed;
-                }
-            }
-            Event::Apply(s) => {
-                self.slices.insert(key(&s.metadata), s.clone());
-            }
-            Event::Delete(s) => {
-                self.slices.remove(&key(&s.metadata));
-            }
-        }
     }
 
     fn after(&mut self, event: Option<MapEvent>) -> Option<MapEvent> {
@@ -366,11 +360,8 @@ impl Harness {
             );
             assert_eq!(self.resolver.destinations(), own.destinations.len());
             // A relist of the same objects, in another order, rebuilds it.
-            let (_, relisted) = Self::start_with(
-                false,
-                self.services.values().rev().cloned().collect(),
-                self.slices.values().rev().cloned().collect(),
-            );
+            let (_, relisted) =
+                Self::start_with(false, self.services.reversed(), self.slices.reversed());
             assert_eq!(relisted, own, "a relist must rebuild the same map");
         }
         event
