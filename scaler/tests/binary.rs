@@ -12,8 +12,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Agent, PATIENCE, object, within};
-use itw_proto::externalscaler::external_scaler_client::ExternalScalerClient;
+use common::{EveryStream, PATIENCE, within};
 use tonic::transport::Endpoint;
 
 const SETTINGS: [&str; 13] = [
@@ -128,43 +127,9 @@ async fn sigterm_ends_streams_with_ok_and_exits_zero() {
     )
     .await
     .unwrap();
-    let mut keda = ExternalScalerClient::new(channel.clone());
-    let mut active = keda
-        .stream_is_active(object(&[("service", "web")]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        !within("the current state", active.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .result
-    );
-    let mut specs = keda
-        .stream_metric_spec(object(&[("service", "web")]))
-        .await
-        .unwrap()
-        .into_inner();
-    within("the spec", specs.message()).await.unwrap().unwrap();
-    let mut agent = Agent::open(channel, None).await.unwrap();
-    agent.hello("node-1", "a").await;
-    agent.snapshot(0, vec![], vec![]).await;
-
+    let streams = EveryStream::open(channel).await;
     running.signal("TERM");
-    assert_eq!(
-        within("StreamIsActive to end", active.message())
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        within("StreamMetricSpec to end", specs.message())
-            .await
-            .unwrap(),
-        None
-    );
-    agent.expect_end().await;
+    streams.expect_all_end().await;
     let status = tokio::task::spawn_blocking(move || {
         let status = running.wait();
         drop(running);

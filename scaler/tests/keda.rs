@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestScaler, count, loopback, object, series, within};
+use common::{EveryStream, TestScaler, count, loopback, object, series, within};
 use itw_proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, IsActiveResponse, MetricSpec, MetricValue,
 };
@@ -361,37 +361,9 @@ async fn trigger_windows_set_the_history_asked_of_agents() {
 #[tokio::test]
 async fn shutdown_ends_every_stream_with_ok() {
     let scaler = TestScaler::start(loopback()).await;
-    let mut keda = scaler.keda().await;
-    let mut active = keda
-        .stream_is_active(object(&[("service", "web")]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!next_state(&mut active).await);
-    let mut specs = keda
-        .stream_metric_spec(object(&[("service", "web")]))
-        .await
-        .unwrap()
-        .into_inner();
-    within("the spec", specs.message()).await.unwrap().unwrap();
-    let mut agent = scaler.agent(None).await.unwrap();
-    agent.hello("node-1", "i").await;
-    agent.snapshot(0, vec![], vec![]).await;
-
+    let streams = EveryStream::open(scaler.channel().await).await;
     scaler.stop().await;
-    assert_eq!(
-        within("StreamIsActive to end", active.message())
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        within("StreamMetricSpec to end", specs.message())
-            .await
-            .unwrap(),
-        None
-    );
-    agent.expect_end().await;
+    streams.expect_all_end().await;
 }
 
 #[tokio::test]

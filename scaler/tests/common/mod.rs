@@ -13,7 +13,10 @@ use std::{
 };
 
 use itw_proto::{
-    externalscaler::{ScaledObjectRef, external_scaler_client::ExternalScalerClient},
+    externalscaler::{
+        GetMetricSpecResponse, IsActiveResponse, ScaledObjectRef,
+        external_scaler_client::ExternalScalerClient,
+    },
     itw::v1::{
         Batch, DestinationHistory, Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, Series,
         SeriesCount, Snapshot, Welcome, ingest_client::IngestClient, report_request,
@@ -299,6 +302,65 @@ impl Agent {
                 Err(status) => panic!("the stream ended with {status:?}, expected OK"),
             }
         }
+    }
+}
+
+/// One of each long-lived stream a shutdown must end: KEDA's StreamIsActive
+/// and StreamMetricSpec, and an agent's Report.
+pub struct EveryStream {
+    active: Streaming<IsActiveResponse>,
+    specs: Streaming<GetMetricSpecResponse>,
+    agent: Agent,
+}
+
+impl EveryStream {
+    /// Opens them on `channel` (service apps/web, idle) and reads each one's
+    /// first message.
+    pub async fn open(channel: Channel) -> Self {
+        let mut keda = ExternalScalerClient::new(channel.clone());
+        let mut active = keda
+            .stream_is_active(object(&[("service", "web")]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            !within("the current state", active.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .result
+        );
+        let mut specs = keda
+            .stream_metric_spec(object(&[("service", "web")]))
+            .await
+            .unwrap()
+            .into_inner();
+        within("the spec", specs.message()).await.unwrap().unwrap();
+        let mut agent = Agent::open(channel, None).await.unwrap();
+        agent.hello("node-1", "i").await;
+        agent.snapshot(0, vec![], vec![]).await;
+        Self {
+            active,
+            specs,
+            agent,
+        }
+    }
+
+    /// Every one of them ends, with status OK.
+    pub async fn expect_all_end(mut self) {
+        assert_eq!(
+            within("StreamIsActive to end", self.active.message())
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            within("StreamMetricSpec to end", self.specs.message())
+                .await
+                .unwrap(),
+            None
+        );
+        self.agent.expect_end().await;
     }
 }
 
