@@ -156,10 +156,28 @@ pub enum HoldPolicy {
 
 /// A hold timeout: between 1 s and 1 h.
 pub fn parse_hold_timeout(s: &str) -> Result<Duration, String> {
-    let d =
-        humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e} (e.g. 30s, 2m)"))?;
-    if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
-        return Err(format!("{s:?}: must be between 1s and 1h"));
+    bounded_duration(
+        s.trim(),
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        "30s, 2m",
+    )
+}
+
+/// A duration between `min` and `max`; `examples` go into the error.
+fn bounded_duration(
+    s: &str,
+    min: Duration,
+    max: Duration,
+    examples: &str,
+) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. {examples})"))?;
+    if d < min || d > max {
+        return Err(format!(
+            "{s:?}: must be between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
     }
     Ok(d)
 }
@@ -230,11 +248,12 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 1s, 500ms)"))?;
-    if d < Duration::from_millis(10) || d > Duration::from_secs(60) {
-        return Err(format!("{s:?}: must be between 10ms and 60s"));
-    }
-    Ok(d)
+    bounded_duration(
+        s,
+        Duration::from_millis(10),
+        Duration::from_secs(60),
+        "1s, 500ms",
+    )
 }
 
 #[cfg(test)]
