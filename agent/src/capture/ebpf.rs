@@ -763,16 +763,32 @@ fn park_key(dest: &Destination, port: u16) -> ParkKey {
     }
 }
 
-/// Removes `key`, an absent key being no error.
-fn remove_entry<K: aya::Pod, V: aya::Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    key: &K,
-    name: &'static str,
-) -> Result<(), CaptureError> {
-    match map.remove(key) {
+/// An insert's error, naming the map; a full map (E2BIG) says which setting
+/// makes room.
+fn insert_error(
+    map: &'static str,
+    capacity: u32,
+    setting: &'static str,
+) -> impl Fn(MapError) -> CaptureError {
+    move |err| match map_error(map)(err) {
+        CaptureError::Map { source, .. } if source.raw_os_error() == Some(libc::E2BIG) => {
+            CaptureError::MapFull {
+                map,
+                capacity,
+                setting,
+            }
+        }
+        other => other,
+    }
+}
+
+/// The result of removing a key, an absent key being no error (a walk may
+/// meet a key the kernel has just deleted, and removals are retried).
+fn removed(result: Result<(), MapError>, map: &'static str) -> Result<(), CaptureError> {
+    match result {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(err) => Err(map_error(name)(err)),
+        Err(err) => Err(map_error(map)(err)),
     }
 }
 
@@ -918,28 +934,15 @@ fn sum(values: &[u64]) -> u64 {
 impl Kernel for EbpfKernel {
     fn watch(&mut self, dest: &Destination, dest_id: u32) -> Result<(), CaptureError> {
         let watch = Watch { dest_id, armed: 1 };
-        self.watched
-            .insert(dest, watch, 0)
-            .map_err(|err| match map_error(maps::WATCHED)(err) {
-                CaptureError::Map { source, .. } if source.raw_os_error() == Some(libc::E2BIG) => {
-                    CaptureError::MapFull {
-                        map: maps::WATCHED,
-                        capacity: self.max_destinations,
-                        setting: "MAX_DESTINATIONS",
-                    }
-                }
-                other => other,
-            })
+        self.watched.insert(dest, watch, 0).map_err(insert_error(
+            maps::WATCHED,
+            self.max_destinations,
+            "MAX_DESTINATIONS",
+        ))
     }
 
     fn unwatch(&mut self, dest: &Destination) -> Result<(), CaptureError> {
-        match self.watched.remove(dest) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
-                Ok(())
-            }
-            Err(err) => Err(map_error(maps::WATCHED)(err)),
-        }
+        removed(self.watched.remove(dest), maps::WATCHED)
     }
 
     fn set_excluded(&mut self, comms: &[Comm]) -> Result<(), CaptureError> {
@@ -959,12 +962,7 @@ impl Kernel for EbpfKernel {
             .map_err(map_error(maps::EXCLUDED_HINT))?;
         // Remove first so the map never holds more than its capacity.
         for comm in self.excluded_now.difference(&wanted) {
-            match self.excluded.remove(comm) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(err) => return Err(map_error(maps::EXCLUDED)(err)),
-            }
+            removed(self.excluded.remove(comm), maps::EXCLUDED)?;
         }
         for comm in wanted.difference(&self.excluded_now) {
             self.excluded
@@ -1031,20 +1029,10 @@ impl Kernel for EbpfKernel {
             }
         }
         for key in &doomed {
-            match self.attempts.remove(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(err) => return Err(map_error(maps::ATTEMPTS)(err)),
-            }
+            removed(self.attempts.remove(key), maps::ATTEMPTS)?;
         }
         for id in &ids {
-            match self.overflow.remove(id) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(MapError::SyscallError(e))
-                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(err) => return Err(map_error(maps::OVERFLOW)(err)),
-            }
+            removed(self.overflow.remove(id), maps::OVERFLOW)?;
         }
         Ok(())
     }
@@ -1067,45 +1055,38 @@ impl Kernel for EbpfKernel {
     }
 
     fn hold(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError> {
-        let maps = self.hold.as_mut().ok_or_else(not_holding)?;
+        let hold = self.hold.as_mut().ok_or_else(not_holding)?;
         // getpeername() must know the port before any connect lands there.
-        maps.parked
+        hold.parked
             .insert(park_key(dest, park_port), dest, 0)
             .map_err(map_error(maps::PARKED))?;
         let park = Park {
             port: park_port,
             _pad: 0,
         };
-        maps.hold
-            .insert(dest, park, 0)
-            .map_err(|err| match map_error(maps::HOLD)(err) {
-                CaptureError::Map { source, .. } if source.raw_os_error() == Some(libc::E2BIG) => {
-                    CaptureError::MapFull {
-                        map: maps::HOLD,
-                        capacity: capacity::HOLD,
-                        setting: "HOLD=annotated with fewer held Services",
-                    }
-                }
-                other => other,
-            })?;
-        maps.held.insert(*dest);
-        maps.count
-            .set(0, maps.held.len() as u64, 0)
+        hold.hold.insert(dest, park, 0).map_err(insert_error(
+            maps::HOLD,
+            capacity::HOLD,
+            "HOLD=annotated with fewer held Services",
+        ))?;
+        hold.held.insert(*dest);
+        hold.count
+            .set(0, hold.held.len() as u64, 0)
             .map_err(map_error(maps::HOLD_COUNT))
     }
 
     fn unhold(&mut self, dest: &Destination) -> Result<(), CaptureError> {
-        let maps = self.hold.as_mut().ok_or_else(not_holding)?;
-        remove_entry(&mut maps.hold, dest, maps::HOLD)?;
-        maps.held.remove(dest);
-        maps.count
-            .set(0, maps.held.len() as u64, 0)
+        let hold = self.hold.as_mut().ok_or_else(not_holding)?;
+        removed(hold.hold.remove(dest), maps::HOLD)?;
+        hold.held.remove(dest);
+        hold.count
+            .set(0, hold.held.len() as u64, 0)
             .map_err(map_error(maps::HOLD_COUNT))
     }
 
     fn forget_park(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError> {
-        let maps = self.hold.as_mut().ok_or_else(not_holding)?;
-        remove_entry(&mut maps.parked, &park_key(dest, park_port), maps::PARKED)
+        let hold = self.hold.as_mut().ok_or_else(not_holding)?;
+        removed(hold.parked.remove(&park_key(dest, park_port)), maps::PARKED)
     }
 }
 
