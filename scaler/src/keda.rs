@@ -77,13 +77,11 @@ impl ExternalScaler for KedaService {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
         let trigger = self.trigger(Some(request.get_ref()))?;
-        // The activity window (one second more than the rate's), as
-        // StreamIsActive has it.
-        let attempts = self.store.attempts(
+        let attempts = self.store.active_attempts(
             &trigger.namespace,
             &trigger.service,
             trigger.port,
-            trigger.window_secs().saturating_add(1),
+            trigger.window_secs(),
         );
         let result = window::exceeds(attempts, trigger.activation_threshold);
         Ok(Response::new(IsActiveResponse { result }))

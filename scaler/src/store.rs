@@ -349,7 +349,8 @@ impl Store {
 
     // ---- KEDA side ----
 
-    /// Attempts to the service (one port, or all) in the last `window_secs`.
+    /// Attempts to the service (one port, or all) in the last `window_secs`:
+    /// what its rate is computed from.
     pub fn attempts(
         &self,
         namespace: &str,
@@ -357,6 +358,25 @@ impl Store {
         port: Option<u16>,
         window_secs: u64,
     ) -> u64 {
+        let first = window::first_second(self.clock.now_second(), window_secs);
+        self.attempts_from(namespace, service, port, first)
+    }
+
+    /// Attempts in the activity window of `window_secs` (see
+    /// [`window::activity_first_second`]): what IsActive compares with the
+    /// threshold, as [`Store::activity`] does for the push stream.
+    pub fn active_attempts(
+        &self,
+        namespace: &str,
+        service: &str,
+        port: Option<u16>,
+        window_secs: u64,
+    ) -> u64 {
+        let first = window::activity_first_second(self.clock.now_second(), window_secs);
+        self.attempts_from(namespace, service, port, first)
+    }
+
+    fn attempts_from(&self, namespace: &str, service: &str, port: Option<u16>, first: i64) -> u64 {
         let Some(entry) = self
             .services
             .get(service_key(namespace, service).as_str())
@@ -364,7 +384,6 @@ impl Store {
         else {
             return 0;
         };
-        let first = window::first_second(self.clock.now_second(), window_secs);
         entry.attempts_since(port, first)
     }
 
