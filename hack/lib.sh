@@ -97,7 +97,7 @@ warn_low_disk() {
   local want_gib=$1 dir=${CARGO_TARGET_DIR:-$ROOT/target}
   [ -d "$dir" ] || dir=$ROOT
   local free_kib
-  free_kib=$(df -Pk "$dir" | awk 'NR==2{print $4}')
+  free_kib=$(df -Pk "$dir" 2>/dev/null | awk 'NR==2{print $4}') || true
   [ -n "$free_kib" ] || return 0
   local free_gib=$((free_kib / 1024 / 1024))
   if [ "$free_gib" -lt "$want_gib" ]; then
