@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::Parser;
 use itw_common::{COMM_LEN, Comm};
-use itw_telemetry::logging::LogFormat;
+use itw_telemetry::{flags::bounded_duration, logging::LogFormat};
 
 use crate::capture::CaptureMode;
 
@@ -162,24 +162,6 @@ pub fn parse_hold_timeout(s: &str) -> Result<Duration, String> {
         Duration::from_secs(3600),
         "30s, 2m",
     )
-}
-
-/// A duration between `min` and `max`; `examples` go into the error.
-fn bounded_duration(
-    s: &str,
-    min: Duration,
-    max: Duration,
-    examples: &str,
-) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. {examples})"))?;
-    if d < min || d > max {
-        return Err(format!(
-            "{s:?}: must be between {} and {}",
-            humantime::format_duration(min),
-            humantime::format_duration(max)
-        ));
-    }
-    Ok(d)
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {

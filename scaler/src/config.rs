@@ -3,7 +3,7 @@
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::Parser;
-use itw_telemetry::logging::LogFormat;
+use itw_telemetry::{flags::bounded_duration, logging::LogFormat};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -191,20 +191,16 @@ impl FromStr for Secret {
     }
 }
 
-fn parse_duration(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 90s, 15m, 1h)"))?;
-    if d < min || d > max {
-        return Err(format!(
-            "{s:?}: must be between {} and {}",
-            humantime::format_duration(min),
-            humantime::format_duration(max)
-        ));
-    }
-    Ok(d)
-}
+/// What a duration flag's error suggests.
+const DURATION_EXAMPLES: &str = "90s, 15m, 1h";
 
 fn parse_max_window(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s, Duration::from_secs(1), Duration::from_secs(3600))?;
+    let d = bounded_duration(
+        s,
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        DURATION_EXAMPLES,
+    )?;
     if d.subsec_nanos() != 0 {
         return Err(format!("{s:?}: must be a whole number of seconds"));
     }
@@ -212,10 +208,11 @@ fn parse_max_window(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_retention(s: &str) -> Result<Duration, String> {
-    parse_duration(
+    bounded_duration(
         s,
         Duration::from_secs(1),
         Duration::from_secs(30 * 24 * 3600),
+        DURATION_EXAMPLES,
     )
 }
 

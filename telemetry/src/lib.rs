@@ -1,10 +1,12 @@
 //! What `itw-agent` and `itw-scaler` must do the same way: log setup
-//! ([`logging`]) and the `/metrics` endpoint ([`http`], [`exposition`]).
+//! ([`logging`]), the `/metrics` endpoint ([`http`], [`exposition`]), and
+//! reading duration flags ([`flags`]).
 //!
 //! Both binaries export `internal_tcp_attempts_total`, and Prometheus must see
 //! the same thing from either, so the exposition rules live here once.
 
 pub mod exposition;
+pub mod flags;
 pub mod http;
 pub mod logging;
 
