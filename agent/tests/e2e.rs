@@ -17,10 +17,6 @@ fn map(service: &str, cluster_ip: &str, port: u16) -> String {
     )
 }
 
-fn addr(s: &str) -> SocketAddr {
-    s.parse().expect("address")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_connect_activates_the_service_exactly_once() {
     if !bpf_available("first_connect_activates_the_service_exactly_once") {

@@ -19,10 +19,6 @@ use support::*;
 
 const NS: &str = "hold";
 
-fn addr(s: &str) -> SocketAddr {
-    s.parse().expect("address")
-}
-
 /// A one-Service map: `cluster_ip:port`, held, with one endpoint (ready or
 /// not) at the next address.
 fn held_map(service: &str, cluster_ip: &str, port: u16, ready: bool, extra: &str) -> String {

@@ -112,6 +112,11 @@ pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// A test's own address literal.
+pub fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("address")
+}
+
 /// A child process whose output goes to a log file, killed when dropped.
 pub struct Proc {
     pub name: String,
