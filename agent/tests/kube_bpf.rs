@@ -8,7 +8,6 @@
 //! `ITW_REQUIRE_BPF=1` (CI), where that is a failure (see capture_support).
 
 mod capture_support;
-mod kube_mock;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -20,8 +19,8 @@ use itw_agent::{
     metrics::{AttemptCounters, CountingMetrics, TriggerLabels},
     resolve::kube::{self as kube_source, KubeSettings, KubeSourceMetrics},
 };
+use itw_e2e::kube_mock::{MockApiServer, Resource};
 use itw_telemetry::exposition::AttemptLabels;
-use kube_mock::{MockApiServer, Resource};
 use serde_json::json;
 use tokio::sync::mpsc;
 

@@ -6,8 +6,6 @@
 //! sent are checked for what must never happen (an empty or partial map sent
 //! because of an error).
 
-mod kube_mock;
-
 use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use itw_agent::{
@@ -21,12 +19,23 @@ use itw_agent::{
         kube::{KubeSettings, KubeSourceMetrics},
     },
 };
+use itw_e2e::kube_mock::{self, MockApiServer, Resource};
 use itw_telemetry::exposition::{AttemptLabels, parse_samples};
-use kube_mock::{MockApiServer, Resource, fixture};
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
+
+/// A fixture from `agent/tests/fixtures/`: real objects as the apiserver
+/// sends them.
+fn fixture(name: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
+}
 
 /// Long enough for kube-runtime's backoff (0.8 s doubling, jittered) to go
 /// round a few times; steps normally take milliseconds.

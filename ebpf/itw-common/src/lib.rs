@@ -243,6 +243,35 @@ pub mod globals {
     pub const POD_CGROUP_LEVEL: &str = "ITW_POD_CGROUP_LEVEL";
 }
 
+/// The node lab's stand-in for a socket load balancer (Cilium's kube-proxy
+/// replacement): a `cgroup/connect4`/`connect6` program of its own object
+/// (`lab-lb.o`), never loaded by the agent. It shares these types with the lab
+/// that drives it.
+pub mod lab {
+    use super::Destination;
+
+    /// Backends one Service port can have in the stand-in.
+    pub const MAX_BACKENDS: usize = 8;
+
+    /// Value of [`SERVICES`]: a ClusterIP:port's ready backends. `count` 0
+    /// refuses the connect, as Cilium does for a Service without backends.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct LbService {
+        pub count: u32,
+        pub _pad: u32,
+        pub backends: [Destination; MAX_BACKENDS],
+    }
+
+    /// `HashMap<Destination, LbService>`, keyed by ClusterIP:port (IPv4
+    /// stored v4-mapped, as [`Destination::v4`] does).
+    pub const SERVICES: &str = "LAB_LB_SERVICES";
+    /// Capacity of [`SERVICES`].
+    pub const SERVICES_CAPACITY: u32 = 4096;
+    pub const CONNECT4: &str = "lab_lb_connect4";
+    pub const CONNECT6: &str = "lab_lb_connect6";
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain #[repr(C)] data with explicit padding fields; every bit pattern is valid.
@@ -252,6 +281,7 @@ mod pod {
     unsafe impl aya::Pod for super::WakeEvent {}
     unsafe impl aya::Pod for super::Park {}
     unsafe impl aya::Pod for super::ParkKey {}
+    unsafe impl aya::Pod for super::lab::LbService {}
 }
 
 #[cfg(test)]
@@ -266,6 +296,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<WakeEvent>(), 24);
         assert_eq!(core::mem::size_of::<Park>(), 4);
         assert_eq!(core::mem::size_of::<ParkKey>(), 4);
+        assert_eq!(core::mem::size_of::<lab::LbService>(), 168);
     }
 
     #[test]

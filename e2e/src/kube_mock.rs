@@ -1,5 +1,5 @@
 //! A mock Kubernetes API server on 127.0.0.1, for the kube source's client
-//! tests and its benchmark: Services and EndpointSlices, listed (paged, with
+//! tests, its benchmark and the node lab: Services and EndpointSlices, listed (paged, with
 //! a resourceVersion) and watched (`?watch=true`, JSON lines, replayed from
 //! the resourceVersion asked for), across all namespaces or one, with label
 //! selectors. Tests drive it: put and remove objects, end watches with a 410
@@ -10,8 +10,6 @@
 //! without `kind`/`apiVersion`, `Status` bodies on errors, deleted objects
 //! sent with the deletion's resourceVersion, an object leaving a watch's
 //! label selector sent as DELETED.
-
-#![allow(dead_code)] // each test binary uses a part
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -783,16 +781,6 @@ fn selects(selector: &[Requirement], object: &Value) -> bool {
         Requirement::Exists(k) => label(k).is_some(),
         Requirement::DoesNotExist(k) => label(k).is_none(),
     })
-}
-
-/// A fixture from `agent/tests/fixtures/`.
-pub fn fixture(name: &str) -> Value {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
 /// A cluster of `services` Services (spread over 50 namespaces, each with
