@@ -228,3 +228,97 @@ async fn the_pods_cgroup_programs_run_first_and_each_connect_counts_once() {
         .into()
     );
 }
+
+/// A node's cgroup root nested below the hierarchy's root, as on kind and
+/// k3d (the node's /sys/fs/cgroup is a subtree of the host's), with the pods'
+/// cgroup and a pod below it; removed on drop, deepest first.
+struct NestedNode {
+    dirs: Vec<PathBuf>,
+}
+
+impl NestedNode {
+    fn new() -> Self {
+        let hierarchy = itw_agent::capture::cgroup::find_root(None).expect("a cgroup v2 root");
+        let mut dirs = Vec::new();
+        let mut path = hierarchy.path;
+        for part in [
+            format!("itw-test-host-{}.slice", std::process::id()),
+            "node.scope".to_owned(),
+            "kubepods.slice".to_owned(),
+            "kubepods-besteffort.slice".to_owned(),
+            "kubepods-besteffort-pod1.slice".to_owned(),
+        ] {
+            path.push(part);
+            let _ = std::fs::remove_dir(&path);
+            std::fs::create_dir(&path).expect("creating a test cgroup");
+            dirs.push(path.clone());
+        }
+        Self { dirs }
+    }
+
+    fn node_root(&self) -> PathBuf {
+        self.dirs[1].clone()
+    }
+
+    fn pods(&self) -> PathBuf {
+        self.dirs[2].clone()
+    }
+
+    fn pod(&self) -> TestCgroup {
+        TestCgroup(self.dirs[4].clone())
+    }
+}
+
+impl Drop for NestedNode {
+    fn drop(&mut self) {
+        for dir in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Issue 11: with the node's cgroup root nested two levels down, a pod's
+/// connect was counted by the pods' program and again by the root's, whose
+/// "already counted" test used the pods' cgroup level below the node root
+/// where the kernel's helper wants the level in the whole hierarchy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_nested_node_root_each_pod_connect_counts_once() {
+    if !support::is_root() {
+        support::skip("not running as root, which loading eBPF programs needs");
+        return;
+    }
+    let node = NestedNode::new();
+    let root = node.node_root();
+    let pods = node.pods();
+    let Some(started) = support::start(CaptureMode::Cgroup, |s| {
+        s.cgroup_root = Some(root);
+        s.pod_cgroup = PodCgroup::Path(pods);
+    }) else {
+        return;
+    };
+    assert!(
+        started.attached_to.contains("pods' cgroup"),
+        "{}",
+        started.attached_to
+    );
+    let mut kernel = started.kernel;
+    let refused = SocketAddrV4::new(Ipv4Addr::new(127, 121, 4, 1), 8080);
+    kernel.watch(&dest_of(refused.into()), 41).unwrap();
+    let pod = node.pod();
+    let procs = CString::new(pod.0.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+    std::mem::forget(pod);
+    let connected = blocking(move || {
+        support::connects_from_child(
+            &CString::new("pod-client").unwrap(),
+            refused,
+            3,
+            Some(&procs),
+        )
+    })
+    .await;
+    assert_eq!(connected, 0, "nothing listens on {refused}");
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        [((41, "pod-client".to_owned()), 3)].into()
+    );
+}

@@ -147,27 +147,22 @@ impl PodCgroup {
 }
 
 /// The pods' cgroup as the programs identify it: its id (the inode of its
-/// directory) and its depth below the root.
+/// directory). Its level in the hierarchy is not its depth below the root
+/// (the root may itself be nested, as on kind): the programs learn it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PodsAttachment {
     path: PathBuf,
     id: u64,
-    level: u32,
 }
 
 impl PodsAttachment {
-    fn new(root: &Path, path: PathBuf) -> Result<Self, CaptureError> {
+    fn new(path: PathBuf) -> Result<Self, CaptureError> {
         let meta = std::fs::metadata(&path).map_err(|source| CaptureError::CgroupOpen {
             path: path.clone(),
             source,
         })?;
-        let level = path
-            .strip_prefix(root)
-            .map(|rel| rel.components().count())
-            .unwrap_or(0);
         Ok(Self {
             id: meta.ino(),
-            level: u32::try_from(level).unwrap_or(u32::MAX),
             path,
         })
     }
@@ -473,7 +468,7 @@ impl Attached {
         };
         let pods = match cgroup_root {
             Some(root) => match settings.pod_cgroup.resolve(&root.path)? {
-                Some(path) => Some(PodsAttachment::new(&root.path, path)?),
+                Some(path) => Some(PodsAttachment::new(path)?),
                 None => None,
             },
             None => None,
@@ -489,7 +484,7 @@ impl Attached {
             let o = ip.octets();
             [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
         });
-        let (pods_id, pods_level) = pods.as_ref().map_or((0, 0), |p| (p.id, p.level));
+        let pods_id = pods.as_ref().map_or(0, |p| p.id);
 
         let mut loader = EbpfLoader::new();
         loader
@@ -518,8 +513,7 @@ impl Attached {
             .override_global(globals::HOLD_MARK, &hold_mark, true)
             .override_global(globals::PARK_IP4, &park_ip4, true)
             .override_global(globals::PARK_IP6, &park_ip6, true)
-            .override_global(globals::POD_CGROUP_ID, &pods_id, true)
-            .override_global(globals::POD_CGROUP_LEVEL, &pods_level, true);
+            .override_global(globals::POD_CGROUP_ID, &pods_id, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| CaptureError::Load(Box::new(e)))?;
@@ -1187,6 +1181,7 @@ mod tests {
             maps::HOLD,
             maps::HOLD_COUNT,
             maps::PARKED,
+            maps::POD_LEVEL,
         ] {
             assert!(obj.maps.contains_key(name), "no map {name}");
         }

@@ -149,6 +149,12 @@ pub mod maps {
     /// `HashMap<ParkKey, Destination>`: a parking listener's destination, so
     /// getpeername() on a held client shows the ClusterIP it asked for.
     pub const PARKED: &str = "ITW_PARKED";
+    /// `Array<u32>` of one: the pods' cgroup's level in the whole hierarchy,
+    /// learned by the pods' program on the first pod connect (0: not yet);
+    /// the root's programs skip connects whose ancestor at that level is the
+    /// pods' cgroup. The agent cannot know it: the node's cgroup root may be
+    /// nested in the host's hierarchy, behind a cgroup namespace.
+    pub const POD_LEVEL: &str = "ITW_POD_LEVEL";
 }
 
 /// Sizes of the maps the agent does not size at load time (it sizes
@@ -237,10 +243,10 @@ pub mod globals {
     pub const PARK_IP4: &str = "ITW_PARK_IP4";
     /// Parking IPv6 address, as `user_ip6` holds it; all zero: not held.
     pub const PARK_IP6: &str = "ITW_PARK_IP6";
-    /// The pods' cgroup id (inode of its directory) and its depth below the
-    /// root; 0: no pods cgroup attachment, the root programs count everyone.
+    /// The pods' cgroup id (inode of its directory); 0: no pods cgroup
+    /// attachment, the root programs count everyone. Its level in the
+    /// hierarchy is learned by the programs ([`super::maps::POD_LEVEL`]).
     pub const POD_CGROUP_ID: &str = "ITW_POD_CGROUP_ID";
-    pub const POD_CGROUP_LEVEL: &str = "ITW_POD_CGROUP_LEVEL";
 }
 
 /// The node lab's stand-in for a socket load balancer (Cilium's kube-proxy

@@ -96,6 +96,13 @@ static ITW_HOLD: HashMap<Destination, Park> =
 #[map(name = "ITW_HOLD_COUNT")]
 static ITW_HOLD_COUNT: Array<u64> = Array::with_max_entries(1, 0);
 
+// The pods' cgroup's level in the whole hierarchy, as the pods' program
+// learns it on the first pod connect (0: not yet). It cannot be known from
+// the agent's side: the node's cgroup root may itself be nested in the host's
+// hierarchy (kind, k3d), seen through a cgroup namespace.
+#[map(name = "ITW_POD_LEVEL")]
+static ITW_POD_LEVEL: Array<u32> = Array::with_max_entries(1, 0);
+
 #[map(name = "ITW_PARKED")]
 static ITW_PARKED: HashMap<ParkKey, Destination> =
     HashMap::with_max_entries(capacity::HOLD, BPF_F_NO_PREALLOC);
@@ -132,8 +139,6 @@ static ITW_PARK_IP4: Global<u32> = Global::new(0);
 static ITW_PARK_IP6: Global<[u32; 4]> = Global::new([0; 4]);
 #[unsafe(no_mangle)]
 static ITW_POD_CGROUP_ID: Global<u64> = Global::new(0);
-#[unsafe(no_mangle)]
-static ITW_POD_CGROUP_LEVEL: Global<u32> = Global::new(0);
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -275,17 +280,47 @@ unsafe fn handled_elsewhere(ctx: &SockAddrContext, role: Role) -> bool {
             return true;
         }
     }
-    if role == Role::Root {
-        let pods = ITW_POD_CGROUP_ID.load();
-        // SAFETY: a helper call with a level; it returns 0 past the task's depth.
-        if pods != 0
-            && unsafe { bpf_get_current_ancestor_cgroup_id(ITW_POD_CGROUP_LEVEL.load() as i32) }
-                == pods
-        {
-            return true;
+    let pods = ITW_POD_CGROUP_ID.load();
+    if pods == 0 {
+        return false;
+    }
+    let Some(level) = ITW_POD_LEVEL.get_ptr_mut(0) else {
+        return false;
+    };
+    match role {
+        Role::Pods => {
+            // SAFETY: the one entry of an array map, written only here.
+            if unsafe { *level } == 0 {
+                learn_pods_level(pods, level);
+            }
+            false
+        }
+        // SAFETY: a helper call with a level; it returns 0 past the task's
+        // depth. A pod's connect reaches the root's program only after the
+        // pods' program has run for it and learned the level.
+        Role::Root => unsafe {
+            let known = *level;
+            known != 0 && bpf_get_current_ancestor_cgroup_id(known as i32) == pods
+        },
+    }
+}
+
+/// Deepest level searched for the pods' cgroup.
+const MAX_CGROUP_LEVEL: u32 = 32;
+
+/// Finds the pods' cgroup among the calling task's ancestors (it is one: the
+/// pods' program runs only below it) and stores its level.
+#[inline(never)]
+fn learn_pods_level(pods: u64, level: *mut u32) {
+    for candidate in 1..=MAX_CGROUP_LEVEL {
+        // SAFETY: a helper call with a level; `level` points into a map value.
+        unsafe {
+            if bpf_get_current_ancestor_cgroup_id(candidate as i32) == pods {
+                *level = candidate;
+                return;
+            }
         }
     }
-    false
 }
 
 /// Where `dest`'s connects are parked, if it is held.
