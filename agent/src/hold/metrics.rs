@@ -45,8 +45,13 @@ pub struct HoldMetrics {
     pub timed_out: Family<ServiceLabels, Counter>,
     /// The client went away while parked.
     pub left: Family<ServiceLabels, Counter>,
-    /// Released, but the Service refused the agent's connect.
+    /// Released, but the Service refused the agent's connects until the
+    /// hold timeout passed.
     pub release_failed: Family<ServiceLabels, Counter>,
+    /// Connects of released connections that the datapath refused and the
+    /// agent made again (kube-proxy or a socket load balancer not yet
+    /// following the ready endpoint).
+    pub release_retries: Family<ServiceLabels, Counter>,
     /// Seconds from accept to release, per Service: the cold start the
     /// client waited for.
     pub hold_seconds: Family<ServiceLabels, Histogram, fn() -> Histogram>,
@@ -69,6 +74,7 @@ impl Default for HoldMetrics {
             timed_out: Family::default(),
             left: Family::default(),
             release_failed: Family::default(),
+            release_retries: Family::default(),
             hold_seconds: Family::new_with_constructor(hold_histogram),
             held_destinations: Gauge::default(),
             parking_listeners: Gauge::default(),
@@ -107,8 +113,13 @@ impl HoldMetrics {
         );
         agent.register(
             "held_release_failed",
-            "Released connections the Service then refused (reset)",
+            "Released connections the Service kept refusing until their hold timeout (reset)",
             self.release_failed.clone(),
+        );
+        agent.register(
+            "held_release_retries",
+            "Connects of released connections refused by a datapath not yet following the ready endpoint, and made again",
+            self.release_retries.clone(),
         );
         agent.register(
             "hold_seconds",

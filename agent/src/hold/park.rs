@@ -25,6 +25,13 @@ const PARK_BUFFER: usize = 64 * 1024;
 /// rewrote just before the hold entry went away may still be on its way.
 pub const RELEASE_GRACE: Duration = Duration::from_secs(1);
 
+/// The first wait before connecting a released connection again; it doubles
+/// up to [`RELEASE_RETRY_MAX`]. The datapath (kube-proxy's sync, a socket
+/// load balancer's agent) follows an EndpointSlice change up to a second or
+/// more after the agent does, and refuses until then.
+pub const RELEASE_RETRY_FIRST: Duration = Duration::from_millis(10);
+pub const RELEASE_RETRY_MAX: Duration = Duration::from_millis(250);
+
 /// What the parked connections of one listener are waiting for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
@@ -52,9 +59,14 @@ pub async fn run(listener: TcpListener, parking: Parking, mut phase: watch::Rece
     let parking = Arc::new(parking);
     let mut connections = JoinSet::new();
     let mut released_at: Option<Instant> = None;
+    // The hold timeout last seen: how long a connection accepted after
+    // release may keep trying to reach the Service.
+    let mut timeout = Duration::ZERO;
     loop {
-        if released_at.is_none() && *phase.borrow() == Phase::Released {
-            released_at = Some(Instant::now());
+        match *phase.borrow() {
+            Phase::Released if released_at.is_none() => released_at = Some(Instant::now()),
+            Phase::Holding { timeout: now } => timeout = now,
+            Phase::Released => {}
         }
         let grace_over = async {
             match released_at {
@@ -65,7 +77,7 @@ pub async fn run(listener: TcpListener, parking: Parking, mut phase: watch::Rece
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    connections.spawn(one(stream, parking.clone(), phase.clone()));
+                    connections.spawn(one(stream, parking.clone(), phase.clone(), timeout));
                 }
                 Err(error) => {
                     // Out of descriptors and the like: the client stays in
@@ -89,8 +101,14 @@ pub async fn run(listener: TcpListener, parking: Parking, mut phase: watch::Rece
     connections.shutdown().await;
 }
 
-/// One parked connection, from accept to the end of its splice.
-async fn one(mut client: TcpStream, parking: Arc<Parking>, mut phase: watch::Receiver<Phase>) {
+/// One parked connection, from accept to the end of its splice. `timeout`:
+/// the hold timeout when it was accepted (a held connection follows changes).
+async fn one(
+    mut client: TcpStream,
+    parking: Arc<Parking>,
+    mut phase: watch::Receiver<Phase>,
+    mut timeout: Duration,
+) {
     let labels = &parking.labels;
     let metrics = &parking.metrics;
     let accepted = Instant::now();
@@ -100,7 +118,6 @@ async fn one(mut client: TcpStream, parking: Arc<Parking>, mut phase: watch::Rec
     if held {
         metrics.held.get_or_create(labels).inc();
         metrics.held_total.get_or_create(labels).inc();
-        let mut timeout = Duration::ZERO;
         let outcome = loop {
             match *phase.borrow_and_update() {
                 Phase::Released => break Outcome::Released,
@@ -148,11 +165,11 @@ async fn one(mut client: TcpStream, parking: Arc<Parking>, mut phase: watch::Rec
             }
         }
     }
-    let mut upstream = match net::connect_marked(parking.dest, parking.mark).await {
+    let mut upstream = match connect_upstream(&parking, accepted + timeout).await {
         Ok(upstream) => upstream,
         Err(error) => {
             metrics.release_failed.get_or_create(labels).inc();
-            tracing::warn!(dest = %parking.dest, %error, "handing a held connection over failed; resetting it");
+            tracing::warn!(dest = %parking.dest, %error, "handing a held connection over failed within its hold timeout; resetting it");
             net::reset(client);
             return;
         }
@@ -166,6 +183,39 @@ async fn one(mut client: TcpStream, parking: Arc<Parking>, mut phase: watch::Rec
     // the copy, which passes it on.
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(dest = %parking.dest, %error, "a held connection's splice ended with an error");
+    }
+}
+
+/// Connects to the held destination, again and again with a growing pause,
+/// until it answers or `deadline` (the connection's hold timeout) passes:
+/// the datapath may refuse for a while after the endpoint is ready.
+async fn connect_upstream(parking: &Parking, deadline: Instant) -> std::io::Result<TcpStream> {
+    let mut pause = RELEASE_RETRY_FIRST;
+    loop {
+        let attempt =
+            tokio::time::timeout_at(deadline, net::connect_marked(parking.dest, parking.mark))
+                .await;
+        let error = match attempt {
+            Ok(Ok(upstream)) => return Ok(upstream),
+            Ok(Err(error)) => error,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the hold timeout passed while connecting",
+                ));
+            }
+        };
+        if Instant::now() + pause >= deadline {
+            return Err(error);
+        }
+        parking
+            .metrics
+            .release_retries
+            .get_or_create(&parking.labels)
+            .inc();
+        tracing::debug!(dest = %parking.dest, %error, ?pause, "the Service refused a released connection; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RELEASE_RETRY_MAX);
     }
 }
 

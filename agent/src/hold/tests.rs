@@ -411,17 +411,45 @@ async fn a_client_that_leaves_while_parked_is_freed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_release_the_service_refuses_resets_the_client() {
+async fn a_release_the_service_refuses_until_the_hold_timeout_resets_the_client() {
     let dest = "127.50.2.5:18080";
-    let (mut rig, port) = Rig::holding(dest, None);
+    let (mut rig, port) = Rig::holding(dest, Some(Duration::from_millis(800)));
     let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     client.write_all(b"ping").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // Ready, says the map, but nothing listens.
+    // Ready, says the map, but nothing listens, ever.
     rig.web_ready(1);
     assert_eq!(
         read_error(&mut client).await,
         Err(std::io::ErrorKind::ConnectionReset)
     );
     assert_eq!(rig.metrics.release_failed.get_or_create(&labels()).get(), 1);
+    assert!(
+        rig.metrics.release_retries.get_or_create(&labels()).get() >= 2,
+        "it kept trying until the hold timeout"
+    );
+}
+
+/// Issue 11: kube-proxy (or a socket load balancer) follows a ready
+/// endpoint later than the agent does; until then the Service refuses. A
+/// released connection keeps trying, its bytes kept, and gets its reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_the_datapath_refuses_for_a_while_reaches_the_service_when_it_answers() {
+    let dest = "127.50.2.6:18080";
+    let (mut rig, port) = Rig::holding(dest, None);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    client.write_all(b"late").await.unwrap();
+    client.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    rig.web_ready(1);
+    // The "datapath" answers 700 ms after the map said ready.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let _server = echo_server(addr(dest)).await;
+    assert_eq!(read_all(&mut client).await, "reply:late");
+    assert_eq!(rig.metrics.release_failed.get_or_create(&labels()).get(), 0);
+    assert_eq!(rig.metrics.released.get_or_create(&labels()).get(), 1);
+    assert!(
+        rig.metrics.release_retries.get_or_create(&labels()).get() >= 3,
+        "refused connects were made again"
+    );
 }

@@ -412,9 +412,26 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
                 )
             })
             .await;
+            let series: Vec<String> = observe::metrics(AGENT_METRICS)
+                .await?
+                .iter()
+                .filter(|s| {
+                    s.name == "internal_tcp_attempts_total"
+                        && s.label("destination_pod").is_some_and(|p| !p.is_empty())
+                })
+                .map(|s| format!("{:?}={}", s.labels, s.value))
+                .collect();
+            let ok = replies == 3 && counted == 3;
             expect(
-                replies == 3 && counted == 3,
-                format!("replies {replies}/3, counted under the pod {counted}/3"),
+                ok,
+                format!(
+                    "replies {replies}/3, counted under the pod {counted}/3{}",
+                    if ok {
+                        String::new()
+                    } else {
+                        format!("; pod series: {series:?}")
+                    }
+                ),
             )
         })
         .await,
