@@ -31,8 +31,7 @@ use tokio::{sync::watch, time::Instant};
 use crate::{
     config::Limits,
     metrics::ScalerMetrics,
-    trigger::DEFAULT_WINDOW,
-    window::{self, Clock, Window},
+    window::{self, Clock, DEFAULT_WINDOW, Window},
 };
 
 /// Most series a single ingest stream remembers it has resolved; past that it

@@ -11,6 +11,9 @@ use std::{collections::VecDeque, time::Duration};
 
 use tokio::time::Instant;
 
+/// Window of a trigger that sets none, and the least history the scaler keeps.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
+
 /// Unix time as the scaler sees it, readable as tokio [`Instant`]s for timers.
 ///
 /// Wall-clock time is read once; after that it advances with tokio's
