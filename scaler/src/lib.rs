@@ -9,12 +9,14 @@
 //! - [`ingest`]: the agents' `itw.v1.Ingest/Report` stream.
 //! - [`keda`]: KEDA's `externalscaler.ExternalScaler` service.
 //! - [`auth`]: the agents' bearer token.
-//! - [`metrics`]: the scaler's `/metrics`.
+//! - [`metrics`]: the scaler's own figures (streams, batches, overflows, lag).
+//! - [`export`]: the `/metrics` page: those figures and the store's series.
 //! - [`server`]: the gRPC server (KEDA, ingest, health, reflection, TLS) and
 //!   the metrics endpoint, started and stopped together.
 
 pub mod auth;
 pub mod config;
+pub mod export;
 pub mod ingest;
 pub mod keda;
 pub mod metrics;
