@@ -24,9 +24,8 @@ use std::{
 };
 
 use dashmap::DashMap;
-use itw_telemetry::exposition::{AttemptLabels, OVERFLOW_COMM};
 use parking_lot::Mutex;
-use tokio::{sync::watch, time::Instant};
+use tokio::sync::watch;
 
 use crate::{
     config::Limits,
@@ -35,13 +34,12 @@ use crate::{
 };
 
 mod instances;
+mod series;
 
 pub use instances::Connection;
 use instances::InstanceSlot;
-
-/// Most series a single ingest stream remembers it has resolved; past that it
-/// starts over (only a cost, never a miscount).
-const STREAM_CACHE_LIMIT: usize = 65_536;
+use series::series_id;
+pub use series::{SeriesCache, SeriesSlot};
 
 /// One exported series as the store names it (checked by [`crate::ingest`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,70 +95,6 @@ pub enum ApplyError {
         node: String,
         known: String,
     },
-}
-
-/// One series of `internal_tcp_attempts_total`.
-#[derive(Debug)]
-pub struct SeriesSlot {
-    labels: AttemptLabels,
-    created: Instant,
-    /// Totals of instances that went away.
-    retired: AtomicU64,
-    /// Sum of the totals of the instances held now.
-    live: AtomicU64,
-    /// What `/metrics` shows: never decreases.
-    exported: AtomicU64,
-}
-
-impl SeriesSlot {
-    fn new(labels: AttemptLabels) -> Self {
-        Self {
-            labels,
-            created: Instant::now(),
-            retired: AtomicU64::new(0),
-            live: AtomicU64::new(0),
-            exported: AtomicU64::new(0),
-        }
-    }
-
-    pub fn labels(&self) -> &AttemptLabels {
-        &self.labels
-    }
-
-    pub fn created(&self) -> Instant {
-        self.created
-    }
-
-    pub fn exported(&self) -> u64 {
-        self.exported.load(SeqCst)
-    }
-
-    fn add_live(&self, attempts: u64) {
-        self.live.fetch_add(attempts, SeqCst);
-        self.publish();
-    }
-
-    /// A snapshot lowered an instance's total: the export holds its value
-    /// until the sum passes it again.
-    fn sub_live(&self, attempts: u64) {
-        self.live.fetch_sub(attempts, SeqCst);
-    }
-
-    /// Moves an instance's total from live to retired. Live goes down first,
-    /// so a concurrent publish can only see too little (ignored by the max),
-    /// never the same attempts twice.
-    fn retire(&self, attempts: u64) {
-        self.live.fetch_sub(attempts, SeqCst);
-        self.retired.fetch_add(attempts, SeqCst);
-    }
-
-    fn publish(&self) {
-        // Retired is read first: whoever sees a retire's increment also sees
-        // the live decrement that preceded it.
-        let retired = self.retired.load(SeqCst);
-        let computed = retired.saturating_add(self.live.load(SeqCst));
-        self.exported.fetch_max(computed, SeqCst);
-    }
 }
 
 /// The windows of one service (one per port) and its subscribers' doorbell.
@@ -233,25 +167,6 @@ impl Activity {
     pub fn active(&self) -> bool {
         self.inactive_at_ms.is_some()
     }
-}
-
-/// What one ingest stream has resolved (series, window), so a steady agent
-/// costs one local hash lookup per delta.
-#[derive(Default)]
-pub struct SeriesCache {
-    index: HashMap<Box<str>, usize>,
-    entries: Vec<Resolved>,
-    key: String,
-}
-
-struct Resolved {
-    series: Arc<SeriesSlot>,
-    /// Counted in the overflow series because MAX_SERIES was reached.
-    folded: bool,
-    service: Arc<ServiceEntry>,
-    port: u16,
-    /// `namespace/service:port`, the key of per-destination counts.
-    destination: Arc<str>,
 }
 
 /// Result of a batch: the sequence to acknowledge, and whether it was new.
@@ -592,98 +507,6 @@ impl Store {
         })
     }
 
-    fn resolve<'c>(&self, cache: &'c mut SeriesCache, name: &SeriesName<'_>) -> &'c mut Resolved {
-        stream_key(&mut cache.key, name);
-        let index = match cache.index.get(cache.key.as_str()) {
-            Some(&i) => i,
-            None => {
-                if cache.entries.len() >= STREAM_CACHE_LIMIT {
-                    cache.index.clear();
-                    cache.entries.clear();
-                }
-                cache.entries.push(self.resolve_uncached(name));
-                cache
-                    .index
-                    .insert(cache.key.as_str().into(), cache.entries.len() - 1);
-                cache.entries.len() - 1
-            }
-        };
-        &mut cache.entries[index]
-    }
-
-    fn resolve_uncached(&self, name: &SeriesName<'_>) -> Resolved {
-        let (series, folded) = self.series_slot(name);
-        Resolved {
-            series,
-            folded,
-            service: self.service_entry(name.namespace, name.service),
-            port: name.port,
-            destination: destination_key(name.namespace, name.service, name.port).into(),
-        }
-    }
-
-    /// The series a report counts in: its own, or (past MAX_SERIES) its
-    /// service's overflow series. The service's zero series is created with
-    /// the first report, so `rate()` sees the service's first attempt.
-    fn series_slot(&self, name: &SeriesName<'_>) -> (Arc<SeriesSlot>, bool) {
-        let (ns, svc) = (name.namespace, name.service);
-        self.service_level_series(ns, svc, "");
-        let service_level = name.pod.is_empty()
-            && (name.process_comm.is_empty() || name.process_comm == OVERFLOW_COMM);
-        if service_level {
-            return (self.service_level_series(ns, svc, name.process_comm), false);
-        }
-        let key = series_key(ns, svc, name.pod, name.process_comm);
-        if let Some(slot) = self.series.get(key.as_str()) {
-            return (Arc::clone(&slot), false);
-        }
-        let reserved = self
-            .detailed_series
-            .fetch_update(SeqCst, SeqCst, |n| {
-                (n < self.limits.max_series).then_some(n + 1)
-            })
-            .is_ok();
-        if !reserved {
-            return (self.service_level_series(ns, svc, OVERFLOW_COMM), true);
-        }
-        let mut created = false;
-        let slot = self
-            .series
-            .entry(key.into_boxed_str())
-            .or_insert_with(|| {
-                created = true;
-                Arc::new(SeriesSlot::new(AttemptLabels {
-                    destination_namespace: ns.to_owned(),
-                    destination_service: svc.to_owned(),
-                    destination_pod: name.pod.to_owned(),
-                    process_comm: name.process_comm.to_owned(),
-                }))
-            })
-            .clone();
-        if !created {
-            self.detailed_series.fetch_sub(1, SeqCst);
-        }
-        (slot, false)
-    }
-
-    /// A series without a pod: the zero series (`comm` empty) or the overflow
-    /// series. At most two per service, outside MAX_SERIES, so the cap never
-    /// loses a count.
-    fn service_level_series(&self, ns: &str, svc: &str, comm: &str) -> Arc<SeriesSlot> {
-        let key = series_key(ns, svc, "", comm);
-        if let Some(slot) = self.series.get(key.as_str()) {
-            return Arc::clone(&slot);
-        }
-        self.series
-            .entry(key.into_boxed_str())
-            .or_insert_with(|| {
-                let mut labels = AttemptLabels::service(ns, svc);
-                labels.process_comm = comm.to_owned();
-                Arc::new(SeriesSlot::new(labels))
-            })
-            .clone()
-    }
-
     fn service_entry(&self, namespace: &str, service: &str) -> Arc<ServiceEntry> {
         let key = service_key(namespace, service);
         if let Some(entry) = self.services.get(key.as_str()) {
@@ -784,13 +607,6 @@ impl Store {
         self.metrics.active_services.set(gauge_value(active));
     }
 
-    /// Every exported series, ordered by labels.
-    pub fn attempt_series(&self) -> Vec<Arc<SeriesSlot>> {
-        let mut all: Vec<_> = self.series.iter().map(|e| Arc::clone(e.value())).collect();
-        all.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
-        all
-    }
-
     /// Service entries held (for tests and diagnostics).
     pub fn service_count(&self) -> usize {
         self.services.len()
@@ -818,10 +634,6 @@ impl Wakeups {
     }
 }
 
-fn series_id(series: &Arc<SeriesSlot>) -> usize {
-    Arc::as_ptr(series) as usize
-}
-
 fn gauge_value(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -837,37 +649,6 @@ fn service_key(namespace: &str, service: &str) -> String {
 
 fn destination_key(namespace: &str, service: &str, port: u16) -> String {
     format!("{namespace}/{service}:{port}")
-}
-
-/// Key of an exported series. Namespace, service and pod are Kubernetes
-/// names (no NUL); the process name, which may hold anything, comes last.
-fn series_key(namespace: &str, service: &str, pod: &str, comm: &str) -> String {
-    let mut key =
-        String::with_capacity(namespace.len() + service.len() + pod.len() + comm.len() + 3);
-    for part in [namespace, service, pod] {
-        key.push_str(part);
-        key.push('\0');
-    }
-    key.push_str(comm);
-    key
-}
-
-/// Key of a series and port in a stream's cache, written into a reused buffer.
-fn stream_key(key: &mut String, name: &SeriesName<'_>) {
-    key.clear();
-    for part in [name.namespace, name.service, name.pod] {
-        key.push_str(part);
-        key.push('\0');
-    }
-    let mut port = name.port;
-    let mut digits = [b'0'; 5];
-    for d in digits.iter_mut().rev() {
-        *d = b'0' + (port % 10) as u8;
-        port /= 10;
-    }
-    key.extend(digits.iter().map(|&d| char::from(d)));
-    key.push('\0');
-    key.push_str(name.process_comm);
 }
 
 #[cfg(test)]
@@ -1109,78 +890,6 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn exported_counters_never_decrease() {
-        let store = store();
-        let mut cache = SeriesCache::default();
-        let curl = name("web", 80, "", "curl");
-        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
-        store
-            .apply_batch(&conn, &batch(1, START_MS, vec![(curl, 10)]), &mut cache)
-            .unwrap();
-        drop(conn);
-        // The agent lost acks and under-reports: the export holds at 10.
-        let (conn, _) = store.hello("node-1", "a").unwrap();
-        store
-            .apply_snapshot(
-                &conn,
-                &snapshot(1, START_MS, vec![(curl, 7)], vec![]),
-                &mut cache,
-            )
-            .unwrap();
-        assert_eq!(exported(&store)[1], row("web", "", "curl", 10));
-        store
-            .apply_batch(&conn, &batch(2, START_MS, vec![(curl, 2)]), &mut cache)
-            .unwrap();
-        assert_eq!(exported(&store)[1], row("web", "", "curl", 10));
-        store
-            .apply_batch(&conn, &batch(3, START_MS, vec![(curl, 2)]), &mut cache)
-            .unwrap();
-        assert_eq!(exported(&store)[1], row("web", "", "curl", 11));
-        // A snapshot leaving a series out counts it as 0 for the instance:
-        // still no decrease.
-        store
-            .apply_snapshot(&conn, &snapshot(3, START_MS, vec![], vec![]), &mut cache)
-            .unwrap();
-        assert_eq!(exported(&store)[1], row("web", "", "curl", 11));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn past_max_series_counts_fold_into_the_service_overflow_series() {
-        let store = store_with(Limits {
-            max_series: 2,
-            ..Limits::default()
-        });
-        let mut cache = SeriesCache::default();
-        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
-        let deltas = vec![
-            (name("web", 80, "", "curl"), 1),
-            (name("web", 80, "web-0", "curl"), 2),
-            (name("web", 80, "", "wget"), 3),
-            (name("web", 80, "", "nc"), 4),
-            (name("db", 5432, "", "psql"), 5),
-            (name("web", 80, "", ""), 6),
-            (name("web", 443, "", "curl"), 7),
-        ];
-        store
-            .apply_batch(&conn, &batch(1, START_MS, deltas), &mut cache)
-            .unwrap();
-        assert_eq!(
-            exported(&store),
-            vec![
-                row("db", "", "", 0),
-                row("db", "", OVERFLOW_COMM, 5),
-                row("web", "", "", 6),
-                row("web", "", OVERFLOW_COMM, 7),
-                row("web", "", "curl", 8),
-                row("web", "web-0", "curl", 2),
-            ]
-        );
-        assert_eq!(store.metrics.series_overflow.get(), 3);
-        // Folded counts still count in the windows.
-        assert_eq!(store.attempts("apps", "web", None, 60), 23);
-    }
-
-    #[tokio::test(start_paused = true)]
     async fn past_max_destinations_attempts_are_counted_but_not_windowed() {
         let store = store_with(Limits {
             max_destinations: 2,
@@ -1299,16 +1008,5 @@ mod tests {
         let b = batch(2, agent_ms + 3400, vec![(name("web", 80, "", "curl"), 1)]);
         store.apply_batch(&conn, &b, &mut cache).unwrap();
         assert_eq!(seconds(&store, "web", 80), vec![(S + 2, 2)]);
-    }
-
-    #[test]
-    fn keys_are_unambiguous() {
-        assert_ne!(series_key("a", "b", "", "c"), series_key("a", "b", "c", ""));
-        let mut k1 = String::new();
-        let mut k2 = String::new();
-        stream_key(&mut k1, &name("web", 80, "", "1"));
-        stream_key(&mut k2, &name("web", 801, "", ""));
-        assert_ne!(k1, k2);
-        assert_eq!(k1, "apps\u{0}web\u{0}\u{0}00080\u{0}1");
     }
 }
