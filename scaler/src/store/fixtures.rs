@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::*;
+use super::{services::service_key, *};
 
 /// Scaler clock at start: second S, 100 ms in.
 pub const S: i64 = 1_700_000_000;
