@@ -176,8 +176,9 @@ pub fn inactive_from(
     None
 }
 
-/// The activity rule of the design: active when attempts exceed the threshold.
-pub fn exceeds(attempts: u64, threshold: f64) -> bool {
+/// The comparison of the activity rule (`store::ServiceEntry::activity`):
+/// attempts exceed the threshold.
+fn exceeds(attempts: u64, threshold: f64) -> bool {
     // u64 -> f64 rounds above 2^53, far beyond any real window.
     attempts as f64 > threshold
 }

@@ -1,6 +1,8 @@
 //! The per-second windows of every service (one per port), the
 //! subscribers waiting for a service's new attempts, and what KEDA's calls
-//! read from them (attempts for the rate, activity).
+//! read from them: attempts for the rate, and the activity rule
+//! (`ServiceEntry::activity`) that IsActive and StreamIsActive both answer
+//! with.
 //!
 //! Each service has its own entry in a sharded map and its own lock, held
 //! only while a window is added to or summed: a batch and a KEDA call meet
@@ -56,6 +58,31 @@ impl ServiceEntry {
             .collect()
     }
 
+    /// The activity rule, written here only: a service is active while the
+    /// attempts in its activity window exceed the trigger's threshold, the
+    /// activity window keeping one second more than the rate's (see
+    /// [`window::activity_first_second`]), so an attempt made at the end of a
+    /// second still activates a 1-second window. IsActive and StreamIsActive
+    /// both answer with it, so a poll and a push never disagree.
+    fn activity(
+        &self,
+        now_second: i64,
+        port: Option<u16>,
+        window_secs: u64,
+        threshold: f64,
+    ) -> Activity {
+        let first = window::activity_first_second(now_second, window_secs);
+        let seconds = self.seconds_since(port, first);
+        let attempts = seconds
+            .iter()
+            .fold(0u64, |sum, (_, a)| sum.saturating_add(*a));
+        Activity {
+            attempts,
+            inactive_at_ms: window::inactive_from(seconds, threshold, window_secs)
+                .map(|s| s.saturating_mul(1000)),
+        }
+    }
+
     fn attempts_since(&self, port: Option<u16>, first: i64) -> u64 {
         let windows = self.windows.lock();
         windows
@@ -85,6 +112,12 @@ pub struct Activity {
 }
 
 impl Activity {
+    /// A service without attempts: what a service never reported reads as.
+    pub const IDLE: Self = Self {
+        attempts: 0,
+        inactive_at_ms: None,
+    };
+
     pub fn active(&self) -> bool {
         self.inactive_at_ms.is_some()
     }
@@ -104,29 +137,31 @@ impl Store {
         self.attempts_from(namespace, service, port, first)
     }
 
-    /// Attempts in the activity window of `window_secs` (see
-    /// [`window::activity_first_second`]): what IsActive compares with the
-    /// threshold, as [`Store::activity`] does for the push stream.
-    pub fn active_attempts(
+    fn attempts_from(&self, namespace: &str, service: &str, port: Option<u16>, first: i64) -> u64 {
+        self.known_entry(namespace, service)
+            .map_or(0, |entry| entry.attempts_since(port, first))
+    }
+
+    /// The activity of a service for one trigger, as IsActive answers it.
+    pub fn activity(
         &self,
         namespace: &str,
         service: &str,
         port: Option<u16>,
         window_secs: u64,
-    ) -> u64 {
-        let first = window::activity_first_second(self.clock.now_second(), window_secs);
-        self.attempts_from(namespace, service, port, first)
+        threshold: f64,
+    ) -> Activity {
+        self.known_entry(namespace, service)
+            .map_or(Activity::IDLE, |entry| {
+                entry.activity(self.clock.now_second(), port, window_secs, threshold)
+            })
     }
 
-    fn attempts_from(&self, namespace: &str, service: &str, port: Option<u16>, first: i64) -> u64 {
-        let Some(entry) = self
-            .services
+    /// The service's entry if it has one; KEDA's unary calls never create one.
+    fn known_entry(&self, namespace: &str, service: &str) -> Option<Arc<ServiceEntry>> {
+        self.services
             .get(service_key(namespace, service).as_str())
             .map(|e| Arc::clone(&e))
-        else {
-            return 0;
-        };
-        entry.attempts_since(port, first)
     }
 
     /// Subscribes to a service's new attempts; the entry stays while subscribed.
@@ -142,24 +177,17 @@ impl Store {
         }
     }
 
-    /// The activity of a subscribed service for one trigger.
-    pub fn activity(
+    /// The activity of a subscribed service (its [`Subscription::entry`]) for
+    /// one trigger, as StreamIsActive pushes it: the same rule as
+    /// [`Store::activity`].
+    pub fn subscribed_activity(
         &self,
         entry: &ServiceEntry,
         port: Option<u16>,
         window_secs: u64,
         threshold: f64,
     ) -> Activity {
-        let first = window::activity_first_second(self.clock.now_second(), window_secs);
-        let seconds = entry.seconds_since(port, first);
-        let attempts = seconds
-            .iter()
-            .fold(0u64, |sum, (_, a)| sum.saturating_add(*a));
-        Activity {
-            attempts,
-            inactive_at_ms: window::inactive_from(seconds, threshold, window_secs)
-                .map(|s| s.saturating_mul(1000)),
-        }
+        entry.activity(self.clock.now_second(), port, window_secs, threshold)
     }
 
     pub(super) fn service_entry(&self, namespace: &str, service: &str) -> Arc<ServiceEntry> {
@@ -407,5 +435,56 @@ mod tests {
         );
         store.apply_snapshot(&conn, &snap, &mut cache).unwrap();
         assert_eq!(seconds(&store, "web", 80), vec![(S - 119, 1)]);
+    }
+
+    /// IsActive and the push stream read one rule: the same answer for the
+    /// same window, the activity window one second longer than the rate's.
+    #[tokio::test(start_paused = true)]
+    async fn is_active_and_the_push_stream_read_one_activity_rule() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let deltas = vec![
+            (name("web", 80, "", "curl"), 2),
+            (name("web", 443, "", "curl"), 1),
+        ];
+        store
+            .apply_batch(&conn, &batch(1, START_MS, deltas), &mut cache)
+            .unwrap();
+        let subscription = store.subscribe("apps", "web");
+        let both = |port, threshold| {
+            let polled = store.activity("apps", "web", port, 10, threshold);
+            let pushed = store.subscribed_activity(&subscription.entry, port, 10, threshold);
+            assert_eq!(polled, pushed, "port {port:?}, threshold {threshold}");
+            polled
+        };
+        // Second S exceeds 2 with both ports; it leaves the 10 s activity
+        // window when second S+11 begins.
+        let active = Activity {
+            attempts: 3,
+            inactive_at_ms: Some((S + 11) * 1000),
+        };
+        assert_eq!(both(None, 2.0), active);
+        assert_eq!(
+            both(Some(80), 2.0),
+            Activity {
+                attempts: 2,
+                inactive_at_ms: None
+            },
+            "2 does not exceed 2"
+        );
+        // At the last millisecond of S+10 the rate's window has let second S
+        // go; activity still holds it.
+        tokio::time::advance(Duration::from_millis(10_899)).await;
+        assert_eq!(store.attempts("apps", "web", None, 10), 0);
+        assert_eq!(both(None, 2.0), active);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(both(None, 2.0), Activity::IDLE);
+        // A service nobody reported is idle, and asking creates no entry.
+        assert_eq!(
+            store.activity("apps", "nope", None, 10, 0.0),
+            Activity::IDLE
+        );
+        assert_eq!(store.service_count(), 1);
     }
 }
