@@ -8,9 +8,12 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use itw_proto::itw::v1::{
-    Ack, Batch, Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, Series, Snapshot, Welcome,
-    ingest_server::Ingest, report_request, report_response,
+use itw_proto::{
+    itw::v1::{
+        Ack, Batch, Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, Series, Snapshot,
+        Welcome, ingest_server::Ingest, report_request, report_response,
+    },
+    names,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,7 +23,6 @@ use tracing::Instrument;
 
 use crate::{
     metrics::{BatchResult, ScalerMetrics},
-    names,
     store::{
         ApplyError, BatchOutcome, BatchView, Connection, HistoryView, SeriesCache, SeriesName,
         SnapshotView, Store,

@@ -3,7 +3,6 @@
 //!
 //! - [`config`]: flags and env vars.
 //! - [`trigger`]: a ScaledObject trigger's metadata, parsed and checked.
-//! - [`names`]: Kubernetes name rules for what KEDA and agents send.
 //! - [`window`]: per-second windows and the scaler clock.
 //! - [`store`]: instances, totals, windows and subscribers.
 //! - [`ingest`]: the agents' `itw.v1.Ingest/Report` stream.
@@ -20,7 +19,6 @@ pub mod export;
 pub mod ingest;
 pub mod keda;
 pub mod metrics;
-pub mod names;
 pub mod server;
 pub mod store;
 pub mod trigger;

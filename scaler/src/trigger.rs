@@ -10,7 +10,9 @@ use std::{collections::HashMap, time::Duration};
 
 use itw_proto::externalscaler::{MetricSpec, ScaledObjectRef};
 
-use crate::{names, window::DEFAULT_WINDOW};
+use itw_proto::names;
+
+use crate::window::DEFAULT_WINDOW;
 
 /// Target rate when the trigger sets none.
 pub const DEFAULT_TARGET_RATE: f64 = 1.0;
