@@ -58,6 +58,7 @@ pub struct ScalerMetrics {
     pub deltas: Counter,
     pub snapshots: Counter,
     rejected_streams: Family<ReasonLabel, Counter>,
+    refused_entries: Family<ReasonLabel, Counter>,
     pub keda_streams: Gauge,
     pub ingest_lag: Histogram,
     pub series_overflow: Counter,
@@ -105,6 +106,12 @@ impl Default for ScalerMetrics {
             "Agent ingest streams ended with an error status, by reason",
             rejected_streams.clone(),
         );
+        let refused_entries = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "itw_scaler_refused_entries",
+            "Entries of agent batches and snapshots refused for a name Kubernetes would not allow (the rest of the message is applied), by reason",
+            refused_entries.clone(),
+        );
         let keda_streams = Gauge::default();
         registry.register(
             "itw_scaler_keda_streams",
@@ -149,6 +156,7 @@ impl Default for ScalerMetrics {
             deltas,
             snapshots,
             rejected_streams,
+            refused_entries,
             keda_streams,
             ingest_lag,
             series_overflow,
@@ -175,6 +183,13 @@ impl ScalerMetrics {
 
     pub fn rejected_stream(&self, reason: &'static str) {
         self.rejected_streams
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts an entry refused for its name; `reason` says which name.
+    pub fn refused_entry(&self, reason: &'static str) {
+        self.refused_entries
             .get_or_create(&ReasonLabel { reason })
             .inc();
     }
