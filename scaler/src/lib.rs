@@ -3,8 +3,8 @@
 //!
 //! - [`config`]: flags and env vars.
 //! - [`trigger`]: a ScaledObject trigger's metadata, parsed and checked.
-//! - [`window`]: per-second windows and the scaler clock.
-//! - [`store`]: instances, totals, windows and subscribers.
+//! - [`window`]: per-second windows, the scaler clock, the default window.
+//! - [`store`]: instances, series, windows, subscribers and the activity rule.
 //! - [`ingest`]: the agents' `itw.v1.Ingest/Report` stream.
 //! - [`keda`]: KEDA's `externalscaler.ExternalScaler` service.
 //! - [`auth`]: the agents' bearer token.
