@@ -4,6 +4,8 @@
 //!   own copy of `externalscaler.proto`.
 //! - [`itw::v1`]: the agent -> scaler `Report` stream (see
 //!   `proto/itw/v1/ingest.proto` for its rules).
+//! - [`names`]: the Kubernetes name rules of what the agent reports and the
+//!   scaler accepts, one copy for both.
 //!
 //! [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
 
@@ -21,6 +23,8 @@ pub mod itw {
         pub const PROTOCOL_VERSION: u32 = 1;
     }
 }
+
+pub mod names;
 
 /// Encoded `FileDescriptorSet` of every contract, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptors");

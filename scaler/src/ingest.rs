@@ -1,16 +1,27 @@
 //! The agents' `itw.v1.Ingest/Report` stream: hello, welcome, snapshot, then
 //! batches and acks, under the rules of `proto/itw/v1/ingest.proto`.
 //!
-//! Every message is checked whole before anything of it is applied; a bad one
-//! ends its own stream with a status naming the field (`batch.deltas[3].series.port`)
-//! and leaves every other stream alone. This module never blocks a stream on
-//! another: all shared state is behind [`crate::store`]'s short locks.
+//! Every message is checked whole before anything of it is applied. A
+//! malformed one (a port of 0, a gap in the sequence, a count of 0) ends its
+//! own stream with a status naming the field (`batch.deltas[3].series.port`)
+//! and leaves every other stream alone. An entry whose name Kubernetes would
+//! not allow ([`itw_proto::names`]) is different: names come from the
+//! cluster, not from a bug of the agent, and ending the stream for one would
+//! end the node's reports on every reconnect. Such an entry is refused alone
+//! (counted in `itw_scaler_refused_entries_total`, logged once per stream)
+//! and the rest of its message is applied and acknowledged.
+//!
+//! This module never blocks a stream on another: all shared state is behind
+//! [`crate::store`]'s short locks.
 
 use std::{net::SocketAddr, sync::Arc};
 
-use itw_proto::itw::v1::{
-    Ack, Batch, Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, Series, Snapshot, Welcome,
-    ingest_server::Ingest, report_request, report_response,
+use itw_proto::{
+    itw::v1::{
+        Ack, Batch, Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, Series, Snapshot,
+        Welcome, ingest_server::Ingest, report_request, report_response,
+    },
+    names::{self, NameProblem},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,7 +31,6 @@ use tracing::Instrument;
 
 use crate::{
     metrics::{BatchResult, ScalerMetrics},
-    names,
     store::{
         ApplyError, BatchOutcome, BatchView, Connection, HistoryView, SeriesCache, SeriesName,
         SnapshotView, Store,
@@ -120,6 +130,67 @@ impl IngestError {
     }
 }
 
+/// An entry of a batch or snapshot refused for a name Kubernetes would not
+/// allow. Only the entry is dropped: the rest of its message is applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} = {value}: {problem}")]
+pub struct RefusedEntry {
+    /// The name at fault, as a path into the message
+    /// (`batch.deltas[3].series.service`).
+    pub field: String,
+    /// The name as sent, quoted (cut after [`SHOWN_NAME_CHARS`] characters).
+    pub value: String,
+    pub problem: NameProblem,
+    pub name: NameKind,
+}
+
+/// Which of a series' names a [`RefusedEntry`] was refused for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameKind {
+    Namespace,
+    Service,
+    Pod,
+}
+
+/// Characters of a refused name shown in its message: a refusal does not end
+/// the stream, so a long bad name may come back with every batch and must
+/// not fill the log.
+const SHOWN_NAME_CHARS: usize = 64;
+
+impl RefusedEntry {
+    fn new(field: String, value: &str, problem: NameProblem, name: NameKind) -> Self {
+        let value = if value.chars().count() > SHOWN_NAME_CHARS {
+            let shown: String = value.chars().take(SHOWN_NAME_CHARS).collect();
+            format!("{shown:?}…")
+        } else {
+            format!("{value:?}")
+        };
+        Self {
+            field,
+            value,
+            problem,
+            name,
+        }
+    }
+
+    /// The `reason` label of `itw_scaler_refused_entries_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self.name {
+            NameKind::Namespace => "invalid_namespace",
+            NameKind::Service => "invalid_service",
+            NameKind::Pod => "invalid_pod",
+        }
+    }
+}
+
+/// A checked message: the view to apply, and the entries refused for their
+/// names (left out of the view).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checked<V> {
+    pub view: V,
+    pub refused: Vec<RefusedEntry>,
+}
+
 /// The `Ingest` gRPC service.
 pub struct IngestService {
     store: Arc<Store>,
@@ -177,6 +248,31 @@ enum End {
     Agent,
     /// The scaler is stopping: the stream ends with status OK.
     Shutdown,
+}
+
+/// The refused entries of one stream: each is counted; the first is logged
+/// as a warning, the rest at debug, so a node reporting a bad name on every
+/// batch does not flood the log.
+#[derive(Default)]
+struct Refusals {
+    warned: bool,
+}
+
+impl Refusals {
+    fn note(&mut self, metrics: &ScalerMetrics, refused: &[RefusedEntry]) {
+        for entry in refused {
+            metrics.refused_entry(entry.metric_label());
+            if self.warned {
+                tracing::debug!(%entry, "report entry refused");
+            } else {
+                self.warned = true;
+                tracing::warn!(
+                    %entry,
+                    "report entry refused, the rest of its message applied; further refusals on this stream are counted in itw_scaler_refused_entries_total and logged at debug"
+                );
+            }
+        }
+    }
 }
 
 impl ReportStream {
@@ -238,14 +334,17 @@ impl ReportStream {
 
         let mut cache = SeriesCache::default();
         let mut snapshot_applied = false;
+        let mut refusals = Refusals::default();
         let limits = *self.store.limits();
         while let Some(message) = next(inbound).await? {
             let ack = match message {
                 report_request::Message::Hello(_) => return Err(IngestError::HelloAgain),
                 report_request::Message::Snapshot(snapshot) => {
-                    let view = check_snapshot(&snapshot, limits.max_window.as_secs())?;
+                    let Checked { view, refused } =
+                        check_snapshot(&snapshot, limits.max_window.as_secs())?;
                     let ack = self.store.apply_snapshot(&conn, &view, &mut cache)?;
                     self.metrics.snapshots.inc();
+                    refusals.note(&self.metrics, &refused);
                     snapshot_applied = true;
                     tracing::info!(
                         through = snapshot.through_sequence,
@@ -262,15 +361,21 @@ impl ReportStream {
                             sequence: batch.sequence,
                         });
                     }
-                    let outcome = check_batch(&batch, limits.max_batch_deltas)
-                        .and_then(|view| Ok(self.store.apply_batch(&conn, &view, &mut cache)?));
+                    let outcome = check_batch(&batch, limits.max_batch_deltas).and_then(
+                        |Checked { view, refused }| {
+                            let outcome = self.store.apply_batch(&conn, &view, &mut cache)?;
+                            Ok((outcome, view.deltas.len(), refused))
+                        },
+                    );
                     match outcome {
-                        Ok(BatchOutcome::Applied { ack }) => {
+                        Ok((BatchOutcome::Applied { ack }, applied, refused)) => {
                             self.metrics.batch(BatchResult::Applied);
-                            self.metrics.deltas.inc_by(batch.deltas.len() as u64);
+                            self.metrics.deltas.inc_by(applied as u64);
+                            refusals.note(&self.metrics, &refused);
                             ack
                         }
-                        Ok(BatchOutcome::Duplicate { ack }) => {
+                        // A resend's refusals were counted when it was first applied.
+                        Ok((BatchOutcome::Duplicate { ack }, _, _)) => {
                             self.metrics.batch(BatchResult::Duplicate);
                             tracing::debug!(
                                 sequence = batch.sequence,
@@ -385,20 +490,23 @@ fn check_unix_ms(field: &str, value: i64) -> Result<(), IngestError> {
     Ok(())
 }
 
-fn check_namespace(field: impl FnOnce() -> String, value: &str) -> Result<&str, IngestError> {
-    if value.is_empty() {
-        return Err(invalid(field(), "\"\"", "must not be empty"));
-    }
-    names::namespace(value).map_err(|problem| invalid(field(), format!("{value:?}"), problem))?;
-    Ok(value)
-}
-
-fn check_service(field: impl FnOnce() -> String, value: &str) -> Result<&str, IngestError> {
-    if value.is_empty() {
-        return Err(invalid(field(), "\"\"", "must not be empty"));
-    }
-    names::service(value).map_err(|problem| invalid(field(), format!("{value:?}"), problem))?;
-    Ok(value)
+/// A name of a series or destination, checked with `rule`; `field` is
+/// formatted only for a refusal, since this runs for every delta.
+fn check_name(
+    field: impl FnOnce() -> String,
+    value: &str,
+    name: NameKind,
+    rule: fn(&str) -> Result<(), NameProblem>,
+) -> Result<&str, RefusedEntry> {
+    let problem = if value.is_empty() {
+        "must not be empty"
+    } else {
+        match rule(value) {
+            Ok(()) => return Ok(value),
+            Err(problem) => problem,
+        }
+    };
+    Err(RefusedEntry::new(field(), value, problem, name))
 }
 
 fn check_port(field: impl FnOnce() -> String, value: u32) -> Result<u16, IngestError> {
@@ -414,28 +522,47 @@ fn check_port(field: impl FnOnce() -> String, value: u32) -> Result<u16, IngestE
 
 /// Checks one series; `list` and `index` name it (`batch.deltas`, 3) in
 /// errors, formatted only when there is one: this runs for every delta.
+/// `Err` ends the stream; `Ok(Err)` refuses the entry for one of its names.
 fn check_series<'a>(
     list: &str,
     index: usize,
     series: Option<&'a Series>,
-) -> Result<SeriesName<'a>, IngestError> {
+) -> Result<Result<SeriesName<'a>, RefusedEntry>, IngestError> {
     let field = |name: &str| format!("{list}[{index}].series.{name}");
     let series = series.ok_or_else(|| IngestError::Missing {
         field: format!("{list}[{index}].series"),
     })?;
-    let namespace = check_namespace(|| field("namespace"), &series.namespace)?;
-    let service = check_service(|| field("service"), &series.service)?;
     let port = check_port(|| field("port"), series.port)?;
-    if !series.pod.is_empty() {
-        names::pod(&series.pod)
-            .map_err(|problem| invalid(field("pod"), format!("{:?}", series.pod), problem))?;
-    }
     if series.process_comm.len() > MAX_COMM_BYTES {
         return Err(invalid(
             field("process_comm"),
             format!("{:.40?}…", series.process_comm),
             &format!("longer than {MAX_COMM_BYTES} bytes; process names are capped by the agent"),
         ));
+    }
+    Ok(series_names(series, port, field))
+}
+
+/// The names of a checked series; `Err` refuses the entry.
+fn series_names<'a>(
+    series: &'a Series,
+    port: u16,
+    field: impl Fn(&str) -> String,
+) -> Result<SeriesName<'a>, RefusedEntry> {
+    let namespace = check_name(
+        || field("namespace"),
+        &series.namespace,
+        NameKind::Namespace,
+        names::namespace,
+    )?;
+    let service = check_name(
+        || field("service"),
+        &series.service,
+        NameKind::Service,
+        names::service,
+    )?;
+    if !series.pod.is_empty() {
+        check_name(|| field("pod"), &series.pod, NameKind::Pod, names::pod)?;
     }
     Ok(SeriesName {
         namespace,
@@ -447,7 +574,10 @@ fn check_series<'a>(
 }
 
 /// Checks a whole batch before any of it is applied.
-pub fn check_batch(batch: &Batch, max_deltas: usize) -> Result<BatchView<'_>, IngestError> {
+pub fn check_batch(
+    batch: &Batch,
+    max_deltas: usize,
+) -> Result<Checked<BatchView<'_>>, IngestError> {
     if batch.deltas.len() > max_deltas {
         return Err(IngestError::TooManyDeltas {
             count: batch.deltas.len(),
@@ -459,6 +589,7 @@ pub fn check_batch(batch: &Batch, max_deltas: usize) -> Result<BatchView<'_>, In
     }
     check_unix_ms("batch.collected_at_unix_ms", batch.collected_at_unix_ms)?;
     let mut deltas = Vec::with_capacity(batch.deltas.len());
+    let mut refused = Vec::new();
     for (i, delta) in batch.deltas.iter().enumerate() {
         let name = check_series("batch.deltas", i, delta.series.as_ref())?;
         if delta.attempts == 0 {
@@ -468,12 +599,18 @@ pub fn check_batch(batch: &Batch, max_deltas: usize) -> Result<BatchView<'_>, In
                 "every delta counts at least one attempt",
             ));
         }
-        deltas.push((name, delta.attempts));
+        match name {
+            Ok(name) => deltas.push((name, delta.attempts)),
+            Err(entry) => refused.push(entry),
+        }
     }
-    Ok(BatchView {
-        sequence: batch.sequence,
-        collected_at_ms: batch.collected_at_unix_ms,
-        deltas,
+    Ok(Checked {
+        view: BatchView {
+            sequence: batch.sequence,
+            collected_at_ms: batch.collected_at_unix_ms,
+            deltas,
+        },
+        refused,
     })
 }
 
@@ -481,12 +618,15 @@ pub fn check_batch(batch: &Batch, max_deltas: usize) -> Result<BatchView<'_>, In
 pub fn check_snapshot(
     snapshot: &Snapshot,
     max_window_secs: u64,
-) -> Result<SnapshotView<'_>, IngestError> {
+) -> Result<Checked<SnapshotView<'_>>, IngestError> {
     check_unix_ms("snapshot.taken_at_unix_ms", snapshot.taken_at_unix_ms)?;
     let mut totals = Vec::with_capacity(snapshot.totals.len());
+    let mut refused = Vec::new();
     for (i, total) in snapshot.totals.iter().enumerate() {
-        let name = check_series("snapshot.totals", i, total.series.as_ref())?;
-        totals.push((name, total.attempts));
+        match check_series("snapshot.totals", i, total.series.as_ref())? {
+            Ok(name) => totals.push((name, total.attempts)),
+            Err(entry) => refused.push(entry),
+        }
     }
     // A window of W seconds spans W+1 partial seconds at most.
     let max_seconds = usize::try_from(max_window_secs)
@@ -496,8 +636,6 @@ pub fn check_snapshot(
     let mut seen = std::collections::HashMap::with_capacity(snapshot.history.len());
     for (i, h) in snapshot.history.iter().enumerate() {
         let field = |name: &str| format!("snapshot.history[{i}].{name}");
-        let namespace = check_namespace(|| field("namespace"), &h.namespace)?;
-        let service = check_service(|| field("service"), &h.service)?;
         let port = check_port(|| field("port"), h.port)?;
         if h.per_second.len() > max_seconds {
             return Err(IngestError::TooMuchHistory {
@@ -513,6 +651,28 @@ pub fn check_snapshot(
                 "not a Unix time in seconds",
             ));
         }
+        let destination = check_name(
+            || field("namespace"),
+            &h.namespace,
+            NameKind::Namespace,
+            names::namespace,
+        )
+        .and_then(|namespace| {
+            check_name(
+                || field("service"),
+                &h.service,
+                NameKind::Service,
+                names::service,
+            )
+            .map(|service| (namespace, service))
+        });
+        let (namespace, service) = match destination {
+            Ok(destination) => destination,
+            Err(entry) => {
+                refused.push(entry);
+                continue;
+            }
+        };
         if let Some(earlier) = seen.insert((namespace, service, port), i) {
             return Err(invalid(
                 format!("snapshot.history[{i}]"),
@@ -528,11 +688,14 @@ pub fn check_snapshot(
             per_second: &h.per_second,
         });
     }
-    Ok(SnapshotView {
-        through_sequence: snapshot.through_sequence,
-        taken_at_ms: snapshot.taken_at_unix_ms,
-        totals,
-        history,
+    Ok(Checked {
+        view: SnapshotView {
+            through_sequence: snapshot.through_sequence,
+            taken_at_ms: snapshot.taken_at_unix_ms,
+            totals,
+            history,
+        },
+        refused,
     })
 }
 
@@ -582,8 +745,10 @@ mod tests {
                 1,
             ),
         ]);
+        let checked = check_batch(&b, 3).unwrap();
+        assert_eq!(checked.refused, vec![]);
         assert_eq!(
-            check_batch(&b, 3).unwrap(),
+            checked.view,
             BatchView {
                 sequence: 1,
                 collected_at_ms: 1_700_000_000_000,
@@ -633,26 +798,6 @@ mod tests {
             (
                 batch(vec![
                     ok(),
-                    ok(),
-                    delta(Some(series("", "web", 80, "", "x")), 1),
-                ]),
-                "batch.deltas[2].series.namespace = \"\": must not be empty",
-            ),
-            (
-                batch(vec![delta(Some(series("Apps", "web", 80, "", "x")), 1)]),
-                "batch.deltas[0].series.namespace = \"Apps\": not a Kubernetes namespace name (lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters)",
-            ),
-            (
-                batch(vec![delta(Some(series("apps", "", 80, "", "x")), 1)]),
-                "batch.deltas[0].series.service = \"\": must not be empty",
-            ),
-            (
-                batch(vec![delta(Some(series("apps", "9web", 80, "", "x")), 1)]),
-                "batch.deltas[0].series.service = \"9web\": not a Kubernetes Service name (lowercase letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters)",
-            ),
-            (
-                batch(vec![
-                    ok(),
                     delta(Some(series("apps", "web", 0, "", "x")), 1),
                 ]),
                 "batch.deltas[1].series.port = 0: must be a Service port number, 1-65535",
@@ -662,15 +807,18 @@ mod tests {
                 "batch.deltas[0].series.port = 65536: must be a Service port number, 1-65535",
             ),
             (
-                batch(vec![delta(
-                    Some(series("apps", "web", 80, "Web_0", "x")),
-                    1,
-                )]),
-                "batch.deltas[0].series.pod = \"Web_0\": not a Kubernetes pod name (lowercase letters, digits, '-' and '.', at most 253 characters)",
-            ),
-            (
                 batch(vec![ok(), ok(), delta(Some(good()), 0)]),
                 "batch.deltas[2].attempts = 0: every delta counts at least one attempt",
+            ),
+            // A bad name does not excuse a malformed entry: that still ends
+            // the stream.
+            (
+                batch(vec![delta(Some(series("Apps", "9web", 0, "", "x")), 1)]),
+                "batch.deltas[0].series.port = 0: must be a Service port number, 1-65535",
+            ),
+            (
+                batch(vec![delta(Some(series("apps", "9web", 80, "", "x")), 0)]),
+                "batch.deltas[0].attempts = 0: every delta counts at least one attempt",
             ),
             (
                 Batch {
@@ -749,7 +897,8 @@ mod tests {
                 history("apps", "web", 81, 1_700_000_000, vec![]),
             ],
         );
-        let view = check_snapshot(&s, 3).unwrap();
+        let Checked { view, refused } = check_snapshot(&s, 3).unwrap();
+        assert_eq!(refused, vec![]);
         assert_eq!(view.through_sequence, 4);
         assert_eq!(view.taken_at_ms, 1_700_000_000_000);
         assert_eq!(
@@ -804,15 +953,11 @@ mod tests {
                 "snapshot.history[1].per_second has 5 entries; this scaler keeps at most 4 seconds of history (MAX_WINDOW)",
             ),
             (
-                snapshot(vec![], vec![history("", "web", 80, 1_700_000_000, vec![])]),
-                "snapshot.history[0].namespace = \"\": must not be empty",
-            ),
-            (
                 snapshot(
                     vec![],
-                    vec![history("apps", "web/x", 80, 1_700_000_000, vec![])],
+                    vec![history("apps", "9web", 80, 1_700_000_000, vec![1; 5])],
                 ),
-                "snapshot.history[0].service = \"web/x\": not a Kubernetes Service name (lowercase letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters)",
+                "snapshot.history[0].per_second has 5 entries; this scaler keeps at most 4 seconds of history (MAX_WINDOW)",
             ),
             (
                 snapshot(
@@ -833,6 +978,185 @@ mod tests {
         for (s, expected) in cases {
             assert_eq!(check_snapshot(&s, 3).unwrap_err().to_string(), expected);
         }
+    }
+
+    const BAD_NAMESPACE: &str = "not a Kubernetes namespace name (lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters)";
+    const BAD_SERVICE: &str = "not a Kubernetes Service name (lowercase letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters)";
+    const BAD_POD: &str = "not a Kubernetes pod name (lowercase letters, digits, '-' and '.', at most 253 characters)";
+
+    fn refused_entry(
+        field: &str,
+        value: &str,
+        problem: NameProblem,
+        name: NameKind,
+    ) -> RefusedEntry {
+        RefusedEntry {
+            field: field.into(),
+            value: value.into(),
+            problem,
+            name,
+        }
+    }
+
+    #[test]
+    fn a_bad_name_refuses_only_its_entry() {
+        let b = batch(vec![
+            delta(Some(series("Apps", "web", 80, "", "x")), 1),
+            delta(Some(good()), 2),
+            delta(Some(series("apps", "", 80, "", "x")), 1),
+            delta(Some(series("apps", "9web", 80, "", "x")), 1),
+            delta(Some(series("apps", "web", 80, "Web_0", "x")), 1),
+            delta(Some(series("", "web", 80, "", "x")), 1),
+            delta(Some(series("apps", "web", 443, "web-0", "x")), 3),
+        ]);
+        let checked = check_batch(&b, 7).unwrap();
+        assert_eq!(
+            checked.view.deltas,
+            vec![
+                (
+                    SeriesName {
+                        namespace: "apps",
+                        service: "web",
+                        port: 80,
+                        pod: "",
+                        process_comm: "curl"
+                    },
+                    2
+                ),
+                (
+                    SeriesName {
+                        namespace: "apps",
+                        service: "web",
+                        port: 443,
+                        pod: "web-0",
+                        process_comm: "x"
+                    },
+                    3
+                ),
+            ]
+        );
+        let expected = vec![
+            refused_entry(
+                "batch.deltas[0].series.namespace",
+                "\"Apps\"",
+                BAD_NAMESPACE,
+                NameKind::Namespace,
+            ),
+            refused_entry(
+                "batch.deltas[2].series.service",
+                "\"\"",
+                "must not be empty",
+                NameKind::Service,
+            ),
+            refused_entry(
+                "batch.deltas[3].series.service",
+                "\"9web\"",
+                BAD_SERVICE,
+                NameKind::Service,
+            ),
+            refused_entry(
+                "batch.deltas[4].series.pod",
+                "\"Web_0\"",
+                BAD_POD,
+                NameKind::Pod,
+            ),
+            refused_entry(
+                "batch.deltas[5].series.namespace",
+                "\"\"",
+                "must not be empty",
+                NameKind::Namespace,
+            ),
+        ];
+        assert_eq!(checked.refused, expected);
+        // The messages read as the stream statuses did, field first.
+        assert_eq!(
+            checked.refused[2].to_string(),
+            format!("batch.deltas[3].series.service = \"9web\": {BAD_SERVICE}")
+        );
+        assert_eq!(
+            checked
+                .refused
+                .iter()
+                .map(RefusedEntry::metric_label)
+                .collect::<Vec<_>>(),
+            vec![
+                "invalid_namespace",
+                "invalid_service",
+                "invalid_service",
+                "invalid_pod",
+                "invalid_namespace"
+            ]
+        );
+        // A long bad name is shown cut short: it may come back with every
+        // batch.
+        let long = "A".repeat(300);
+        let long_batch = batch(vec![delta(Some(series(&long, "web", 80, "", "x")), 1)]);
+        assert_eq!(
+            check_batch(&long_batch, 1).unwrap().refused,
+            vec![refused_entry(
+                "batch.deltas[0].series.namespace",
+                &format!("{:?}…", "A".repeat(64)),
+                BAD_NAMESPACE,
+                NameKind::Namespace,
+            )]
+        );
+    }
+
+    #[test]
+    fn a_bad_name_refuses_only_its_snapshot_entry() {
+        let s = snapshot(
+            vec![
+                delta(Some(series("apps", "9web", 80, "", "curl")), 4),
+                delta(Some(good()), 7),
+            ],
+            vec![
+                history("", "web", 81, 1_700_000_000, vec![1]),
+                history("apps", "web", 80, 1_700_000_000, vec![2]),
+                // Refused, so not a repeat of history[1].
+                history("apps", "web/x", 80, 1_700_000_000, vec![3]),
+            ],
+        );
+        let Checked { view, refused } = check_snapshot(&s, 3).unwrap();
+        assert_eq!(
+            view.totals
+                .iter()
+                .map(|(n, a)| (n.service, *a))
+                .collect::<Vec<_>>(),
+            vec![("web", 7)]
+        );
+        assert_eq!(
+            view.history,
+            vec![HistoryView {
+                namespace: "apps",
+                service: "web",
+                port: 80,
+                first_second: 1_700_000_000,
+                per_second: &[2]
+            }]
+        );
+        assert_eq!(
+            refused,
+            vec![
+                refused_entry(
+                    "snapshot.totals[0].series.service",
+                    "\"9web\"",
+                    BAD_SERVICE,
+                    NameKind::Service
+                ),
+                refused_entry(
+                    "snapshot.history[0].namespace",
+                    "\"\"",
+                    "must not be empty",
+                    NameKind::Namespace
+                ),
+                refused_entry(
+                    "snapshot.history[2].service",
+                    "\"web/x\"",
+                    BAD_SERVICE,
+                    NameKind::Service
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -21,7 +21,6 @@ use crate::{
     metrics::ScalerMetrics,
     store::{Activity, Store},
     trigger::Trigger,
-    window,
 };
 
 /// Responses queued for a slow KEDA before a stream task waits.
@@ -77,14 +76,16 @@ impl ExternalScaler for KedaService {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
         let trigger = self.trigger(Some(request.get_ref()))?;
-        let attempts = self.store.active_attempts(
+        let activity = self.store.activity(
             &trigger.namespace,
             &trigger.service,
             trigger.port,
             trigger.window_secs(),
+            trigger.activation_threshold,
         );
-        let result = window::exceeds(attempts, trigger.activation_threshold);
-        Ok(Response::new(IsActiveResponse { result }))
+        Ok(Response::new(IsActiveResponse {
+            result: activity.active(),
+        }))
     }
 
     type StreamIsActiveStream = ReceiverStream<Result<IsActiveResponse, Status>>;
@@ -181,7 +182,7 @@ pub async fn watch_activity(
 ) {
     let mut subscription = store.subscribe(&trigger.namespace, &trigger.service);
     let evaluate = |store: &Store| -> Activity {
-        store.activity(
+        store.subscribed_activity(
             &subscription.entry,
             trigger.port,
             trigger.window_secs(),

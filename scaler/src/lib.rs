@@ -3,22 +3,22 @@
 //!
 //! - [`config`]: flags and env vars.
 //! - [`trigger`]: a ScaledObject trigger's metadata, parsed and checked.
-//! - [`names`]: Kubernetes name rules for what KEDA and agents send.
-//! - [`window`]: per-second windows and the scaler clock.
-//! - [`store`]: instances, totals, windows and subscribers.
+//! - [`window`]: per-second windows, the scaler clock, the default window.
+//! - [`store`]: instances, series, windows, subscribers and the activity rule.
 //! - [`ingest`]: the agents' `itw.v1.Ingest/Report` stream.
 //! - [`keda`]: KEDA's `externalscaler.ExternalScaler` service.
 //! - [`auth`]: the agents' bearer token.
-//! - [`metrics`]: the scaler's `/metrics`.
+//! - [`metrics`]: the scaler's own figures (streams, batches, overflows, lag).
+//! - [`export`]: the `/metrics` page: those figures and the store's series.
 //! - [`server`]: the gRPC server (KEDA, ingest, health, reflection, TLS) and
 //!   the metrics endpoint, started and stopped together.
 
 pub mod auth;
 pub mod config;
+pub mod export;
 pub mod ingest;
 pub mod keda;
 pub mod metrics;
-pub mod names;
 pub mod server;
 pub mod store;
 pub mod trigger;

@@ -1,23 +1,19 @@
-//! What the scaler says about itself on `/metrics`, next to the summed
-//! `internal_tcp_attempts_total` of every agent.
+//! What the scaler says about itself on `/metrics`: its own health figures
+//! (streams, batches, overflows, lag). The summed `internal_tcp_attempts_total`
+//! of every agent is the store's; [`crate::export`] puts the two on one page.
+//! This module must never import the store: the store counts into it.
 //!
 //! The counters here are updated on the hot paths (ingest, KEDA streams), so
 //! they are plain prometheus-client atomics; nothing here takes a lock that
-//! ingest or KEDA calls wait for, except the brief series listing of a scrape.
+//! ingest or KEDA calls wait for.
 
 use std::sync::Arc;
 
-use itw_telemetry::{
-    exposition::{AttemptSeries, ScrapeView, encode_attempts},
-    http::MetricsSource,
-};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-
-use crate::store::Store;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -62,6 +58,7 @@ pub struct ScalerMetrics {
     pub deltas: Counter,
     pub snapshots: Counter,
     rejected_streams: Family<ReasonLabel, Counter>,
+    refused_entries: Family<ReasonLabel, Counter>,
     pub keda_streams: Gauge,
     pub ingest_lag: Histogram,
     pub series_overflow: Counter,
@@ -109,6 +106,12 @@ impl Default for ScalerMetrics {
             "Agent ingest streams ended with an error status, by reason",
             rejected_streams.clone(),
         );
+        let refused_entries = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "itw_scaler_refused_entries",
+            "Entries of agent batches and snapshots refused for a name Kubernetes would not allow (the rest of the message is applied), by reason",
+            refused_entries.clone(),
+        );
         let keda_streams = Gauge::default();
         registry.register(
             "itw_scaler_keda_streams",
@@ -153,6 +156,7 @@ impl Default for ScalerMetrics {
             deltas,
             snapshots,
             rejected_streams,
+            refused_entries,
             keda_streams,
             ingest_lag,
             series_overflow,
@@ -164,6 +168,11 @@ impl Default for ScalerMetrics {
 }
 
 impl ScalerMetrics {
+    /// Writes these figures in the text exposition format.
+    pub fn encode(&self, out: &mut String) -> std::fmt::Result {
+        prometheus_client::encoding::text::encode_registry(out, &self.registry)
+    }
+
     pub fn batch(&self, result: BatchResult) {
         self.batches
             .get_or_create(&ResultLabel {
@@ -174,6 +183,13 @@ impl ScalerMetrics {
 
     pub fn rejected_stream(&self, reason: &'static str) {
         self.rejected_streams
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts an entry refused for its name; `reason` says which name.
+    pub fn refused_entry(&self, reason: &'static str) {
+        self.refused_entries
             .get_or_create(&ReasonLabel { reason })
             .inc();
     }
@@ -197,27 +213,5 @@ pub struct GaugeGuard(Gauge);
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
-    }
-}
-
-/// `/metrics` of the scaler: its own figures, then the attempts of every series.
-pub struct Exporter {
-    pub metrics: Arc<ScalerMetrics>,
-    pub store: Arc<Store>,
-}
-
-impl MetricsSource for Exporter {
-    fn encode(&self, out: &mut String, view: &ScrapeView) -> std::fmt::Result {
-        prometheus_client::encoding::text::encode_registry(out, &self.metrics.registry)?;
-        let series = self.store.attempt_series();
-        encode_attempts(
-            out,
-            view,
-            series.iter().map(|s| AttemptSeries {
-                labels: s.labels(),
-                attempts: s.exported(),
-                created: s.created(),
-            }),
-        )
     }
 }

@@ -25,9 +25,10 @@ use crate::{
     Error,
     auth::AgentToken,
     config::{Config, TlsFiles},
+    export::Exporter,
     ingest::{IngestService, MAX_MESSAGE_BYTES},
     keda::KedaService,
-    metrics::{Exporter, ScalerMetrics},
+    metrics::ScalerMetrics,
     store::Store,
     window::Clock,
 };

@@ -10,10 +10,10 @@ use std::{collections::HashMap, time::Duration};
 
 use itw_proto::externalscaler::{MetricSpec, ScaledObjectRef};
 
-use crate::names;
+use itw_proto::names;
 
-/// Window when the trigger sets none.
-pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
+use crate::window::DEFAULT_WINDOW;
+
 /// Target rate when the trigger sets none.
 pub const DEFAULT_TARGET_RATE: f64 = 1.0;
 

@@ -11,6 +11,9 @@ use std::{collections::VecDeque, time::Duration};
 
 use tokio::time::Instant;
 
+/// Window of a trigger that sets none, and the least history the scaler keeps.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
+
 /// Unix time as the scaler sees it, readable as tokio [`Instant`]s for timers.
 ///
 /// Wall-clock time is read once; after that it advances with tokio's
@@ -173,8 +176,9 @@ pub fn inactive_from(
     None
 }
 
-/// The activity rule of the design: active when attempts exceed the threshold.
-pub fn exceeds(attempts: u64, threshold: f64) -> bool {
+/// The comparison of the activity rule (`store::ServiceEntry::activity`):
+/// attempts exceed the threshold.
+fn exceeds(attempts: u64, threshold: f64) -> bool {
     // u64 -> f64 rounds above 2^53, far beyond any real window.
     attempts as f64 > threshold
 }

@@ -1,6 +1,7 @@
 //! The agents' Report stream against the real server on loopback: exactness
 //! across resends, reconnects, new instances and fresh replicas; rejection of
-//! bad messages; the bearer token.
+//! bad messages, and refusal of bad names without ending the stream; the
+//! bearer token.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 use common::{TestScaler, attempts, count, history, loopback, now_ms, object, row, sample, series};
 use itw_proto::{
     externalscaler::GetMetricsRequest,
-    itw::v1::{Batch, Hello, ReportRequest, Snapshot, report_request},
+    itw::v1::{Batch, Hello, ReportRequest, SeriesCount, Snapshot, report_request},
 };
 use itw_scaler::config::{Config, Limits, Secret, TokenSource};
 use tonic::Code;
@@ -293,9 +294,9 @@ async fn a_bad_message_ends_only_its_own_stream_with_a_clear_status() {
             "batch.deltas[1].series.port = 0: must be a Service port number, 1-65535".into(),
         ),
         (
-            vec![hello(1), snapshot(), batch(1, vec![count(series("", 80, "", "curl"), 1)])],
+            vec![hello(1), snapshot(), batch(1, vec![ok(), SeriesCount { series: None, attempts: 1 }])],
             Code::InvalidArgument,
-            "batch.deltas[0].series.service = \"\": must not be empty".into(),
+            "batch.deltas[1].series is missing".into(),
         ),
         (
             vec![hello(1), snapshot(), batch(1, vec![ok(), ok(), count(series("web", 80, "", "curl"), 0)])],
@@ -397,6 +398,94 @@ async fn a_bad_message_ends_only_its_own_stream_with_a_clear_status() {
     assert_eq!(
         sample(&body, "itw_scaler_batches_total", &[("result", "applied")]),
         Some(12.0)
+    );
+    scaler.stop().await;
+}
+
+/// A name Kubernetes would not allow (a Service starting with a digit, as an
+/// older agent's static map let through) is refused alone: the stream stays
+/// up, the rest of each message is applied and acknowledged, and a reconnect
+/// resends nothing.
+#[tokio::test]
+async fn a_bad_name_is_refused_alone_and_the_stream_goes_on() {
+    let scaler = TestScaler::start(loopback()).await;
+    let bad = || series("9web", 80, "", "curl");
+    let curl = || series("web", 80, "", "curl");
+    let mut agent = scaler.agent(None).await.unwrap();
+    assert_eq!(agent.hello("node-1", "a").await.applied_sequence, 0);
+    let second = now_ms() / 1000;
+    assert_eq!(
+        agent
+            .snapshot(
+                0,
+                vec![count(bad(), 4)],
+                vec![history("9web", 80, second, vec![4])]
+            )
+            .await,
+        0
+    );
+    assert_eq!(
+        agent
+            .batch(1, vec![count(bad(), 5), count(curl(), 3)])
+            .await,
+        1
+    );
+    assert_eq!(agent.batch(2, vec![count(curl(), 2)]).await, 2);
+    assert_eq!(rate(&scaler, &WEB_10S).await, 0.5);
+    assert_eq!(
+        rate(
+            &scaler,
+            &[("service", "web"), ("window", "10s"), ("port", "443")]
+        )
+        .await,
+        0.0
+    );
+
+    // The agent reconnects with its cumulative totals, the bad one again:
+    // the replica holds through 2, so nothing is resent.
+    drop(agent);
+    let mut agent = scaler.agent(None).await.unwrap();
+    assert_eq!(agent.hello("node-1", "a").await.applied_sequence, 2);
+    assert_eq!(
+        agent
+            .snapshot(2, vec![count(bad(), 9), count(curl(), 5)], vec![])
+            .await,
+        2
+    );
+    assert_eq!(agent.batch(3, vec![count(curl(), 1)]).await, 3);
+
+    let body = scaler.metrics_body().await;
+    assert_eq!(
+        attempts(&body, "web"),
+        vec![row("", "", 0.0), row("", "curl", 6.0)]
+    );
+    assert_eq!(attempts(&body, "9web"), vec![]);
+    for (name, labels, value) in [
+        (
+            "itw_scaler_refused_entries_total",
+            &[("reason", "invalid_service")][..],
+            Some(4.0),
+        ),
+        (
+            "itw_scaler_refused_entries_total",
+            &[("reason", "invalid_namespace")],
+            None,
+        ),
+        (
+            "itw_scaler_batches_total",
+            &[("result", "applied")],
+            Some(3.0),
+        ),
+        ("itw_scaler_batches_total", &[("result", "rejected")], None),
+        ("itw_scaler_deltas_total", &[], Some(3.0)),
+        ("itw_scaler_snapshots_total", &[], Some(2.0)),
+        ("itw_scaler_agents_connected", &[], Some(1.0)),
+    ] {
+        assert_eq!(sample(&body, name, labels), value, "{name} {labels:?}");
+    }
+    assert!(
+        !body.contains("itw_scaler_rejected_streams_total{"),
+        "no stream was ended:\n{body}"
     );
     scaler.stop().await;
 }

@@ -63,10 +63,11 @@ pub use reflect::{Outcome, Resolver, StreamSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
-    #[error(
-        "WATCH_NAMESPACES: {namespace:?} is not a namespace name (lowercase letters, digits and '-', at most 63 characters, starting and ending with a letter or digit)"
-    )]
-    Namespace { namespace: String },
+    #[error("WATCH_NAMESPACES: {namespace:?}: {problem}")]
+    Namespace {
+        namespace: String,
+        problem: itw_proto::names::NameProblem,
+    },
     #[error("SERVICE_SELECTOR={selector:?}: {reason}")]
     Selector { selector: String, reason: String },
     /// kube's error text already holds its causes, so it is kept as text: as
@@ -94,11 +95,12 @@ impl KubeSettings {
             .map(|n| n.trim())
             .filter(|n| !n.is_empty())
         {
-            if !is_dns_label(namespace) {
-                return Err(KubeSourceError::Namespace {
+            itw_proto::names::namespace(namespace).map_err(|problem| {
+                KubeSourceError::Namespace {
                     namespace: namespace.to_owned(),
-                });
-            }
+                    problem,
+                }
+            })?;
             if !checked.iter().any(|n| &**n == namespace) {
                 checked.push(namespace.into());
             }
@@ -167,14 +169,4 @@ pub async fn connect() -> Result<kube::Client, KubeSourceError> {
         .map_err(|error| KubeSourceError::Connect {
             reason: error.to_string(),
         })
-}
-
-fn is_dns_label(s: &str) -> bool {
-    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && alnum(s.chars().next())
-        && alnum(s.chars().last())
 }

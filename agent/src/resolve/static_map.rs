@@ -16,8 +16,10 @@
 //!         ready: false                # optional (default true): not taking connections yet
 //! ```
 //!
-//! A malformed file is refused with the line and field at fault. The file is
-//! re-read when it changes and on SIGHUP; a bad edit keeps the last good map.
+//! A malformed file is refused with the line and field at fault; names follow
+//! Kubernetes' rules (a Service name starts with a letter), the ones the
+//! scaler checks reports with. The file is re-read when it changes and on
+//! SIGHUP; a bad edit keeps the last good map.
 
 use std::{
     collections::BTreeMap,
@@ -26,6 +28,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use itw_proto::names;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 use tokio::sync::mpsc;
@@ -143,8 +146,8 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
 
     for (i, svc) in file.services.iter().enumerate() {
         let at = |field: &str| format!("services[{i}].{field}");
-        check_name(&svc.namespace, &at("namespace"), 63).map_err(&invalid)?;
-        check_name(&svc.name, &at("name"), 63).map_err(&invalid)?;
+        check_name(&svc.namespace, &at("namespace"), names::namespace).map_err(&invalid)?;
+        check_name(&svc.name, &at("name"), names::service).map_err(&invalid)?;
         let service = ServiceRef::new(&svc.namespace.value, &svc.name.value);
         let hold_timeout = match &svc.hold_timeout {
             None => None,
@@ -220,7 +223,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
 
         for (k, ep) in svc.endpoints.iter().enumerate() {
             let ep_at = |field: &str| at(&format!("endpoints[{k}].{field}"));
-            check_name(&ep.pod, &ep_at("pod"), 253).map_err(&invalid)?;
+            check_name(&ep.pod, &ep_at("pod"), names::pod).map_err(&invalid)?;
             let pod: std::sync::Arc<str> = ep.pod.value.as_str().into();
             // (service port, port on the pod)
             let pairs: Vec<(u16, u16)> = match &ep.ports {
@@ -266,25 +269,21 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
     Ok(map)
 }
 
-/// Kubernetes object names: DNS labels (pods: subdomains), so a typo cannot
-/// produce a label value no real cluster would.
-fn check_name(name: &Spanned<String>, field: &str, max: usize) -> Result<(), String> {
-    let value = name.value.as_str();
-    let line = name.referenced.line();
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
-    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    if value.is_empty()
-        || value.len() > max
-        || !value.chars().all(ok_char)
-        || (max == 63 && value.contains('.'))
-        || !alnum(value.chars().next())
-        || !alnum(value.chars().last())
-    {
-        return Err(format!(
-            "line {line}: {field}: {value:?} is not a valid Kubernetes name (lowercase letters, digits and '-', at most {max} characters, starting and ending with a letter or digit)"
-        ));
-    }
-    Ok(())
+/// Kubernetes object names, by the rules the scaler checks them with too
+/// ([`itw_proto::names`]): a name Kubernetes would refuse is refused here,
+/// with its line, rather than counted under a name the scaler cannot take.
+fn check_name(
+    name: &Spanned<String>,
+    field: &str,
+    rule: fn(&str) -> Result<(), names::NameProblem>,
+) -> Result<(), String> {
+    rule(&name.value).map_err(|problem| {
+        format!(
+            "line {}: {field} = {:?}: {problem}",
+            name.referenced.line(),
+            name.value
+        )
+    })
 }
 
 fn check_port(port: u32, line: u64, field: &str) -> Result<u16, String> {
@@ -605,6 +604,30 @@ services:
                 );
             }
         }
+    }
+
+    /// The scaler takes only Kubernetes' names; a map it would refuse
+    /// counts must be refused here, at the line at fault.
+    #[test]
+    fn names_follow_the_kubernetes_rules_the_scaler_checks() {
+        assert_eq!(
+            parse_err("services:\n  - namespace: default\n    name: 9web\n    ports: [80]\n"),
+            "service map map.yaml: line 3: services[0].name = \"9web\": not a Kubernetes Service name (lowercase letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters)"
+        );
+        assert_eq!(
+            parse_err(
+                "services:\n  - namespace: default\n    name: web\n    ports: [80]\n    endpoints:\n      - {pod: web..0, ip: 127.0.0.2}\n"
+            ),
+            "service map map.yaml: line 6: services[0].endpoints[0].pod = \"web..0\": not a Kubernetes pod name (lowercase letters, digits, '-' and '.', at most 253 characters)"
+        );
+        // A leading digit is fine for a namespace and a pod.
+        let map = parse_ok(
+            "services:\n  - namespace: 9ns\n    name: web\n    ports: [80]\n    endpoints:\n      - {pod: 9web-0, ip: 127.0.0.2}\n",
+        );
+        assert_eq!(
+            map.destinations.values().collect::<Vec<_>>(),
+            vec![&target("9ns", "web", 80, Some("9web-0"))]
+        );
     }
 
     #[tokio::test]

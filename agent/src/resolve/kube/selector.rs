@@ -1,5 +1,10 @@
 //! SERVICE_SELECTOR: a Kubernetes label selector, checked at start.
 //!
+//! A key's prefix is a DNS subdomain, checked with the shared name rules
+//! ([`itw_proto::names::subdomain`]). The key's name and the values are
+//! another grammar (qualified names: upper case, `_` and `.` allowed), which
+//! no object name follows, so it stays here.
+//!
 //! The apiserver would refuse a malformed selector on every list, and the
 //! watcher would retry forever with the agent never ready; checking it here
 //! turns that into one clear error at start.
@@ -112,23 +117,12 @@ fn check_key(key: &str) -> Result<(), String> {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
-    if let Some(prefix) = prefix {
-        let ok = !prefix.is_empty()
-            && prefix.len() <= 253
-            && prefix.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-            });
-        if !ok {
-            return Err(format!(
-                "{key:?}: the key prefix must be a DNS subdomain (lowercase letters, digits, '-', '.')"
-            ));
-        }
+    if let Some(prefix) = prefix
+        && itw_proto::names::subdomain(prefix).is_err()
+    {
+        return Err(format!(
+            "{key:?}: the key prefix must be a DNS subdomain (lowercase letters, digits, '-', '.')"
+        ));
     }
     if name.is_empty() || !is_label_word(name) {
         return Err(format!(

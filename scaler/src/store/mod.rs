@@ -1,0 +1,125 @@
+//! Everything the scaler knows: the agent instances and what each reported,
+//! the exported totals per series, the per-second windows per destination,
+//! and the subscribers waiting for a service to become active.
+//!
+//! Hot paths and their locks:
+//! - a batch locks its own instance, then each destination's service entry
+//!   for the moment it adds to a window; series totals are atomics.
+//! - GetMetrics/IsActive look the service up in a sharded map and lock only
+//!   that service's entry while summing its window.
+//!
+//! There is no lock that every batch and every KEDA call share. The instance
+//! table's lock is taken on hello, disconnect and sweep only. The store never
+//! checks names nor refuses a message for one: what reaches it was checked
+//! by [`crate::ingest`].
+//!
+//! Exported counters never decrease: each series publishes
+//! `max(previous, retired + sum over live instances)`.
+//!
+//! - `instances.rs`: the agent instance table (hello, disconnect, sweep).
+//! - `series.rs`: the exported series, MAX_SERIES, each stream's cache.
+//! - `services.rs`: per-service windows, subscriptions, wakeups, activity.
+//! - `apply.rs`: the checked snapshot and batch views and how they apply.
+//! - `fixtures.rs`: the unit tests' store and view builders (tests only).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst},
+    },
+    time::Duration,
+};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+use crate::{
+    config::Limits,
+    metrics::ScalerMetrics,
+    window::{Clock, DEFAULT_WINDOW},
+};
+
+mod apply;
+mod instances;
+mod series;
+mod services;
+
+pub use apply::{ApplyError, BatchOutcome, BatchView, HistoryView, SeriesName, SnapshotView};
+pub use instances::Connection;
+use instances::InstanceSlot;
+use series::series_id;
+pub use series::{SeriesCache, SeriesSlot};
+pub use services::{Activity, ServiceEntry, Subscription};
+use services::{Wakeups, destination_key};
+
+/// The scaler's state, shared by every ingest stream and KEDA call.
+pub struct Store {
+    clock: Clock,
+    limits: Limits,
+    metrics: Arc<ScalerMetrics>,
+    /// Longest window any trigger asked for, in seconds.
+    longest_window: AtomicU64,
+    /// Keyed `namespace/service`.
+    services: DashMap<Box<str>, Arc<ServiceEntry>>,
+    windowed_destinations: AtomicUsize,
+    /// Keyed by `series::series_key`.
+    series: DashMap<Box<str>, Arc<SeriesSlot>>,
+    /// Series with a pod or a process name: the ones MAX_SERIES caps.
+    detailed_series: AtomicUsize,
+    instances: Mutex<HashMap<Arc<str>, InstanceSlot>>,
+}
+
+impl Store {
+    pub fn new(clock: Clock, limits: Limits, metrics: Arc<ScalerMetrics>) -> Self {
+        Self {
+            clock,
+            limits,
+            metrics,
+            longest_window: AtomicU64::new(0),
+            services: DashMap::new(),
+            windowed_destinations: AtomicUsize::new(0),
+            series: DashMap::new(),
+            detailed_series: AtomicUsize::new(0),
+            instances: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Seconds of history kept and asked of agents: the longest window any
+    /// trigger asked for (at least the default window), capped by MAX_WINDOW.
+    pub fn history_secs(&self) -> u64 {
+        self.longest_window
+            .load(SeqCst)
+            .max(DEFAULT_WINDOW.as_secs())
+            .min(self.limits.max_window.as_secs())
+    }
+
+    /// Records a trigger's window. History only grows while the process
+    /// runs: a trigger that goes away may come back.
+    pub fn note_window(&self, window: Duration) {
+        self.longest_window.fetch_max(window.as_secs(), SeqCst);
+    }
+
+    /// Housekeeping: folds instances gone longer than INSTANCE_RETENTION,
+    /// drops window seconds older than the history and entries left empty,
+    /// and updates the gauges.
+    pub fn sweep(&self) {
+        self.sweep_instances();
+        self.sweep_services();
+    }
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod fixtures;

@@ -1,0 +1,337 @@
+//! The exported series of `internal_tcp_attempts_total`: one [`SeriesSlot`]
+//! per (namespace, service, pod, process), MAX_SERIES and its overflow
+//! series, and each ingest stream's cache of what it has resolved.
+//!
+//! Exported counters never decrease: each series publishes
+//! `max(previous, retired + sum over live instances)`, with atomics only, so
+//! a scrape never waits for a batch nor a batch for a scrape. Nothing here
+//! may ever lower an exported value.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::SeqCst},
+    },
+};
+
+use itw_telemetry::exposition::{AttemptLabels, OVERFLOW_COMM};
+use tokio::time::Instant;
+
+use super::{SeriesName, ServiceEntry, Store, destination_key};
+
+/// Most series a single ingest stream remembers it has resolved; past that it
+/// starts over (only a cost, never a miscount).
+const STREAM_CACHE_LIMIT: usize = 65_536;
+
+/// One series of `internal_tcp_attempts_total`.
+#[derive(Debug)]
+pub struct SeriesSlot {
+    labels: AttemptLabels,
+    created: Instant,
+    /// Totals of instances that went away.
+    retired: AtomicU64,
+    /// Sum of the totals of the instances held now.
+    live: AtomicU64,
+    /// What `/metrics` shows: never decreases.
+    exported: AtomicU64,
+}
+
+impl SeriesSlot {
+    fn new(labels: AttemptLabels) -> Self {
+        Self {
+            labels,
+            created: Instant::now(),
+            retired: AtomicU64::new(0),
+            live: AtomicU64::new(0),
+            exported: AtomicU64::new(0),
+        }
+    }
+
+    pub fn labels(&self) -> &AttemptLabels {
+        &self.labels
+    }
+
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    pub fn exported(&self) -> u64 {
+        self.exported.load(SeqCst)
+    }
+
+    pub(super) fn add_live(&self, attempts: u64) {
+        self.live.fetch_add(attempts, SeqCst);
+        self.publish();
+    }
+
+    /// A snapshot lowered an instance's total: the export holds its value
+    /// until the sum passes it again.
+    pub(super) fn sub_live(&self, attempts: u64) {
+        self.live.fetch_sub(attempts, SeqCst);
+    }
+
+    /// Moves an instance's total from live to retired. Live goes down first,
+    /// so a concurrent publish can only see too little (ignored by the max),
+    /// never the same attempts twice.
+    pub(super) fn retire(&self, attempts: u64) {
+        self.live.fetch_sub(attempts, SeqCst);
+        self.retired.fetch_add(attempts, SeqCst);
+    }
+
+    fn publish(&self) {
+        // Retired is read first: whoever sees a retire's increment also sees
+        // the live decrement that preceded it.
+        let retired = self.retired.load(SeqCst);
+        let computed = retired.saturating_add(self.live.load(SeqCst));
+        self.exported.fetch_max(computed, SeqCst);
+    }
+}
+
+/// What one ingest stream has resolved (series, window), so a steady agent
+/// costs one local hash lookup per delta.
+#[derive(Default)]
+pub struct SeriesCache {
+    index: HashMap<Box<str>, usize>,
+    entries: Vec<Resolved>,
+    key: String,
+}
+
+pub(super) struct Resolved {
+    pub(super) series: Arc<SeriesSlot>,
+    /// Counted in the overflow series because MAX_SERIES was reached.
+    pub(super) folded: bool,
+    pub(super) service: Arc<ServiceEntry>,
+    pub(super) port: u16,
+    /// `namespace/service:port`, the key of per-destination counts.
+    pub(super) destination: Arc<str>,
+}
+
+impl Store {
+    pub(super) fn resolve<'c>(
+        &self,
+        cache: &'c mut SeriesCache,
+        name: &SeriesName<'_>,
+    ) -> &'c mut Resolved {
+        stream_key(&mut cache.key, name);
+        let index = match cache.index.get(cache.key.as_str()) {
+            Some(&i) => i,
+            None => {
+                if cache.entries.len() >= STREAM_CACHE_LIMIT {
+                    cache.index.clear();
+                    cache.entries.clear();
+                }
+                cache.entries.push(self.resolve_uncached(name));
+                cache
+                    .index
+                    .insert(cache.key.as_str().into(), cache.entries.len() - 1);
+                cache.entries.len() - 1
+            }
+        };
+        &mut cache.entries[index]
+    }
+
+    fn resolve_uncached(&self, name: &SeriesName<'_>) -> Resolved {
+        let (series, folded) = self.series_slot(name);
+        Resolved {
+            series,
+            folded,
+            service: self.service_entry(name.namespace, name.service),
+            port: name.port,
+            destination: destination_key(name.namespace, name.service, name.port).into(),
+        }
+    }
+
+    /// The series a report counts in: its own, or (past MAX_SERIES) its
+    /// service's overflow series. The service's zero series is created with
+    /// the first report, so `rate()` sees the service's first attempt.
+    fn series_slot(&self, name: &SeriesName<'_>) -> (Arc<SeriesSlot>, bool) {
+        let (ns, svc) = (name.namespace, name.service);
+        self.service_level_series(ns, svc, "");
+        let service_level = name.pod.is_empty()
+            && (name.process_comm.is_empty() || name.process_comm == OVERFLOW_COMM);
+        if service_level {
+            return (self.service_level_series(ns, svc, name.process_comm), false);
+        }
+        let key = series_key(ns, svc, name.pod, name.process_comm);
+        if let Some(slot) = self.series.get(key.as_str()) {
+            return (Arc::clone(&slot), false);
+        }
+        let reserved = self
+            .detailed_series
+            .fetch_update(SeqCst, SeqCst, |n| {
+                (n < self.limits.max_series).then_some(n + 1)
+            })
+            .is_ok();
+        if !reserved {
+            return (self.service_level_series(ns, svc, OVERFLOW_COMM), true);
+        }
+        let mut created = false;
+        let slot = self
+            .series
+            .entry(key.into_boxed_str())
+            .or_insert_with(|| {
+                created = true;
+                Arc::new(SeriesSlot::new(AttemptLabels {
+                    destination_namespace: ns.to_owned(),
+                    destination_service: svc.to_owned(),
+                    destination_pod: name.pod.to_owned(),
+                    process_comm: name.process_comm.to_owned(),
+                }))
+            })
+            .clone();
+        if !created {
+            self.detailed_series.fetch_sub(1, SeqCst);
+        }
+        (slot, false)
+    }
+
+    /// A series without a pod: the zero series (`comm` empty) or the overflow
+    /// series. At most two per service, outside MAX_SERIES, so the cap never
+    /// loses a count.
+    fn service_level_series(&self, ns: &str, svc: &str, comm: &str) -> Arc<SeriesSlot> {
+        let key = series_key(ns, svc, "", comm);
+        if let Some(slot) = self.series.get(key.as_str()) {
+            return Arc::clone(&slot);
+        }
+        self.series
+            .entry(key.into_boxed_str())
+            .or_insert_with(|| {
+                let mut labels = AttemptLabels::service(ns, svc);
+                labels.process_comm = comm.to_owned();
+                Arc::new(SeriesSlot::new(labels))
+            })
+            .clone()
+    }
+
+    /// Every exported series, ordered by labels.
+    pub fn attempt_series(&self) -> Vec<Arc<SeriesSlot>> {
+        let mut all: Vec<_> = self.series.iter().map(|e| Arc::clone(e.value())).collect();
+        all.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
+        all
+    }
+}
+
+pub(super) fn series_id(series: &Arc<SeriesSlot>) -> usize {
+    Arc::as_ptr(series) as usize
+}
+
+/// Key of an exported series. Namespace, service and pod are Kubernetes
+/// names (no NUL); the process name, which may hold anything, comes last.
+fn series_key(namespace: &str, service: &str, pod: &str, comm: &str) -> String {
+    let mut key =
+        String::with_capacity(namespace.len() + service.len() + pod.len() + comm.len() + 3);
+    for part in [namespace, service, pod] {
+        key.push_str(part);
+        key.push('\0');
+    }
+    key.push_str(comm);
+    key
+}
+
+/// Key of a series and port in a stream's cache, written into a reused buffer.
+fn stream_key(key: &mut String, name: &SeriesName<'_>) {
+    key.clear();
+    for part in [name.namespace, name.service, name.pod] {
+        key.push_str(part);
+        key.push('\0');
+    }
+    let mut port = name.port;
+    let mut digits = [b'0'; 5];
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (port % 10) as u8;
+        port /= 10;
+    }
+    key.extend(digits.iter().map(|&d| char::from(d)));
+    key.push('\0');
+    key.push_str(name.process_comm);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{fixtures::*, *};
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn exported_counters_never_decrease() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let curl = name("web", 80, "", "curl");
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        store
+            .apply_batch(&conn, &batch(1, START_MS, vec![(curl, 10)]), &mut cache)
+            .unwrap();
+        drop(conn);
+        // The agent lost acks and under-reports: the export holds at 10.
+        let (conn, _) = store.hello("node-1", "a").unwrap();
+        store
+            .apply_snapshot(
+                &conn,
+                &snapshot(1, START_MS, vec![(curl, 7)], vec![]),
+                &mut cache,
+            )
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 10));
+        store
+            .apply_batch(&conn, &batch(2, START_MS, vec![(curl, 2)]), &mut cache)
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 10));
+        store
+            .apply_batch(&conn, &batch(3, START_MS, vec![(curl, 2)]), &mut cache)
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 11));
+        // A snapshot leaving a series out counts it as 0 for the instance:
+        // still no decrease.
+        store
+            .apply_snapshot(&conn, &snapshot(3, START_MS, vec![], vec![]), &mut cache)
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("web", "", "curl", 11));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_max_series_counts_fold_into_the_service_overflow_series() {
+        let store = store_with(Limits {
+            max_series: 2,
+            ..Limits::default()
+        });
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let deltas = vec![
+            (name("web", 80, "", "curl"), 1),
+            (name("web", 80, "web-0", "curl"), 2),
+            (name("web", 80, "", "wget"), 3),
+            (name("web", 80, "", "nc"), 4),
+            (name("db", 5432, "", "psql"), 5),
+            (name("web", 80, "", ""), 6),
+            (name("web", 443, "", "curl"), 7),
+        ];
+        store
+            .apply_batch(&conn, &batch(1, START_MS, deltas), &mut cache)
+            .unwrap();
+        assert_eq!(
+            exported(&store),
+            vec![
+                row("db", "", "", 0),
+                row("db", "", OVERFLOW_COMM, 5),
+                row("web", "", "", 6),
+                row("web", "", OVERFLOW_COMM, 7),
+                row("web", "", "curl", 8),
+                row("web", "web-0", "curl", 2),
+            ]
+        );
+        assert_eq!(store.metrics.series_overflow.get(), 3);
+        // Folded counts still count in the windows.
+        assert_eq!(store.attempts("apps", "web", None, 60), 23);
+    }
+
+    #[test]
+    fn keys_are_unambiguous() {
+        assert_ne!(series_key("a", "b", "", "c"), series_key("a", "b", "c", ""));
+        let mut k1 = String::new();
+        let mut k2 = String::new();
+        stream_key(&mut k1, &name("web", 80, "", "1"));
+        stream_key(&mut k2, &name("web", 801, "", ""));
+        assert_ne!(k1, k2);
+        assert_eq!(k1, "apps\u{0}web\u{0}\u{0}00080\u{0}1");
+    }
+}
