@@ -1,12 +1,11 @@
 //! Every setting of `itw-agent`: a flag, with the env var a Kubernetes manifest sets.
 
-use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use itw_common::{COMM_LEN, Comm};
 use itw_telemetry::{flags::bounded_duration, logging::LogFormat};
 
-use crate::capture::CaptureMode;
+use crate::capture::{CaptureMode, ExcludeComms};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -177,58 +176,6 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     }
 }
 
-/// Process names to filter, each as the kernel stores it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExcludeComms(pub Vec<String>);
-
-impl ExcludeComms {
-    /// The names as kernel map keys.
-    pub fn comms(&self) -> Vec<Comm> {
-        self.0.iter().map(|name| comm_bytes(name)).collect()
-    }
-}
-
-impl FromStr for ExcludeComms {
-    type Err = String;
-
-    fn from_str(list: &str) -> Result<Self, Self::Err> {
-        let mut names = Vec::new();
-        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if name.len() >= COMM_LEN {
-                return Err(format!(
-                    "process name {name:?} is {} bytes; the kernel keeps only the first {} bytes of a process name, so use {:?}",
-                    name.len(),
-                    COMM_LEN - 1,
-                    truncate_utf8(name, COMM_LEN - 1),
-                ));
-            }
-            if name.contains('\0') {
-                return Err(format!("process name {name:?} contains a NUL byte"));
-            }
-            if !names.iter().any(|n| n == name) {
-                names.push(name.to_owned());
-            }
-        }
-        Ok(Self(names))
-    }
-}
-
-/// A name as a NUL-padded kernel comm (the caller checked its length).
-pub fn comm_bytes(name: &str) -> Comm {
-    let mut comm = [0u8; COMM_LEN];
-    let len = name.len().min(COMM_LEN - 1);
-    comm[..len].copy_from_slice(&name.as_bytes()[..len]);
-    comm
-}
-
-fn truncate_utf8(s: &str, max: usize) -> &str {
-    let mut end = max.min(s.len());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 fn parse_interval(s: &str) -> Result<Duration, String> {
     bounded_duration(
         s,
@@ -258,19 +205,6 @@ mod tests {
         assert_eq!(args.hold, HoldPolicy::Annotated);
         assert_eq!(args.hold_timeout, Duration::from_secs(60));
         assert_eq!(args.hold_mark, 0x2a7c);
-    }
-
-    #[test]
-    fn exclude_comms_is_a_trimmed_deduplicated_list() {
-        assert_eq!(
-            " kubelet,k3s ,,kubelet".parse::<ExcludeComms>().unwrap(),
-            ExcludeComms(vec!["kubelet".into(), "k3s".into()])
-        );
-        assert_eq!("".parse::<ExcludeComms>().unwrap(), ExcludeComms(vec![]));
-        assert_eq!(
-            ExcludeComms(vec!["kubelet".into()]).comms(),
-            vec![*b"kubelet\0\0\0\0\0\0\0\0\0"]
-        );
     }
 
     #[test]

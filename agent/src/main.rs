@@ -206,7 +206,7 @@ struct FastPath {
     /// Holding, when asked for: its parking tasks run on the main runtime,
     /// off the fast path.
     hold: Option<(HoldSettings, Arc<HoldMetrics>, tokio::runtime::Handle)>,
-    exclude: itw_agent::config::ExcludeComms,
+    exclude: capture::ExcludeComms,
     max_comms: usize,
     interval: Duration,
     report: Option<(ReportSettings, Arc<ReportMetrics>)>,
