@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use itw_telemetry::{flags::bounded_duration, logging::LogFormat};
 
-use crate::capture::{CaptureMode, ExcludeComms};
+use crate::{
+    capture::{CaptureMode, ExcludeComms},
+    hold::HoldPolicy,
+    resolve::parse_hold_timeout,
+};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -140,27 +144,6 @@ pub struct Args {
     /// Log output: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
-}
-
-/// `HOLD`: which Services are held while they have no ready endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum HoldPolicy {
-    /// Never: connects to a Service with no endpoint are refused as usual.
-    Off,
-    /// Services that ask for it (annotation or static map).
-    Annotated,
-    /// Every Service.
-    All,
-}
-
-/// A hold timeout: between 1 s and 1 h.
-pub fn parse_hold_timeout(s: &str) -> Result<Duration, String> {
-    bounded_duration(
-        s.trim(),
-        Duration::from_secs(1),
-        Duration::from_secs(3600),
-        "30s, 2m",
-    )
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {

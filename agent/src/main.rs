@@ -15,10 +15,10 @@ use clap::Parser;
 use itw_agent::{
     capture::{self, CaptureMode, CaptureSettings, KernelHold},
     collect::Collector,
-    config::{Args, HoldPolicy},
+    config::Args,
     counting::{AgentClock, CollectionSink, CountingLoop, Health},
     destinations::DestinationTable,
-    hold::{self, HoldMetrics, HoldSettings, Holder},
+    hold::{self, HoldMetrics, HoldPolicy, HoldSettings, Holder},
     metrics::{AttemptCounters, CountingMetrics, Exporter},
     report::{self, ReportMetrics, ReportSettings, Reporter, TokenSource, ledger::LogLimits},
     resolve::{MapEvent, kube, static_map},

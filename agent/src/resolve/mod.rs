@@ -133,6 +133,16 @@ pub struct ServiceState {
     pub ready_endpoints: Option<u32>,
 }
 
+/// A hold timeout (`HOLD_TIMEOUT`, and a Service's own): between 1 s and 1 h.
+pub fn parse_hold_timeout(s: &str) -> Result<Duration, String> {
+    itw_telemetry::flags::bounded_duration(
+        s.trim(),
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        "30s, 2m",
+    )
+}
+
 /// One incremental change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapChange {

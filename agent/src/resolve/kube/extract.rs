@@ -393,7 +393,7 @@ fn hold_annotations(
         }
     };
     let hold_timeout = value(HOLD_TIMEOUT_ANNOTATION).and_then(|given| {
-        crate::config::parse_hold_timeout(given)
+        crate::resolve::parse_hold_timeout(given)
             .map_err(|problem| {
                 report.skip(
                     field(HOLD_TIMEOUT_ANNOTATION),
