@@ -14,9 +14,9 @@ use axum::{Router, extract::State, http::StatusCode, routing::get};
 use clap::Parser;
 use itw_agent::{
     capture::{self, CaptureMode, CaptureSettings, KernelHold},
-    collect::Collector,
     config::Args,
-    counting::{AgentClock, CollectionSink, CountingLoop, Health},
+    counting_loop::{AgentClock, CollectionSink, CountingLoop, Health},
+    deltas::Collector,
     destinations::DestinationTable,
     hold::{self, HoldMetrics, HoldPolicy, HoldSettings, Holder},
     metrics::{AttemptCounters, CountingMetrics, Exporter},

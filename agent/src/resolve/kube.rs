@@ -45,7 +45,7 @@ mod driver;
 mod extract;
 mod metrics;
 mod objects;
-mod reflect;
+mod resolver;
 mod selector;
 mod state;
 
@@ -59,7 +59,7 @@ pub use extract::{Kind, Malformed, SERVICE_NAME_LABEL};
 use kube::core::Selector;
 pub use metrics::{KindLabels, KubeSourceMetrics, WatchErrorLabels};
 pub use objects::{EndpointSliceObject, ServiceObject};
-pub use reflect::{Outcome, Resolver, StreamSpec};
+pub use resolver::{Outcome, Resolver, StreamSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
