@@ -55,10 +55,10 @@ mod tests;
 use std::sync::Arc;
 
 pub use driver::{error_reason, run};
-pub use extract::{Kind, Malformed, SERVICE_NAME_LABEL};
+pub use extract::{Kind, Malformed};
 use kube::core::Selector;
 pub use metrics::{KindLabels, KubeSourceMetrics, WatchErrorLabels};
-pub use objects::{EndpointSliceObject, ServiceObject};
+pub use objects::{EndpointSliceObject, SERVICE_NAME_LABEL, ServiceObject};
 pub use resolver::{Outcome, Resolver, StreamSpec};
 
 #[derive(Debug, thiserror::Error)]

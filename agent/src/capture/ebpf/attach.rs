@@ -9,14 +9,11 @@ use std::{fs::File, os::fd::AsFd};
 
 use aya::{
     Ebpf,
-    programs::{CgroupAttachMode, CgroupSockAddr, KProbe, TracePoint},
+    programs::{CgroupAttachMode, CgroupSockAddr, KProbe, Program, ProgramError, TracePoint},
 };
 use itw_common::programs;
 
-use super::{
-    load::{program, program_error},
-    settings::{CaptureSettings, PodsAttachment},
-};
+use super::settings::{CaptureSettings, PodsAttachment};
 use crate::capture::{
     CaptureError, CaptureMode,
     cgroup::CgroupRoot,
@@ -235,4 +232,30 @@ fn tracepoint(ebpf: &mut Ebpf) -> Result<String, CaptureError> {
         tracefs::CATEGORY,
         tracefs::EVENT
     ))
+}
+
+/// The program `name` of the object, as the kind `P` the mode expects.
+pub(super) fn program<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut P, CaptureError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(CaptureError::ObjectMismatch {
+        what: "program",
+        name,
+    })?;
+    prog.try_into().map_err(program_error(name, "load"))
+}
+
+pub(super) fn program_error(
+    program: &'static str,
+    action: &'static str,
+) -> impl FnOnce(ProgramError) -> CaptureError {
+    move |source| CaptureError::Program {
+        program,
+        action,
+        source: Box::new(source),
+    }
 }

@@ -5,15 +5,12 @@
 //! Loading never leaves a program attached on failure: the object owns
 //! everything, and dropping it on an error detaches what was attached.
 
-use aya::{
-    Ebpf, EbpfLoader,
-    programs::{Program, ProgramError},
-};
+use aya::{Ebpf, EbpfLoader};
 use itw_common::{capacity, globals, maps, programs};
 
 use super::{
     CommSource, LoadedObjects,
-    attach::{ATTACH_PODS, Hooks},
+    attach::{ATTACH_PODS, Hooks, program_error},
     settings::CaptureSettings,
 };
 use crate::capture::{
@@ -175,32 +172,6 @@ impl Attached {
             attach_order,
             holding: hold.is_some(),
         })
-    }
-}
-
-/// The program `name` of the object, as the kind `P` the mode expects.
-pub(super) fn program<'a, P>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut P, CaptureError>
-where
-    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
-{
-    let prog = ebpf.program_mut(name).ok_or(CaptureError::ObjectMismatch {
-        what: "program",
-        name,
-    })?;
-    prog.try_into().map_err(program_error(name, "load"))
-}
-
-pub(super) fn program_error(
-    program: &'static str,
-    action: &'static str,
-) -> impl FnOnce(ProgramError) -> CaptureError {
-    move |source| CaptureError::Program {
-        program,
-        action,
-        source: Box::new(source),
     }
 }
 
