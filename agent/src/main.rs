@@ -13,24 +13,20 @@ use anyhow::Context;
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use clap::Parser;
 use itw_agent::{
-    capture::{self, CaptureMode, CaptureSettings, KernelHold},
-    config::Args,
+    capture::{self, CaptureSettings, KernelHold},
+    config::{Args, Config},
     counting_loop::{AgentClock, CollectionSink, CountingLoop, Health},
     deltas::Collector,
     destinations::DestinationTable,
-    hold::{self, HoldMetrics, HoldPolicy, HoldSettings, Holder},
+    hold::{HoldMetrics, HoldSettings, Holder},
     metrics::{AttemptCounters, CountingMetrics, Exporter},
-    report::{self, ReportMetrics, ReportSettings, Reporter, TokenSource, ledger::LogLimits},
-    resolve::{MapEvent, kube, static_map},
+    report::{ReportMetrics, ReportSettings, Reporter},
+    resolve::{MapEvent, MapSource, kube, static_map},
 };
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// How long shutdown waits for scaler replicas to acknowledge the last batches.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often SCALER_ADDR is resolved again to follow replicas.
-const RESOLVE_INTERVAL: Duration = Duration::from_secs(15);
 /// A liveness probe fails when no collection happened for this many ticks.
 const LIVENESS_TICKS: u32 = 10;
 
@@ -67,13 +63,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
     let clock = AgentClock::new();
-    let node_name = match &args.node_name {
-        Some(name) => name.clone(),
-        None => host_name()?,
-    };
+    let config: Config = args.config()?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        node = %node_name,
+        node = %config.node_name,
         "itw-agent starting"
     );
 
@@ -82,11 +75,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     counting_metrics.register(&mut registry);
     let attempts = Arc::new(AttemptCounters::default());
     let health = Arc::new(Health::default());
-    let report = match &args.scaler_addr {
-        Some(scalers) => {
+    let report = match config.report {
+        Some(settings) => {
             let metrics = Arc::new(ReportMetrics::default());
             metrics.register(&mut registry);
-            Some((report_settings(&args, scalers, node_name)?, metrics))
+            Some((settings, metrics))
         }
         None => {
             tracing::info!("SCALER_ADDR not set: /metrics only");
@@ -94,12 +87,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
 
-    let hold = hold_settings(&args).map(|settings| {
-        let metrics = Arc::new(HoldMetrics::default());
-        metrics.register(&mut registry);
-        (settings, metrics, tokio::runtime::Handle::current())
-    });
-    let mut capture = CaptureSettings::from_args(&args);
+    let hold = config
+        .hold
+        .as_ref()
+        .and_then(|request| request.settle(config.capture.mode))
+        .map(|settings| {
+            let metrics = Arc::new(HoldMetrics::default());
+            metrics.register(&mut registry);
+            (settings, metrics, tokio::runtime::Handle::current())
+        });
+    let mut capture = config.capture;
     capture.hold = hold.as_ref().map(|(settings, _, _)| KernelHold {
         mark: settings.mark,
         park_ip4: settings.park_ip4,
@@ -112,9 +109,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let fast = FastPath {
         capture,
         hold,
-        exclude: args.exclude_comms.clone(),
-        max_comms: args.max_comms_per_destination as usize,
-        interval: args.collect_interval,
+        exclude: config.exclude,
+        max_comms: config.max_comms_per_destination,
+        interval: config.collect_interval,
         report,
         attempts: attempts.clone(),
         metrics: counting_metrics.clone(),
@@ -136,23 +133,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Err(_) => anyhow::bail!("the fast-path thread ended before capture started"),
     }
 
-    let _source = match &args.service_map {
-        Some(path) => {
+    let _source = match config.service_map {
+        MapSource::File(path) => {
             let failures = counting_metrics.service_map_reload_failures.clone();
-            static_map::watch(path.clone(), events_tx, move || {
+            static_map::watch(path, events_tx, move || {
                 failures.inc();
             })
             .await?
         }
-        None => {
-            let settings =
-                kube::KubeSettings::new(&args.watch_namespaces, args.service_selector.as_deref())?;
+        MapSource::Kube(settings) => {
             let client = kube::connect().await?;
             let kube_metrics = Arc::new(kube::KubeSourceMetrics::default());
             kube_metrics.register(&mut registry);
             tracing::info!(
-                namespaces = ?args.watch_namespaces,
-                selector = ?args.service_selector,
+                namespaces = %settings.namespaces_label(),
+                selector = %settings.selector_label(),
                 "watching Services and EndpointSlices"
             );
             tokio::spawn(kube::run(client, settings, events_tx, kube_metrics))
@@ -160,15 +155,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let exporter = Arc::new(Exporter::new(registry, attempts));
-    let liveness = args.collect_interval * LIVENESS_TICKS;
+    let liveness = config.collect_interval * LIVENESS_TICKS;
     let router = itw_telemetry::http::metrics_router(exporter).merge(
         Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
             .with_state((health, clock, liveness)),
     );
-    let listener = itw_telemetry::http::bind(args.metrics_addr).await?;
-    tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+    let listener = itw_telemetry::http::bind(config.metrics_addr).await?;
+    tracing::info!(addr = %config.metrics_addr, "serving /metrics, /healthz and /readyz");
     let http_stop = CancellationToken::new();
     let http_done = http_stop.clone();
     let http = tokio::spawn(itw_telemetry::http::serve(listener, router, async move {
@@ -328,96 +323,6 @@ impl FastPath {
     }
 }
 
-/// What holding needs, or `None` (with the reason logged) when it is off or
-/// has no parking address.
-fn hold_settings(args: &Args) -> Option<HoldSettings> {
-    if args.hold == HoldPolicy::Off {
-        return None;
-    }
-    if !matches!(args.capture_mode, CaptureMode::Auto | CaptureMode::Cgroup) {
-        tracing::warn!(mode = %args.capture_mode, "HOLD needs the cgroup capture mode: connects are never held");
-        return None;
-    }
-    let (park_ip4, park_ip6) = match args.hold_park_addr {
-        Some(std::net::IpAddr::V4(ip)) => (Some(ip), args.hold_park_addr6),
-        Some(std::net::IpAddr::V6(ip)) => {
-            if args.hold_park_addr6.is_some_and(|other| other != ip) {
-                tracing::warn!(HOLD_PARK_ADDR = %ip, HOLD_PARK_ADDR6 = ?args.hold_park_addr6, "two IPv6 parking addresses: using HOLD_PARK_ADDR");
-            }
-            (None, Some(ip))
-        }
-        None => match hold::net::default_route_ipv4() {
-            Ok(ip) => (Some(ip), args.hold_park_addr6),
-            Err(reason) => {
-                tracing::warn!(%reason, "no IPv4 parking address (set HOLD_PARK_ADDR to the node IP): IPv4 connects are not held");
-                (None, args.hold_park_addr6)
-            }
-        },
-    };
-    // A parking address must be one of this host's: try it once now rather
-    // than fail each hold later.
-    let usable = |ip: std::net::IpAddr| match std::net::TcpListener::bind((ip, 0)) {
-        Ok(_) => {
-            if !hold::net::reachable_from_pods(ip) {
-                tracing::warn!(park_addr = %ip, "the parking address is not reachable from pods (their loopback is their own): only this host's own processes can be held");
-            }
-            true
-        }
-        Err(error) => {
-            tracing::error!(park_addr = %ip, %error, "cannot listen on the parking address (HOLD_PARK_ADDR must be an address of this host): connects of its family are not held");
-            false
-        }
-    };
-    let park_ip4 = park_ip4.filter(|ip| usable((*ip).into()));
-    let park_ip6 = park_ip6.filter(|ip| usable((*ip).into()));
-    if park_ip4.is_none() && park_ip6.is_none() {
-        return None;
-    }
-    Some(HoldSettings {
-        policy: args.hold,
-        default_timeout: args.hold_timeout,
-        park_ip4,
-        park_ip6,
-        mark: args.hold_mark,
-    })
-}
-
-fn report_settings(
-    args: &Args,
-    scalers: &str,
-    node_name: String,
-) -> anyhow::Result<ReportSettings> {
-    let scalers =
-        report::parse_scaler_addrs(scalers).map_err(|e| anyhow::anyhow!("SCALER_ADDR: {e}"))?;
-    let token = match (&args.scaler_token_file, &args.scaler_token) {
-        (Some(path), _) => TokenSource::File(path.clone()),
-        (None, Some(token)) => TokenSource::Value(token.clone()),
-        (None, None) => TokenSource::None,
-    };
-    let tls = match &args.scaler_ca_file {
-        Some(ca) => Some(report::TlsFiles::read(
-            ca,
-            args.scaler_cert_file
-                .as_deref()
-                .zip(args.scaler_key_file.as_deref()),
-        )?),
-        None => None,
-    };
-    Ok(ReportSettings {
-        scalers,
-        node_name,
-        instance_id: uuid::Uuid::new_v4().to_string(),
-        token,
-        tls,
-        resolve_interval: RESOLVE_INTERVAL,
-        flush_timeout: FLUSH_TIMEOUT,
-        log_limits: LogLimits {
-            max_batches: 3600,
-            max_bytes: 4 << 20,
-        },
-    })
-}
-
 type ProbeState = (Arc<Health>, AgentClock, Duration);
 
 async fn healthz(State((health, clock, grace)): State<ProbeState>) -> (StatusCode, &'static str) {
@@ -487,10 +392,4 @@ fn raise_open_files_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
-}
-
-fn host_name() -> anyhow::Result<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .context("NODE_NAME is not set and the host name cannot be read")?;
-    Ok(name.trim().to_owned())
 }

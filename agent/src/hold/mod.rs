@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch};
 pub use self::{
     metrics::HoldMetrics,
     net::connect_marked,
-    settings::{HoldPolicy, HoldSettings},
+    settings::{HoldPolicy, HoldRequest, HoldSettings},
 };
 use self::{
     metrics::ServiceLabels,

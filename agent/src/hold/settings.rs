@@ -1,14 +1,17 @@
-//! What holding runs with: the policy (`HOLD`) and the parking addresses.
+//! What holding runs with: the policy (`HOLD`), and the parking addresses
+//! as settled on this host from what the flags ask ([`HoldRequest`]).
 //!
-//! Owns the rule of which Services are held. It never touches the kernel or
-//! a connection: [`super::Holder`] acts on what it says.
+//! Owns the rule of which Services are held and the choice of parking
+//! addresses. It never touches the kernel or a held connection:
+//! [`super::Holder`] acts on what it says.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
-use crate::resolve::ServiceState;
+use super::net;
+use crate::{capture::CaptureMode, resolve::ServiceState};
 
 /// `HOLD`: which Services are held while they have no ready endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -19,6 +22,79 @@ pub enum HoldPolicy {
     Annotated,
     /// Every Service.
     All,
+}
+
+/// What the flags ask of holding (`HOLD` other than off, with `HOLD_*`):
+/// checked, but not yet tried on this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HoldRequest {
+    pub policy: HoldPolicy,
+    /// `HOLD_TIMEOUT`: for a Service that sets none.
+    pub default_timeout: Duration,
+    /// `HOLD_PARK_ADDR`, of either family; unset: the IPv4 address of the
+    /// default route's interface.
+    pub park_addr: Option<IpAddr>,
+    /// `HOLD_PARK_ADDR6`: the IPv6 parking address of a dual-stack node.
+    pub park_addr6: Option<Ipv6Addr>,
+    /// `HOLD_MARK`.
+    pub mark: u32,
+}
+
+impl HoldRequest {
+    /// What holding needs with capture mode `mode` on this host, or `None`
+    /// (with the reason logged) when the mode cannot hold or no parking
+    /// address is usable. Holding off is never a failed start.
+    pub fn settle(&self, mode: CaptureMode) -> Option<HoldSettings> {
+        if !matches!(mode, CaptureMode::Auto | CaptureMode::Cgroup) {
+            tracing::warn!(%mode, "HOLD needs the cgroup capture mode: connects are never held");
+            return None;
+        }
+        let (park_ip4, park_ip6) = match self.park_addr {
+            Some(IpAddr::V4(ip)) => (Some(ip), self.park_addr6),
+            Some(IpAddr::V6(ip)) => {
+                if self.park_addr6.is_some_and(|other| other != ip) {
+                    tracing::warn!(HOLD_PARK_ADDR = %ip, HOLD_PARK_ADDR6 = ?self.park_addr6, "two IPv6 parking addresses: using HOLD_PARK_ADDR");
+                }
+                (None, Some(ip))
+            }
+            None => match net::default_route_ipv4() {
+                Ok(ip) => (Some(ip), self.park_addr6),
+                Err(reason) => {
+                    tracing::warn!(%reason, "no IPv4 parking address (set HOLD_PARK_ADDR to the node IP): IPv4 connects are not held");
+                    (None, self.park_addr6)
+                }
+            },
+        };
+        let park_ip4 = park_ip4.filter(|ip| usable((*ip).into()));
+        let park_ip6 = park_ip6.filter(|ip| usable((*ip).into()));
+        if park_ip4.is_none() && park_ip6.is_none() {
+            return None;
+        }
+        Some(HoldSettings {
+            policy: self.policy,
+            default_timeout: self.default_timeout,
+            park_ip4,
+            park_ip6,
+            mark: self.mark,
+        })
+    }
+}
+
+/// A parking address must be one of this host's: tried once now rather than
+/// failing each hold later.
+fn usable(ip: IpAddr) -> bool {
+    match std::net::TcpListener::bind((ip, 0)) {
+        Ok(_) => {
+            if !net::reachable_from_pods(ip) {
+                tracing::warn!(park_addr = %ip, "the parking address is not reachable from pods (their loopback is their own): only this host's own processes can be held");
+            }
+            true
+        }
+        Err(error) => {
+            tracing::error!(park_addr = %ip, %error, "cannot listen on the parking address (HOLD_PARK_ADDR must be an address of this host): connects of its family are not held");
+            false
+        }
+    }
 }
 
 /// What holding needs, once the agent has decided it can hold.

@@ -144,7 +144,8 @@ impl KubeSettings {
         self.selector.as_ref()
     }
 
-    fn namespaces_label(&self) -> String {
+    /// WATCH_NAMESPACES for logs: the list, or "all".
+    pub fn namespaces_label(&self) -> String {
         if self.namespaces.is_empty() {
             "all".into()
         } else {
@@ -152,7 +153,8 @@ impl KubeSettings {
         }
     }
 
-    fn selector_label(&self) -> String {
+    /// SERVICE_SELECTOR for logs: the selector, or "(every Service)".
+    pub fn selector_label(&self) -> String {
         self.selector
             .as_ref()
             .map_or_else(|| "(every Service)".into(), ToString::to_string)

@@ -18,6 +18,15 @@ use std::{
 
 use itw_common::Destination;
 
+/// Where the service map comes from.
+#[derive(Clone, Debug)]
+pub enum MapSource {
+    /// `SERVICE_MAP`: a static file, reloaded on change.
+    File(std::path::PathBuf),
+    /// The Kubernetes API, with checked `WATCH_NAMESPACES` and `SERVICE_SELECTOR`.
+    Kube(kube::KubeSettings),
+}
+
 /// A Kubernetes Service, by namespace and name.
 ///
 /// One pointer wide (every watched destination's [`Target`] holds one), and

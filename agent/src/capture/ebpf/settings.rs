@@ -57,18 +57,6 @@ impl CaptureSettings {
             pod_cgroup: PodCgroup::Detect,
         }
     }
-
-    pub fn from_args(args: &crate::config::Args) -> Self {
-        Self {
-            mode: args.capture_mode,
-            cgroup_root: args.cgroup_root.clone(),
-            tracefs_path: args.tracefs_path.clone(),
-            max_destinations: args.max_destinations,
-            max_attempt_counters: args.max_attempt_counters,
-            pod_cgroup: PodCgroup::parse(args.pod_cgroup.as_deref()),
-            ..Self::new(args.capture_mode)
-        }
-    }
 }
 
 /// What the programs need for holding.
