@@ -133,3 +133,44 @@ impl HoldSettings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(park_addr: &str) -> HoldRequest {
+        HoldRequest {
+            policy: HoldPolicy::All,
+            default_timeout: Duration::from_secs(30),
+            park_addr: Some(park_addr.parse().unwrap()),
+            park_addr6: None,
+            mark: 0x2a7c,
+        }
+    }
+
+    #[test]
+    fn only_the_cgroup_mode_holds() {
+        let loopback = request("127.0.0.1");
+        assert_eq!(loopback.settle(CaptureMode::Kprobe), None);
+        assert_eq!(loopback.settle(CaptureMode::Tracepoint), None);
+        for mode in [CaptureMode::Auto, CaptureMode::Cgroup] {
+            assert_eq!(
+                loopback.settle(mode),
+                Some(HoldSettings {
+                    policy: HoldPolicy::All,
+                    default_timeout: Duration::from_secs(30),
+                    park_ip4: Some(Ipv4Addr::LOCALHOST),
+                    park_ip6: None,
+                    mark: 0x2a7c,
+                }),
+                "{mode}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_parking_address_this_host_cannot_listen_on_holds_nothing() {
+        // TEST-NET-1: documentation only, never an address of this host.
+        assert_eq!(request("192.0.2.1").settle(CaptureMode::Cgroup), None);
+    }
+}
