@@ -120,7 +120,7 @@ fn main() -> anyhow::Result<()> {
 
     let features = mode::detect(None);
     let modes = features.available();
-    let default_mode = mode::choose(CaptureMode::Auto, &features)?.mode;
+    let default_mode = mode::choose(CaptureMode::Auto, &features)?.mode();
     println!(
         "capture bench: modes here {:?}, default {default_mode}; {} rounds of {}s per configuration, 1 thread",
         modes.iter().map(|m| m.as_str()).collect::<Vec<_>>(),

@@ -140,9 +140,7 @@ async fn check(mode: CaptureMode, connects: u64, port_base: u16) -> anyhow::Resu
         let under_comm: u64 = counts
             .attempts
             .iter()
-            .filter(|(k, _)| {
-                k.dest_id == case.dest_id && k.comm == itw_agent::config::comm_bytes(comm)
-            })
+            .filter(|(k, _)| k.dest_id == case.dest_id && k.comm == capture::comm_bytes(comm))
             .map(|(_, n)| n)
             .sum();
         ok &= counted == connects && under_comm == connects;

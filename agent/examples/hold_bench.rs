@@ -29,8 +29,7 @@ use anyhow::{Context, bail};
 use bench_support::{cpu_time, percentile, program_run_time};
 use itw_agent::{
     capture::{self, CaptureMode, CaptureSettings, Kernel, KernelHold, PodCgroup},
-    config::HoldPolicy,
-    hold::{HoldMetrics, HoldSettings, Holder},
+    hold::{HoldMetrics, HoldPolicy, HoldSettings, Holder},
     resolve::{MapChange, MapEvent, ServiceMap, ServiceRef, ServiceState, Target},
 };
 use itw_common::Destination;

@@ -1,12 +1,37 @@
-//! Every setting of `itw-agent`: a flag, with the env var a Kubernetes manifest sets.
+//! Every setting of `itw-agent`: a flag, with the env var a Kubernetes
+//! manifest sets, and [`Args::config`], which checks them all into a
+//! [`Config`].
+//!
+//! Owns flags -> settings and nothing else: the setting types belong to the
+//! modules that use them. It never touches the kernel or the network, so a
+//! bad setting fails the start before anything is attached.
 
-use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use itw_common::{COMM_LEN, Comm};
 use itw_telemetry::{flags::bounded_duration, logging::LogFormat};
 
-use crate::capture::CaptureMode;
+use crate::{
+    capture::{CaptureMode, CaptureSettings, ExcludeComms, PodCgroup},
+    hold::{HoldPolicy, HoldRequest},
+    report::{self, ReportError, ReportSettings, TokenSource, ledger::LogLimits},
+    resolve::{
+        MapSource,
+        kube::{KubeSettings, KubeSourceError},
+        parse_hold_timeout,
+    },
+};
+
+/// How long shutdown waits for scaler replicas to acknowledge the last batches.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often SCALER_ADDR is resolved again to follow replicas.
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(15);
+/// Bounds of the log of recent batches kept for resending to a replica
+/// after a short break (by count and by size).
+const LOG_LIMITS: LogLimits = LogLimits {
+    max_batches: 3600,
+    max_bytes: 4 << 20,
+};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -143,25 +168,128 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
-/// `HOLD`: which Services are held while they have no ready endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum HoldPolicy {
-    /// Never: connects to a Service with no endpoint are refused as usual.
-    Off,
-    /// Services that ask for it (annotation or static map).
-    Annotated,
-    /// Every Service.
-    All,
+impl Args {
+    /// The settings the agent runs with, every one checked: a bad value is
+    /// an error naming its flag's env var and the value.
+    pub fn config(&self) -> Result<Config, ConfigError> {
+        let node_name = match &self.node_name {
+            Some(name) => name.clone(),
+            None => host_name()?,
+        };
+        let service_map = match &self.service_map {
+            Some(path) => MapSource::File(path.clone()),
+            None => MapSource::Kube(KubeSettings::new(
+                &self.watch_namespaces,
+                self.service_selector.as_deref(),
+            )?),
+        };
+        let report = match &self.scaler_addr {
+            Some(scalers) => Some(self.report_settings(scalers, &node_name)?),
+            None => None,
+        };
+        let hold = (self.hold != HoldPolicy::Off).then_some(HoldRequest {
+            policy: self.hold,
+            default_timeout: self.hold_timeout,
+            park_addr: self.hold_park_addr,
+            park_addr6: self.hold_park_addr6,
+            mark: self.hold_mark,
+        });
+        Ok(Config {
+            metrics_addr: self.metrics_addr,
+            node_name,
+            capture: CaptureSettings {
+                cgroup_root: self.cgroup_root.clone(),
+                tracefs_path: self.tracefs_path.clone(),
+                max_destinations: self.max_destinations,
+                max_attempt_counters: self.max_attempt_counters,
+                pod_cgroup: PodCgroup::parse(self.pod_cgroup.as_deref()),
+                ..CaptureSettings::new(self.capture_mode)
+            },
+            exclude: self.exclude_comms.clone(),
+            max_comms_per_destination: self.max_comms_per_destination as usize,
+            collect_interval: self.collect_interval,
+            service_map,
+            report,
+            hold,
+        })
+    }
+
+    fn report_settings(
+        &self,
+        scalers: &str,
+        node_name: &str,
+    ) -> Result<ReportSettings, ConfigError> {
+        let scalers = report::parse_scaler_addrs(scalers).map_err(ConfigError::ScalerAddr)?;
+        let token = match (&self.scaler_token_file, &self.scaler_token) {
+            (Some(path), _) => TokenSource::File(path.clone()),
+            (None, Some(token)) => TokenSource::Value(token.clone()),
+            (None, None) => TokenSource::None,
+        };
+        let tls = match &self.scaler_ca_file {
+            Some(ca) => Some(report::TlsFiles::read(
+                ca,
+                self.scaler_cert_file
+                    .as_deref()
+                    .zip(self.scaler_key_file.as_deref()),
+            )?),
+            None => None,
+        };
+        Ok(ReportSettings {
+            scalers,
+            node_name: node_name.to_owned(),
+            instance_id: uuid::Uuid::new_v4().to_string(),
+            token,
+            tls,
+            resolve_interval: RESOLVE_INTERVAL,
+            flush_timeout: FLUSH_TIMEOUT,
+            log_limits: LOG_LIMITS,
+        })
+    }
 }
 
-/// A hold timeout: between 1 s and 1 h.
-pub fn parse_hold_timeout(s: &str) -> Result<Duration, String> {
-    bounded_duration(
-        s.trim(),
-        Duration::from_secs(1),
-        Duration::from_secs(3600),
-        "30s, 2m",
-    )
+/// What the agent runs with; [`Args::config`] builds it from flags.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `METRICS_ADDR`: /metrics, /healthz and /readyz.
+    pub metrics_addr: SocketAddr,
+    /// `NODE_NAME`, or the host name.
+    pub node_name: String,
+    /// How connects are caught; `hold` is left unset, for the agent to
+    /// settle on the host.
+    pub capture: CaptureSettings,
+    /// `EXCLUDE_COMMS`.
+    pub exclude: ExcludeComms,
+    /// `MAX_COMMS_PER_DESTINATION`.
+    pub max_comms_per_destination: usize,
+    /// `COLLECT_INTERVAL`.
+    pub collect_interval: Duration,
+    /// `SERVICE_MAP`, or the Kubernetes API.
+    pub service_map: MapSource,
+    /// `SCALER_ADDR` and its token and TLS; `None`: /metrics only.
+    pub report: Option<ReportSettings>,
+    /// `HOLD` and its settings; `None`: `HOLD=off`.
+    pub hold: Option<HoldRequest>,
+}
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("NODE_NAME is not set and the host name cannot be read")]
+    HostName(#[source] std::io::Error),
+    /// `WATCH_NAMESPACES` or `SERVICE_SELECTOR`.
+    #[error(transparent)]
+    Kube(#[from] KubeSourceError),
+    #[error("SCALER_ADDR: {0}")]
+    ScalerAddr(String),
+    /// A `SCALER_*_FILE` that cannot be read.
+    #[error(transparent)]
+    Report(#[from] ReportError),
+}
+
+fn host_name() -> Result<String, ConfigError> {
+    let name =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map_err(ConfigError::HostName)?;
+    Ok(name.trim().to_owned())
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -175,58 +303,6 @@ fn parse_mark(s: &str) -> Result<u32, String> {
         Ok(mark) => Ok(mark),
         Err(e) => Err(format!("{s:?}: {e}")),
     }
-}
-
-/// Process names to filter, each as the kernel stores it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExcludeComms(pub Vec<String>);
-
-impl ExcludeComms {
-    /// The names as kernel map keys.
-    pub fn comms(&self) -> Vec<Comm> {
-        self.0.iter().map(|name| comm_bytes(name)).collect()
-    }
-}
-
-impl FromStr for ExcludeComms {
-    type Err = String;
-
-    fn from_str(list: &str) -> Result<Self, Self::Err> {
-        let mut names = Vec::new();
-        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if name.len() >= COMM_LEN {
-                return Err(format!(
-                    "process name {name:?} is {} bytes; the kernel keeps only the first {} bytes of a process name, so use {:?}",
-                    name.len(),
-                    COMM_LEN - 1,
-                    truncate_utf8(name, COMM_LEN - 1),
-                ));
-            }
-            if name.contains('\0') {
-                return Err(format!("process name {name:?} contains a NUL byte"));
-            }
-            if !names.iter().any(|n| n == name) {
-                names.push(name.to_owned());
-            }
-        }
-        Ok(Self(names))
-    }
-}
-
-/// A name as a NUL-padded kernel comm (the caller checked its length).
-pub fn comm_bytes(name: &str) -> Comm {
-    let mut comm = [0u8; COMM_LEN];
-    let len = name.len().min(COMM_LEN - 1);
-    comm[..len].copy_from_slice(&name.as_bytes()[..len]);
-    comm
-}
-
-fn truncate_utf8(s: &str, max: usize) -> &str {
-    let mut end = max.min(s.len());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -261,24 +337,104 @@ mod tests {
     }
 
     #[test]
-    fn exclude_comms_is_a_trimmed_deduplicated_list() {
-        assert_eq!(
-            " kubelet,k3s ,,kubelet".parse::<ExcludeComms>().unwrap(),
-            ExcludeComms(vec!["kubelet".into(), "k3s".into()])
-        );
-        assert_eq!("".parse::<ExcludeComms>().unwrap(), ExcludeComms(vec![]));
-        assert_eq!(
-            ExcludeComms(vec!["kubelet".into()]).comms(),
-            vec![*b"kubelet\0\0\0\0\0\0\0\0\0"]
-        );
-    }
-
-    #[test]
     fn exclude_comms_names_a_name_the_kernel_would_truncate() {
         let err = parse(&["--exclude-comms", "kube-controller-manager"]).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("--exclude-comms"), "{msg}");
         assert!(msg.contains("\"kube-controller\""), "{msg}");
+    }
+
+    /// The checked settings of `args`, with a node name so the host's is not needed.
+    fn checked(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["--node-name", "node-a"];
+        all.extend_from_slice(args);
+        parse(&all).unwrap().config()
+    }
+
+    #[test]
+    fn defaults_make_a_config_watching_kubernetes() {
+        let config = checked(&[]).unwrap();
+        assert_eq!(config.node_name, "node-a");
+        assert_eq!(config.capture, CaptureSettings::new(CaptureMode::Auto));
+        assert!(matches!(config.service_map, MapSource::Kube(_)));
+        assert!(config.report.is_none());
+        assert_eq!(
+            config.hold,
+            Some(HoldRequest {
+                policy: HoldPolicy::Annotated,
+                default_timeout: Duration::from_secs(60),
+                park_addr: None,
+                park_addr6: None,
+                mark: 0x2a7c,
+            })
+        );
+        assert_eq!(checked(&["--hold", "off"]).unwrap().hold, None);
+    }
+
+    #[test]
+    fn a_bad_namespace_in_watch_namespaces_fails_naming_it() {
+        let err = checked(&["--watch-namespaces", "shop,Shop_2"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "WATCH_NAMESPACES: \"Shop_2\" is not a namespace name (lowercase letters, digits and '-', at most 63 characters, starting and ending with a letter or digit)"
+        );
+    }
+
+    #[test]
+    fn a_bad_service_selector_fails_naming_it() {
+        let err = checked(&["--service-selector", "env in (a"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "SERVICE_SELECTOR=\"env in (a\": unbalanced '('"
+        );
+    }
+
+    #[test]
+    fn a_static_map_needs_no_kubernetes_settings() {
+        // As before: WATCH_NAMESPACES and SERVICE_SELECTOR only concern the
+        // Kubernetes source.
+        let config = checked(&[
+            "--service-map",
+            "/etc/itw/map.yaml",
+            "--service-selector",
+            "env in (a",
+        ])
+        .unwrap();
+        assert!(matches!(
+            config.service_map,
+            MapSource::File(path) if path == std::path::Path::new("/etc/itw/map.yaml")
+        ));
+    }
+
+    #[test]
+    fn a_bad_scaler_addr_fails_naming_it() {
+        let err = checked(&["--scaler-addr", "itw-scaler"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "SCALER_ADDR: \"itw-scaler\" has no port; use host:port, e.g. itw-scaler-headless.itw-system:9090"
+        );
+        let report = checked(&["--scaler-addr", "itw-scaler:9090"])
+            .unwrap()
+            .report
+            .unwrap();
+        assert_eq!(report.scalers[0].to_string(), "itw-scaler:9090");
+        assert_eq!(report.node_name, "node-a");
+    }
+
+    #[test]
+    fn an_unreadable_tls_file_fails_naming_it() {
+        let err = checked(&[
+            "--scaler-addr",
+            "itw-scaler:9090",
+            "--scaler-ca-file",
+            "/nonexistent/ca.pem",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("SCALER_CA_FILE /nonexistent/ca.pem: "),
+            "{err}"
+        );
     }
 
     #[test]

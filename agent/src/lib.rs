@@ -1,21 +1,56 @@
 //! `itw-agent`: counts TCP connect attempts on one node and reports them.
 //!
+//! - [`config`]: flags and env vars, checked into a [`config::Config`].
+//! - [`agent`]: the agent as a whole, started from a config and served until shutdown.
+//! - `fast_path`: the thread of its own that runs capture, the counting loop and the reporter.
 //! - [`capture`]: the eBPF programs, loaded and attached, behind the [`capture::Kernel`] trait.
 //! - [`resolve`]: which namespace, Service and Pod an IP:port belongs to.
 //! - [`destinations`]: the ids the kernel counts under, kept in step with the map.
-//! - [`collect`]: kernel counters turned into exact deltas per series.
-//! - [`counting`]: the loop that owns the kernel side and collects on ticks and wakes.
+//! - [`deltas`]: kernel counters turned into exact deltas per series.
+//! - [`counting_loop`]: the loop that owns the kernel side and collects on ticks and wakes.
 //! - [`hold`]: connects to a Service without a ready endpoint parked until one is ready.
 //! - [`metrics`]: what `/metrics` serves.
 //! - [`report`]: the streams to every scaler replica.
-//! - [`config`]: flags and env vars.
+//! - [`process`]: process-wide setup: malloc arenas, the open-files limit, shutdown signals.
 
+pub mod agent;
 pub mod capture;
-pub mod collect;
 pub mod config;
-pub mod counting;
+pub mod counting_loop;
+pub mod deltas;
 pub mod destinations;
+mod fast_path;
 pub mod hold;
 pub mod metrics;
+pub mod process;
 pub mod report;
 pub mod resolve;
+
+pub use agent::Agent;
+
+use capture::CaptureError;
+
+/// Why the agent could not start, or stopped on a failure of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("starting the fast-path thread")]
+    FastPathThread(#[source] std::io::Error),
+    #[error("starting the fast-path runtime")]
+    FastPathRuntime(#[source] std::io::Error),
+    #[error("the fast-path thread ended before capture started")]
+    FastPathEnded,
+    #[error("the fast-path thread panicked")]
+    FastPathPanicked,
+    #[error("starting capture")]
+    Capture(#[source] CaptureError),
+    #[error("setting EXCLUDE_COMMS in the kernel")]
+    Exclude(#[source] CaptureError),
+    #[error("counting")]
+    Counting(#[source] CaptureError),
+    #[error(transparent)]
+    StaticMap(#[from] resolve::static_map::StaticMapError),
+    #[error(transparent)]
+    Kube(#[from] resolve::kube::KubeSourceError),
+    #[error(transparent)]
+    Telemetry(#[from] itw_telemetry::Error),
+}

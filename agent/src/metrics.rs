@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::{
     capture::{CaptureMode, KernelStats},
-    collect::SeriesKey,
+    deltas::SeriesKey,
     resolve::ServiceRef,
 };
 

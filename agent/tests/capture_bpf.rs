@@ -19,9 +19,9 @@ use std::{
 };
 
 use capture_support as support;
-use itw_agent::{
-    capture::{CaptureMode, CommSource, KernelCounts, KernelStats, LeaderRead, Wake, mode},
-    config::comm_bytes,
+use itw_agent::capture::{
+    CaptureMode, CommSource, KernelCounts, KernelStats, LeaderRead, Wake, comm_bytes, comm_name,
+    mode,
 };
 use itw_common::Destination;
 use tokio::sync::mpsc;
@@ -297,7 +297,7 @@ async fn wakes_once_per_idle_to_active_until_rearmed(slot: Slot) {
     // counter gives the whole burst so far.
     let comm = support::process_comm();
     assert_eq!(wake.key.dest_id, 30);
-    assert_eq!(itw_agent::collect::comm_name(&wake.key.comm), comm);
+    assert_eq!(comm_name(&wake.key.comm), comm);
     assert!(!wake.overflowed);
     let mut woken = KernelCounts::default();
     kernel.read_woken(&[wake], &mut woken).unwrap();

@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 /// The renders that configure the agent: the install and its TLS overlay.
 const AGENT_RENDERS: [&str; 2] = ["", "examples/tls/install"];
 
-/// The HTTP routes main.rs serves on METRICS_ADDR.
+/// The HTTP routes the agent (agent.rs) serves on METRICS_ADDR.
 const LIVENESS_PATH: &str = "/healthz";
 const READINESS_PATH: &str = "/readyz";
 

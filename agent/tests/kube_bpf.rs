@@ -13,8 +13,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use itw_agent::{
     capture::CaptureMode,
-    collect::Collector,
-    counting::{AgentClock, Collected, CollectionSink, CountingLoop, Health},
+    counting_loop::{AgentClock, Collected, CollectionSink, CountingLoop, Health},
+    deltas::Collector,
     destinations::DestinationTable,
     metrics::{AttemptCounters, CountingMetrics, TriggerLabels},
     resolve::kube::{self as kube_source, KubeSettings, KubeSourceMetrics},

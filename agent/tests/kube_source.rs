@@ -10,8 +10,8 @@ use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use itw_agent::{
     capture::fake::{FakeKernel, FakeKernelHandle},
-    collect::Collector,
-    counting::{AgentClock, Collected, CollectionSink, CountingLoop, Health},
+    counting_loop::{AgentClock, Collected, CollectionSink, CountingLoop, Health},
+    deltas::Collector,
     destinations::DestinationTable,
     metrics::{AttemptCounters, CountingMetrics},
     resolve::{

@@ -7,8 +7,8 @@ use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use futures::Stream;
 use itw_agent::{
-    collect::SeriesKey,
-    counting::{AgentClock, Collected, CollectionSink},
+    counting_loop::{AgentClock, Collected, CollectionSink},
+    deltas::SeriesKey,
     report::{ReportMetrics, ReportSettings, Reporter, ScalerAddr, TokenSource, ledger::LogLimits},
     resolve::ServiceRef,
 };

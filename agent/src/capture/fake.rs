@@ -64,7 +64,7 @@ impl FakeKernel {
 impl FakeKernelHandle {
     /// A connect attempt by a process named `comm` to `dest`, as the programs see it.
     pub fn connect(&self, dest: Destination, comm: &str) {
-        let comm = crate::config::comm_bytes(comm);
+        let comm = super::comm_bytes(comm);
         let mut maps = self.maps.lock();
         let Some((dest_id, armed)) = maps.watched.get(&dest).copied() else {
             return;

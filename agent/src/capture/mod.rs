@@ -13,6 +13,7 @@
 
 pub mod btf;
 pub mod cgroup;
+pub mod comm;
 pub mod ebpf;
 pub mod fake;
 pub mod mode;
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 use itw_common::{AttemptKey, Comm, Destination};
 use tokio::sync::mpsc;
 
+pub use comm::{ExcludeComms, comm_bytes, comm_name};
 pub use ebpf::{
     CaptureSettings, CommSource, KernelHold, LeaderRead, LoadedObjects, PodCgroup, Started, start,
 };

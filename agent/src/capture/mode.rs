@@ -35,14 +35,44 @@ pub fn detect(cgroup_root: Option<&Path>) -> Features {
     }
 }
 
+/// A mode this host can do, with what detection found for it: never
+/// [`CaptureMode::Auto`], and never the cgroup mode without a root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Chosen {
+    Cgroup(CgroupRoot),
+    Kprobe,
+    Tracepoint,
+}
+
+impl Chosen {
+    pub fn mode(&self) -> CaptureMode {
+        match self {
+            Self::Cgroup(_) => CaptureMode::Cgroup,
+            Self::Kprobe => CaptureMode::Kprobe,
+            Self::Tracepoint => CaptureMode::Tracepoint,
+        }
+    }
+}
+
 /// A chosen mode and why, for the start log and /metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Choice {
-    /// Never [`CaptureMode::Auto`].
-    pub mode: CaptureMode,
+    pub chosen: Chosen,
     pub reason: String,
-    /// The cgroup root, for [`CaptureMode::Cgroup`].
-    pub cgroup: Option<CgroupRoot>,
+}
+
+impl Choice {
+    pub fn mode(&self) -> CaptureMode {
+        self.chosen.mode()
+    }
+
+    /// The cgroup root, for the cgroup mode.
+    pub fn cgroup(&self) -> Option<&CgroupRoot> {
+        match &self.chosen {
+            Chosen::Cgroup(root) => Some(root),
+            Chosen::Kprobe | Chosen::Tracepoint => None,
+        }
+    }
 }
 
 impl Features {
@@ -77,9 +107,20 @@ impl Features {
 /// it), then kprobe, then tracepoint. A forced mode the host lacks is an
 /// error that says what is missing and what to use instead.
 pub fn choose(requested: CaptureMode, features: &Features) -> Result<Choice, CaptureError> {
-    let cgroup = || features.cgroup.as_ref().ok().cloned();
-    if requested != CaptureMode::Auto {
-        if let Some(missing) = features.missing(requested) {
+    let forced = match requested {
+        CaptureMode::Auto => return choose_auto(features),
+        CaptureMode::Cgroup => features.cgroup.clone().map(Chosen::Cgroup),
+        CaptureMode::Kprobe => features.missing(requested).map_or(Ok(Chosen::Kprobe), Err),
+        CaptureMode::Tracepoint => features
+            .missing(requested)
+            .map_or(Ok(Chosen::Tracepoint), Err),
+    };
+    match forced {
+        Ok(chosen) => Ok(Choice {
+            chosen,
+            reason: format!("CAPTURE_MODE={requested}"),
+        }),
+        Err(missing) => {
             let others: Vec<_> = features
                 .available()
                 .into_iter()
@@ -90,19 +131,16 @@ pub fn choose(requested: CaptureMode, features: &Features) -> Result<Choice, Cap
             } else {
                 format!("use {}", others.join(" or "))
             };
-            return Err(CaptureError::ModeUnavailable {
+            Err(CaptureError::ModeUnavailable {
                 mode: requested,
                 missing,
                 instead,
-            });
+            })
         }
-        return Ok(Choice {
-            mode: requested,
-            reason: format!("CAPTURE_MODE={requested}"),
-            cgroup: (requested == CaptureMode::Cgroup).then(cgroup).flatten(),
-        });
     }
+}
 
+fn choose_auto(features: &Features) -> Result<Choice, CaptureError> {
     match &features.cgroup {
         Ok(root) => {
             let subtree = match &root.subtree {
@@ -112,12 +150,11 @@ pub fn choose(requested: CaptureMode, features: &Features) -> Result<Choice, Cap
                 None => String::new(),
             };
             return Ok(Choice {
-                mode: CaptureMode::Cgroup,
+                chosen: Chosen::Cgroup(root.clone()),
                 reason: format!(
                     "cgroup v2 is mounted at {} (sees the address callers ask for, before socket-level load balancers){subtree}",
                     root.path.display()
                 ),
-                cgroup: Some(root.clone()),
             });
         }
         Err(why) if features.cgroup_root_set => {
@@ -132,19 +169,17 @@ pub fn choose(requested: CaptureMode, features: &Features) -> Result<Choice, Cap
     let no_cgroup = features.missing(CaptureMode::Cgroup).unwrap_or_default();
     if features.kprobes {
         return Ok(Choice {
-            mode: CaptureMode::Kprobe,
+            chosen: Chosen::Kprobe,
             reason: format!("{no_cgroup}; kprobes are available"),
-            cgroup: None,
         });
     }
     if features.tracepoints {
         return Ok(Choice {
-            mode: CaptureMode::Tracepoint,
+            chosen: Chosen::Tracepoint,
             reason: format!(
                 "{no_cgroup}; {}; tracepoints are available",
                 features.missing(CaptureMode::Kprobe).unwrap_or_default()
             ),
-            cgroup: None,
         });
     }
     Err(CaptureError::NoMode {
@@ -190,7 +225,7 @@ mod tests {
         ];
         for ((c, k, t), expected) in cases {
             let choice = choose(CaptureMode::Auto, &features(c, k, t)).unwrap();
-            assert_eq!(choice.mode, expected, "{c} {k} {t}");
+            assert_eq!(choice.mode(), expected, "{c} {k} {t}");
         }
     }
 
@@ -201,7 +236,10 @@ mod tests {
             choice.reason,
             "cgroup v2 is mounted at /sys/fs/cgroup (sees the address callers ask for, before socket-level load balancers)"
         );
-        assert_eq!(choice.cgroup.map(|c| c.path), Some("/sys/fs/cgroup".into()));
+        assert_eq!(
+            choice.cgroup().map(|c| c.path.clone()),
+            Some("/sys/fs/cgroup".into())
+        );
         let choice = choose(CaptureMode::Auto, &features(false, false, true)).unwrap();
         assert_eq!(
             choice.reason,
@@ -209,7 +247,7 @@ mod tests {
                 "no cgroup v2 hierarchy is mounted; this kernel has no kprobe events (CONFIG_KPROBE_EVENTS; {KPROBE_PMU} is missing); tracepoints are available"
             )
         );
-        assert_eq!(choice.cgroup, None);
+        assert_eq!(choice.cgroup(), None);
     }
 
     #[test]
@@ -238,11 +276,14 @@ mod tests {
     #[test]
     fn a_forced_mode_the_kernel_has_is_taken() {
         let choice = choose(CaptureMode::Tracepoint, &features(true, true, true)).unwrap();
-        assert_eq!(choice.mode, CaptureMode::Tracepoint);
+        assert_eq!(choice.mode(), CaptureMode::Tracepoint);
         assert_eq!(choice.reason, "CAPTURE_MODE=tracepoint");
-        assert_eq!(choice.cgroup, None);
+        assert_eq!(choice.cgroup(), None);
         let choice = choose(CaptureMode::Cgroup, &features(true, true, true)).unwrap();
-        assert_eq!(choice.cgroup.map(|c| c.path), Some("/sys/fs/cgroup".into()));
+        assert_eq!(
+            choice.cgroup().map(|c| c.path.clone()),
+            Some("/sys/fs/cgroup".into())
+        );
     }
 
     #[test]
@@ -257,7 +298,7 @@ mod tests {
         );
         // A forced other mode does not care.
         assert_eq!(
-            choose(CaptureMode::Kprobe, &f).unwrap().mode,
+            choose(CaptureMode::Kprobe, &f).unwrap().mode(),
             CaptureMode::Kprobe
         );
     }

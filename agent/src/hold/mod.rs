@@ -18,10 +18,11 @@
 pub mod metrics;
 pub mod net;
 pub mod park;
+pub mod settings;
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     ops::Bound,
     sync::Arc,
     time::Duration,
@@ -29,53 +30,19 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 
-pub use self::{metrics::HoldMetrics, net::connect_marked};
+pub use self::{
+    metrics::HoldMetrics,
+    net::connect_marked,
+    settings::{HoldPolicy, HoldRequest, HoldSettings},
+};
 use self::{
     metrics::ServiceLabels,
     park::{Parking, Phase},
 };
 use crate::{
     capture::Kernel,
-    config::HoldPolicy,
     resolve::{self, DestMap, MapChange, MapEvent, ServiceRef, ServiceState},
 };
-
-/// What holding needs, once the agent has decided it can hold.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HoldSettings {
-    pub policy: HoldPolicy,
-    /// For a Service that sets none.
-    pub default_timeout: Duration,
-    /// Parking addresses; a family without one is not held.
-    pub park_ip4: Option<Ipv4Addr>,
-    pub park_ip6: Option<Ipv6Addr>,
-    /// The agent's own connects carry it.
-    pub mark: u32,
-}
-
-impl HoldSettings {
-    /// Whether the policy holds `service` while it has no ready endpoint.
-    fn asks(&self, state: &ServiceState) -> bool {
-        match self.policy {
-            HoldPolicy::Off => false,
-            HoldPolicy::Annotated => state.hold,
-            HoldPolicy::All => true,
-        }
-    }
-
-    /// Whether connects to `service` are held now.
-    pub fn holds(&self, state: &ServiceState) -> bool {
-        // A source that cannot tell readiness never holds.
-        self.asks(state) && state.ready_endpoints == Some(0)
-    }
-
-    fn park_ip(&self, dest: SocketAddr) -> Option<IpAddr> {
-        match dest {
-            SocketAddr::V4(_) => self.park_ip4.map(IpAddr::V4),
-            SocketAddr::V6(_) => self.park_ip6.map(IpAddr::V6),
-        }
-    }
-}
 
 /// A destination whose connects are parked now.
 struct Held {

@@ -2,7 +2,12 @@
 //! real loopback sockets (the client connects to the parking port itself,
 //! standing in for the kernel's rewrite).
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

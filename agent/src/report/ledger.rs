@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use prost::Message;
 use tokio::{sync::watch, time::Instant};
 
-use crate::{collect::SeriesKey, counting::Collected, resolve::ServiceRef};
+use crate::{counting_loop::Collected, deltas::SeriesKey, resolve::ServiceRef};
 
 /// Longest history kept, whatever a replica asks for (the scaler's default cap).
 pub const MAX_HISTORY_SECONDS: u32 = 15 * 60;

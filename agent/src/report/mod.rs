@@ -25,7 +25,7 @@ use tonic::{
     transport::{Certificate, ClientTlsConfig, Identity},
 };
 
-use crate::counting::{AgentClock, Collected, CollectionSink};
+use crate::counting_loop::{AgentClock, Collected, CollectionSink};
 use ledger::{Ledger, LogLimits};
 
 pub use replicas::{ScalerAddr, parse_scaler_addrs};

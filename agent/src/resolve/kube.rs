@@ -45,7 +45,7 @@ mod driver;
 mod extract;
 mod metrics;
 mod objects;
-mod reflect;
+mod resolver;
 mod selector;
 mod state;
 
@@ -55,11 +55,11 @@ mod tests;
 use std::sync::Arc;
 
 pub use driver::{error_reason, run};
-pub use extract::{Kind, Malformed, SERVICE_NAME_LABEL};
+pub use extract::{Kind, Malformed};
 use kube::core::Selector;
 pub use metrics::{KindLabels, KubeSourceMetrics, WatchErrorLabels};
-pub use objects::{EndpointSliceObject, ServiceObject};
-pub use reflect::{Outcome, Resolver, StreamSpec};
+pub use objects::{EndpointSliceObject, SERVICE_NAME_LABEL, ServiceObject};
+pub use resolver::{Outcome, Resolver, StreamSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -146,7 +146,8 @@ impl KubeSettings {
         self.selector.as_ref()
     }
 
-    fn namespaces_label(&self) -> String {
+    /// WATCH_NAMESPACES for logs: the list, or "all".
+    pub fn namespaces_label(&self) -> String {
         if self.namespaces.is_empty() {
             "all".into()
         } else {
@@ -154,7 +155,8 @@ impl KubeSettings {
         }
     }
 
-    fn selector_label(&self) -> String {
+    /// SERVICE_SELECTOR for logs: the selector, or "(every Service)".
+    pub fn selector_label(&self) -> String {
         self.selector
             .as_ref()
             .map_or_else(|| "(every Service)".into(), ToString::to_string)

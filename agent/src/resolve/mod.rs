@@ -18,6 +18,15 @@ use std::{
 
 use itw_common::Destination;
 
+/// Where the service map comes from.
+#[derive(Clone, Debug)]
+pub enum MapSource {
+    /// `SERVICE_MAP`: a static file, reloaded on change.
+    File(std::path::PathBuf),
+    /// The Kubernetes API, with checked `WATCH_NAMESPACES` and `SERVICE_SELECTOR`.
+    Kube(kube::KubeSettings),
+}
+
 /// A Kubernetes Service, by namespace and name.
 ///
 /// One pointer wide (every watched destination's [`Target`] holds one), and
@@ -131,6 +140,16 @@ pub struct ServiceState {
     /// Endpoints ready to take connections, counted once per address (not
     /// per port); `None` when the source cannot tell, which never holds.
     pub ready_endpoints: Option<u32>,
+}
+
+/// A hold timeout (`HOLD_TIMEOUT`, and a Service's own): between 1 s and 1 h.
+pub fn parse_hold_timeout(s: &str) -> Result<Duration, String> {
+    itw_telemetry::flags::bounded_duration(
+        s.trim(),
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+        "30s, 2m",
+    )
 }
 
 /// One incremental change.

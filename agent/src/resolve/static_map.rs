@@ -33,7 +33,9 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 use tokio::sync::mpsc;
 
-use super::{MapEvent, ServiceMap, ServiceRef, ServiceState, Target, canonical};
+use super::{
+    MapEvent, ServiceMap, ServiceRef, ServiceState, Target, canonical, parse_hold_timeout,
+};
 
 /// How often the file's modification time and size are checked.
 const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -151,7 +153,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
         let service = ServiceRef::new(&svc.namespace.value, &svc.name.value);
         let hold_timeout = match &svc.hold_timeout {
             None => None,
-            Some(t) => Some(crate::config::parse_hold_timeout(&t.value).map_err(|e| {
+            Some(t) => Some(parse_hold_timeout(&t.value).map_err(|e| {
                 invalid(format!(
                     "line {}: {}: {e}",
                     t.referenced.line(),

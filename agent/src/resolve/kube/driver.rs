@@ -25,7 +25,7 @@ use super::{
     extract::Kind,
     metrics::{KubeSourceMetrics, WatchErrorLabels},
     objects::{EndpointSliceObject, ServiceObject},
-    reflect::{Outcome, Resolver, StreamSpec},
+    resolver::{Outcome, Resolver, StreamSpec},
 };
 use crate::resolve::MapEvent;
 

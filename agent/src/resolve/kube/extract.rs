@@ -17,16 +17,10 @@ use std::{
     time::Duration,
 };
 
-use super::objects::{EndpointSliceObject, ServiceObject};
-
-/// The label the EndpointSlice controller ties a slice to its Service with.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// `"true"`: hold connects to the Service while it has no ready endpoint.
-pub const HOLD_ANNOTATION: &str = "internal-tcp-watcher.io/hold";
-
-/// How long a connect to the Service may be held (`30s`, `2m`; 1s to 1h).
-pub const HOLD_TIMEOUT_ANNOTATION: &str = "internal-tcp-watcher.io/hold-timeout";
+use super::objects::{
+    EndpointSliceObject, HOLD_ANNOTATION, HOLD_TIMEOUT_ANNOTATION, SERVICE_NAME_LABEL,
+    ServiceObject,
+};
 
 /// The two kinds of object the resolver watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -393,7 +387,7 @@ fn hold_annotations(
         }
     };
     let hold_timeout = value(HOLD_TIMEOUT_ANNOTATION).and_then(|given| {
-        crate::config::parse_hold_timeout(given)
+        crate::resolve::parse_hold_timeout(given)
             .map_err(|problem| {
                 report.skip(
                     field(HOLD_TIMEOUT_ANNOTATION),

@@ -23,7 +23,14 @@ use serde::{
     de::{IgnoredAny, MapAccess, Visitor},
 };
 
-use super::extract::{HOLD_ANNOTATION, HOLD_TIMEOUT_ANNOTATION, SERVICE_NAME_LABEL};
+/// The label the EndpointSlice controller ties a slice to its Service with.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// `"true"`: hold connects to the Service while it has no ready endpoint.
+pub const HOLD_ANNOTATION: &str = "internal-tcp-watcher.io/hold";
+
+/// How long a connect to the Service may be held (`30s`, `2m`; 1s to 1h).
+pub const HOLD_TIMEOUT_ANNOTATION: &str = "internal-tcp-watcher.io/hold-timeout";
 
 /// A core/v1 Service, as far as the resolver reads it.
 #[derive(Clone, Debug, Default, Deserialize)]

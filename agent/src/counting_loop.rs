@@ -24,7 +24,7 @@ use tokio::{
 
 use crate::{
     capture::{CaptureError, Kernel, Wake},
-    collect::{Collection, Collector, SeriesKey},
+    deltas::{Collection, Collector, SeriesKey},
     destinations::{Applied, DestinationTable},
     hold::Holder,
     metrics::{AttemptCounters, CommLabels, CountingMetrics, TriggerLabels},
@@ -280,7 +280,7 @@ mod tests {
     use super::*;
     use crate::{
         capture::fake::FakeKernel,
-        collect::Collector,
+        deltas::Collector,
         resolve::{self, ServiceMap, ServiceRef, Target},
     };
 

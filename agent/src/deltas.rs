@@ -16,7 +16,7 @@ use itw_common::{AttemptKey, Comm};
 use itw_telemetry::exposition::OVERFLOW_COMM;
 
 use crate::{
-    capture::{CaptureError, Kernel, KernelCounts, Wake},
+    capture::{CaptureError, Kernel, KernelCounts, Wake, comm_name},
     destinations::DestinationTable,
     resolve::{ServiceRef, Target},
 };
@@ -220,12 +220,6 @@ fn series(target: &Target, comm: Arc<str>) -> SeriesKey {
     }
 }
 
-/// A kernel comm as text: up to the first NUL, invalid UTF-8 replaced.
-pub fn comm_name(comm: &Comm) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
@@ -325,7 +319,7 @@ mod tests {
     fn filtered_names_are_counted_apart() {
         let mut rig = Rig::new(64, 8);
         rig.kernel
-            .set_excluded(&[crate::config::comm_bytes("kubelet")])
+            .set_excluded(&[crate::capture::comm_bytes("kubelet")])
             .unwrap();
         rig.set("127.1.0.1:80", "a", None);
         rig.connect("127.1.0.1:80", "kubelet", 7);
@@ -482,12 +476,5 @@ mod tests {
             .unwrap();
         assert_eq!(woken.deltas, vec![(key("b", "", OVERFLOW_COMM), 2)]);
         assert_eq!(woken.kernel_overflow, 2);
-    }
-
-    #[test]
-    fn comm_names_stop_at_the_first_nul() {
-        assert_eq!(comm_name(b"java\0\0\0\0\0\0\0\0\0\0\0\0"), "java");
-        assert_eq!(comm_name(b"fifteen-chars-x\0"), "fifteen-chars-x");
-        assert_eq!(comm_name(b"\xffbad\0\0\0\0\0\0\0\0\0\0\0\0"), "\u{fffd}bad");
     }
 }

@@ -1,0 +1,336 @@
+//! The loaded object's maps as a [`Kernel`]: [`EbpfKernel`] holds a handle
+//! on each map and turns the agent's requests into map operations.
+//!
+//! It never attaches or detaches anything (dropping it does, with the
+//! object it owns), and it never blocks: every call is a few map syscalls.
+
+use std::collections::HashSet;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
+};
+use itw_common::{
+    AttemptKey, Comm, Destination, Park, ParkKey, Watch, capacity, excluded_hint_bit, maps, stat,
+};
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use super::{settings::CaptureSettings, wakes};
+use crate::capture::{CaptureError, Kernel, KernelCounts, KernelStats, Wake};
+
+/// The eBPF [`Kernel`]: the loaded object (owning programs and links) and
+/// handles on its maps.
+pub struct EbpfKernel {
+    // Dropping it detaches and unloads the programs.
+    _ebpf: Ebpf,
+    watched: HashMap<MapData, Destination, Watch>,
+    excluded: HashMap<MapData, Comm, u8>,
+    excluded_hint: Array<MapData, u64>,
+    attempts: PerCpuHashMap<MapData, AttemptKey, u64>,
+    overflow: PerCpuHashMap<MapData, u32, u64>,
+    filtered: PerCpuHashMap<MapData, Comm, u64>,
+    stats: PerCpuArray<MapData, u64>,
+    excluded_now: HashSet<Comm>,
+    max_destinations: u32,
+    wakes: Option<mpsc::Receiver<Wake>>,
+    wake_reader: JoinHandle<()>,
+    /// Present when the programs hold.
+    hold: Option<HoldMaps>,
+}
+
+struct HoldMaps {
+    hold: HashMap<MapData, Destination, Park>,
+    count: Array<MapData, u64>,
+    parked: HashMap<MapData, ParkKey, Destination>,
+    /// What `hold` holds, so the count is known without a walk.
+    held: HashSet<Destination>,
+}
+
+fn park_key(dest: &Destination, port: u16) -> ParkKey {
+    ParkKey {
+        family: if dest.is_ipv4() { 4 } else { 6 },
+        port,
+    }
+}
+
+/// An insert's error, naming the map; a full map (E2BIG) says which setting
+/// makes room.
+fn insert_error(
+    map: &'static str,
+    capacity: u32,
+    setting: &'static str,
+) -> impl Fn(MapError) -> CaptureError {
+    move |err| match map_error(map)(err) {
+        CaptureError::Map { source, .. } if source.raw_os_error() == Some(libc::E2BIG) => {
+            CaptureError::MapFull {
+                map,
+                capacity,
+                setting,
+            }
+        }
+        other => other,
+    }
+}
+
+/// The result of removing a key, an absent key being no error (a walk may
+/// meet a key the kernel has just deleted, and removals are retried).
+fn removed(result: Result<(), MapError>, map: &'static str) -> Result<(), CaptureError> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(err) => Err(map_error(map)(err)),
+    }
+}
+
+impl EbpfKernel {
+    pub(super) fn new(
+        mut ebpf: Ebpf,
+        settings: &CaptureSettings,
+        holding: bool,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<Self, CaptureError> {
+        let hold = match holding {
+            true => Some(HoldMaps {
+                hold: take_map(&mut ebpf, maps::HOLD)?,
+                count: take_map(&mut ebpf, maps::HOLD_COUNT)?,
+                parked: take_map(&mut ebpf, maps::PARKED)?,
+                held: HashSet::new(),
+            }),
+            false => None,
+        };
+        let (wakes, wake_reader) = wakes::spawn_reader(take_map(&mut ebpf, maps::WAKES)?, runtime)?;
+        Ok(Self {
+            watched: take_map(&mut ebpf, maps::WATCHED)?,
+            excluded: take_map(&mut ebpf, maps::EXCLUDED)?,
+            excluded_hint: take_map(&mut ebpf, maps::EXCLUDED_HINT)?,
+            attempts: take_map(&mut ebpf, maps::ATTEMPTS)?,
+            overflow: take_map(&mut ebpf, maps::OVERFLOW)?,
+            filtered: take_map(&mut ebpf, maps::FILTERED)?,
+            stats: take_map(&mut ebpf, maps::STATS)?,
+            _ebpf: ebpf,
+            excluded_now: HashSet::new(),
+            max_destinations: settings.max_destinations,
+            wakes: Some(wakes),
+            wake_reader,
+            hold,
+        })
+    }
+}
+
+impl Drop for EbpfKernel {
+    fn drop(&mut self) {
+        // The reader owns the ring buffer's descriptor; the rest closes with self.
+        self.wake_reader.abort();
+    }
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, CaptureError>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(CaptureError::ObjectMismatch { what: "map", name })?;
+    M::try_from(map).map_err(|source| CaptureError::MapHandle {
+        map: name,
+        source: Box::new(source),
+    })
+}
+
+/// A map operation's error, naming the map.
+fn map_error(map: &'static str) -> impl Fn(MapError) -> CaptureError {
+    move |err| match err {
+        MapError::SyscallError(e) => CaptureError::Map {
+            map,
+            source: e.io_error,
+        },
+        other => CaptureError::MapHandle {
+            map,
+            source: Box::new(other),
+        },
+    }
+}
+
+fn sum(values: &[u64]) -> u64 {
+    values.iter().fold(0u64, |total, v| total.wrapping_add(*v))
+}
+
+impl Kernel for EbpfKernel {
+    fn watch(&mut self, dest: &Destination, dest_id: u32) -> Result<(), CaptureError> {
+        let watch = Watch { dest_id, armed: 1 };
+        self.watched.insert(dest, watch, 0).map_err(insert_error(
+            maps::WATCHED,
+            self.max_destinations,
+            "MAX_DESTINATIONS",
+        ))
+    }
+
+    fn unwatch(&mut self, dest: &Destination) -> Result<(), CaptureError> {
+        removed(self.watched.remove(dest), maps::WATCHED)
+    }
+
+    fn set_excluded(&mut self, comms: &[Comm]) -> Result<(), CaptureError> {
+        let wanted: HashSet<Comm> = comms.iter().copied().collect();
+        if wanted.len() > capacity::EXCLUDED as usize {
+            return Err(CaptureError::MapFull {
+                map: maps::EXCLUDED,
+                capacity: capacity::EXCLUDED,
+                setting: "EXCLUDE_COMMS (fewer names)",
+            });
+        }
+        // The hint covers old and new names while the map changes, so a name
+        // in the map is never skipped for a missing bit; it narrows after.
+        let hint = |names: &HashSet<Comm>| names.iter().fold(0u64, |h, c| h | excluded_hint_bit(c));
+        self.excluded_hint
+            .set(0, hint(&self.excluded_now) | hint(&wanted), 0)
+            .map_err(map_error(maps::EXCLUDED_HINT))?;
+        // Remove first so the map never holds more than its capacity.
+        for comm in self.excluded_now.difference(&wanted) {
+            removed(self.excluded.remove(comm), maps::EXCLUDED)?;
+        }
+        for comm in wanted.difference(&self.excluded_now) {
+            self.excluded
+                .insert(comm, 1, 0)
+                .map_err(map_error(maps::EXCLUDED))?;
+        }
+        self.excluded_hint
+            .set(0, hint(&wanted), 0)
+            .map_err(map_error(maps::EXCLUDED_HINT))?;
+        self.excluded_now = wanted;
+        Ok(())
+    }
+
+    fn read(&mut self, out: &mut KernelCounts) -> Result<(), CaptureError> {
+        out.clear();
+        for item in self.attempts.iter() {
+            let (key, values) = item.map_err(map_error(maps::ATTEMPTS))?;
+            out.attempts.push((key, sum(&values)));
+        }
+        for item in self.overflow.iter() {
+            let (dest_id, values) = item.map_err(map_error(maps::OVERFLOW))?;
+            out.overflow.push((dest_id, sum(&values)));
+        }
+        for item in self.filtered.iter() {
+            let (comm, values) = item.map_err(map_error(maps::FILTERED))?;
+            out.filtered.push((comm, sum(&values)));
+        }
+        // A hash map walk restarts from the first bucket when the key it
+        // stood on is deleted under it, so a key can come twice: keep the
+        // larger (later) of the cumulative values.
+        dedup_max(&mut out.attempts, |k| (k.dest_id, k.comm));
+        dedup_max(&mut out.overflow, |k| *k);
+        dedup_max(&mut out.filtered, |k| *k);
+        Ok(())
+    }
+
+    fn read_woken(&mut self, wakes: &[Wake], out: &mut KernelCounts) -> Result<(), CaptureError> {
+        out.clear();
+        for wake in wakes {
+            match self.attempts.get(&wake.key, 0) {
+                Ok(values) => out.attempts.push((wake.key, sum(&values))),
+                // Forgotten meanwhile: the next full read settles it.
+                Err(MapError::KeyNotFound) => {}
+                Err(err) => return Err(map_error(maps::ATTEMPTS)(err)),
+            }
+            if wake.overflowed {
+                match self.overflow.get(&wake.key.dest_id, 0) {
+                    Ok(values) => out.overflow.push((wake.key.dest_id, sum(&values))),
+                    Err(MapError::KeyNotFound) => {}
+                    Err(err) => return Err(map_error(maps::OVERFLOW)(err)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, dest_ids: &[u32]) -> Result<(), CaptureError> {
+        let ids: HashSet<u32> = dest_ids.iter().copied().collect();
+        let mut doomed = Vec::new();
+        for key in self.attempts.keys() {
+            let key = key.map_err(map_error(maps::ATTEMPTS))?;
+            if ids.contains(&key.dest_id) {
+                doomed.push(key);
+            }
+        }
+        for key in &doomed {
+            removed(self.attempts.remove(key), maps::ATTEMPTS)?;
+        }
+        for id in &ids {
+            removed(self.overflow.remove(id), maps::OVERFLOW)?;
+        }
+        Ok(())
+    }
+
+    fn stats(&mut self) -> Result<KernelStats, CaptureError> {
+        let get = |index: u32| -> Result<u64, CaptureError> {
+            let values = self.stats.get(&index, 0).map_err(map_error(maps::STATS))?;
+            Ok(sum(&values))
+        };
+        Ok(KernelStats {
+            wakes_dropped: get(stat::WAKE_DROPPED)?,
+            attempts_map_full: get(stat::ATTEMPTS_FULL)?,
+            overflow_map_full: get(stat::OVERFLOW_FULL)?,
+            leader_comm_failed: get(stat::LEADER_COMM_FAILED)?,
+        })
+    }
+
+    fn take_wakes(&mut self) -> Option<mpsc::Receiver<Wake>> {
+        self.wakes.take()
+    }
+
+    fn hold(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError> {
+        let hold = self.hold.as_mut().ok_or_else(not_holding)?;
+        // getpeername() must know the port before any connect lands there.
+        hold.parked
+            .insert(park_key(dest, park_port), dest, 0)
+            .map_err(map_error(maps::PARKED))?;
+        let park = Park {
+            port: park_port,
+            _pad: 0,
+        };
+        hold.hold.insert(dest, park, 0).map_err(insert_error(
+            maps::HOLD,
+            capacity::HOLD,
+            "HOLD=annotated with fewer held Services",
+        ))?;
+        hold.held.insert(*dest);
+        hold.count
+            .set(0, hold.held.len() as u64, 0)
+            .map_err(map_error(maps::HOLD_COUNT))
+    }
+
+    fn unhold(&mut self, dest: &Destination) -> Result<(), CaptureError> {
+        let hold = self.hold.as_mut().ok_or_else(not_holding)?;
+        removed(hold.hold.remove(dest), maps::HOLD)?;
+        hold.held.remove(dest);
+        hold.count
+            .set(0, hold.held.len() as u64, 0)
+            .map_err(map_error(maps::HOLD_COUNT))
+    }
+
+    fn forget_park(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError> {
+        let hold = self.hold.as_mut().ok_or_else(not_holding)?;
+        removed(hold.parked.remove(&park_key(dest, park_port)), maps::PARKED)
+    }
+}
+
+fn not_holding() -> CaptureError {
+    CaptureError::Other("holding is off in the loaded programs".to_owned())
+}
+
+fn dedup_max<K, O: Ord>(entries: &mut Vec<(K, u64)>, order: impl Fn(&K) -> O) {
+    entries.sort_by(|a, b| order(&a.0).cmp(&order(&b.0)).then(b.1.cmp(&a.1)));
+    entries.dedup_by(|later, earlier| order(&later.0) == order(&earlier.0));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicates_from_a_restarted_walk_keep_the_larger_value() {
+        let mut entries = vec![(3u32, 5), (1, 2), (3, 9), (2, 4), (1, 1)];
+        dedup_max(&mut entries, |k| *k);
+        assert_eq!(entries, vec![(1, 2), (2, 4), (3, 9)]);
+    }
+}

@@ -1,0 +1,230 @@
+//! The embedded object loaded into the kernel: its maps sized and its
+//! globals set from the settings, then the programs of one mode attached
+//! ([`Attached`]), with the fallbacks a host may need.
+//!
+//! Loading never leaves a program attached on failure: the object owns
+//! everything, and dropping it on an error detaches what was attached.
+
+use aya::{Ebpf, EbpfLoader};
+use itw_common::{capacity, globals, maps, programs};
+
+use super::{
+    CommSource, LoadedObjects,
+    attach::{ATTACH_PODS, Hooks, program_error},
+    settings::CaptureSettings,
+};
+use crate::capture::{
+    CaptureError, btf::TaskOffsets, order::AttachOrder, tracefs::SetStateOffsets,
+};
+
+/// The programs, built by `hack/build-ebpf` for this target's byte order.
+#[cfg(target_endian = "little")]
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../ebpf/artifacts/bpfel/itw.o"
+));
+#[cfg(target_endian = "big")]
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../ebpf/artifacts/bpfeb/itw.o"
+));
+
+/// Every program of the object, whatever the mode.
+const ALL_PROGRAMS: [&str; 9] = [
+    programs::CONNECT4,
+    programs::CONNECT6,
+    programs::CONNECT4_PODS,
+    programs::CONNECT6_PODS,
+    programs::GETPEERNAME4,
+    programs::GETPEERNAME6,
+    programs::TCP_V4_CONNECT,
+    programs::TCP_V6_CONNECT,
+    programs::INET_SOCK_SET_STATE,
+];
+
+/// The loaded object with the programs of one mode attached.
+pub(super) struct Attached {
+    pub ebpf: Ebpf,
+    pub attached_to: String,
+    pub objects: LoadedObjects,
+    pub attach_order: Vec<AttachOrder>,
+    /// The programs hold (cgroup mode with holding asked for).
+    pub holding: bool,
+}
+
+impl Attached {
+    /// [`Attached::new`], and again without the pods' cgroup when attaching
+    /// there fails (another program may hold it exclusively): the root's
+    /// programs then count everyone, as without one.
+    pub(super) fn with_fallback(
+        settings: &CaptureSettings,
+        hooks: &Hooks,
+        comm: &CommSource,
+    ) -> Result<Self, CaptureError> {
+        match Self::new(settings, hooks, comm) {
+            Err(
+                error @ CaptureError::Program {
+                    action: ATTACH_PODS,
+                    ..
+                },
+            ) => match hooks.root_only() {
+                Some(root_only) => {
+                    tracing::warn!(%error, "attaching to the root cgroup only: a socket load balancer there may run before our programs");
+                    Self::new(settings, &root_only, comm)
+                }
+                None => Err(error),
+            },
+            other => other,
+        }
+    }
+
+    fn new(
+        settings: &CaptureSettings,
+        hooks: &Hooks,
+        comm: &CommSource,
+    ) -> Result<Self, CaptureError> {
+        let comm_from_leader = comm.global();
+        let leader = match comm {
+            CommSource::Leader { offsets, .. } => *offsets,
+            CommSource::Thread { .. } => TaskOffsets {
+                group_leader: 0,
+                comm: 0,
+            },
+        };
+        let tp = match hooks {
+            Hooks::Tracepoint(offsets) => *offsets,
+            Hooks::Cgroup { .. } | Hooks::Kprobe => SetStateOffsets {
+                newstate: 0,
+                dport: 0,
+                family: 0,
+                protocol: 0,
+                daddr: 0,
+                daddr_v6: 0,
+            },
+        };
+        // The kernel wants a ring buffer of a power-of-two number of pages.
+        // SAFETY: sysconf only reads a system setting.
+        let page_size = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .and_then(|p| u32::try_from(p).ok())
+            .unwrap_or(4096);
+        let wakes_bytes = capacity::WAKES_BYTES.max(page_size);
+
+        let pods = match hooks {
+            Hooks::Cgroup { pods, .. } => pods.as_ref(),
+            Hooks::Kprobe | Hooks::Tracepoint(_) => None,
+        };
+        // Rewriting needs the connect hooks: cgroup mode only.
+        let hold = settings
+            .hold
+            .as_ref()
+            .filter(|_| matches!(hooks, Hooks::Cgroup { .. }));
+        let hold_enabled = u32::from(hold.is_some());
+        let hold_mark = hold.map_or(0, |h| h.mark);
+        let park_ip4 = hold
+            .and_then(|h| h.park_ip4)
+            .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
+        let park_ip6 = hold.and_then(|h| h.park_ip6).map_or([0u32; 4], |ip| {
+            let o = ip.octets();
+            [0, 4, 8, 12].map(|i| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]))
+        });
+        let pods_id = pods.map_or(0, |p| p.id);
+
+        let mut loader = EbpfLoader::new();
+        loader
+            // The object carries no BTF and needs no relocation against the
+            // kernel's. (aya 0.14's EbpfLoader::new parses the kernel's BTF
+            // all the same; this only keeps it from being used.)
+            .btf(None)
+            .map_max_entries(maps::WATCHED, settings.max_destinations)
+            .map_max_entries(maps::ATTEMPTS, settings.max_attempt_counters)
+            .map_max_entries(maps::OVERFLOW, settings.max_destinations)
+            .map_max_entries(maps::WAKES, wakes_bytes)
+            .override_global(globals::COMM_FROM_LEADER, &comm_from_leader, true)
+            .override_global(
+                globals::TASK_GROUP_LEADER_OFFSET,
+                &leader.group_leader,
+                true,
+            )
+            .override_global(globals::TASK_COMM_OFFSET, &leader.comm, true)
+            .override_global(globals::TP_NEWSTATE_OFFSET, &tp.newstate, true)
+            .override_global(globals::TP_DPORT_OFFSET, &tp.dport, true)
+            .override_global(globals::TP_FAMILY_OFFSET, &tp.family, true)
+            .override_global(globals::TP_PROTOCOL_OFFSET, &tp.protocol, true)
+            .override_global(globals::TP_DADDR_OFFSET, &tp.daddr, true)
+            .override_global(globals::TP_DADDR_V6_OFFSET, &tp.daddr_v6, true)
+            .override_global(globals::HOLD_ENABLED, &hold_enabled, true)
+            .override_global(globals::HOLD_MARK, &hold_mark, true)
+            .override_global(globals::PARK_IP4, &park_ip4, true)
+            .override_global(globals::PARK_IP6, &park_ip6, true)
+            .override_global(globals::POD_CGROUP_ID, &pods_id, true);
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| CaptureError::Load(Box::new(e)))?;
+
+        let (attached_to, attach_order) = hooks.attach(&mut ebpf, hold.is_some())?;
+        let objects = loaded_objects(&ebpf)?;
+        Ok(Self {
+            ebpf,
+            attached_to,
+            objects,
+            attach_order,
+            holding: hold.is_some(),
+        })
+    }
+}
+
+/// The loaded programs' ids and the ids of the maps they use.
+fn loaded_objects(ebpf: &Ebpf) -> Result<LoadedObjects, CaptureError> {
+    let mut objects = LoadedObjects::default();
+    for name in ALL_PROGRAMS {
+        let Some(prog) = ebpf.program(name) else {
+            continue;
+        };
+        // Programs of other modes are in the object but not in the kernel.
+        if prog.fd().is_err() {
+            continue;
+        }
+        let info = prog.info().map_err(program_error(name, "inspect"))?;
+        objects.programs.push((name, info.id()));
+        // aya 0.14 reads map ids by re-opening the program by id, which
+        // needs CAP_SYS_ADMIN; the DaemonSet runs without it. The ids only
+        // serve logs and tests (which run as full root), so go without.
+        for id in info.map_ids().ok().flatten().unwrap_or_default() {
+            if !objects.maps.contains(&id) {
+                objects.maps.push(id);
+            }
+        }
+    }
+    objects.maps.sort_unstable();
+    Ok(objects)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_object_has_every_program_and_map() {
+        let obj = aya_obj::Object::parse(OBJECT).unwrap();
+        for name in ALL_PROGRAMS {
+            assert!(obj.programs.contains_key(name), "no program {name}");
+        }
+        for name in [
+            maps::WATCHED,
+            maps::EXCLUDED,
+            maps::EXCLUDED_HINT,
+            maps::ATTEMPTS,
+            maps::OVERFLOW,
+            maps::FILTERED,
+            maps::WAKES,
+            maps::STATS,
+            maps::HOLD,
+            maps::HOLD_COUNT,
+            maps::PARKED,
+            maps::POD_LEVEL,
+        ] {
+            assert!(obj.maps.contains_key(name), "no map {name}");
+        }
+    }
+}

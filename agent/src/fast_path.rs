@@ -1,0 +1,153 @@
+//! The fast path: capture, the counting loop and the streams to the scaler,
+//! on one thread of its own with a single-threaded runtime.
+//!
+//! A wake reaches the scaler without a single cross-thread hand-off, and no
+//! Kubernetes relist or /metrics scrape can stand in its way. Nothing else
+//! may run on this thread; holding's parking tasks run on the main runtime.
+//! It ends after shutdown with a last collection, the streams flushed and
+//! every program detached.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Error,
+    capture::{self, CaptureSettings, ExcludeComms},
+    counting_loop::{AgentClock, CollectionSink, CountingLoop, Health},
+    deltas::Collector,
+    destinations::DestinationTable,
+    hold::{HoldMetrics, HoldSettings, Holder},
+    metrics::{AttemptCounters, CountingMetrics},
+    report::{ReportMetrics, ReportSettings, Reporter},
+    resolve::MapEvent,
+};
+
+/// What runs on the fast-path thread.
+pub struct FastPath {
+    pub capture: CaptureSettings,
+    /// Holding, when asked for: its parking tasks run on the main runtime,
+    /// off the fast path.
+    pub hold: Option<(HoldSettings, Arc<HoldMetrics>, tokio::runtime::Handle)>,
+    pub exclude: ExcludeComms,
+    pub max_comms: usize,
+    pub interval: Duration,
+    pub report: Option<(ReportSettings, Arc<ReportMetrics>)>,
+    pub attempts: Arc<AttemptCounters>,
+    pub metrics: Arc<CountingMetrics>,
+    pub health: Arc<Health>,
+    pub clock: AgentClock,
+    pub shutdown: CancellationToken,
+}
+
+impl FastPath {
+    /// Runs until shutdown; `started` says whether capture came up.
+    pub fn run(
+        self,
+        events: mpsc::Receiver<MapEvent>,
+        started: oneshot::Sender<Result<(), Error>>,
+    ) -> Result<(), Error> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(Error::FastPathRuntime)?;
+        runtime.block_on(self.serve(events, started))
+    }
+
+    async fn serve(
+        self,
+        events: mpsc::Receiver<MapEvent>,
+        started: oneshot::Sender<Result<(), Error>>,
+    ) -> Result<(), Error> {
+        let (kernel, holding) = match self.start_capture() {
+            Ok(started_capture) => {
+                let _ = started.send(Ok(()));
+                started_capture
+            }
+            Err(error) => {
+                let _ = started.send(Err(error));
+                return Ok(());
+            }
+        };
+
+        let report_stop = CancellationToken::new();
+        let (sink, reporter_task) = match self.report {
+            Some((settings, metrics)) => {
+                tracing::info!(
+                    scalers = ?settings.scalers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "reporting to the scaler"
+                );
+                let reporter = Arc::new(Reporter::new(settings, metrics, self.clock));
+                let task = reporter.spawn(report_stop.clone());
+                (Some(reporter as Arc<dyn CollectionSink>), Some(task))
+            }
+            None => (None, None),
+        };
+
+        let holder = match (self.hold, holding) {
+            (Some((settings, metrics, runtime)), true) => {
+                tracing::info!(
+                    policy = ?settings.policy,
+                    park_ip4 = ?settings.park_ip4,
+                    park_ip6 = ?settings.park_ip6,
+                    timeout = ?settings.default_timeout,
+                    "holding connects to Services without a ready endpoint"
+                );
+                Some(Holder::new(settings, runtime, metrics))
+            }
+            (Some(_), false) => {
+                tracing::warn!(
+                    "HOLD is on but the capture mode is not cgroup: connects are never held"
+                );
+                None
+            }
+            (None, _) => None,
+        };
+        let counting = CountingLoop {
+            kernel,
+            holder,
+            table: DestinationTable::new(),
+            collector: Collector::new(self.max_comms),
+            attempts: self.attempts,
+            metrics: self.metrics,
+            health: self.health,
+            clock: self.clock,
+            reporter: sink,
+        };
+        let shutdown = self.shutdown.clone();
+        let counted = counting
+            .run(events, self.interval, async move {
+                shutdown.cancelled().await;
+            })
+            .await;
+        // The kernel side was dropped with the loop: every program is detached.
+        tracing::info!("capture detached");
+        report_stop.cancel();
+        if let Some(task) = reporter_task {
+            let _ = task.await;
+        }
+        counted.map_err(Error::Counting)
+    }
+
+    fn start_capture(&self) -> Result<(Box<dyn capture::Kernel>, bool), Error> {
+        let started = capture::start(&self.capture).map_err(Error::Capture)?;
+        if let capture::CommSource::Thread { reason } = &started.comm_source {
+            tracing::warn!(%reason, "process_comm is the calling thread's name, not the process's");
+        }
+        self.metrics.capture_started(
+            started.mode,
+            started.comm_source.as_str(),
+            &started.objects.programs,
+        );
+        self.metrics.attach_order(&started.attach_order);
+        let mut kernel = started.kernel;
+        kernel
+            .set_excluded(&self.exclude.comms())
+            .map_err(Error::Exclude)?;
+        if !self.exclude.0.is_empty() {
+            tracing::info!(exclude = ?self.exclude.0, "filtered process names");
+        }
+        Ok((kernel, started.holding))
+    }
+}
