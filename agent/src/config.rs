@@ -12,7 +12,7 @@ use clap::Parser;
 use itw_telemetry::{flags::bounded_duration, logging::LogFormat};
 
 use crate::{
-    capture::{CaptureMode, CaptureSettings, ExcludeComms, PodCgroup},
+    capture::{CaptureMode, CaptureSettings, CgroupOrder, ExcludeComms, PodCgroup},
     hold::{HoldPolicy, HoldRequest},
     report::{self, ReportError, ReportSettings, TokenSource, ledger::LogLimits},
     resolve::{
@@ -156,10 +156,18 @@ pub struct Args {
     #[arg(long, env = "HOLD_MARK", default_value = "0x2a7c", value_parser = parse_mark)]
     pub hold_mark: u32,
 
-    /// The cgroup of the pods (a child of the cgroup v2 root): the programs
-    /// are attached there too, so they run before a socket load balancer
-    /// attached to the root. Default: kubepods.slice or kubepods under the
-    /// root, when present; `none` to attach to the root only.
+    /// How the connect programs run before other programs of their hook
+    /// (a socket load balancer's): first (pre-order at the root, Linux
+    /// 6.15+), pods (attached to the pods' cgroup too), or auto (first where
+    /// the kernel offers it).
+    #[arg(long, env = "CGROUP_ORDER", value_enum, default_value_t)]
+    pub cgroup_order: CgroupOrder,
+
+    /// The cgroup of the pods (a child of the cgroup v2 root), for
+    /// CGROUP_ORDER=pods: the programs are attached there too, so they run
+    /// before a socket load balancer attached to the root. Default:
+    /// kubepods.slice or kubepods under the root, when present; `none` to
+    /// attach to the root only.
     #[arg(long, env = "POD_CGROUP")]
     pub pod_cgroup: Option<String>,
 
@@ -202,6 +210,7 @@ impl Args {
                 tracefs_path: self.tracefs_path.clone(),
                 max_destinations: self.max_destinations,
                 max_attempt_counters: self.max_attempt_counters,
+                cgroup_order: self.cgroup_order,
                 pod_cgroup: PodCgroup::parse(self.pod_cgroup.as_deref()),
                 ..CaptureSettings::new(self.capture_mode)
             },
@@ -376,7 +385,7 @@ mod tests {
         let err = checked(&["--watch-namespaces", "shop,Shop_2"]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "WATCH_NAMESPACES: \"Shop_2\" is not a namespace name (lowercase letters, digits and '-', at most 63 characters, starting and ending with a letter or digit)"
+            "WATCH_NAMESPACES: \"Shop_2\": not a Kubernetes namespace name (lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters)"
         );
     }
 
