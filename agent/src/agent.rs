@@ -205,13 +205,18 @@ async fn healthz(State((health, clock, grace)): State<ProbeState>) -> (StatusCod
     }
 }
 
-async fn readyz(State((health, _, _)): State<ProbeState>) -> (StatusCode, &'static str) {
-    if health.ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
+async fn readyz(State((health, _, _)): State<ProbeState>) -> (StatusCode, String) {
+    if !health.ready() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the service map\n",
-        )
+            "waiting for the service map\n".to_owned(),
+        );
+    }
+    match health.holding_blocked() {
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot hold: {reason}\n"),
+        ),
+        None => (StatusCode::OK, "ready\n".to_owned()),
     }
 }

@@ -86,12 +86,25 @@ impl Default for AgentClock {
 pub struct Health {
     map_applied: AtomicBool,
     last_collection_ms: AtomicI64,
+    /// Why connects to held Services may be refused before our programs
+    /// see them (holding on, another program first); `None`: they are not.
+    holding_blocked: parking_lot::Mutex<Option<String>>,
 }
 
 impl Health {
     /// Ready once the first service map is applied: before that, nothing is counted.
     pub fn ready(&self) -> bool {
         self.map_applied.load(Ordering::Acquire)
+    }
+
+    /// Why holding cannot be trusted now, if it cannot: the agent is then
+    /// not ready, so a rollout stops and the cause is seen.
+    pub fn holding_blocked(&self) -> Option<String> {
+        self.holding_blocked.lock().clone()
+    }
+
+    pub fn set_holding_blocked(&self, reason: Option<String>) {
+        *self.holding_blocked.lock() = reason;
     }
 
     /// Alive while collections keep happening (within `grace` of the clock).

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error,
-    capture::{self, CaptureSettings, ExcludeComms},
+    capture::{self, CaptureSettings, ExcludeComms, order::OrderWatch},
     counting_loop::{AgentClock, CollectionSink, CountingLoop, Health},
     deltas::Collector,
     destinations::DestinationTable,
@@ -60,7 +60,7 @@ impl FastPath {
         events: mpsc::Receiver<MapEvent>,
         started: oneshot::Sender<Result<(), Error>>,
     ) -> Result<(), Error> {
-        let (kernel, holding) = match self.start_capture() {
+        let (kernel, holding, order) = match self.start_capture() {
             Ok(started_capture) => {
                 let _ = started.send(Ok(()));
                 started_capture
@@ -104,6 +104,13 @@ impl FastPath {
             }
             (None, _) => None,
         };
+        tokio::spawn(watch_order(
+            order,
+            self.metrics.clone(),
+            self.health.clone(),
+            holding,
+            self.shutdown.clone(),
+        ));
         let counting = CountingLoop {
             kernel,
             holder,
@@ -130,7 +137,7 @@ impl FastPath {
         counted.map_err(Error::Counting)
     }
 
-    fn start_capture(&self) -> Result<(Box<dyn capture::Kernel>, bool), Error> {
+    fn start_capture(&self) -> Result<(Box<dyn capture::Kernel>, bool, OrderWatch), Error> {
         let started = capture::start(&self.capture).map_err(Error::Capture)?;
         if let capture::CommSource::Thread { reason } = &started.comm_source {
             tracing::warn!(%reason, "process_comm is the calling thread's name, not the process's");
@@ -140,7 +147,13 @@ impl FastPath {
             started.comm_source.as_str(),
             &started.objects.programs,
         );
-        self.metrics.attach_order(&started.attach_order);
+        if let Some(reason) = self
+            .metrics
+            .attach_order(&started.attach_order, started.holding)
+        {
+            tracing::error!(%reason, "connects to held Services may be refused before our programs see them; /readyz says so");
+            self.health.set_holding_blocked(Some(reason));
+        }
         let mut kernel = started.kernel;
         kernel
             .set_excluded(&self.exclude.comms())
@@ -148,6 +161,40 @@ impl FastPath {
         if !self.exclude.0.is_empty() {
             tracing::info!(exclude = ?self.exclude.0, "filtered process names");
         }
-        Ok((kernel, started.holding))
+        Ok((kernel, started.holding, started.order_watch))
+    }
+}
+
+/// How often the cgroup hooks' order is looked at again: a CNI's agent
+/// may attach (or re-attach) its programs after ours.
+const ORDER_RECHECK: Duration = Duration::from_secs(10);
+
+/// Looks at where our programs run every [`ORDER_RECHECK`], keeping the
+/// metrics and `/readyz` true and logging each change of verdict.
+async fn watch_order(
+    order: OrderWatch,
+    metrics: Arc<CountingMetrics>,
+    health: Arc<Health>,
+    holding: bool,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(ORDER_RECHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = metrics.attach_order(&order.check(), holding);
+        if now != health.holding_blocked() {
+            match &now {
+                Some(reason) => {
+                    tracing::error!(%reason, "another program now runs before ours: connects to held Services may be refused; /readyz says so")
+                }
+                None => tracing::info!("our programs run first again: held connects reach them"),
+            }
+            health.set_holding_blocked(now);
+        }
     }
 }

@@ -151,6 +151,7 @@ pub struct CountingMetrics {
     pub capture: Family<CaptureLabels, Gauge>,
     pub programs: Family<ProgramLabels, Gauge>,
     pub programs_before_ours: Family<HookLabels, Gauge>,
+    pub holding_blocked: Gauge,
     last_stats: Mutex<KernelStats>,
 }
 
@@ -228,6 +229,11 @@ impl CountingMetrics {
             self.programs_before_ours.clone(),
         );
         agent.register(
+            "cgroup_holding_blocked",
+            "1 while holding is on and another program runs before ours where the pods' connects meet ours: it may refuse a held Service's connects first (see the log and /readyz)",
+            self.holding_blocked.clone(),
+        );
+        agent.register(
             "bpf_programs",
             "The eBPF programs this agent attached, by kernel program id (value 1; see bpftool prog show id ID)",
             self.programs.clone(),
@@ -257,13 +263,25 @@ impl CountingMetrics {
         }
     }
 
-    /// Records where our cgroup programs run among each hook's programs.
-    pub fn attach_order(&self, orders: &[crate::capture::order::AttachOrder]) {
+    /// Records where our cgroup programs run among each hook's programs,
+    /// and whether that blocks holding (when `holding`); returns why, if so.
+    pub fn attach_order(
+        &self,
+        orders: &[crate::capture::order::AttachOrder],
+        holding: bool,
+    ) -> Option<String> {
         for order in orders {
             self.programs_before_ours
                 .get_or_create(&HookLabels { hook: order.hook })
                 .set(i64::try_from(order.before_ours().len()).unwrap_or(i64::MAX));
         }
+        let blocked = orders
+            .iter()
+            .filter_map(|o| o.holding_blocked())
+            .next()
+            .filter(|_| holding);
+        self.holding_blocked.set(i64::from(blocked.is_some()));
+        blocked
     }
 
     /// Turns the kernel's cumulative trouble counters into counter increments.

@@ -481,11 +481,48 @@ async fn cgroup_mode_reports_which_programs_run_before_ours() {
     };
     assert_eq!(hooks(&first), ["connect4", "connect6"]);
     assert_eq!(hooks(&second), ["connect4", "connect6"]);
+    assert!(
+        first.first && second.first,
+        "this kernel puts programs first"
+    );
     for (a, b) in first.attach_order.iter().zip(&second.attach_order) {
         assert!(a.present() && b.present(), "{a:?} {b:?}");
-        // Programs of one cgroup run in the order they were attached: the
-        // second capture's run after the first's (and after any another
-        // test or tool attached before them).
+        // Put first (BPF_F_PREORDER | BPF_F_BEFORE), the second capture's
+        // program runs before the first's, and before everything else.
+        assert!(b.before_ours().is_empty(), "{b:?}");
+        let now = itw_agent::capture::order::effective(
+            &std::fs::File::open(itw_agent::capture::cgroup::find_root(None).unwrap().path)
+                .unwrap(),
+            if a.hook == "connect4" { 10 } else { 11 },
+        )
+        .unwrap();
+        let position = |id| now.iter().position(|p| *p == id);
+        assert!(
+            position(b.ours) < position(a.ours),
+            "{}: {} should run before {} in {now:?}",
+            b.hook,
+            b.ours,
+            a.ours
+        );
+    }
+}
+
+/// Attached as before (`CGROUP_ORDER=pods`), programs of one cgroup run in
+/// the order they were attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_pods_order_a_later_capture_runs_after_an_earlier_one() {
+    let pods_order = |s: &mut itw_agent::capture::CaptureSettings| {
+        s.cgroup_order = itw_agent::capture::CgroupOrder::Pods;
+        s.pod_cgroup = itw_agent::capture::PodCgroup::None;
+    };
+    let Some(first) = support::start(CaptureMode::Cgroup, pods_order) else {
+        return;
+    };
+    let Some(second) = support::start(CaptureMode::Cgroup, pods_order) else {
+        return;
+    };
+    assert!(!first.first && !second.first);
+    for (a, b) in first.attach_order.iter().zip(&second.attach_order) {
         assert!(
             b.before_ours().contains(&a.ours),
             "{}: {:?} should run before {} in {:?}",

@@ -19,20 +19,21 @@ use std::{
 
 use capture_support as support;
 use itw_agent::{
-    capture::{CaptureMode, KernelHold, PodCgroup, Started},
+    capture::{CaptureMode, CgroupOrder, KernelHold, PodCgroup, Started},
     hold::connect_marked,
 };
 use itw_common::Destination;
 
 const MARK: u32 = 0x2a7c;
 
-fn start(pod_cgroup: PodCgroup) -> Option<Started> {
+fn start(order: CgroupOrder, pod_cgroup: PodCgroup) -> Option<Started> {
     support::start(CaptureMode::Cgroup, |s| {
         s.hold = Some(KernelHold {
             mark: MARK,
             park_ip4: Some(Ipv4Addr::LOCALHOST),
             park_ip6: Some(Ipv6Addr::LOCALHOST),
         });
+        s.cgroup_order = order;
         s.pod_cgroup = pod_cgroup;
     })
 }
@@ -47,7 +48,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_ipv4_destination_is_parked_counted_and_keeps_its_address() {
-    let Some(started) = start(PodCgroup::None) else {
+    let Some(started) = start(CgroupOrder::Auto, PodCgroup::None) else {
         return;
     };
     assert!(started.holding);
@@ -106,7 +107,7 @@ async fn a_held_ipv4_destination_is_parked_counted_and_keeps_its_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_ipv6_and_v4_mapped_destinations_are_parked_in_their_family() {
-    let Some(started) = start(PodCgroup::None) else {
+    let Some(started) = start(CgroupOrder::Auto, PodCgroup::None) else {
         return;
     };
     let mut kernel = started.kernel;
@@ -170,7 +171,7 @@ async fn the_pods_cgroup_programs_run_first_and_each_connect_counts_once() {
         return;
     }
     let pods = TestCgroup::new(&format!("itw-test-pods-{}", std::process::id()));
-    let Some(started) = start(PodCgroup::Path(pods.0.clone())) else {
+    let Some(started) = start(CgroupOrder::Pods, PodCgroup::Path(pods.0.clone())) else {
         return;
     };
     let hooks: Vec<&str> = started.attach_order.iter().map(|o| o.hook).collect();
@@ -292,6 +293,7 @@ async fn under_a_nested_node_root_each_pod_connect_counts_once() {
     let pods = node.pods();
     let Some(started) = support::start(CaptureMode::Cgroup, |s| {
         s.cgroup_root = Some(root);
+        s.cgroup_order = CgroupOrder::Pods;
         s.pod_cgroup = PodCgroup::Path(pods);
     }) else {
         return;
@@ -321,4 +323,78 @@ async fn under_a_nested_node_root_each_pod_connect_counts_once() {
         support::attempts(kernel.as_mut()),
         [((41, "pod-client".to_owned()), 3)].into()
     );
+}
+
+/// A socket load balancer attached to the node's root with BPF_F_PREORDER
+/// (the node lab's stand-in for Cilium's) refuses connects to a Service
+/// without endpoints before any program of a child cgroup runs. Put first
+/// (CGROUP_ORDER=auto on this kernel), our programs still park the connect;
+/// in the pods' order they run behind it, and the capture says holding is
+/// blocked rather than letting the refusal pass silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ahead_of_a_preorder_load_balancer_a_held_connect_is_parked() {
+    use itw_e2e::lab::datapath::{Frontend, socklb::SocketLb};
+    if !support::is_root() {
+        support::skip("not running as root, which loading eBPF programs needs");
+        return;
+    }
+    let node = NestedNode::new();
+    let held = SocketAddrV4::new(Ipv4Addr::new(127, 121, 5, 1), 8080);
+    let mut lb = SocketLb::attach(&node.node_root(), true).expect("the stand-in load balancer");
+    lb.apply(&[Frontend {
+        name: "default/cold:http".to_owned(),
+        cluster_ip: (*held.ip()).into(),
+        port: held.port(),
+        backends: Vec::new(),
+    }])
+    .expect("a Service without endpoints");
+
+    for (order, parked) in [(CgroupOrder::Auto, true), (CgroupOrder::Pods, false)] {
+        let root = node.node_root();
+        let pods = node.pods();
+        let Some(started) = support::start(CaptureMode::Cgroup, |s| {
+            s.cgroup_root = Some(root);
+            s.cgroup_order = order;
+            s.pod_cgroup = PodCgroup::Path(pods);
+            s.hold = Some(KernelHold {
+                mark: MARK,
+                park_ip4: Some(Ipv4Addr::LOCALHOST),
+                park_ip6: None,
+            });
+        }) else {
+            return;
+        };
+        let blocked: Vec<String> = started
+            .attach_order
+            .iter()
+            .filter_map(|o| o.holding_blocked())
+            .collect();
+        assert_eq!(started.first, parked, "{order:?}");
+        assert_eq!(blocked.is_empty(), parked, "{order:?}: {blocked:?}");
+        let mut kernel = started.kernel;
+        kernel.watch(&dest_of(held.into()), 51).unwrap();
+        let park = TcpListener::bind("127.0.0.1:0").unwrap();
+        kernel
+            .hold(&dest_of(held.into()), park.local_addr().unwrap().port())
+            .unwrap();
+        let pod = node.pod();
+        let procs = CString::new(pod.0.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+        std::mem::forget(pod);
+        let connected = blocking(move || {
+            support::connects_from_child(
+                &CString::new("pod-client").unwrap(),
+                held,
+                1,
+                Some(&procs),
+            )
+        })
+        .await;
+        assert_eq!(connected == 1, parked, "{order:?}: parked or refused");
+        // Counted either way: activation never depends on the order.
+        assert_eq!(
+            support::attempts(kernel.as_mut()),
+            [((51, "pod-client".to_owned()), 1)].into(),
+            "{order:?}"
+        );
+    }
 }

@@ -27,7 +27,8 @@ use tokio::sync::mpsc;
 
 pub use comm::{ExcludeComms, comm_bytes, comm_name};
 pub use ebpf::{
-    CaptureSettings, CommSource, KernelHold, LeaderRead, LoadedObjects, PodCgroup, Started, start,
+    CaptureSettings, CgroupOrder, CommSource, KernelHold, LeaderRead, LoadedObjects, PodCgroup,
+    Started, start,
 };
 
 /// How connects are caught (`CAPTURE_MODE`).
@@ -187,6 +188,21 @@ pub enum CaptureError {
         action: &'static str,
         #[source]
         source: Box<aya::programs::ProgramError>,
+    },
+    /// `CGROUP_ORDER=first` on a kernel without pre-order attachment, or
+    /// another refusal of the ordered link.
+    #[error(
+        "eBPF program {program}: attaching it first (BPF_F_PREORDER | BPF_F_BEFORE) failed: {source}{}",
+        if source.raw_os_error() == Some(libc::EINVAL) {
+            " (this kernel cannot order cgroup programs: Linux 6.15 or later can; set CGROUP_ORDER=pods or auto)"
+        } else {
+            ""
+        }
+    )]
+    AttachFirst {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error(
         "the eBPF object has no {what} {name}; it does not match this agent (rebuild it with hack/build-ebpf)"

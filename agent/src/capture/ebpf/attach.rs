@@ -5,7 +5,10 @@
 //! attaching any, so a refusal leaves nothing attached. None of them may
 //! attach a program of another mode.
 
-use std::{fs::File, os::fd::AsFd};
+use std::{
+    fs::File,
+    os::fd::{AsFd, OwnedFd},
+};
 
 use aya::{
     Ebpf,
@@ -13,12 +16,12 @@ use aya::{
 };
 use itw_common::programs;
 
-use super::settings::{CaptureSettings, PodsAttachment};
+use super::settings::{CaptureSettings, CgroupOrder, PodsAttachment};
 use crate::capture::{
     CaptureError, CaptureMode,
     cgroup::CgroupRoot,
     mode::Chosen,
-    order::{self, AttachOrder},
+    order::{self, OrderWatch, WatchedHook},
     tracefs::{self, SetStateOffsets},
 };
 
@@ -28,10 +31,11 @@ pub(super) const ATTACH_PODS: &str = "attach to the pods' cgroup";
 /// The chosen mode with everything attaching it needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Hooks {
-    /// The connect programs on the cgroup v2 root, and on the pods' cgroup
-    /// when there is one.
+    /// The connect programs on the cgroup v2 root: put first there
+    /// (`first`), or else also on the pods' cgroup when there is one.
     Cgroup {
         root: CgroupRoot,
+        first: bool,
         pods: Option<PodsAttachment>,
     },
     Kprobe,
@@ -40,16 +44,26 @@ pub(super) enum Hooks {
 }
 
 impl Hooks {
-    /// Resolves `chosen` against the host: the pods' cgroup, or tracefs
-    /// (mounted if need be) and the tracepoint's record layout.
+    /// Cgroup mode with our connect programs put first.
+    pub(super) fn first(&self) -> bool {
+        matches!(self, Self::Cgroup { first: true, .. })
+    }
+
+    /// Resolves `chosen` against the host: the cgroup order and the pods'
+    /// cgroup, or tracefs (mounted if need be) and the tracepoint's record
+    /// layout.
     pub(super) fn resolve(
         chosen: Chosen,
         settings: &CaptureSettings,
     ) -> Result<Self, CaptureError> {
         Ok(match chosen {
-            Chosen::Cgroup(root) => Self::Cgroup {
-                pods: settings.pod_cgroup.attachment(&root.path)?,
-                root,
+            Chosen::Cgroup(root) => match settings.cgroup_order {
+                CgroupOrder::Auto | CgroupOrder::First => Self::Cgroup {
+                    root,
+                    first: true,
+                    pods: None,
+                },
+                CgroupOrder::Pods => Self::pods_order(root, settings)?,
             },
             Chosen::Kprobe => Self::Kprobe,
             Chosen::Tracepoint => {
@@ -61,6 +75,14 @@ impl Hooks {
         })
     }
 
+    fn pods_order(root: CgroupRoot, settings: &CaptureSettings) -> Result<Self, CaptureError> {
+        Ok(Self::Cgroup {
+            pods: settings.pod_cgroup.attachment(&root.path)?,
+            first: false,
+            root,
+        })
+    }
+
     pub(super) fn mode(&self) -> CaptureMode {
         match self {
             Self::Cgroup { .. } => CaptureMode::Cgroup,
@@ -69,70 +91,139 @@ impl Hooks {
         }
     }
 
-    /// The same hooks without the pods' cgroup.
-    pub(super) fn root_only(&self) -> Option<Self> {
-        match self {
-            Self::Cgroup {
-                root,
-                pods: Some(_),
-            } => Some(Self::Cgroup {
+    /// What to try when attaching these hooks failed with `error`: the
+    /// pods' order where `CGROUP_ORDER=auto` met a kernel that cannot put
+    /// programs first, the root alone where the pods' cgroup refused us.
+    pub(super) fn fallback(
+        &self,
+        error: &CaptureError,
+        settings: &CaptureSettings,
+    ) -> Result<Option<Self>, CaptureError> {
+        Ok(match (self, error) {
+            (
+                Self::Cgroup {
+                    root, first: true, ..
+                },
+                CaptureError::AttachFirst { source, .. },
+            ) if settings.cgroup_order == CgroupOrder::Auto
+                && source.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                Some(Self::pods_order(root.clone(), settings)?)
+            }
+            (
+                Self::Cgroup {
+                    root,
+                    first: false,
+                    pods: Some(_),
+                },
+                CaptureError::Program {
+                    action: ATTACH_PODS,
+                    ..
+                },
+            ) => Some(Self::Cgroup {
                 root: root.clone(),
+                first: false,
                 pods: None,
             }),
             _ => None,
-        }
+        })
     }
 
-    /// Attaches the loaded object's programs of this mode; returns what
-    /// they are attached to and, for cgroup hooks, where ours run.
+    /// Attaches the loaded object's programs of this mode.
     pub(super) fn attach(
         &self,
         ebpf: &mut Ebpf,
         holding: bool,
-    ) -> Result<(String, Vec<AttachOrder>), CaptureError> {
+    ) -> Result<Attachment, CaptureError> {
         match self {
-            Self::Cgroup { root, pods } => cgroup(ebpf, root, pods.as_ref(), holding),
-            Self::Kprobe => Ok((kprobes(ebpf)?, Vec::new())),
-            Self::Tracepoint(_) => Ok((tracepoint(ebpf)?, Vec::new())),
+            Self::Cgroup { root, first, pods } => {
+                cgroup(ebpf, root, *first, pods.as_ref(), holding)
+            }
+            Self::Kprobe => Ok(Attachment::described(kprobes(ebpf)?)),
+            Self::Tracepoint(_) => Ok(Attachment::described(tracepoint(ebpf)?)),
         }
     }
 }
 
-/// `cgroup/connect4` and `cgroup/connect6` on the root (with the
-/// getpeername programs when `holding`), and on the pods' cgroup.
+/// What attaching made.
+pub(super) struct Attachment {
+    pub attached_to: String,
+    /// Cgroup hooks: where ours run among their programs, to look again at.
+    pub order: OrderWatch,
+    /// Links made outside aya; closing them detaches their programs.
+    pub links: Vec<OwnedFd>,
+}
+
+impl Attachment {
+    fn described(attached_to: String) -> Self {
+        Self {
+            attached_to,
+            order: OrderWatch::default(),
+            links: Vec::new(),
+        }
+    }
+}
+
+/// `cgroup/connect4` and `cgroup/connect6` on the root, first among every
+/// program there and below (`first`), or as usual and on the pods' cgroup
+/// too; the getpeername programs on the root when `holding`.
 fn cgroup(
     ebpf: &mut Ebpf,
     root: &CgroupRoot,
+    first: bool,
     pods: Option<&PodsAttachment>,
     holding: bool,
-) -> Result<(String, Vec<AttachOrder>), CaptureError> {
-    let cgroup = File::open(&root.path).map_err(|source| CaptureError::CgroupOpen {
-        path: root.path.clone(),
-        source,
-    })?;
-    let pods_cgroup = match pods {
-        Some(pods) => Some(
-            File::open(&pods.path).map_err(|source| CaptureError::CgroupOpen {
-                path: pods.path.clone(),
-                source,
-            })?,
-        ),
-        None => None,
+) -> Result<Attachment, CaptureError> {
+    let open = |path: &std::path::Path| {
+        File::open(path).map_err(|source| CaptureError::CgroupOpen {
+            path: path.to_owned(),
+            source,
+        })
     };
-    let mut root_programs = vec![programs::CONNECT4, programs::CONNECT6];
-    if holding {
+    let cgroup = open(&root.path)?;
+    let pods_cgroup = pods.map(|p| open(&p.path)).transpose()?;
+    let connect = [
+        (programs::CONNECT4, order::BPF_CGROUP_INET4_CONNECT),
+        (programs::CONNECT6, order::BPF_CGROUP_INET6_CONNECT),
+    ];
+    let getpeername: &[&'static str] = if holding {
         // At the root only: the pods' sockets inherit it.
-        root_programs.extend([programs::GETPEERNAME4, programs::GETPEERNAME6]);
-    }
+        &[programs::GETPEERNAME4, programs::GETPEERNAME6]
+    } else {
+        &[]
+    };
     let pods_programs: &[&'static str] = match pods_cgroup {
         Some(_) => &[programs::CONNECT4_PODS, programs::CONNECT6_PODS],
         None => &[],
     };
-    for name in root_programs.iter().chain(pods_programs) {
+    let everything = connect
+        .iter()
+        .map(|(name, _)| name)
+        .chain(getpeername)
+        .chain(pods_programs);
+    for name in everything {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
         prog.load().map_err(program_error(name, "load"))?;
     }
-    for name in &root_programs {
+    let mut links = Vec::new();
+    for (name, attach_type) in connect {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        if first {
+            let fd = prog.fd().map_err(program_error(name, "inspect"))?;
+            links.push(
+                order::link_first(fd.as_fd(), &cgroup, attach_type).map_err(|source| {
+                    CaptureError::AttachFirst {
+                        program: name,
+                        source,
+                    }
+                })?,
+            );
+        } else {
+            prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                .map_err(program_error(name, "attach"))?;
+        }
+    }
+    for name in getpeername {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
         prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
             .map_err(program_error(name, "attach"))?;
@@ -146,50 +237,61 @@ fn cgroup(
                 .map_err(program_error(name, ATTACH_PODS))?;
         }
     }
-    let mut hooks = vec![
+    // The hooks whose order is watched, and which one the pods' connects
+    // meet our program at (where it must run before a load balancer to
+    // hold): the root's, unless the pods' cgroup has programs of its own.
+    let mut hooks = Vec::new();
+    for (name, hook, attach_type) in [
         (
-            &cgroup,
             programs::CONNECT4,
             "connect4",
             order::BPF_CGROUP_INET4_CONNECT,
         ),
         (
-            &cgroup,
             programs::CONNECT6,
             "connect6",
             order::BPF_CGROUP_INET6_CONNECT,
         ),
-    ];
-    if let Some(pods_cgroup) = &pods_cgroup {
-        hooks.extend([
-            (
-                pods_cgroup,
-                programs::CONNECT4_PODS,
-                "connect4 (pods)",
-                order::BPF_CGROUP_INET4_CONNECT,
-            ),
-            (
-                pods_cgroup,
-                programs::CONNECT6_PODS,
-                "connect6 (pods)",
-                order::BPF_CGROUP_INET6_CONNECT,
-            ),
-        ]);
+    ] {
+        hooks.push((
+            cgroup.try_clone(),
+            name,
+            hook,
+            attach_type,
+            pods_cgroup.is_none(),
+        ));
     }
-    let mut attach_order = Vec::new();
-    for (at, name, hook, attach_type) in hooks {
+    if let Some(pods_cgroup) = &pods_cgroup {
+        hooks.push((
+            pods_cgroup.try_clone(),
+            programs::CONNECT4_PODS,
+            "connect4 (pods)",
+            order::BPF_CGROUP_INET4_CONNECT,
+            true,
+        ));
+        hooks.push((
+            pods_cgroup.try_clone(),
+            programs::CONNECT6_PODS,
+            "connect6 (pods)",
+            order::BPF_CGROUP_INET6_CONNECT,
+            true,
+        ));
+    }
+    let mut watch = OrderWatch::default();
+    for (at, name, hook, attach_type, pods_meet_ours) in hooks {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
         let ours = prog.info().map_err(program_error(name, "inspect"))?.id();
-        match order::effective(at, attach_type) {
-            Ok(effective) => attach_order.push(AttachOrder {
-                hook,
-                ours,
-                effective,
-            }),
-            Err(error) => {
-                tracing::warn!(hook, %error, "cannot tell where our program runs among this hook's programs")
-            }
-        }
+        let at = at.map_err(|source| CaptureError::CgroupOpen {
+            path: root.path.clone(),
+            source,
+        })?;
+        watch.push(WatchedHook {
+            cgroup: at,
+            attach_type,
+            hook,
+            ours,
+            pods_meet_ours,
+        });
     }
     let attached_to = match pods {
         Some(pods) => format!(
@@ -199,7 +301,11 @@ fn cgroup(
         ),
         None => format!("cgroup {}", root.path.display()),
     };
-    Ok((attached_to, attach_order))
+    Ok(Attachment {
+        attached_to,
+        order: watch,
+        links,
+    })
 }
 
 /// kprobes on `tcp_v4_connect` and `tcp_v6_connect`.

@@ -4,7 +4,7 @@
 //! It never attaches or detaches anything (dropping it does, with the
 //! object it owns), and it never blocks: every call is a few map syscalls.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, os::fd::OwnedFd};
 
 use aya::{
     Ebpf,
@@ -23,6 +23,8 @@ use crate::capture::{CaptureError, Kernel, KernelCounts, KernelStats, Wake};
 pub struct EbpfKernel {
     // Dropping it detaches and unloads the programs.
     _ebpf: Ebpf,
+    /// Links made outside aya (the programs put first); closing detaches.
+    _links: Vec<OwnedFd>,
     watched: HashMap<MapData, Destination, Watch>,
     excluded: HashMap<MapData, Comm, u8>,
     excluded_hint: Array<MapData, u64>,
@@ -85,6 +87,7 @@ fn removed(result: Result<(), MapError>, map: &'static str) -> Result<(), Captur
 impl EbpfKernel {
     pub(super) fn new(
         mut ebpf: Ebpf,
+        links: Vec<OwnedFd>,
         settings: &CaptureSettings,
         holding: bool,
         runtime: &tokio::runtime::Handle,
@@ -108,6 +111,7 @@ impl EbpfKernel {
             filtered: take_map(&mut ebpf, maps::FILTERED)?,
             stats: take_map(&mut ebpf, maps::STATS)?,
             _ebpf: ebpf,
+            _links: links,
             excluded_now: HashSet::new(),
             max_destinations: settings.max_destinations,
             wakes: Some(wakes),

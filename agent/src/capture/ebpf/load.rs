@@ -10,12 +10,10 @@ use itw_common::{capacity, globals, maps, programs};
 
 use super::{
     CommSource, LoadedObjects,
-    attach::{ATTACH_PODS, Hooks, program_error},
+    attach::{Attachment, Hooks, program_error},
     settings::CaptureSettings,
 };
-use crate::capture::{
-    CaptureError, btf::TaskOffsets, order::AttachOrder, tracefs::SetStateOffsets,
-};
+use crate::capture::{CaptureError, btf::TaskOffsets, tracefs::SetStateOffsets};
 
 /// The programs, built by `hack/build-ebpf` for this target's byte order.
 #[cfg(target_endian = "little")]
@@ -45,36 +43,35 @@ const ALL_PROGRAMS: [&str; 9] = [
 /// The loaded object with the programs of one mode attached.
 pub(super) struct Attached {
     pub ebpf: Ebpf,
-    pub attached_to: String,
+    /// The hooks it ended up on (after any fallback).
+    pub hooks: Hooks,
+    pub attachment: Attachment,
     pub objects: LoadedObjects,
-    pub attach_order: Vec<AttachOrder>,
     /// The programs hold (cgroup mode with holding asked for).
     pub holding: bool,
 }
 
 impl Attached {
-    /// [`Attached::new`], and again without the pods' cgroup when attaching
-    /// there fails (another program may hold it exclusively): the root's
-    /// programs then count everyone, as without one.
+    /// [`Attached::new`], and again on the hooks to fall back to (see
+    /// [`Hooks::fallback`]) when attaching fails in a way that has one.
+    /// Each try loads the object afresh: its globals depend on the hooks.
     pub(super) fn with_fallback(
         settings: &CaptureSettings,
         hooks: &Hooks,
         comm: &CommSource,
     ) -> Result<Self, CaptureError> {
-        match Self::new(settings, hooks, comm) {
-            Err(
-                error @ CaptureError::Program {
-                    action: ATTACH_PODS,
-                    ..
+        let mut hooks = hooks.clone();
+        loop {
+            match Self::new(settings, &hooks, comm) {
+                Err(error) => match hooks.fallback(&error, settings)? {
+                    Some(next) => {
+                        tracing::warn!(%error, from = ?hooks, to = ?next, "attaching the cgroup programs another way");
+                        hooks = next;
+                    }
+                    None => return Err(error),
                 },
-            ) => match hooks.root_only() {
-                Some(root_only) => {
-                    tracing::warn!(%error, "attaching to the root cgroup only: a socket load balancer there may run before our programs");
-                    Self::new(settings, &root_only, comm)
-                }
-                None => Err(error),
-            },
-            other => other,
+                ok => return ok,
+            }
         }
     }
 
@@ -162,13 +159,13 @@ impl Attached {
             .load(OBJECT)
             .map_err(|e| CaptureError::Load(Box::new(e)))?;
 
-        let (attached_to, attach_order) = hooks.attach(&mut ebpf, hold.is_some())?;
+        let attachment = hooks.attach(&mut ebpf, hold.is_some())?;
         let objects = loaded_objects(&ebpf)?;
         Ok(Self {
             ebpf,
-            attached_to,
+            hooks: hooks.clone(),
+            attachment,
             objects,
-            attach_order,
             holding: hold.is_some(),
         })
     }

@@ -20,17 +20,20 @@ mod wakes;
 
 use itw_common::comm_source;
 
-use self::{attach::Hooks, load::Attached};
+use self::{
+    attach::{Attachment, Hooks},
+    load::Attached,
+};
 pub use self::{
     kernel::EbpfKernel,
     load::OBJECT,
-    settings::{CaptureSettings, KernelHold, PodCgroup},
+    settings::{CaptureSettings, CgroupOrder, KernelHold, PodCgroup},
 };
 use super::{
     CaptureError, CaptureMode, Kernel,
     btf::{self, TaskOffsets},
     mode,
-    order::AttachOrder,
+    order::{AttachOrder, OrderWatch},
 };
 
 /// Where `process_comm` comes from.
@@ -98,8 +101,13 @@ pub struct Started {
     pub attached_to: String,
     pub comm_source: CommSource,
     pub objects: LoadedObjects,
+    /// Cgroup mode: our connect programs were put first at the root
+    /// (`CGROUP_ORDER` first, or auto on a kernel that can).
+    pub first: bool,
     /// Cgroup mode: where our programs run among each hook's programs.
     pub attach_order: Vec<AttachOrder>,
+    /// Cgroup mode: the hooks, to look at their order again later.
+    pub order_watch: OrderWatch,
     /// The programs rewrite held destinations' connects (cgroup mode with
     /// [`CaptureSettings::hold`]).
     pub holding: bool,
@@ -113,6 +121,7 @@ impl std::fmt::Debug for Started {
             .field("attached_to", &self.attached_to)
             .field("comm_source", &self.comm_source)
             .field("objects", &self.objects)
+            .field("first", &self.first)
             .field("attach_order", &self.attach_order)
             .field("holding", &self.holding)
             .finish_non_exhaustive()
@@ -177,11 +186,17 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
     };
     let Attached {
         ebpf,
-        attached_to,
+        hooks,
+        attachment,
         objects,
-        attach_order,
         holding,
     } = attached;
+    let Attachment {
+        attached_to,
+        order: order_watch,
+        links,
+    } = attachment;
+    let attach_order = order_watch.check();
     for order in &attach_order {
         match order.before_ours() {
             [] => {
@@ -194,10 +209,11 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
             ),
         }
     }
-    let kernel = EbpfKernel::new(ebpf, settings, holding, &runtime)?;
+    let kernel = EbpfKernel::new(ebpf, links, settings, holding, &runtime)?;
     tracing::info!(
         mode = %hooks.mode(),
         attached_to = %attached_to,
+        first = hooks.first(),
         comm_source = ?comm_source,
         programs = ?objects.programs,
         "capture attached"
@@ -209,7 +225,9 @@ pub fn start(settings: &CaptureSettings) -> Result<Started, CaptureError> {
         attached_to,
         comm_source,
         objects,
+        first: hooks.first(),
         attach_order,
+        order_watch,
         holding,
     })
 }

@@ -37,7 +37,10 @@ pub struct CaptureSettings {
     /// Holding connects to Services without a ready endpoint (cgroup mode
     /// only); `None`: the programs never rewrite anything.
     pub hold: Option<KernelHold>,
-    /// The pods' cgroup, where the connect programs are attached too.
+    /// How the connect programs are put first (`CGROUP_ORDER`).
+    pub cgroup_order: CgroupOrder,
+    /// The pods' cgroup, where the connect programs are attached too when
+    /// they cannot be put first at the root.
     pub pod_cgroup: PodCgroup,
 }
 
@@ -54,7 +57,37 @@ impl CaptureSettings {
             leader_reads: vec![LeaderRead::Btf, LeaderRead::ProbeRead],
             btf_path: PathBuf::from(btf::VMLINUX_BTF),
             hold: None,
+            cgroup_order: CgroupOrder::Auto,
             pod_cgroup: PodCgroup::Detect,
+        }
+    }
+}
+
+/// How the cgroup connect programs get ahead of other programs of their
+/// hook, such as a socket load balancer's (`CGROUP_ORDER`). Ahead, they see
+/// the ClusterIP a caller asked for and can hold it; behind a load balancer
+/// they see a pod IP, or nothing to hold once it has refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum CgroupOrder {
+    /// `first` where the kernel offers it (Linux 6.15 and later), else `pods`.
+    #[default]
+    Auto,
+    /// Attached to the root with `BPF_F_PREORDER | BPF_F_BEFORE`: before
+    /// every program of every cgroup below, and of the root's other
+    /// pre-order programs then attached. One attachment, seen by everyone.
+    First,
+    /// Attached to the root and to the pods' cgroup (`POD_CGROUP`), whose
+    /// programs run before the root's (unless a root program was attached
+    /// with `BPF_F_PREORDER`). For kernels without pre-order attachment.
+    Pods,
+}
+
+impl CgroupOrder {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::First => "first",
+            Self::Pods => "pods",
         }
     }
 }
