@@ -146,7 +146,7 @@ async fn on_node(cell: &Cell, settings: &Settings, mut node: Node) -> anyhow::Re
     };
     let agent = start_agent(cell, settings, &running.node, &agent_cgroup, &work, &token)?;
     running.agent = Some(agent);
-    wait_ready(&mut running).await?;
+    wait_ready(&mut running, cell).await?;
     let checks = checks(cell, settings, &running).await;
     Ok(checks)
 }
@@ -218,7 +218,9 @@ exec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set="$ITW_LAB_BOUNDI
     )
 }
 
-async fn wait_ready(running: &mut Running) -> anyhow::Result<()> {
+/// Waits until the agent has its map and a stream to the scaler. A cell
+/// where the agent cannot hold waits for `/readyz` to say exactly that.
+async fn wait_ready(running: &mut Running, cell: &Cell) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let agent = running.agent.as_mut().context("no agent")?;
     loop {
@@ -231,10 +233,11 @@ async fn wait_ready(running: &mut Running) -> anyhow::Result<()> {
                 running.scaler.tail(8)
             );
         }
-        let ready = matches!(
-            observe::http_get(AGENT_METRICS, "/readyz").await,
-            Ok((200, _))
-        );
+        let ready = match observe::http_get(AGENT_METRICS, "/readyz").await {
+            Ok((200, _)) => !cell.holding_blocked,
+            Ok((503, body)) => cell.holding_blocked && body.starts_with("cannot hold: "),
+            _ => false,
+        };
         let connected = observe::metrics(SCALER_METRICS)
             .await
             .is_ok_and(|m| sum(&m, "itw_scaler_agents_connected", &[]) == 1);
@@ -385,13 +388,16 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
         Check::run("clusterip", async {
             let made = client(node, CLIENT, CLIENT_COMM, web, 5, true).await?;
             let replies = replies_from(&made, WEB_POD);
+            // Behind a load balancer that rewrites first, our program sees
+            // (and counts) the backend it chose.
+            let under = if cell.holding_blocked { WEB_POD } else { "" };
             let counted = settle(AGENT_METRICS, SETTLE, 5, |m| {
-                attempts(m, WEB.0, "", CLIENT_COMM)
+                attempts(m, WEB.0, under, CLIENT_COMM)
             })
             .await;
             expect(
                 replies == 5 && counted == 5,
-                format!("replies {replies}/5, counted {counted}/5"),
+                format!("replies {replies}/5, counted {counted}/5 (destination_pod {under:?})"),
             )
         })
         .await,
@@ -400,18 +406,19 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
 
     out.push(
         Check::run("pod-ip", async {
-            let made = client(node, CLIENT, CLIENT_COMM, web_pod, 3, true).await?;
-            let replies = replies_from(&made, WEB_POD);
             // Under whichever Service the agent maps the pod's address to
             // (in the IPv6 cell it backs `dual` too).
-            let counted = settle(AGENT_METRICS, SETTLE, 3, |m| {
+            let under_pod = |m: &[observe::Sample]| {
                 sum(
                     m,
                     "internal_tcp_attempts_total",
                     &[("destination_pod", WEB_POD), ("process_comm", CLIENT_COMM)],
                 )
-            })
-            .await;
+            };
+            let before = under_pod(&observe::metrics(AGENT_METRICS).await?);
+            let made = client(node, CLIENT, CLIENT_COMM, web_pod, 3, true).await?;
+            let replies = replies_from(&made, WEB_POD);
+            let counted = settle(AGENT_METRICS, SETTLE, before + 3, under_pod).await - before;
             let series: Vec<String> = observe::metrics(AGENT_METRICS)
                 .await?
                 .iter()
@@ -476,6 +483,9 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
     // ready; the datapath follows `lag` later; the client gets its reply.
     out.push(
         Check::run("hold", async {
+            if cell.holding_blocked {
+                return blocked_hold(running, cell, held).await;
+            }
             let pod = node.pod(CLIENT)?;
             let path = pod.netns.path();
             let place = Placement {
@@ -537,7 +547,7 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
         })
         .await,
     );
-    expected_total += 1 + u64::from(cell.ipv6);
+    expected_total += 1 + u64::from(cell.ipv6 && !cell.holding_blocked);
 
     out.push(
         Check::run("direct", async {
@@ -561,7 +571,11 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
                 "itw_agent_connections_held_total",
                 &[("destination_service", HELD.0)],
             );
-            let want = 1 + u64::from(cell.ipv6);
+            let want = if cell.holding_blocked {
+                0
+            } else {
+                1 + u64::from(cell.ipv6)
+            };
             expect(
                 replies == 1 && ever_held == want,
                 format!("reply {replies}/1, held in all {ever_held} (want {want})"),
@@ -621,25 +635,59 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
     );
 
     out.push(
-        Check::run("first", async {
+        Check::run("order", async {
             let samples = observe::metrics(AGENT_METRICS).await?;
+            let blocked = sum(&samples, "itw_agent_cgroup_holding_blocked", &[]);
             let before: Vec<String> = samples
                 .iter()
                 .filter(|s| s.name == "itw_agent_cgroup_programs_before_ours" && s.value > 0.0)
                 .map(|s| format!("{}={}", s.label("hook").unwrap_or("?"), s.value))
                 .collect();
+            let want = u64::from(cell.holding_blocked);
             expect(
-                before.is_empty(),
-                if before.is_empty() {
-                    "no program before ours".to_owned()
-                } else {
-                    format!("programs before ours: {}", before.join(", "))
-                },
+                blocked == want,
+                format!(
+                    "holding blocked {blocked} (want {want}); programs before ours: {}",
+                    if before.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        before.join(", ")
+                    }
+                ),
             )
         })
         .await,
     );
     out
+}
+
+/// A cell where a socket load balancer runs before our programs and the
+/// agent must say it cannot hold: `/readyz` and the metric say so, and a
+/// connect to the held Service is refused as without holding (and counted),
+/// never parked in silence. Then the Service's pod becomes ready.
+async fn blocked_hold(running: &Running, cell: &Cell, held: SocketAddr) -> anyhow::Result<String> {
+    let (status, body) = observe::http_get(AGENT_METRICS, "/readyz").await?;
+    if status != 503 || !body.starts_with("cannot hold: ") {
+        bail!("/readyz answered {status} {body:?}");
+    }
+    let made = client(&running.node, CLIENT, CLIENT_COMM, held, 1, true).await?;
+    let refused = made.iter().filter(|a| a.errno == Some(libc::EPERM)).count();
+    let samples = observe::metrics(AGENT_METRICS).await?;
+    let parked = sum(
+        &samples,
+        "itw_agent_connections_held_total",
+        &[("destination_service", HELD.0)],
+    );
+    for slice in scenario::held_slices(cell.ipv6, true) {
+        running._mock.put(&slice);
+    }
+    expect(
+        refused == 1 && parked == 0,
+        format!(
+            "refused {refused}/1 (EPERM), parked {parked}; /readyz: {}",
+            body.trim()
+        ),
+    )
 }
 
 fn running_kubelet_cgroup(node: &Node) -> anyhow::Result<PathBuf> {

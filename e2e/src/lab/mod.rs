@@ -45,6 +45,10 @@ pub struct Cell {
     pub ipv6: bool,
     /// Agent env set on top of the DaemonSet's, as an overlay would.
     pub env: Vec<(String, String)>,
+    /// A socket load balancer runs before our programs (the agent told to
+    /// attach in the pods' order, behind a pre-order one): the agent must
+    /// say it cannot hold, and a held Service's connect is refused.
+    pub holding_blocked: bool,
 }
 
 impl Cell {
@@ -62,12 +66,15 @@ impl Cell {
             nested: true,
             ipv6: false,
             env: Vec::new(),
+            holding_blocked: false,
         }
     }
 
     /// The cells `hack/node-lab` runs: every datapath with both cgroup
     /// drivers under a nested node root, one at the hierarchy's root, one
-    /// with IPv6 and dual-stack Services.
+    /// with IPv6 and dual-stack Services, and the agent in the pods' order
+    /// (as on kernels without pre-order attachment) behind and after a
+    /// socket load balancer.
     pub fn matrix() -> Vec<Self> {
         let mut cells = Vec::new();
         for datapath in [
@@ -84,6 +91,14 @@ impl Cell {
         root.name = "iptables-systemd-rootcg".to_owned();
         root.nested = false;
         cells.push(root);
+        for preorder in [false, true] {
+            let mut pods = Self::new(Kind::SocketLb { preorder }, Driver::Systemd);
+            pods.name.push_str("-podsorder");
+            pods.env = vec![("CGROUP_ORDER".to_owned(), "pods".to_owned())];
+            // A pre-order program at the root runs before the pods' cgroup's.
+            pods.holding_blocked = preorder;
+            cells.push(pods);
+        }
         let mut v6 = Self::new(Kind::Nftables, Driver::Systemd);
         v6.name = "nftables-systemd-ipv6".to_owned();
         v6.ipv6 = true;

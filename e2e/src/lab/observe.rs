@@ -62,8 +62,14 @@ pub fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> u64 {
         .sum()
 }
 
+/// How long after reaching a count the agent is read again: past its next
+/// full collection (COLLECT_INTERVAL, 1 s by default), so a count beyond the
+/// one wanted shows too. A wake alone publishes only the woken counter.
+const QUIET: Duration = Duration::from_millis(1300);
+
 /// Polls `addr`'s metrics until `value` of them reaches `want` (or `limit`
-/// passes); returns the last value seen, which the caller compares exactly.
+/// passes); returns the value after a further [`QUIET`], which the caller
+/// compares exactly.
 pub async fn settle(
     addr: SocketAddr,
     limit: Duration,
@@ -76,8 +82,7 @@ pub async fn settle(
         if let Ok(samples) = metrics(addr).await {
             last = value(&samples);
             if last >= want {
-                // A little longer: a count past `want` must show too.
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::time::sleep(QUIET).await;
                 return metrics(addr).await.map_or(last, |s| value(&s));
             }
         }
