@@ -309,8 +309,11 @@ unsafe fn handled_elsewhere(ctx: &SockAddrContext, role: Role) -> bool {
 const MAX_CGROUP_LEVEL: u32 = 32;
 
 /// Finds the pods' cgroup among the calling task's ancestors (it is one: the
-/// pods' program runs only below it) and stores its level.
-#[inline(never)]
+/// pods' program runs only below it) and stores its level. Inlined like
+/// everything here: a function of its own would carry the crate's hash in
+/// its symbol, which depends on the checkout's path, and the kept object
+/// would not rebuild byte for byte elsewhere.
+#[inline(always)]
 fn learn_pods_level(pods: u64, level: *mut u32) {
     for candidate in 1..=MAX_CGROUP_LEVEL {
         // SAFETY: a helper call with a level; `level` points into a map value.
