@@ -111,6 +111,9 @@ fn settings(hold: bool) -> CaptureSettings {
             mark: MARK,
             park_ip4: Some(Ipv4Addr::LOCALHOST),
             park_ip6: None,
+            // The bench's batches are never refused.
+            max_per_service: 65_536,
+            max_per_node: 65_536,
         });
     }
     settings
@@ -130,7 +133,7 @@ fn attach(config: Config, watched: Ipv4Addr) -> anyhow::Result<Option<capture::S
     if config == Config::HoldOtherHeld {
         started
             .kernel
-            .hold(&Destination::v4([127, 89, 9, 9], PORT), 1)?;
+            .hold(&Destination::v4([127, 89, 9, 9], PORT), 1, 1)?;
     }
     Ok(Some(started))
 }
@@ -287,10 +290,18 @@ fn held_path(options: &Options) -> anyhow::Result<()> {
             park_ip4: Some(Ipv4Addr::LOCALHOST),
             park_ip6: None,
             mark: MARK,
+            max_per_service: 65_536,
+            max_per_node: 65_536,
+            max_buffered_bytes: 1 << 30,
+            // The bench's clients are in its own network namespace.
+            netns_dir: "/var/run/netns".into(),
         },
         runtime.handle().clone(),
         metrics.clone(),
-    );
+        kernel
+            .redirects()
+            .ok_or_else(|| anyhow::anyhow!("the programs do not hold"))?,
+    )?;
     let service = ServiceRef::new("bench", "cold");
     let target: SocketAddr = "127.89.1.1:18080".parse()?;
     echo_server(target)?;

@@ -210,7 +210,7 @@ impl Kernel for NullKernel {
     fn stats(&mut self) -> Result<KernelStats, CaptureError> {
         Ok(KernelStats::default())
     }
-    fn hold(&mut self, _: &Destination, _: u16) -> Result<(), CaptureError> {
+    fn hold(&mut self, _: &Destination, _: u16, _: u16) -> Result<(), CaptureError> {
         Ok(())
     }
     fn unhold(&mut self, _: &Destination) -> Result<(), CaptureError> {
@@ -221,6 +221,18 @@ impl Kernel for NullKernel {
     }
     fn take_wakes(&mut self) -> Option<mpsc::Receiver<Wake>> {
         self.wakes.take()
+    }
+    fn redirects(&self) -> Option<std::sync::Arc<dyn itw_agent::capture::RedirectBook>> {
+        None
+    }
+    fn hold_slot(&mut self, _: u16) -> Result<itw_agent::capture::SlotCounts, CaptureError> {
+        Ok(Default::default())
+    }
+    fn set_hold_finished(&mut self, _: u16, _: u64) -> Result<(), CaptureError> {
+        Ok(())
+    }
+    fn expire_redirects(&mut self, _: u64) -> Result<Vec<u16>, CaptureError> {
+        Ok(Vec::new())
     }
 }
 

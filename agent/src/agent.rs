@@ -69,20 +69,22 @@ impl Agent {
             }
         };
 
-        let hold = config
-            .hold
-            .as_ref()
-            .and_then(|request| request.settle(config.capture.mode))
-            .map(|settings| {
-                let metrics = Arc::new(HoldMetrics::default());
-                metrics.register(&mut registry);
-                (settings, metrics, tokio::runtime::Handle::current())
-            });
+        let hold = match &config.hold {
+            Some(request) => request.settle(config.capture.mode)?,
+            None => None,
+        }
+        .map(|settings| {
+            let metrics = Arc::new(HoldMetrics::default());
+            metrics.register(&mut registry);
+            (settings, metrics, tokio::runtime::Handle::current())
+        });
         let mut capture = config.capture;
         capture.hold = hold.as_ref().map(|(settings, _, _)| KernelHold {
             mark: settings.mark,
             park_ip4: settings.park_ip4,
             park_ip6: settings.park_ip6,
+            max_per_service: settings.max_per_service,
+            max_per_node: settings.max_per_node,
         });
 
         let (events_tx, events_rx) = mpsc::channel::<MapEvent>(1024);

@@ -156,6 +156,27 @@ pub struct Args {
     #[arg(long, env = "HOLD_MARK", default_value = "0x2a7c", value_parser = parse_mark)]
     pub hold_mark: u32,
 
+    /// Connections parked at once for one Service; past it a connect goes
+    /// on unheld (refused as without holding) and is counted.
+    #[arg(long, env = "HOLD_MAX_PER_SERVICE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub hold_max_per_service: u32,
+
+    /// Connections parked at once on this node, all Services together.
+    #[arg(long, env = "HOLD_MAX_PER_NODE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub hold_max_per_node: u32,
+
+    /// Bytes of what parked clients sent that the agent keeps, all
+    /// connections together (each keeps at most 64 KiB); past it, the
+    /// clients' own socket buffers and TCP flow control hold the rest.
+    /// Bytes, or with a Ki/Mi suffix.
+    #[arg(long, env = "HOLD_MAX_BUFFERED_BYTES", default_value = "16Mi", value_parser = parse_bytes)]
+    pub hold_max_buffered_bytes: usize,
+
+    /// Where the node's pod network namespaces are (the container runtime's
+    /// netns files): a released connection is made from its client's.
+    #[arg(long, env = "HOLD_NETNS_DIR", default_value = "/var/run/netns")]
+    pub hold_netns_dir: PathBuf,
+
     /// How the connect programs run before other programs of their hook
     /// (a socket load balancer's): first (pre-order at the root, Linux
     /// 6.15+), pods (attached to the pods' cgroup too), or auto (first where
@@ -201,6 +222,10 @@ impl Args {
             park_addr: self.hold_park_addr,
             park_addr6: self.hold_park_addr6,
             mark: self.hold_mark,
+            max_per_service: self.hold_max_per_service,
+            max_per_node: self.hold_max_per_node,
+            max_buffered_bytes: self.hold_max_buffered_bytes,
+            netns_dir: self.hold_netns_dir.clone(),
         });
         Ok(Config {
             metrics_addr: self.metrics_addr,
@@ -301,6 +326,30 @@ fn host_name() -> Result<String, ConfigError> {
     Ok(name.trim().to_owned())
 }
 
+/// A byte count: digits, optionally with a `Ki`, `Mi` or `Gi` suffix.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => s.split_at(at),
+        None => (s, ""),
+    };
+    let shift = match unit {
+        "" => 0,
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        other => return Err(format!("unknown unit {other:?} (bytes, Ki, Mi or Gi)")),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (e.g. 16Mi)"))?;
+    n.checked_mul(1usize << shift)
+        .filter(|n| *n >= 64 * 1024)
+        .ok_or_else(|| {
+            format!("{s:?}: at least 64Ki (one connection's buffer), at most what fits a usize")
+        })
+}
+
 fn parse_mark(s: &str) -> Result<u32, String> {
     let s = s.trim();
     let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
@@ -375,6 +424,10 @@ mod tests {
                 park_addr: None,
                 park_addr6: None,
                 mark: 0x2a7c,
+                max_per_service: 256,
+                max_per_node: 1024,
+                max_buffered_bytes: 16 << 20,
+                netns_dir: PathBuf::from("/var/run/netns"),
             })
         );
         assert_eq!(checked(&["--hold", "off"]).unwrap().hold, None);
@@ -462,6 +515,15 @@ mod tests {
             (&["--hold-timeout", "500ms"][..], "--hold-timeout"),
             (&["--hold-timeout", "2h"][..], "--hold-timeout"),
             (&["--hold-mark", "0"][..], "--hold-mark"),
+            (&["--hold-max-per-node", "0"][..], "--hold-max-per-node"),
+            (
+                &["--hold-max-buffered-bytes", "1Ki"][..],
+                "--hold-max-buffered-bytes",
+            ),
+            (
+                &["--hold-max-buffered-bytes", "16MB"][..],
+                "--hold-max-buffered-bytes",
+            ),
             (&["--hold-mark", "0xzz"][..], "--hold-mark"),
             (&["--hold-park-addr", "node"][..], "--hold-park-addr"),
             (&["--hold-park-addr6", "10.0.0.1"][..], "--hold-park-addr6"),

@@ -56,11 +56,16 @@ impl FastPath {
     }
 
     async fn serve(
-        self,
+        mut self,
         events: mpsc::Receiver<MapEvent>,
         started: oneshot::Sender<Result<(), Error>>,
     ) -> Result<(), Error> {
-        let (kernel, holding, order) = match self.start_capture() {
+        let hold = self.hold.take();
+        let started_capture = self.start_capture().and_then(|(kernel, holding, order)| {
+            let holder = holder(hold, holding, kernel.as_ref())?;
+            Ok((kernel, holding, order, holder))
+        });
+        let (kernel, holding, order, holder) = match started_capture {
             Ok(started_capture) => {
                 let _ = started.send(Ok(()));
                 started_capture
@@ -85,25 +90,6 @@ impl FastPath {
             None => (None, None),
         };
 
-        let holder = match (self.hold, holding) {
-            (Some((settings, metrics, runtime)), true) => {
-                tracing::info!(
-                    policy = ?settings.policy,
-                    park_ip4 = ?settings.park_ip4,
-                    park_ip6 = ?settings.park_ip6,
-                    timeout = ?settings.default_timeout,
-                    "holding connects to Services without a ready endpoint"
-                );
-                Some(Holder::new(settings, runtime, metrics))
-            }
-            (Some(_), false) => {
-                tracing::warn!(
-                    "HOLD is on but the capture mode is not cgroup: connects are never held"
-                );
-                None
-            }
-            (None, _) => None,
-        };
         tokio::spawn(watch_order(
             order,
             self.metrics.clone(),
@@ -163,6 +149,40 @@ impl FastPath {
         }
         Ok((kernel, started.holding, started.order_watch))
     }
+}
+
+/// The holder, when holding is asked for and the programs hold.
+fn holder(
+    hold: Option<(HoldSettings, Arc<HoldMetrics>, tokio::runtime::Handle)>,
+    holding: bool,
+    kernel: &dyn capture::Kernel,
+) -> Result<Option<Holder>, Error> {
+    let Some((settings, metrics, runtime)) = hold else {
+        return Ok(None);
+    };
+    let redirects = match (holding, kernel.redirects()) {
+        (true, Some(redirects)) => redirects,
+        _ => {
+            tracing::warn!(
+                "HOLD is on but the capture mode is not cgroup: connects are never held"
+            );
+            return Ok(None);
+        }
+    };
+    tracing::info!(
+        policy = ?settings.policy,
+        park_ip4 = ?settings.park_ip4,
+        park_ip6 = ?settings.park_ip6,
+        timeout = ?settings.default_timeout,
+        max_per_service = settings.max_per_service,
+        max_per_node = settings.max_per_node,
+        max_buffered_bytes = settings.max_buffered_bytes,
+        netns_dir = %settings.netns_dir.display(),
+        "holding connects to Services without a ready endpoint"
+    );
+    Holder::new(settings, runtime, metrics, redirects)
+        .map(Some)
+        .map_err(Error::HoldDialer)
 }
 
 /// How often the cgroup hooks' order is looked at again: a CNI's agent

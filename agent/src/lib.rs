@@ -53,4 +53,8 @@ pub enum Error {
     Kube(#[from] resolve::kube::KubeSourceError),
     #[error(transparent)]
     Telemetry(#[from] itw_telemetry::Error),
+    #[error(transparent)]
+    Hold(#[from] hold::HoldError),
+    #[error("starting holding's network namespace thread")]
+    HoldDialer(#[source] std::io::Error),
 }

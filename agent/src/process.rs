@@ -1,8 +1,9 @@
 //! What the agent sets up in its own process: the allocator's arenas, the
-//! open-files limit, and the shutdown signals.
+//! open-files limit, and the shutdown signals; and what it asks of it: its
+//! capabilities, and giving freed memory back.
 //!
-//! Process-wide and called once, from `main`, before anything else runs;
-//! nothing else in the agent may change these.
+//! The setup is process-wide and called once, from `main`, before anything
+//! else runs; nothing else in the agent may change these.
 
 use std::future::Future;
 
@@ -36,6 +37,45 @@ pub fn raise_open_files_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
+}
+
+/// `CAP_SYS_ADMIN` (include/uapi/linux/capability.h).
+pub const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether this process holds capability `cap` in its effective set
+/// (`CapEff` of /proc/self/status).
+pub fn has_capability(cap: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|set| set & (1 << cap) != 0)
+}
+
+/// Gives the heap's free memory back to the kernel: after a burst of held
+/// connections (each with its buffer) ends, glibc with one arena would keep
+/// it for good.
+pub fn return_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the programs'
+/// `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the struct passed.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed at once (call

@@ -118,6 +118,26 @@ fn check_agent_workload(daemonset: &Value) -> Vec<String> {
             }
         }
     }
+    if args.hold != itw_agent::hold::HoldPolicy::Off {
+        if host_path_of_dir(daemonset, c, &args.hold_netns_dir) != Some("/run/netns") {
+            problems.push(format!(
+                "HOLD_NETNS_DIR {} is not the node's /run/netns (the runtime's pod network namespaces) mounted from the host",
+                args.hold_netns_dir.display()
+            ));
+        }
+        let propagation = c["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["mountPath"].as_str() == args.hold_netns_dir.to_str())
+            .map(|m| m["mountPropagation"].clone());
+        if propagation != Some(serde_json::json!("HostToContainer")) {
+            problems.push(format!(
+                "HOLD_NETNS_DIR {} is mounted with mountPropagation {propagation:?}: pods started after the agent would not appear (HostToContainer)",
+                args.hold_netns_dir.display()
+            ));
+        }
+    }
     if host_path_of_dir(daemonset, c, &args.tracefs_path) != Some("/sys/kernel/tracing") {
         problems.push(format!(
             "TRACEFS_PATH {} is not the node's /sys/kernel/tracing mounted from the host",
@@ -424,7 +444,13 @@ enum Outcome {
     Failed(String),
 }
 
-fn run_agent_with(caps: &[String], mode: &str, work: &Path, stand_in: SocketAddr) -> Outcome {
+fn run_agent_with(
+    caps: &[String],
+    mode: &str,
+    hold: &str,
+    work: &Path,
+    stand_in: SocketAddr,
+) -> Outcome {
     let map = work.join("services.yaml");
     std::fs::write(
         &map,
@@ -436,7 +462,7 @@ fn run_agent_with(caps: &[String], mode: &str, work: &Path, stand_in: SocketAddr
     )
     .expect("writing the service map");
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let log = work.join(format!("agent-{mode}-{}.log", caps.join("_")));
+    let log = work.join(format!("agent-{mode}-{hold}-{}.log", caps.join("_")));
     let bounding = std::iter::once("-all".to_owned())
         .chain(caps.iter().map(|c| format!("+{c}")))
         .collect::<Vec<_>>()
@@ -458,6 +484,8 @@ exec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set="$BOUNDING" -- "
         .env("SERVICE_MAP", &map)
         .env("METRICS_ADDR", metrics.to_string())
         .env("CAPTURE_MODE", mode)
+        .env("HOLD", hold)
+        .env("HOLD_PARK_ADDR", "127.0.0.1")
         .env("CGROUP_ROOT", &cgroup_root)
         .env("NODE_NAME", "deploy-test")
         .env("RUST_LOG", "warn")
@@ -527,8 +555,9 @@ fn the_daemonset_capabilities_are_the_smallest_that_capture() {
     let stand_in: SocketAddr = format!("127.89.{}.{}:8429", std::process::id() % 250, 7)
         .parse()
         .expect("addr");
+    // As the DaemonSet runs it: holding Services that ask for it.
     for mode in ["cgroup", "tracepoint"] {
-        match run_agent_with(&caps, mode, &work, stand_in) {
+        match run_agent_with(&caps, mode, "annotated", &work, stand_in) {
             Outcome::Counted(n) if n >= 3 => {}
             Outcome::Counted(n) => {
                 panic!("CAPTURE_MODE={mode} with {caps:?}: ready, but counted {n} of 3 attempts")
@@ -540,10 +569,44 @@ fn the_daemonset_capabilities_are_the_smallest_that_capture() {
     }
     for dropped in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != dropped).cloned().collect();
-        if let Outcome::Counted(n @ 3..) = run_agent_with(&fewer, "cgroup", &work, stand_in) {
+        if let Outcome::Counted(n @ 3..) =
+            run_agent_with(&fewer, "cgroup", "annotated", &work, stand_in)
+        {
             panic!(
                 "CAPTURE_MODE=cgroup works without {dropped} (counted {n}): the DaemonSet grants more than it needs"
             );
+        }
+    }
+    // With HOLD=off (an overlay) counting needs no SYS_ADMIN: BPF, PERFMON
+    // and NET_ADMIN, each of them necessary; holding without SYS_ADMIN is
+    // refused at start, naming it.
+    let counting: Vec<String> = ["bpf", "perfmon", "net_admin"].map(str::to_owned).to_vec();
+    match run_agent_with(&counting, "cgroup", "off", &work, stand_in) {
+        Outcome::Counted(n) if n >= 3 => {}
+        other => panic!(
+            "HOLD=off with {counting:?} should count: {}",
+            match other {
+                Outcome::Counted(n) => format!("counted {n}"),
+                Outcome::Failed(why) => why,
+            }
+        ),
+    }
+    for dropped in &counting {
+        let fewer: Vec<String> = counting.iter().filter(|c| *c != dropped).cloned().collect();
+        if let Outcome::Counted(n @ 3..) = run_agent_with(&fewer, "cgroup", "off", &work, stand_in)
+        {
+            panic!(
+                "HOLD=off counts without {dropped} (counted {n}): README's counting set is too large"
+            );
+        }
+    }
+    match run_agent_with(&counting, "cgroup", "annotated", &work, stand_in) {
+        Outcome::Failed(why) => assert!(
+            why.contains("needs CAP_SYS_ADMIN (setns)") && why.contains("HOLD=annotated"),
+            "the start error names the capability and the setting: {why}"
+        ),
+        Outcome::Counted(n) => {
+            panic!("HOLD=annotated without SYS_ADMIN started (counted {n}): it must fail at start")
         }
     }
     let _ = std::fs::remove_dir_all(&work);

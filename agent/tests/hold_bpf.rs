@@ -32,6 +32,8 @@ fn start(order: CgroupOrder, pod_cgroup: PodCgroup) -> Option<Started> {
             mark: MARK,
             park_ip4: Some(Ipv4Addr::LOCALHOST),
             park_ip6: Some(Ipv6Addr::LOCALHOST),
+            max_per_service: 64,
+            max_per_node: 64,
         });
         s.cgroup_order = order;
         s.pod_cgroup = pod_cgroup;
@@ -57,7 +59,7 @@ async fn a_held_ipv4_destination_is_parked_counted_and_keeps_its_address() {
     let park = TcpListener::bind("127.0.0.1:0").unwrap();
     let park_port = park.local_addr().unwrap().port();
     kernel.watch(&dest_of(cluster), 21).unwrap();
-    kernel.hold(&dest_of(cluster), park_port).unwrap();
+    kernel.hold(&dest_of(cluster), park_port, 1).unwrap();
 
     // Nothing listens on the ClusterIP, yet the connect succeeds: it went
     // to the parking listener, and the client still sees where it asked to go.
@@ -114,7 +116,7 @@ async fn held_ipv6_and_v4_mapped_destinations_are_parked_in_their_family() {
     let v6: SocketAddr = SocketAddr::from((Ipv6Addr::LOCALHOST, 44_201));
     let park6 = TcpListener::bind("[::1]:0").unwrap();
     kernel
-        .hold(&dest_of(v6), park6.local_addr().unwrap().port())
+        .hold(&dest_of(v6), park6.local_addr().unwrap().port(), 1)
         .unwrap();
     let client = TcpStream::connect(v6).unwrap();
     assert_eq!(client.peer_addr().unwrap(), v6);
@@ -128,6 +130,7 @@ async fn held_ipv6_and_v4_mapped_destinations_are_parked_in_their_family() {
         .hold(
             &dest_of(SocketAddr::V4(cluster4)),
             park4.local_addr().unwrap().port(),
+            1,
         )
         .unwrap();
     let mapped = SocketAddr::from((cluster4.ip().to_ipv6_mapped(), cluster4.port()));
@@ -200,7 +203,7 @@ async fn the_pods_cgroup_programs_run_first_and_each_connect_counts_once() {
     kernel.watch(&dest_of(held.into()), 32).unwrap();
     let park = TcpListener::bind("127.0.0.1:0").unwrap();
     kernel
-        .hold(&dest_of(held.into()), park.local_addr().unwrap().port())
+        .hold(&dest_of(held.into()), park.local_addr().unwrap().port(), 1)
         .unwrap();
 
     let pods_cgroup = TestCgroup(pods.0.clone());
@@ -360,6 +363,8 @@ async fn ahead_of_a_preorder_load_balancer_a_held_connect_is_parked() {
                 mark: MARK,
                 park_ip4: Some(Ipv4Addr::LOCALHOST),
                 park_ip6: None,
+                max_per_service: 64,
+                max_per_node: 64,
             });
         }) else {
             return;
@@ -375,7 +380,7 @@ async fn ahead_of_a_preorder_load_balancer_a_held_connect_is_parked() {
         kernel.watch(&dest_of(held.into()), 51).unwrap();
         let park = TcpListener::bind("127.0.0.1:0").unwrap();
         kernel
-            .hold(&dest_of(held.into()), park.local_addr().unwrap().port())
+            .hold(&dest_of(held.into()), park.local_addr().unwrap().port(), 1)
             .unwrap();
         let pod = node.pod();
         let procs = CString::new(pod.0.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
@@ -397,4 +402,96 @@ async fn ahead_of_a_preorder_load_balancer_a_held_connect_is_parked() {
             "{order:?}"
         );
     }
+}
+
+/// The inode of this process's network namespace, as the programs record it.
+fn own_netns() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino() as u32
+}
+
+/// Issue 12: the programs record each connect they park (its ClusterIP, its
+/// caller's network namespace, its Service's slot), found by the 4-tuple
+/// the parking listener accepts; a connection to the parking port that no
+/// program parked has no record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_parked_connect_is_recorded_under_the_4_tuple_the_listener_sees() {
+    let Some(started) = start(CgroupOrder::Auto, PodCgroup::None) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let book = kernel.redirects().expect("the programs hold");
+    let cluster: SocketAddr = "127.121.6.1:8080".parse().unwrap();
+    let park = TcpListener::bind("127.0.0.1:0").unwrap();
+    let park_port = park.local_addr().unwrap().port();
+    kernel.watch(&dest_of(cluster), 61).unwrap();
+    kernel.hold(&dest_of(cluster), park_port, 3).unwrap();
+
+    let _client = TcpStream::connect_timeout(&cluster, Duration::from_secs(2)).unwrap();
+    let (_, from) = park.accept().unwrap();
+    let record = book.take(from, park_port).unwrap().expect("a record");
+    assert_eq!(record.dest, dest_of(cluster));
+    assert_eq!(record.netns, own_netns());
+    assert_eq!(record.tgid, std::process::id());
+    assert_eq!(record.slot, 3);
+    assert_eq!(book.take(from, park_port).unwrap(), None, "taken once");
+
+    // Straight to the parking port: no program parked it.
+    let _stranger = TcpStream::connect(("127.0.0.1", park_port)).unwrap();
+    let (_, from) = park.accept().unwrap();
+    assert_eq!(book.take(from, park_port).unwrap(), None);
+}
+
+/// Issue 12: the programs park at most the caps' worth at once, per
+/// Service slot and per node; past a cap a connect goes on unheld (here:
+/// refused, nothing listens at the ClusterIP) and is counted; a parked
+/// connection the agent reports ended makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_cap_a_connect_goes_on_unheld_and_an_ended_one_makes_room() {
+    let Some(started) = support::start(CaptureMode::Cgroup, |s| {
+        s.hold = Some(KernelHold {
+            mark: MARK,
+            park_ip4: Some(Ipv4Addr::LOCALHOST),
+            park_ip6: None,
+            max_per_service: 2,
+            max_per_node: 64,
+        });
+    }) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let cluster: SocketAddr = "127.121.7.1:8080".parse().unwrap();
+    let park = TcpListener::bind("127.0.0.1:0").unwrap();
+    let park_port = park.local_addr().unwrap().port();
+    kernel.watch(&dest_of(cluster), 71).unwrap();
+    kernel.hold(&dest_of(cluster), park_port, 5).unwrap();
+    let connect = || TcpStream::connect_timeout(&cluster, Duration::from_secs(2));
+
+    let first = connect().expect("parked");
+    let second = connect().expect("parked");
+    let third = connect().map(|_| ()).map_err(|e| e.kind());
+    assert_eq!(third, Err(std::io::ErrorKind::ConnectionRefused));
+    let counts = kernel.hold_slot(5).unwrap();
+    assert_eq!((counts.admitted, counts.refused), (2, 1));
+    // Every attempt counted, parked or not.
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        [((71, support::process_comm()), 3)].into()
+    );
+
+    // One of them ends (the agent says so, for the slot and the node).
+    drop(first);
+    kernel.set_hold_finished(5, 1).unwrap();
+    kernel.set_hold_finished(0, 1).unwrap();
+    let fourth = connect().expect("room again");
+    assert_eq!(kernel.hold_slot(5).unwrap().admitted, 3);
+    drop((second, fourth));
+
+    // The node's cap binds too: slot 0 counts every Service's. With the
+    // Service's slot all ended, tell the node's that 64 more are parked
+    // than were admitted here (the programs subtract with wrapping).
+    kernel.set_hold_finished(5, 3).unwrap();
+    kernel.set_hold_finished(0, 3u64.wrapping_sub(64)).unwrap();
+    assert!(connect().is_err(), "the node cap refuses");
+    assert_eq!(kernel.hold_slot(5).unwrap().refused, 2);
 }

@@ -7,7 +7,7 @@ mod support;
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicU32, Ordering},
@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use parking_lot::Mutex;
 use support::*;
 
 const NS: &str = "hold";
@@ -23,7 +24,10 @@ const NS: &str = "hold";
 /// not) at the next address.
 fn held_map(service: &str, cluster_ip: &str, port: u16, ready: bool, extra: &str) -> String {
     let pod_ip = match cluster_ip.rsplit_once('.') {
-        Some((net, host)) => format!("{net}.{}", host.parse::<u8>().expect("an IPv4 address") + 1),
+        Some((net, host)) => format!(
+            "{net}.{}",
+            host.parse::<u8>().expect("an IPv4 address") + 100
+        ),
         None => panic!("{cluster_ip} is not IPv4"),
     };
     format!(
@@ -77,12 +81,22 @@ async fn wait_metric(agent: &Agent, name: &str, labels: &[(&str, &str)], want: f
 /// A server on `at` answering each connection's first read with
 /// "pong:<what it read>"; counts the connections it accepted.
 fn pong_server(at: SocketAddr) -> Arc<AtomicU32> {
+    pong_server_seeing(at).0
+}
+
+/// [`pong_server`], with the address each connection came from.
+fn pong_server_seeing(at: SocketAddr) -> (Arc<AtomicU32>, Arc<Mutex<Vec<SocketAddr>>>) {
     let listener = TcpListener::bind(at).expect("binding the stand-in server");
     let accepted = Arc::new(AtomicU32::new(0));
     let count = accepted.clone();
+    let peers = Arc::new(Mutex::new(Vec::new()));
+    let seen = peers.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
+            if let Ok(peer) = stream.peer_addr() {
+                seen.lock().push(peer);
+            }
             count.fetch_add(1, Ordering::SeqCst);
             std::thread::spawn(move || {
                 let mut buf = [0u8; 256];
@@ -93,7 +107,7 @@ fn pong_server(at: SocketAddr) -> Arc<AtomicU32> {
             });
         }
     });
-    accepted
+    (accepted, peers)
 }
 
 /// Connects, sends `request`, and reads the whole reply (or the error).
@@ -287,11 +301,14 @@ async fn hundreds_of_held_clients_are_released_together() {
     }
     const CLIENTS: usize = 300;
     let target = addr("127.102.3.1:18080");
+    let mut env = hold_env("127.0.0.1");
+    // Past the default cap per Service (256): all of them are to be held.
+    env.push(("HOLD_MAX_PER_SERVICE", "512".to_owned()));
     let agent = Agent::start(
         "hold-many",
         &held_map("many", "127.102.3.1", 18080, false, ""),
         &[],
-        &hold_env("127.0.0.1"),
+        &env,
     )
     .await;
     wait_metric(&agent, "itw_agent_held_destinations", &[], 1.0).await;
@@ -425,17 +442,17 @@ async fn a_client_in_another_network_namespace_is_held_and_released() {
     {
         return;
     }
-    let target = addr("127.102.5.1:18080");
+    // The pair's host end stands for both the node (parking address) and a
+    // ClusterIP the namespace routes to the node: nothing leaves the pair.
+    let target = addr("169.254.77.1:18080");
     let netns = Netns::new(
         &format!("itwh{}", std::process::id()),
         "169.254.77.1",
         "169.254.77.2",
     );
-    // The parking address is the host end of the pair, as a node IP is for
-    // a pod; 127.0.0.1 would be the namespace's own loopback.
     let agent = Agent::start(
         "hold-netns",
-        &held_map("remote", "127.102.5.1", 18080, false, ""),
+        &held_map("remote", "169.254.77.1", 18080, false, ""),
         &[],
         &hold_env("169.254.77.1"),
     )
@@ -461,10 +478,8 @@ async fn a_client_in_another_network_namespace_is_held_and_released() {
         1.0,
     )
     .await;
-    // The server stands at the ClusterIP on the host, where the agent's
-    // release connects (as kube-proxy would route it to the pod).
-    let server = pong_server(target);
-    update_map(&agent, &held_map("remote", "127.102.5.1", 18080, true, ""));
+    let (server, peers) = pong_server_seeing(target);
+    update_map(&agent, &held_map("remote", "169.254.77.1", 18080, true, ""));
     let output = client.await.unwrap();
     assert!(
         output.status.success(),
@@ -474,6 +489,10 @@ async fn a_client_in_another_network_namespace_is_held_and_released() {
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout), "pong:remote");
     assert_eq!(server.load(Ordering::SeqCst), 1);
+    // Issue 12: released from the client's own network namespace, so the
+    // server sees the client's address, not the host's.
+    let seen: Vec<IpAddr> = peers.lock().iter().map(SocketAddr::ip).collect();
+    assert_eq!(seen, vec!["169.254.77.2".parse::<IpAddr>().unwrap()]);
     assert_eq!(
         metric(&agent, "itw_agent_held_released_total", "remote").await,
         1.0
@@ -495,7 +514,11 @@ async fn an_agent_killed_while_holding_leaves_connects_as_without_it() {
     .await;
     wait_metric(&agent, "itw_agent_held_destinations", &[], 1.0).await;
     let programs = agent.program_ids().await;
-    assert_eq!(programs.len(), 4, "two connect, two getpeername programs");
+    assert_eq!(
+        programs.len(),
+        5,
+        "two connect, two getpeername and the sock_ops programs"
+    );
     let mut parked = TcpStream::connect(target).expect("a held connect succeeds");
     wait_metric(
         &agent,
@@ -511,9 +534,12 @@ async fn an_agent_killed_while_holding_leaves_connects_as_without_it() {
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let mut buf = [0u8; 1];
+    // An end (EOF or reset) before the 5 s timeout: a timeout is the
+    // connection outliving the agent.
+    let ended = parked.read(&mut buf).map_err(|e| e.kind());
     assert!(
-        matches!(parked.read(&mut buf), Ok(0) | Err(_)),
-        "the parked connection outlived the agent"
+        matches!(ended, Ok(0) | Err(std::io::ErrorKind::ConnectionReset)),
+        "the parked connection outlived the agent: {ended:?}"
     );
     // ... the programs went with the agent, and a new connect is refused,
     // as without it.

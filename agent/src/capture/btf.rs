@@ -1,6 +1,7 @@
 //! Offsets in the running kernel's `task_struct`, from its BTF
 //! (`/sys/kernel/btf/vmlinux`), for the programs to read the process name
-//! (`current->group_leader->comm`).
+//! (`current->group_leader->comm`) and, for holding, the caller's network
+//! namespace (`current->nsproxy->net_ns->ns.inum`).
 //!
 //! aya's Rust programs have no CO-RE relocations, and `task_struct`'s layout
 //! depends on the kernel's version and configuration, so the agent looks the
@@ -25,6 +26,17 @@ pub struct TaskOffsets {
     pub group_leader: u32,
     /// `char comm[TASK_COMM_LEN]`.
     pub comm: u32,
+    /// The way to the network namespace's inode number, when this kernel's
+    /// BTF has it (holding needs it; counting does not).
+    pub netns: Option<NetnsOffsets>,
+}
+
+/// `task_struct.nsproxy`, `nsproxy.net_ns`, and `net.ns` + `ns_common.inum`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetnsOffsets {
+    pub nsproxy: u32,
+    pub net_ns: u32,
+    pub inum: u32,
 }
 
 /// The offsets from the BTF file at `path`.
@@ -78,7 +90,48 @@ pub fn task_offsets_in(btf: &Btf) -> Result<TaskOffsets, String> {
             ));
         }
     }
-    Ok(TaskOffsets { group_leader, comm })
+    let netns = match netns_offsets(btf, &task) {
+        Ok(offsets) => Some(offsets),
+        Err(reason) => {
+            tracing::warn!(%reason, "the kernel's BTF does not lead to a task's network namespace: connects cannot be held");
+            None
+        }
+    };
+    Ok(TaskOffsets {
+        group_leader,
+        comm,
+        netns,
+    })
+}
+
+/// `task->nsproxy->net_ns->ns.inum`, each step a pointer where it must be.
+fn netns_offsets(btf: &Btf, task: &btf_rs::Struct) -> Result<NetnsOffsets, String> {
+    let (nsproxy, _) = member(btf, task, "nsproxy")?.ok_or("task_struct has no member nsproxy")?;
+    let nsproxy_struct = named_struct(btf, "nsproxy")?;
+    let (net_ns, _) =
+        member(btf, &nsproxy_struct, "net_ns")?.ok_or("nsproxy has no member net_ns")?;
+    let net = named_struct(btf, "net")?;
+    let (ns, ns_type) = member(btf, &net, "ns")?.ok_or("net has no member ns")?;
+    let Type::Struct(ns_common) = strip_qualifiers(btf, ns_type)? else {
+        return Err("net.ns is not a struct".to_owned());
+    };
+    let (inum, _) = member(btf, &ns_common, "inum")?.ok_or("ns_common has no member inum")?;
+    Ok(NetnsOffsets {
+        nsproxy,
+        net_ns,
+        inum: ns + inum,
+    })
+}
+
+fn named_struct(btf: &Btf, name: &str) -> Result<btf_rs::Struct, String> {
+    btf.resolve_types_by_name(name)
+        .map_err(|e| format!("no {name}: {e}"))?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) => Some(s),
+            _ => None,
+        })
+        .ok_or_else(|| format!("no struct {name} (only a forward declaration)"))
 }
 
 /// The byte offset and type of member `name` of a struct or union, looking
@@ -274,7 +327,8 @@ pub(crate) mod tests {
             task_offsets_in(&btf),
             Ok(TaskOffsets {
                 group_leader: 24,
-                comm: 64
+                comm: 64,
+                netns: None,
             })
         );
     }
@@ -315,6 +369,13 @@ pub(crate) mod tests {
         let offsets = task_offsets(path).unwrap();
         // Both lie within task_struct, which is several KiB, and do not overlap.
         assert!(offsets.group_leader > 0 && offsets.comm > 0, "{offsets:?}");
+        let netns = offsets
+            .netns
+            .expect("this kernel's BTF leads to net.ns.inum");
+        assert!(
+            netns.nsproxy > 0 && netns.net_ns > 0 && netns.inum > 0,
+            "{netns:?}"
+        );
         assert!(
             offsets.group_leader.abs_diff(offsets.comm) >= 8,
             "{offsets:?}"

@@ -5,14 +5,17 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::SocketAddr,
     sync::Arc,
 };
 
-use itw_common::{AttemptKey, Comm, Destination};
+use itw_common::{AttemptKey, Comm, ConnKey, Destination, Redirect};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use super::{CaptureError, Kernel, KernelCounts, KernelStats, Wake};
+use super::{
+    CaptureError, Kernel, KernelCounts, KernelStats, RedirectBook, SlotCounts, Wake, conn_key,
+};
 
 #[derive(Debug, Default)]
 struct Maps {
@@ -22,8 +25,12 @@ struct Maps {
     overflow: HashMap<u32, u64>,
     filtered: HashMap<Comm, u64>,
     stats: KernelStats,
-    hold: HashMap<Destination, u16>,
+    hold: HashMap<Destination, (u16, u16)>,
     parked: HashMap<(bool, u16), Destination>,
+    /// Parked connections' records by 4-tuple, as sock_ops leaves them.
+    conns: HashMap<ConnKey, Redirect>,
+    admitted: HashMap<u16, u64>,
+    finished: HashMap<u16, u64>,
 }
 
 /// The test's handle on a [`FakeKernel`]: makes attempts and inspects maps
@@ -97,7 +104,57 @@ impl FakeKernelHandle {
 
     /// The hold map: destination -> parking port.
     pub fn held(&self) -> HashMap<Destination, u16> {
-        self.maps.lock().hold.clone()
+        self.maps
+            .lock()
+            .hold
+            .iter()
+            .map(|(dest, (port, _))| (*dest, *port))
+            .collect()
+    }
+
+    /// The hold map: destination -> its Service's slot.
+    pub fn held_slots(&self) -> HashMap<Destination, u16> {
+        self.maps
+            .lock()
+            .hold
+            .iter()
+            .map(|(dest, (_, slot))| (*dest, *slot))
+            .collect()
+    }
+
+    /// What the programs do when they park a connect to a held `dest`
+    /// from `client` (its local address, once bound) in the network
+    /// namespace `netns`: admit it under the destination's slot and leave
+    /// its record for the parking listener. False: `dest` is not held.
+    pub fn park(&self, dest: Destination, client: SocketAddr, netns: u32) -> bool {
+        let mut maps = self.maps.lock();
+        let Some((park_port, slot)) = maps.hold.get(&dest).copied() else {
+            return false;
+        };
+        *maps.admitted.entry(slot).or_default() += 1;
+        *maps.admitted.entry(0).or_default() += 1;
+        maps.conns.insert(
+            conn_key(client, park_port),
+            Redirect {
+                dest,
+                netns,
+                tgid: std::process::id(),
+                slot,
+                _pad: [0; 10],
+                parked_ns: 0,
+            },
+        );
+        true
+    }
+
+    /// What the agent reported as ended, per slot.
+    pub fn finished(&self, slot: u16) -> u64 {
+        self.maps.lock().finished.get(&slot).copied().unwrap_or(0)
+    }
+
+    /// Records no listener has taken yet.
+    pub fn untaken(&self) -> usize {
+        self.maps.lock().conns.len()
     }
 
     /// The getpeername map: (IPv4?, parking port) -> destination.
@@ -174,9 +231,9 @@ impl Kernel for FakeKernel {
         self.wakes.take()
     }
 
-    fn hold(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError> {
+    fn hold(&mut self, dest: &Destination, park_port: u16, slot: u16) -> Result<(), CaptureError> {
         let mut maps = self.handle.maps.lock();
-        maps.hold.insert(*dest, park_port);
+        maps.hold.insert(*dest, (park_port, slot));
         maps.parked.insert((dest.is_ipv4(), park_port), *dest);
         Ok(())
     }
@@ -193,5 +250,32 @@ impl Kernel for FakeKernel {
             .parked
             .remove(&(dest.is_ipv4(), park_port));
         Ok(())
+    }
+
+    fn redirects(&self) -> Option<Arc<dyn RedirectBook>> {
+        Some(Arc::new(self.handle.clone()))
+    }
+
+    fn hold_slot(&mut self, slot: u16) -> Result<SlotCounts, CaptureError> {
+        let maps = self.handle.maps.lock();
+        Ok(SlotCounts {
+            admitted: maps.admitted.get(&slot).copied().unwrap_or(0),
+            refused: 0,
+        })
+    }
+
+    fn set_hold_finished(&mut self, slot: u16, finished: u64) -> Result<(), CaptureError> {
+        self.handle.maps.lock().finished.insert(slot, finished);
+        Ok(())
+    }
+
+    fn expire_redirects(&mut self, _parked_before_ns: u64) -> Result<Vec<u16>, CaptureError> {
+        Ok(Vec::new())
+    }
+}
+
+impl RedirectBook for FakeKernelHandle {
+    fn take(&self, peer: SocketAddr, park_port: u16) -> Result<Option<Redirect>, CaptureError> {
+        Ok(self.maps.lock().conns.remove(&conn_key(peer, park_port)))
     }
 }

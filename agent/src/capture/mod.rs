@@ -20,9 +20,9 @@ pub mod mode;
 pub mod order;
 pub mod tracefs;
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
-use itw_common::{AttemptKey, Comm, Destination};
+use itw_common::{AttemptKey, Comm, Destination, Redirect};
 use tokio::sync::mpsc;
 
 pub use comm::{ExcludeComms, comm_bytes, comm_name};
@@ -97,6 +97,10 @@ pub struct KernelStats {
     pub attempts_map_full: u64,
     pub overflow_map_full: u64,
     pub leader_comm_failed: u64,
+    /// Held connects not parked: the caller's network namespace unreadable.
+    pub hold_no_netns: u64,
+    /// Held connects not parked: their Service's slot out of range.
+    pub hold_bad_slot: u64,
 }
 
 /// What the agent asks of the kernel side.
@@ -132,8 +136,9 @@ pub trait Kernel: Send + 'static {
     fn take_wakes(&mut self) -> Option<mpsc::Receiver<Wake>>;
 
     /// Holding: connects to `dest` go to the parking listener on
-    /// `park_port` from now on, and getpeername() on them shows `dest`.
-    fn hold(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError>;
+    /// `park_port` from now on, within the caps, counted under `slot` (its
+    /// Service's, 1 and up), and getpeername() on them shows `dest`.
+    fn hold(&mut self, dest: &Destination, park_port: u16, slot: u16) -> Result<(), CaptureError>;
 
     /// Connects to `dest` go where they asked again. Connections parked
     /// before keep showing `dest` to getpeername() until
@@ -142,6 +147,52 @@ pub trait Kernel: Send + 'static {
 
     /// The parking listener of `dest` on `park_port` is closed.
     fn forget_park(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError>;
+
+    /// Where the parking side looks up what the programs parked; `None`
+    /// when they do not hold.
+    fn redirects(&self) -> Option<Arc<dyn RedirectBook>>;
+
+    /// Slot `slot`'s counters (0: the node's).
+    fn hold_slot(&mut self, slot: u16) -> Result<SlotCounts, CaptureError>;
+
+    /// How many connects parked under `slot` have ended: what the caps
+    /// subtract from the admitted.
+    fn set_hold_finished(&mut self, slot: u16, finished: u64) -> Result<(), CaptureError>;
+
+    /// Deletes the records of connects parked before `parked_before_ns`
+    /// (`CLOCK_MONOTONIC`) that nobody took (the client gave up, a policy
+    /// dropped its handshake); returns each one's slot.
+    fn expire_redirects(&mut self, parked_before_ns: u64) -> Result<Vec<u16>, CaptureError>;
+}
+
+/// One slot's counters in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCounts {
+    /// Connects parked ever.
+    pub admitted: u64,
+    /// Connects not parked because a cap was reached.
+    pub refused: u64,
+}
+
+/// What the programs recorded of the connects they parked, for the parking
+/// side: only a connection with a record is handed on.
+pub trait RedirectBook: Send + Sync + std::fmt::Debug {
+    /// Takes (removes) the record of the connection from `peer` that the
+    /// parking listener on `park_port` accepted.
+    fn take(&self, peer: SocketAddr, park_port: u16) -> Result<Option<Redirect>, CaptureError>;
+}
+
+/// The key the programs record a parked connection under.
+pub fn conn_key(peer: SocketAddr, park_port: u16) -> itw_common::ConnKey {
+    let addr = match peer {
+        SocketAddr::V4(a) => a.ip().to_ipv6_mapped().octets(),
+        SocketAddr::V6(a) => a.ip().octets(),
+    };
+    itw_common::ConnKey {
+        addr,
+        port: peer.port(),
+        park_port,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -55,6 +55,20 @@ pub struct HoldMetrics {
     /// Seconds from accept to release, per Service: the cold start the
     /// client waited for.
     pub hold_seconds: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    /// Connections that reached a parking port without a record of our
+    /// programs (someone connecting to it directly): reset, never handed on.
+    pub not_redirected: Family<ServiceLabels, Counter>,
+    /// Connects not parked because a cap was reached (per Service or per
+    /// node): they went on unheld.
+    pub over_cap: Family<ServiceLabels, Counter>,
+    /// Parked connects whose connection never reached the parking listener
+    /// (the client gave up, a policy dropped its handshake).
+    pub expired: Family<ServiceLabels, Counter>,
+    /// Bytes of what parked clients sent, kept by the agent now.
+    pub buffered_bytes: Gauge,
+    /// Parked connections that found the byte budget spent and stopped
+    /// reading for a while.
+    pub buffer_full: Counter,
     /// Destinations whose connects are parked now.
     pub held_destinations: Gauge,
     /// Parking listeners open (held destinations, and released ones whose
@@ -75,6 +89,11 @@ impl Default for HoldMetrics {
             left: Family::default(),
             release_failed: Family::default(),
             release_retries: Family::default(),
+            not_redirected: Family::default(),
+            over_cap: Family::default(),
+            expired: Family::default(),
+            buffered_bytes: Gauge::default(),
+            buffer_full: Counter::default(),
             hold_seconds: Family::new_with_constructor(hold_histogram),
             held_destinations: Gauge::default(),
             parking_listeners: Gauge::default(),
@@ -120,6 +139,31 @@ impl HoldMetrics {
             "held_release_retries",
             "Connects of released connections refused by a datapath not yet following the ready endpoint, and made again",
             self.release_retries.clone(),
+        );
+        agent.register(
+            "hold_not_redirected",
+            "Connections to a parking port that no program of ours parked (someone reaching it directly): reset, never handed on",
+            self.not_redirected.clone(),
+        );
+        agent.register(
+            "hold_over_cap",
+            "Connects to a held Service not parked because HOLD_MAX_PER_SERVICE or HOLD_MAX_PER_NODE was reached: they went on as without holding",
+            self.over_cap.clone(),
+        );
+        agent.register(
+            "hold_expired",
+            "Parked connects whose connection never reached the parking listener (client gone, handshake dropped), forgotten",
+            self.expired.clone(),
+        );
+        agent.register(
+            "hold_buffered_bytes",
+            "Bytes of what parked clients sent, kept by the agent now (at most HOLD_MAX_BUFFERED_BYTES)",
+            self.buffered_bytes.clone(),
+        );
+        agent.register(
+            "hold_buffer_full",
+            "Parked connections that found HOLD_MAX_BUFFERED_BYTES spent and stopped reading for a while",
+            self.buffer_full.clone(),
         );
         agent.register(
             "hold_seconds",

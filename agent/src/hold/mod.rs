@@ -5,20 +5,37 @@
 //! The kernel side (cgroup connect programs) rewrites a held ClusterIP:port
 //! to `park address:port` after counting the attempt, so activation reaches
 //! the scaler as before; each held destination gets a listener of its own,
-//! so the listener knows the destination from its port. Release takes the
+//! so the listener knows the destination from its port. The programs also
+//! record each connect they park (with its caller's network namespace), and
+//! a listener hands on only connections so recorded. Release takes the
 //! destination out of the kernel's hold map first (new connects go straight
 //! to the Service from then on), then tells the listener, whose parked
-//! connections connect to the ClusterIP with the agent's socket mark (which
-//! the programs let through) and are spliced both ways for their lifetime.
+//! connections connect to the ClusterIP from their client's own network
+//! namespace, with the agent's socket mark (which the programs let
+//! through), and are spliced both ways for their lifetime.
+//!
+//! Holding is bounded: connects parked at once per Service and per node
+//! (the programs admit against the caps), and the bytes clients sent that
+//! the agent keeps.
 //!
 //! [`Holder`] is the bookkeeping, driven by the counting loop (which owns the
 //! kernel side) with every service map event; listeners and connections run
 //! as tasks on the runtime it is given.
+//!
+//! - [`settings`]: the policy and what holding runs with.
+//! - [`park`]: one parking listener and its connections.
+//! - [`netns`]: sockets in a client's network namespace.
+//! - [`budget`]: what parked connections may use; [`slots`]: the kernel's
+//!   per-Service admission counters.
+//! - [`net`]: socket details; [`metrics`]: what `/metrics` shows.
 
+pub mod budget;
 pub mod metrics;
 pub mod net;
+pub mod netns;
 pub mod park;
 pub mod settings;
+pub mod slots;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -30,19 +47,30 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 
+use self::{
+    budget::HoldBudget,
+    metrics::ServiceLabels,
+    netns::Dialer,
+    park::{Parking, Phase},
+    slots::Slots,
+};
 pub use self::{
     metrics::HoldMetrics,
     net::connect_marked,
-    settings::{HoldPolicy, HoldRequest, HoldSettings},
-};
-use self::{
-    metrics::ServiceLabels,
-    park::{Parking, Phase},
+    settings::{HoldError, HoldPolicy, HoldRequest, HoldSettings},
 };
 use crate::{
-    capture::Kernel,
+    capture::{Kernel, RedirectBook},
+    process,
     resolve::{self, DestMap, MapChange, MapEvent, ServiceRef, ServiceState},
 };
+
+/// How long a parked connect's record may wait for its connection to reach
+/// the parking listener: past a client's SYN retries (about two minutes),
+/// nothing will come, and its place under the caps is given back.
+const UNTAKEN_EXPIRY: Duration = Duration::from_secs(180);
+/// Reaps between walks of the records for expired ones.
+const EXPIRY_EVERY: u32 = 10;
 
 /// A destination whose connects are parked now.
 struct Held {
@@ -71,16 +99,27 @@ pub struct Holder {
     /// Listeners closed since the last [`Holder::reap`]: (destination, port).
     closed_tx: mpsc::UnboundedSender<(SocketAddr, u16)>,
     closed_rx: mpsc::UnboundedReceiver<(SocketAddr, u16)>,
+    redirects: Arc<dyn RedirectBook>,
+    budget: Arc<HoldBudget>,
+    dialer: Arc<Dialer>,
+    slots: Slots,
+    reaps: u32,
+    /// Bytes were kept since the heap was last trimmed.
+    trim_pending: bool,
 }
 
 impl Holder {
+    /// `redirects`: what the programs parked, as the kernel side offers it.
     pub fn new(
         settings: HoldSettings,
         runtime: tokio::runtime::Handle,
         metrics: Arc<HoldMetrics>,
-    ) -> Self {
+        redirects: Arc<dyn RedirectBook>,
+    ) -> std::io::Result<Self> {
         let (closed_tx, closed_rx) = mpsc::unbounded_channel();
-        Self {
+        Ok(Self {
+            budget: Arc::new(HoldBudget::new(settings.max_buffered_bytes)),
+            dialer: Arc::new(Dialer::start(settings.netns_dir.clone())?),
             settings,
             runtime,
             metrics,
@@ -91,7 +130,11 @@ impl Holder {
             held_index: BTreeSet::new(),
             closed_tx,
             closed_rx,
-        }
+            redirects,
+            slots: Slots::default(),
+            reaps: 0,
+            trim_pending: false,
+        })
     }
 
     /// Destinations held now.
@@ -271,7 +314,12 @@ impl Holder {
             }
         };
         let (port, listener) = listener;
-        if let Err(error) = kernel.hold(&resolve::destination(dest), port) {
+        let Some(slot) = self.slots.take(service) else {
+            self.metrics.hold_failures.inc();
+            tracing::error!(%dest, service = %service, "every held-Service slot is in use; connects to this destination are not held");
+            return;
+        };
+        if let Err(error) = kernel.hold(&resolve::destination(dest), port, slot) {
             self.metrics.hold_failures.inc();
             tracing::error!(%dest, service = %service, %error, "the kernel refused to hold this destination");
             let _ = kernel.forget_park(&resolve::destination(dest), port);
@@ -280,9 +328,13 @@ impl Holder {
         let (phase, phase_rx) = watch::channel(Phase::Holding { timeout });
         let parking = Parking {
             dest,
+            port,
             labels: ServiceLabels::of(service),
             mark: self.settings.mark,
             metrics: self.metrics.clone(),
+            redirects: self.redirects.clone(),
+            budget: self.budget.clone(),
+            dialer: self.dialer.clone(),
         };
         let closed = self.closed_tx.clone();
         self.metrics.parking_listeners.inc();
@@ -314,6 +366,9 @@ impl Holder {
             return;
         };
         self.held_index.remove(&(held.service.clone(), dest));
+        if !self.held_by(&held.service) {
+            self.slots.drain(&held.service);
+        }
         if let Err(error) = kernel.unhold(&resolve::destination(dest)) {
             tracing::error!(%dest, %error, "the kernel refused to stop holding this destination");
         }
@@ -322,14 +377,52 @@ impl Holder {
         let _ = held.phase.send(Phase::Released);
     }
 
-    /// Forgets the parking ports of listeners that have closed, so
-    /// getpeername() no longer maps them.
+    /// Forgets the parking ports of listeners that have closed (so
+    /// getpeername() no longer maps them), tells the kernel which parked
+    /// connections ended, forgets records nobody took, and gives memory
+    /// back after a burst.
     pub fn reap(&mut self, kernel: &mut dyn Kernel) {
         while let Ok((dest, port)) = self.closed_rx.try_recv() {
             self.metrics.parking_listeners.dec();
             if let Err(error) = kernel.forget_park(&resolve::destination(dest), port) {
                 tracing::warn!(%dest, port, %error, "forgetting a parking port failed");
             }
+        }
+        self.reaps = self.reaps.wrapping_add(1);
+        if self.reaps.is_multiple_of(EXPIRY_EVERY) {
+            self.expire(kernel);
+        }
+        self.slots.sync(kernel, &self.budget, &self.metrics);
+        let buffered = self.budget.buffered();
+        self.metrics
+            .buffered_bytes
+            .set(i64::try_from(buffered).unwrap_or(i64::MAX));
+        if buffered > 0 {
+            self.trim_pending = true;
+        } else if self.trim_pending {
+            self.trim_pending = false;
+            process::return_freed_memory();
+        }
+    }
+
+    fn expire(&mut self, kernel: &mut dyn Kernel) {
+        let Some(cutoff) = process::monotonic_ns().checked_sub(UNTAKEN_EXPIRY.as_nanos() as u64)
+        else {
+            return;
+        };
+        match kernel.expire_redirects(cutoff) {
+            Ok(slots) => {
+                for slot in slots {
+                    self.budget.finish(slot);
+                    if let Some(service) = self.slots.owner(slot) {
+                        self.metrics
+                            .expired
+                            .get_or_create(&ServiceLabels::of(service))
+                            .inc();
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "forgetting parked connects nobody took failed"),
         }
     }
 }

@@ -31,6 +31,19 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) ->
     }
 }
 
+/// Sets socket mark `mark` (SO_MARK needs CAP_NET_ADMIN).
+pub fn set_mark(fd: RawFd, mark: u32) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_MARK, &mark)
+}
+
+/// Whether this process may set socket mark `mark`: tried once on a socket
+/// of its own, so a missing capability is a failed start, not a reset
+/// client at every release.
+pub fn can_mark(mark: u32) -> io::Result<()> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    set_mark(socket.as_raw_fd(), mark)
+}
+
 /// Connects to `addr` with socket mark `mark`, which the agent's programs
 /// let through unheld and uncounted (SO_MARK needs CAP_NET_ADMIN). Mark 0
 /// is none (the agent's settings never take it; tests without the
@@ -41,7 +54,7 @@ pub async fn connect_marked(addr: SocketAddr, mark: u32) -> io::Result<TcpStream
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
     if mark != 0 {
-        setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, &mark)?;
+        set_mark(socket.as_raw_fd(), mark)?;
     }
     match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, socket.connect(addr)).await {
         Ok(result) => result,

@@ -1,6 +1,11 @@
 //! One parking listener: the connects to one held ClusterIP:port land here
 //! (the kernel rewrote them), wait until the Service has a ready endpoint,
-//! then are handed over to it and spliced both ways.
+//! then are handed over to it from their client's own network namespace and
+//! spliced both ways.
+//!
+//! Only connections the programs parked (a record of theirs) are handed on;
+//! anything else that reaches the port is reset. What the parked clients
+//! send is kept within the node's byte budget.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -12,10 +17,15 @@ use tokio::{
     time::Instant,
 };
 
+use itw_common::Redirect;
+
 use super::{
+    budget::HoldBudget,
     metrics::{HoldMetrics, ServiceLabels},
     net,
+    netns::Dialer,
 };
+use crate::capture::RedirectBook;
 
 /// Client bytes kept while parked; past this the client's own socket
 /// buffers (and TCP flow control) hold the rest.
@@ -46,10 +56,19 @@ pub enum Phase {
 pub struct Parking {
     /// The ClusterIP:port the held connects asked for.
     pub dest: SocketAddr,
+    /// The listener's own port, under which the programs record what they
+    /// parked here.
+    pub port: u16,
     pub labels: ServiceLabels,
     /// The agent's exempting socket mark.
     pub mark: u32,
     pub metrics: Arc<HoldMetrics>,
+    /// What the programs parked: only connections found there are handed on.
+    pub redirects: Arc<dyn RedirectBook>,
+    pub budget: Arc<HoldBudget>,
+    /// Makes a released connection's upstream socket in its client's
+    /// network namespace.
+    pub dialer: Arc<Dialer>,
 }
 
 /// Accepts and parks until released, then keeps accepting (and handing over
@@ -76,9 +95,23 @@ pub async fn run(listener: TcpListener, parking: Parking, mut phase: watch::Rece
         };
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(one(stream, parking.clone(), phase.clone(), timeout));
-                }
+                Ok((stream, peer)) => match parking.redirects.take(peer, parking.port) {
+                    Ok(Some(record)) => {
+                        connections.spawn(one(stream, record, parking.clone(), phase.clone(), timeout));
+                    }
+                    // Not a connect our programs parked: someone who reached
+                    // the parking address itself. Never handed on.
+                    Ok(None) => {
+                        parking.metrics.not_redirected.get_or_create(&parking.labels).inc();
+                        tracing::debug!(dest = %parking.dest, %peer, "a connection to a parking port that no program parked: reset");
+                        net::reset(stream);
+                    }
+                    Err(error) => {
+                        parking.metrics.not_redirected.get_or_create(&parking.labels).inc();
+                        tracing::warn!(dest = %parking.dest, %peer, %error, "cannot look up a parked connection's record: reset");
+                        net::reset(stream);
+                    }
+                },
                 Err(error) => {
                     // Out of descriptors and the like: the client stays in
                     // the backlog; try again shortly rather than spin.
@@ -101,10 +134,30 @@ pub async fn run(listener: TcpListener, parking: Parking, mut phase: watch::Rece
     connections.shutdown().await;
 }
 
+/// How much of the byte budget a parked connection asks for at a time.
+const READ_CHUNK: usize = 16 * 1024;
+/// How long a connection that found the byte budget spent waits before
+/// asking again.
+const BUDGET_RETRY: Duration = Duration::from_millis(100);
+
+/// What a parked client sent, its bytes counted in the node's budget until
+/// dropped.
+struct Kept<'a> {
+    bytes: Vec<u8>,
+    budget: &'a HoldBudget,
+}
+
+impl Drop for Kept<'_> {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes.len());
+    }
+}
+
 /// One parked connection, from accept to the end of its splice. `timeout`:
 /// the hold timeout when it was accepted (a held connection follows changes).
 async fn one(
     mut client: TcpStream,
+    record: Redirect,
     parking: Arc<Parking>,
     mut phase: watch::Receiver<Phase>,
     mut timeout: Duration,
@@ -113,34 +166,61 @@ async fn one(
     let metrics = &parking.metrics;
     let accepted = Instant::now();
     let held = *phase.borrow() != Phase::Released;
-    let mut buffer = Vec::new();
+    let mut kept = Kept {
+        bytes: Vec::new(),
+        budget: &parking.budget,
+    };
     let mut client_done = false;
     if held {
         metrics.held.get_or_create(labels).inc();
         metrics.held_total.get_or_create(labels).inc();
+        let mut starved = false;
         let outcome = loop {
             match *phase.borrow_and_update() {
                 Phase::Released => break Outcome::Released,
                 Phase::Holding { timeout: now } => timeout = now,
             }
             let deadline = accepted + timeout;
+            let room = PARK_BUFFER - kept.bytes.len();
+            let granted = if client_done || room == 0 {
+                0
+            } else {
+                parking.budget.reserve(room.min(READ_CHUNK))
+            };
+            if granted == 0 && !client_done && room > 0 && !starved {
+                starved = true;
+                metrics.buffer_full.inc();
+            }
+            let mut chunk = (&mut client).take(granted as u64);
             tokio::select! {
-                changed = phase.changed() => if changed.is_err() {
-                    break Outcome::Shutdown;
-                },
-                () = tokio::time::sleep_until(deadline) => break Outcome::TimedOut,
-                read = client.read_buf(&mut buffer), if !client_done && buffer.len() < PARK_BUFFER => match read {
-                    // Closed without a byte sent (`nc -z`, a dropped
-                    // client): nobody is waiting. A close after a request is
-                    // a half-close: the reply is still wanted.
-                    Ok(0) if buffer.is_empty() => break Outcome::Left,
-                    Ok(0) => client_done = true,
-                    Ok(_) => {}
-                    Err(_) => break Outcome::Left,
+                changed = phase.changed() => {
+                    parking.budget.release(granted);
+                    if changed.is_err() {
+                        break Outcome::Shutdown;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    parking.budget.release(granted);
+                    break Outcome::TimedOut;
+                }
+                () = tokio::time::sleep(BUDGET_RETRY), if granted == 0 && !client_done && room > 0 => {}
+                read = chunk.read_buf(&mut kept.bytes), if granted > 0 => {
+                    let n = *read.as_ref().unwrap_or(&0);
+                    parking.budget.release(granted - n);
+                    match read {
+                        // Closed without a byte sent (`nc -z`, a dropped
+                        // client): nobody is waiting. A close after a request
+                        // is a half-close: the reply is still wanted.
+                        Ok(0) if kept.bytes.is_empty() => break Outcome::Left,
+                        Ok(0) => client_done = true,
+                        Ok(_) => {}
+                        Err(_) => break Outcome::Left,
+                    }
                 },
             }
         };
         metrics.held.get_or_create(labels).dec();
+        parking.budget.finish(record.slot);
         match outcome {
             Outcome::Released => {
                 metrics.released.get_or_create(labels).inc();
@@ -164,21 +244,25 @@ async fn one(
                 return;
             }
         }
+    } else {
+        // Rewritten just before the release took the destination out of
+        // the hold map: never parked, handed over at once.
+        parking.budget.finish(record.slot);
     }
-    let mut upstream = match connect_upstream(&parking, accepted + timeout).await {
+    let mut upstream = match connect_upstream(&parking, &record, accepted + timeout).await {
         Ok(upstream) => upstream,
         Err(error) => {
             metrics.release_failed.get_or_create(labels).inc();
-            tracing::warn!(dest = %parking.dest, %error, "handing a held connection over failed within its hold timeout; resetting it");
+            tracing::warn!(dest = %parking.dest, netns = record.netns, %error, "handing a held connection over failed within its hold timeout; resetting it");
             net::reset(client);
             return;
         }
     };
-    if !buffer.is_empty() && upstream.write_all(&buffer).await.is_err() {
+    if !kept.bytes.is_empty() && upstream.write_all(&kept.bytes).await.is_err() {
         net::reset(client);
         return;
     }
-    drop(buffer);
+    drop(kept);
     // The client's end-of-stream (if it came while parked) is seen again by
     // the copy, which passes it on.
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
@@ -186,15 +270,30 @@ async fn one(
     }
 }
 
-/// Connects to the held destination, again and again with a growing pause,
-/// until it answers or `deadline` (the connection's hold timeout) passes:
-/// the datapath may refuse for a while after the endpoint is ready.
-async fn connect_upstream(parking: &Parking, deadline: Instant) -> std::io::Result<TcpStream> {
+/// Connects to the held destination from the client's own network
+/// namespace, again and again with a growing pause, until it answers or
+/// `deadline` (the connection's hold timeout) passes: the datapath may
+/// refuse for a while after the endpoint is ready, and a policy that denies
+/// the client never lets it through.
+async fn connect_upstream(
+    parking: &Parking,
+    record: &Redirect,
+    deadline: Instant,
+) -> std::io::Result<TcpStream> {
     let mut pause = RELEASE_RETRY_FIRST;
     loop {
-        let attempt =
-            tokio::time::timeout_at(deadline, net::connect_marked(parking.dest, parking.mark))
-                .await;
+        let attempt = tokio::time::timeout_at(deadline, async {
+            let socket = parking
+                .dialer
+                .socket(
+                    u64::from(record.netns),
+                    parking.dest.is_ipv6(),
+                    parking.mark,
+                )
+                .await?;
+            socket.connect(parking.dest).await
+        })
+        .await;
         let error = match attempt {
             Ok(Ok(upstream)) => return Ok(upstream),
             Ok(Err(error)) => error,

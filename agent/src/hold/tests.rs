@@ -28,7 +28,19 @@ fn settings(policy: HoldPolicy) -> HoldSettings {
         park_ip6: None,
         // No mark: these tests need no CAP_NET_ADMIN.
         mark: 0,
+        max_per_service: 16,
+        max_per_node: 64,
+        max_buffered_bytes: 1 << 20,
+        // Every client here is in the test's own network namespace, which
+        // needs no file (nor CAP_SYS_ADMIN).
+        netns_dir: "/nonexistent".into(),
     }
+}
+
+/// The inode of this process's network namespace, as the programs record it.
+fn own_netns() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino() as u32
 }
 
 fn svc(name: &str) -> ServiceRef {
@@ -68,7 +80,13 @@ impl Rig {
         let kernel = FakeKernel::new(64);
         let handle = kernel.handle();
         Self {
-            holder: Holder::new(settings, tokio::runtime::Handle::current(), metrics.clone()),
+            holder: Holder::new(
+                settings,
+                tokio::runtime::Handle::current(),
+                metrics.clone(),
+                kernel.redirects().unwrap(),
+            )
+            .unwrap(),
             kernel,
             handle,
             metrics,
@@ -102,6 +120,35 @@ impl Rig {
             svc("web"),
             state(true, Some(ready)),
         )]));
+    }
+
+    /// A client of `dest` parked at `port` as the programs park one: its
+    /// record made (with its address, once bound), then the connect.
+    async fn client(&self, dest: &str, port: u16) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let local = socket.local_addr().unwrap();
+        assert!(
+            self.handle
+                .park(resolve::destination(addr(dest)), local, own_netns()),
+            "{dest} is held"
+        );
+        socket
+            .connect(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `n` connections of web are parked (5 s at most).
+    async fn parked(&self, n: i64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.metrics.held.get_or_create(&labels()).get() != n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} parked connections within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// A rig holding "web" on `dest` alone; the parking port.
@@ -326,9 +373,9 @@ async fn a_parked_connection_gets_its_reply_once_released() {
     let dest = "127.50.2.1:18080";
     let (mut rig, port) = Rig::holding(dest, None);
 
-    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut client = rig.client(dest, port).await;
     client.write_all(b"ping").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    rig.parked(1).await;
     assert_eq!(rig.metrics.held.get_or_create(&labels()).get(), 1);
     assert_eq!(rig.metrics.held_total.get_or_create(&labels()).get(), 1);
 
@@ -344,8 +391,8 @@ async fn a_parked_connection_gets_its_reply_once_released() {
 async fn the_server_speaks_first_to_a_released_client() {
     let dest = "127.50.2.2:18080";
     let (mut rig, port) = Rig::holding(dest, None);
-    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut client = rig.client(dest, port).await;
+    rig.parked(1).await;
 
     let listener = TcpListener::bind(dest).await.unwrap();
     tokio::spawn(async move {
@@ -360,7 +407,7 @@ async fn the_server_speaks_first_to_a_released_client() {
 async fn a_connection_held_past_its_timeout_is_reset() {
     let dest = "127.50.2.3:18080";
     let (rig, port) = Rig::holding(dest, Some(Duration::from_millis(300)));
-    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut client = rig.client(dest, port).await;
     client.write_all(b"ping").await.unwrap();
     assert_eq!(
         read_error(&mut client).await,
@@ -375,9 +422,9 @@ async fn a_connection_held_past_its_timeout_is_reset() {
 async fn a_new_hold_timeout_applies_to_connections_already_parked() {
     let dest = "127.50.2.6:18080";
     let (mut rig, port) = Rig::holding(dest, Some(Duration::from_secs(30)));
-    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut client = rig.client(dest, port).await;
     client.write_all(b"ping").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    rig.parked(1).await;
     let started = std::time::Instant::now();
     rig.apply(MapEvent::Changes(vec![MapChange::ServiceSet(
         svc("web"),
@@ -399,16 +446,20 @@ async fn a_client_that_leaves_while_parked_is_freed() {
     let dest = "127.50.2.4:18080";
     let (mut rig, port) = Rig::holding(dest, None);
     // `nc -z`: connect, close.
-    drop(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(rig.client(dest, port).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while rig.metrics.left.get_or_create(&labels()).get() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "let go within 5 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(rig.metrics.left.get_or_create(&labels()).get(), 1);
     assert_eq!(rig.metrics.held.get_or_create(&labels()).get(), 0);
 
     // One that half-closes after its request still gets the reply.
-    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut client = rig.client(dest, port).await;
     client.write_all(b"req").await.unwrap();
     client.shutdown().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    rig.parked(1).await;
     assert_eq!(rig.metrics.held.get_or_create(&labels()).get(), 1);
     let _server = echo_server(addr(dest)).await;
     rig.web_ready(1);
@@ -419,9 +470,9 @@ async fn a_client_that_leaves_while_parked_is_freed() {
 async fn a_release_the_service_refuses_until_the_hold_timeout_resets_the_client() {
     let dest = "127.50.2.5:18080";
     let (mut rig, port) = Rig::holding(dest, Some(Duration::from_millis(800)));
-    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut client = rig.client(dest, port).await;
     client.write_all(b"ping").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    rig.parked(1).await;
     // Ready, says the map, but nothing listens, ever.
     rig.web_ready(1);
     assert_eq!(
@@ -442,10 +493,10 @@ async fn a_release_the_service_refuses_until_the_hold_timeout_resets_the_client(
 async fn a_release_the_datapath_refuses_for_a_while_reaches_the_service_when_it_answers() {
     let dest = "127.50.2.6:18080";
     let (mut rig, port) = Rig::holding(dest, None);
-    let mut client = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut client = rig.client(dest, port).await;
     client.write_all(b"late").await.unwrap();
     client.shutdown().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    rig.parked(1).await;
     rig.web_ready(1);
     // The "datapath" answers 700 ms after the map said ready.
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -457,4 +508,95 @@ async fn a_release_the_datapath_refuses_for_a_while_reaches_the_service_when_it_
         rig.metrics.release_retries.get_or_create(&labels()).get() >= 3,
         "refused connects were made again"
     );
+}
+
+/// Issue 12: a parking port accepts anyone who reaches the node address; only
+/// a connection the programs parked (a record of theirs) is handed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_no_program_parked_is_reset_and_never_handed_on() {
+    let dest = "127.50.2.7:18080";
+    let (mut rig, port) = Rig::holding(dest, None);
+    let server = TcpListener::bind(dest).await.unwrap();
+    // Straight to the parking port: no record.
+    // On loopback the reset can come back before connect() returns.
+    let ended = match TcpStream::connect(("127.0.0.1", port)).await {
+        Ok(mut stranger) => {
+            let _ = stranger.write_all(b"let me in").await;
+            read_error(&mut stranger).await
+        }
+        Err(error) => Err(error.kind()),
+    };
+    assert!(
+        matches!(ended, Ok(0) | Err(std::io::ErrorKind::ConnectionReset)),
+        "{ended:?}"
+    );
+    assert_eq!(rig.metrics.not_redirected.get_or_create(&labels()).get(), 1);
+    assert_eq!(rig.metrics.held_total.get_or_create(&labels()).get(), 0);
+    // Released now, the stranger is still not handed to the Service.
+    rig.web_ready(1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), server.accept())
+            .await
+            .is_err(),
+        "the Service was reached"
+    );
+}
+
+/// The node's byte budget bounds what parked clients' bytes the agent keeps;
+/// past it a connection stops reading (its client's buffers hold the rest)
+/// and still gets everything to the Service on release. Every parked
+/// connection that ends is counted for its slot, for the kernel's caps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_byte_budget_bounds_what_is_kept_and_nothing_is_lost() {
+    let dest = "127.50.2.8:18080";
+    let mut settings = settings(HoldPolicy::Annotated);
+    settings.max_buffered_bytes = 80 * 1024;
+    let mut rig = Rig::new(settings);
+    rig.apply(MapEvent::Reset(single_service(dest, None)));
+    let port = rig.park_port(dest);
+    let request = vec![b'x'; 60 * 1024];
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut client = rig.client(dest, port).await;
+        client.write_all(&request).await.unwrap();
+        client.shutdown().await.unwrap();
+        clients.push(client);
+    }
+    rig.parked(2).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while rig.holder.budget.buffered() < 80 * 1024 {
+        assert!(tokio::time::Instant::now() < deadline, "the budget filled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rig.holder.budget.buffered(), 80 * 1024, "never past it");
+    assert_eq!(rig.metrics.buffer_full.get(), 1);
+
+    // The echo server answers with the length it got.
+    let server = TcpListener::bind(dest).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = server.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let _ = conn.read_to_end(&mut got).await;
+                let _ = conn.write_all(got.len().to_string().as_bytes()).await;
+            });
+        }
+    });
+    rig.web_ready(1);
+    for client in &mut clients {
+        assert_eq!(read_all(client).await, (60 * 1024).to_string());
+    }
+    assert_eq!(rig.holder.budget.buffered(), 0);
+    let slot = rig.handle.held_slots().into_values().next();
+    // Released: the destination left the hold map; its slot is the one
+    // records were made under (1, the first).
+    assert_eq!(slot, None);
+    assert_eq!(rig.holder.budget.finished(1), 2);
+    rig.reap();
+    assert_eq!(rig.handle.finished(1), 2, "the kernel is told");
+    assert_eq!(rig.handle.untaken(), 0);
 }

@@ -108,7 +108,43 @@ pub struct Park {
     /// The parking listener's port, host byte order (its address is
     /// [`globals::PARK_IP4`] or [`globals::PARK_IP6`]).
     pub port: u16,
-    pub _pad: u16,
+    /// The held Service's counters in [`maps::HOLD_ADMITTED`],
+    /// [`maps::HOLD_FINISHED`] and [`maps::HOLD_REFUSED`] (1 and up; 0 is
+    /// the node's).
+    pub slot: u16,
+}
+
+/// What the connect programs record of a connect they park: the agent hands
+/// on only connections with such a record, from the network namespace in it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// The ClusterIP:port the caller asked for.
+    pub dest: Destination,
+    /// The inode number of the caller's network namespace (as `stat` of a
+    /// netns file or `/proc/<pid>/ns/net` shows it).
+    pub netns: u32,
+    /// The calling process (thread-group id).
+    pub tgid: u32,
+    /// [`Park::slot`] of the held Service.
+    pub slot: u16,
+    pub _pad: [u8; 10],
+    /// When it was parked, `bpf_ktime_get_ns`: a record the agent never
+    /// takes (the client gave up, a policy dropped its SYN) expires.
+    pub parked_ns: u64,
+}
+
+/// Key of [`maps::HOLD_CONNS`]: a parked connection as the parking listener
+/// sees it when it accepts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    /// The client's address (IPv4 stored v4-mapped), network byte order.
+    pub addr: [u8; 16],
+    /// The client's port, host byte order.
+    pub port: u16,
+    /// The parking listener's port, host byte order.
+    pub park_port: u16,
 }
 
 /// Key of [`maps::PARKED`]: a parking listener, by family and port.
@@ -155,6 +191,21 @@ pub mod maps {
     /// pods' cgroup. The agent cannot know it: the node's cgroup root may be
     /// nested in the host's hierarchy, behind a cgroup namespace.
     pub const POD_LEVEL: &str = "ITW_POD_LEVEL";
+    /// `LruHashMap<u64, Redirect>`: parked connects by socket cookie, from
+    /// the connect program until `sock_ops` sees the 4-tuple.
+    pub const HOLD_REDIRECTS: &str = "ITW_HOLD_REDIRECTS";
+    /// `LruHashMap<ConnKey, Redirect>`: parked connects by 4-tuple, until the
+    /// agent accepts them.
+    pub const HOLD_CONNS: &str = "ITW_HOLD_CONNS";
+    /// `Array<u64>` of [`super::capacity::HOLD_SLOTS`]: connects parked ever,
+    /// per held Service's slot (slot 0: the node), counted by the programs.
+    pub const HOLD_ADMITTED: &str = "ITW_HOLD_ADMITTED";
+    /// `Array<u64>`: parked connects that ended (released, timed out, left,
+    /// expired), per slot, written by the agent. Admitted minus finished is
+    /// what is parked now, which the caps bound.
+    pub const HOLD_FINISHED: &str = "ITW_HOLD_FINISHED";
+    /// `Array<u64>`: connects not parked because a cap was reached, per slot.
+    pub const HOLD_REFUSED: &str = "ITW_HOLD_REFUSED";
 }
 
 /// Sizes of the maps the agent does not size at load time (it sizes
@@ -168,6 +219,12 @@ pub mod capacity {
     /// Held destinations at once (ClusterIP:ports of Services with no ready
     /// endpoint that ask to be held). Allocated on use.
     pub const HOLD: u32 = 65_536;
+    /// Held Services at once, plus the node's slot 0 (the admission
+    /// counters are preallocated arrays: 32 KiB each).
+    pub const HOLD_SLOTS: u32 = 4096;
+    /// Parked connects whose records the kernel keeps at once (LRU: past
+    /// this the oldest go, and their connections are reset as unknown).
+    pub const HOLD_CONNS: u32 = 65_536;
     /// Default byte size of [`maps::WAKES`] (the agent raises it to the page
     /// size where pages are larger). One wake takes 32 bytes with its header,
     /// so 2048 destinations can wake before the agent reads one.
@@ -185,7 +242,13 @@ pub mod stat {
     pub const OVERFLOW_FULL: u32 = 2;
     /// Reading the thread-group leader's name failed; the thread's name was used.
     pub const LEADER_COMM_FAILED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// A held connect found no slot of its Service (a bad [`super::Park`]):
+    /// it was not parked.
+    pub const HOLD_BAD_SLOT: u32 = 4;
+    /// A held connect's network namespace could not be read: it was not
+    /// parked (the agent could not hand it on from there).
+    pub const HOLD_NO_NETNS: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Names of the programs in the object.
@@ -202,6 +265,8 @@ pub mod programs {
     /// Restore the ClusterIP for getpeername() on held connections.
     pub const GETPEERNAME4: &str = "itw_getpeername4";
     pub const GETPEERNAME6: &str = "itw_getpeername6";
+    /// `sock_ops`: joins a parked connect's record to its 4-tuple.
+    pub const SOCK_OPS: &str = "itw_sock_ops";
 }
 
 /// Values of [`globals::COMM_FROM_LEADER`].
@@ -243,6 +308,15 @@ pub mod globals {
     pub const PARK_IP4: &str = "ITW_PARK_IP4";
     /// Parking IPv6 address, as `user_ip6` holds it; all zero: not held.
     pub const PARK_IP6: &str = "ITW_PARK_IP6";
+    /// Caps on connects parked at once, per held Service and per node: past
+    /// them a connect goes on unheld (and is counted in HOLD_REFUSED).
+    pub const HOLD_MAX_PER_SERVICE: &str = "ITW_HOLD_MAX_PER_SERVICE";
+    pub const HOLD_MAX_PER_NODE: &str = "ITW_HOLD_MAX_PER_NODE";
+    /// Byte offsets (from the kernel's BTF) of `task_struct.nsproxy`,
+    /// `nsproxy.net_ns`, and `net.ns.inum`: the caller's network namespace.
+    pub const TASK_NSPROXY_OFFSET: &str = "ITW_TASK_NSPROXY_OFFSET";
+    pub const NSPROXY_NET_OFFSET: &str = "ITW_NSPROXY_NET_OFFSET";
+    pub const NET_INUM_OFFSET: &str = "ITW_NET_INUM_OFFSET";
     /// The pods' cgroup id (inode of its directory); 0: no pods cgroup
     /// attachment, the root programs count everyone. Its level in the
     /// hierarchy is learned by the programs ([`super::maps::POD_LEVEL`]).
@@ -288,6 +362,8 @@ mod pod {
     unsafe impl aya::Pod for super::Park {}
     unsafe impl aya::Pod for super::ParkKey {}
     unsafe impl aya::Pod for super::lab::LbService {}
+    unsafe impl aya::Pod for super::Redirect {}
+    unsafe impl aya::Pod for super::ConnKey {}
 }
 
 #[cfg(test)]
@@ -303,6 +379,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<Park>(), 4);
         assert_eq!(core::mem::size_of::<ParkKey>(), 4);
         assert_eq!(core::mem::size_of::<lab::LbService>(), 168);
+        assert_eq!(core::mem::size_of::<Redirect>(), 48);
+        assert_eq!(core::mem::size_of::<ConnKey>(), 20);
     }
 
     #[test]

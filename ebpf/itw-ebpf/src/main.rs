@@ -32,16 +32,17 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_task, bpf_get_current_task_btf,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+            bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_ktime_get_ns,
         },
     },
-    macros::{cgroup_sock_addr, kprobe, map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{ProbeContext, SockAddrContext, TracePointContext},
+    macros::{cgroup_sock_addr, kprobe, map, sock_ops, tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{ProbeContext, SockAddrContext, SockOpsContext, TracePointContext},
 };
 use itw_common::{
-    AttemptKey, COMM_LEN, Comm, Destination, Park, ParkKey, WakeEvent, Watch, capacity,
-    comm_source, excluded_hint_bit, stat,
+    AttemptKey, COMM_LEN, Comm, ConnKey, Destination, Park, ParkKey, Redirect, WakeEvent, Watch,
+    capacity, comm_source, excluded_hint_bit, stat,
 };
 
 // Map sizes here are defaults: the agent sets WATCHED, ATTEMPTS and OVERFLOW
@@ -107,6 +108,28 @@ static ITW_POD_LEVEL: Array<u32> = Array::with_max_entries(1, 0);
 static ITW_PARKED: HashMap<ParkKey, Destination> =
     HashMap::with_max_entries(capacity::HOLD, BPF_F_NO_PREALLOC);
 
+// What was parked, first by socket cookie (the connect hook runs before the
+// source port is chosen), then by 4-tuple (sock_ops at tcp_connect): the
+// parking side hands on only connections it finds here.
+#[map(name = "ITW_HOLD_REDIRECTS")]
+static ITW_HOLD_REDIRECTS: LruHashMap<u64, Redirect> =
+    LruHashMap::with_max_entries(capacity::HOLD_CONNS, 0);
+
+#[map(name = "ITW_HOLD_CONNS")]
+static ITW_HOLD_CONNS: LruHashMap<ConnKey, Redirect> =
+    LruHashMap::with_max_entries(capacity::HOLD_CONNS, 0);
+
+// Per held Service's slot (0: the node): connects parked ever (here),
+// parked connects ended (the agent), connects not parked over a cap.
+#[map(name = "ITW_HOLD_ADMITTED")]
+static ITW_HOLD_ADMITTED: Array<u64> = Array::with_max_entries(capacity::HOLD_SLOTS, 0);
+
+#[map(name = "ITW_HOLD_FINISHED")]
+static ITW_HOLD_FINISHED: Array<u64> = Array::with_max_entries(capacity::HOLD_SLOTS, 0);
+
+#[map(name = "ITW_HOLD_REFUSED")]
+static ITW_HOLD_REFUSED: Array<u64> = Array::with_max_entries(capacity::HOLD_SLOTS, 0);
+
 // Read-only globals, set by the agent at load (itw_common::globals). The
 // verifier sees their values as constants and skips the branches they switch
 // off, so a kernel refusing one process-name path still loads the program
@@ -139,6 +162,16 @@ static ITW_PARK_IP4: Global<u32> = Global::new(0);
 static ITW_PARK_IP6: Global<[u32; 4]> = Global::new([0; 4]);
 #[unsafe(no_mangle)]
 static ITW_POD_CGROUP_ID: Global<u64> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_HOLD_MAX_PER_SERVICE: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_HOLD_MAX_PER_NODE: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_TASK_NSPROXY_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_NSPROXY_NET_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_NET_INUM_OFFSET: Global<u32> = Global::new(0);
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -224,7 +257,7 @@ fn connect4(ctx: &SockAddrContext, role: Role) {
         on_attempt(&dest);
         if let Some(park) = held(&dest) {
             let ip = ITW_PARK_IP4.load();
-            if ip != 0 {
+            if ip != 0 && admit(ctx, &dest, &park) {
                 write_ctx(&raw mut (*sa).user_ip4, ip);
                 write_ctx(&raw mut (*sa).user_port, u32::from(park.port.to_be()));
             }
@@ -258,7 +291,9 @@ fn connect6(ctx: &SockAddrContext, role: Role) {
             } else {
                 ITW_PARK_IP6.load()
             };
-            if park_words[3] != 0 || park_words[2] != 0 || park_words[1] != 0 || park_words[0] != 0 {
+            let parkable =
+                park_words[3] != 0 || park_words[2] != 0 || park_words[1] != 0 || park_words[0] != 0;
+            if parkable && admit(ctx, &dest, &park) {
                 for (i, word) in park_words.iter().enumerate() {
                     write_ctx(words.cast::<u32>().add(i), *word);
                 }
@@ -324,6 +359,166 @@ fn learn_pods_level(pods: u64, level: *mut u32) {
             }
         }
     }
+}
+
+/// Whether this connect to `dest` may be parked under `park`'s caps; if so,
+/// it is counted as admitted and recorded by socket cookie, for `sock_ops`
+/// to join to its 4-tuple. Over a cap it goes on unheld, counted as refused.
+#[inline(always)]
+fn admit(ctx: &SockAddrContext, dest: &Destination, park: &Park) -> bool {
+    // A connection the agent could not hand on from the caller's own
+    // network namespace is not parked at all.
+    let netns = caller_netns();
+    if netns == 0 {
+        add_stat(stat::HOLD_NO_NETNS);
+        return false;
+    }
+    let slot = u32::from(park.slot);
+    let (Some(admitted), Some(finished), Some(node_admitted), Some(node_finished)) = (
+        ITW_HOLD_ADMITTED.get_ptr_mut(slot),
+        ITW_HOLD_FINISHED.get(slot),
+        ITW_HOLD_ADMITTED.get_ptr_mut(0),
+        ITW_HOLD_FINISHED.get(0),
+    ) else {
+        add_stat(stat::HOLD_BAD_SLOT);
+        return false;
+    };
+    // SAFETY: pointers to array values, live for the program's run. Racing
+    // CPUs may each pass a cap by one: a bound, not an exact count.
+    unsafe {
+        let parked = (*admitted).wrapping_sub(*finished);
+        let node_parked = (*node_admitted).wrapping_sub(*node_finished);
+        if parked >= u64::from(ITW_HOLD_MAX_PER_SERVICE.load())
+            || node_parked >= u64::from(ITW_HOLD_MAX_PER_NODE.load())
+        {
+            if let Some(refused) = ITW_HOLD_REFUSED.get_ptr_mut(slot) {
+                atomic_inc(refused);
+            }
+            return false;
+        }
+        atomic_inc(admitted);
+        atomic_inc(node_admitted);
+        let record = Redirect {
+            dest: *dest,
+            netns,
+            tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            slot: park.slot,
+            _pad: [0; 10],
+            parked_ns: bpf_ktime_get_ns(),
+        };
+        let cookie = bpf_get_socket_cookie(ctx.sock_addr.cast());
+        // An LRU map makes room by itself.
+        let _ = ITW_HOLD_REDIRECTS.insert(&cookie, &record, 0);
+    }
+    true
+}
+
+/// The inode number of the calling task's network namespace
+/// (`current->nsproxy->net_ns->ns.inum`), read the way the process name is
+/// (BTF loads or probe reads); 0 when it cannot be read.
+#[inline(always)]
+fn caller_netns() -> u32 {
+    let source = ITW_COMM_FROM_LEADER.load();
+    let nsproxy_at = ITW_TASK_NSPROXY_OFFSET.load() as usize;
+    let net_at = ITW_NSPROXY_NET_OFFSET.load() as usize;
+    let inum_at = ITW_NET_INUM_OFFSET.load() as usize;
+    if source == comm_source::LEADER_BTF {
+        // SAFETY: as in leader_comm_btf: loads the verifier checks against
+        // the kernel's BTF, fault-safe.
+        unsafe {
+            let task = bpf_get_current_task_btf() as *const u8;
+            let nsproxy = core::ptr::read_volatile(task.add(nsproxy_at).cast::<*const u8>());
+            if nsproxy.is_null() {
+                return 0;
+            }
+            let net = core::ptr::read_volatile(nsproxy.add(net_at).cast::<*const u8>());
+            if net.is_null() {
+                return 0;
+            }
+            core::ptr::read_volatile(net.add(inum_at).cast::<u32>())
+        }
+    } else if source == comm_source::LEADER_PROBE_READ {
+        // SAFETY: bpf_probe_read_kernel checks every address it is given.
+        unsafe {
+            let task = bpf_get_current_task() as usize as *const u8;
+            let Ok(nsproxy) =
+                bpf_probe_read_kernel(task.wrapping_add(nsproxy_at).cast::<*const u8>())
+            else {
+                return 0;
+            };
+            let Ok(net) = bpf_probe_read_kernel(nsproxy.wrapping_add(net_at).cast::<*const u8>())
+            else {
+                return 0;
+            };
+            bpf_probe_read_kernel(net.wrapping_add(inum_at).cast::<u32>()).unwrap_or(0)
+        }
+    } else {
+        0
+    }
+}
+
+/// `BPF_SOCK_OPS_TCP_CONNECT_CB`: `tcp_connect()` of an active socket, its
+/// source port chosen.
+const TCP_CONNECT_CB: u32 = 3;
+const AF_INET_U32: u32 = 2;
+
+/// Joins a parked connect's record (by socket cookie) to its 4-tuple, which
+/// the parking listener sees at accept. Runs for every active TCP open under
+/// the root; a cookie lookup for the rest.
+#[sock_ops]
+pub fn itw_sock_ops(ctx: SockOpsContext) -> u32 {
+    // SAFETY: as below.
+    if unsafe { read_ctx(&raw const (*ctx.ops).op) } != TCP_CONNECT_CB
+        || ITW_HOLD_ENABLED.load() == 0
+    {
+        return 1;
+    }
+    // SAFETY: the helper takes the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: a copy of the value, taken under the program's RCU section.
+    let Some(record) = (unsafe { ITW_HOLD_REDIRECTS.get(&cookie) }).copied() else {
+        return 1;
+    };
+    let ops = ctx.ops;
+    // Every field read unconditionally: a load on each branch would be
+    // merged into one through a computed context pointer, which the
+    // verifier refuses.
+    // SAFETY: the kernel passes a valid bpf_sock_ops; each field is read
+    // with a one-word load at a constant offset from the context.
+    let (family, ip4, ip6, local_port, remote_port) = unsafe {
+        (
+            read_ctx(&raw const (*ops).family),
+            read_ctx(&raw const (*ops).local_ip4),
+            [
+                read_ctx(&raw const (*ops).local_ip6[0]),
+                read_ctx(&raw const (*ops).local_ip6[1]),
+                read_ctx(&raw const (*ops).local_ip6[2]),
+                read_ctx(&raw const (*ops).local_ip6[3]),
+            ],
+            read_ctx(&raw const (*ops).local_port),
+            read_ctx(&raw const (*ops).remote_port),
+        )
+    };
+    let mut addr = [0u8; 16];
+    if family == AF_INET_U32 {
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&ip4.to_ne_bytes());
+    } else {
+        for (i, word) in ip6.iter().enumerate() {
+            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    }
+    let key = ConnKey {
+        addr,
+        port: local_port as u16,
+        // Network byte order in the context's upper half on little-endian
+        // machines, as the kernel documents it: one swap gives the port.
+        park_port: u32::from_be(remote_port) as u16,
+    };
+    let _ = ITW_HOLD_CONNS.insert(&key, &record, 0);
+    let _ = ITW_HOLD_REDIRECTS.remove(&cookie);
+    1
 }
 
 /// Where `dest`'s connects are parked, if it is held.

@@ -12,7 +12,9 @@ use std::{
 
 use aya::{
     Ebpf,
-    programs::{CgroupAttachMode, CgroupSockAddr, KProbe, Program, ProgramError, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, KProbe, Program, ProgramError, SockOps, TracePoint,
+    },
 };
 use itw_common::programs;
 
@@ -166,7 +168,7 @@ impl Attachment {
 
 /// `cgroup/connect4` and `cgroup/connect6` on the root, first among every
 /// program there and below (`first`), or as usual and on the pods' cgroup
-/// too; the getpeername programs on the root when `holding`.
+/// too; the getpeername and sock_ops programs on the root when `holding`.
 fn cgroup(
     ebpf: &mut Ebpf,
     root: &CgroupRoot,
@@ -225,6 +227,15 @@ fn cgroup(
     }
     for name in getpeername {
         let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+            .map_err(program_error(name, "attach"))?;
+    }
+    if holding {
+        // Joins what the connect programs parked to the 4-tuple the parking
+        // listener sees; at the root, it sees every pod's socket.
+        let name = programs::SOCK_OPS;
+        let prog: &mut SockOps = program(ebpf, name)?;
+        prog.load().map_err(program_error(name, "load"))?;
         prog.attach(cgroup.as_fd(), CgroupAttachMode::Single)
             .map_err(program_error(name, "attach"))?;
     }

@@ -4,19 +4,23 @@
 //! It never attaches or detaches anything (dropping it does, with the
 //! object it owns), and it never blocks: every call is a few map syscalls.
 
-use std::{collections::HashSet, os::fd::OwnedFd};
+use std::{collections::HashSet, net::SocketAddr, os::fd::OwnedFd, sync::Arc};
 
 use aya::{
     Ebpf,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use itw_common::{
-    AttemptKey, Comm, Destination, Park, ParkKey, Watch, capacity, excluded_hint_bit, maps, stat,
+    AttemptKey, Comm, ConnKey, Destination, Park, ParkKey, Redirect, Watch, capacity,
+    excluded_hint_bit, maps, stat,
 };
+use parking_lot::Mutex;
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{settings::CaptureSettings, wakes};
-use crate::capture::{CaptureError, Kernel, KernelCounts, KernelStats, Wake};
+use crate::capture::{
+    CaptureError, Kernel, KernelCounts, KernelStats, RedirectBook, SlotCounts, Wake, conn_key,
+};
 
 /// The eBPF [`Kernel`]: the loaded object (owning programs and links) and
 /// handles on its maps.
@@ -46,6 +50,33 @@ struct HoldMaps {
     parked: HashMap<MapData, ParkKey, Destination>,
     /// What `hold` holds, so the count is known without a walk.
     held: HashSet<Destination>,
+    redirects: HashMap<MapData, u64, Redirect>,
+    conns: Arc<ConnsBook>,
+    admitted: Array<MapData, u64>,
+    finished: Array<MapData, u64>,
+    refused: Array<MapData, u64>,
+}
+
+/// The parked connections by 4-tuple, shared with the parking side (which
+/// takes records as it accepts) and the expiry walk here.
+#[derive(Debug)]
+struct ConnsBook(Mutex<HashMap<MapData, ConnKey, Redirect>>);
+
+impl RedirectBook for ConnsBook {
+    fn take(&self, peer: SocketAddr, park_port: u16) -> Result<Option<Redirect>, CaptureError> {
+        let key = conn_key(peer, park_port);
+        let mut conns = self.0.lock();
+        let record = match conns.get(&key, 0) {
+            Ok(record) => record,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(None);
+            }
+            Err(err) => return Err(map_error(maps::HOLD_CONNS)(err)),
+        };
+        removed(conns.remove(&key), maps::HOLD_CONNS)?;
+        Ok(Some(record))
+    }
 }
 
 fn park_key(dest: &Destination, port: u16) -> ParkKey {
@@ -98,6 +129,14 @@ impl EbpfKernel {
                 count: take_map(&mut ebpf, maps::HOLD_COUNT)?,
                 parked: take_map(&mut ebpf, maps::PARKED)?,
                 held: HashSet::new(),
+                redirects: take_map(&mut ebpf, maps::HOLD_REDIRECTS)?,
+                conns: Arc::new(ConnsBook(Mutex::new(take_map(
+                    &mut ebpf,
+                    maps::HOLD_CONNS,
+                )?))),
+                admitted: take_map(&mut ebpf, maps::HOLD_ADMITTED)?,
+                finished: take_map(&mut ebpf, maps::HOLD_FINISHED)?,
+                refused: take_map(&mut ebpf, maps::HOLD_REFUSED)?,
             }),
             false => None,
         };
@@ -275,6 +314,8 @@ impl Kernel for EbpfKernel {
             attempts_map_full: get(stat::ATTEMPTS_FULL)?,
             overflow_map_full: get(stat::OVERFLOW_FULL)?,
             leader_comm_failed: get(stat::LEADER_COMM_FAILED)?,
+            hold_no_netns: get(stat::HOLD_NO_NETNS)?,
+            hold_bad_slot: get(stat::HOLD_BAD_SLOT)?,
         })
     }
 
@@ -282,7 +323,7 @@ impl Kernel for EbpfKernel {
         self.wakes.take()
     }
 
-    fn hold(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError> {
+    fn hold(&mut self, dest: &Destination, park_port: u16, slot: u16) -> Result<(), CaptureError> {
         let hold = self.hold.as_mut().ok_or_else(not_holding)?;
         // getpeername() must know the port before any connect lands there.
         hold.parked
@@ -290,7 +331,7 @@ impl Kernel for EbpfKernel {
             .map_err(map_error(maps::PARKED))?;
         let park = Park {
             port: park_port,
-            _pad: 0,
+            slot,
         };
         hold.hold.insert(dest, park, 0).map_err(insert_error(
             maps::HOLD,
@@ -315,6 +356,66 @@ impl Kernel for EbpfKernel {
     fn forget_park(&mut self, dest: &Destination, park_port: u16) -> Result<(), CaptureError> {
         let hold = self.hold.as_mut().ok_or_else(not_holding)?;
         removed(hold.parked.remove(&park_key(dest, park_port)), maps::PARKED)
+    }
+
+    fn redirects(&self) -> Option<Arc<dyn RedirectBook>> {
+        self.hold
+            .as_ref()
+            .map(|h| h.conns.clone() as Arc<dyn RedirectBook>)
+    }
+
+    fn hold_slot(&mut self, slot: u16) -> Result<SlotCounts, CaptureError> {
+        let hold = self.hold.as_mut().ok_or_else(not_holding)?;
+        let index = u32::from(slot);
+        Ok(SlotCounts {
+            admitted: hold
+                .admitted
+                .get(&index, 0)
+                .map_err(map_error(maps::HOLD_ADMITTED))?,
+            refused: hold
+                .refused
+                .get(&index, 0)
+                .map_err(map_error(maps::HOLD_REFUSED))?,
+        })
+    }
+
+    fn set_hold_finished(&mut self, slot: u16, finished: u64) -> Result<(), CaptureError> {
+        let hold = self.hold.as_mut().ok_or_else(not_holding)?;
+        hold.finished
+            .set(u32::from(slot), finished, 0)
+            .map_err(map_error(maps::HOLD_FINISHED))
+    }
+
+    fn expire_redirects(&mut self, parked_before_ns: u64) -> Result<Vec<u16>, CaptureError> {
+        let hold = self.hold.as_mut().ok_or_else(not_holding)?;
+        let mut slots = Vec::new();
+        let stale: Vec<u64> = hold
+            .redirects
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| r.parked_ns < parked_before_ns)
+            .map(|(cookie, r)| {
+                slots.push(r.slot);
+                cookie
+            })
+            .collect();
+        for cookie in &stale {
+            removed(hold.redirects.remove(cookie), maps::HOLD_REDIRECTS)?;
+        }
+        let mut conns = hold.conns.0.lock();
+        let stale: Vec<ConnKey> = conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, r)| r.parked_ns < parked_before_ns)
+            .map(|(key, r)| {
+                slots.push(r.slot);
+                key
+            })
+            .collect();
+        for key in &stale {
+            removed(conns.remove(key), maps::HOLD_CONNS)?;
+        }
+        Ok(slots)
     }
 }
 

@@ -28,7 +28,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
 ));
 
 /// Every program of the object, whatever the mode.
-const ALL_PROGRAMS: [&str; 9] = [
+const ALL_PROGRAMS: [&str; 10] = [
     programs::CONNECT4,
     programs::CONNECT6,
     programs::CONNECT4_PODS,
@@ -38,6 +38,7 @@ const ALL_PROGRAMS: [&str; 9] = [
     programs::TCP_V4_CONNECT,
     programs::TCP_V6_CONNECT,
     programs::INET_SOCK_SET_STATE,
+    programs::SOCK_OPS,
 ];
 
 /// The loaded object with the programs of one mode attached.
@@ -86,6 +87,7 @@ impl Attached {
             CommSource::Thread { .. } => TaskOffsets {
                 group_leader: 0,
                 comm: 0,
+                netns: None,
             },
         };
         let tp = match hooks {
@@ -118,6 +120,11 @@ impl Attached {
             .filter(|_| matches!(hooks, Hooks::Cgroup { .. }));
         let hold_enabled = u32::from(hold.is_some());
         let hold_mark = hold.map_or(0, |h| h.mark);
+        let (max_per_service, max_per_node) =
+            hold.map_or((0, 0), |h| (h.max_per_service, h.max_per_node));
+        let netns = leader
+            .netns
+            .map_or((0, 0, 0), |n| (n.nsproxy, n.net_ns, n.inum));
         let park_ip4 = hold
             .and_then(|h| h.park_ip4)
             .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
@@ -154,7 +161,12 @@ impl Attached {
             .override_global(globals::HOLD_MARK, &hold_mark, true)
             .override_global(globals::PARK_IP4, &park_ip4, true)
             .override_global(globals::PARK_IP6, &park_ip6, true)
-            .override_global(globals::POD_CGROUP_ID, &pods_id, true);
+            .override_global(globals::POD_CGROUP_ID, &pods_id, true)
+            .override_global(globals::HOLD_MAX_PER_SERVICE, &max_per_service, true)
+            .override_global(globals::HOLD_MAX_PER_NODE, &max_per_node, true)
+            .override_global(globals::TASK_NSPROXY_OFFSET, &netns.0, true)
+            .override_global(globals::NSPROXY_NET_OFFSET, &netns.1, true)
+            .override_global(globals::NET_INUM_OFFSET, &netns.2, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| CaptureError::Load(Box::new(e)))?;
@@ -220,6 +232,11 @@ mod tests {
             maps::HOLD_COUNT,
             maps::PARKED,
             maps::POD_LEVEL,
+            maps::HOLD_REDIRECTS,
+            maps::HOLD_CONNS,
+            maps::HOLD_ADMITTED,
+            maps::HOLD_FINISHED,
+            maps::HOLD_REFUSED,
         ] {
             assert!(obj.maps.contains_key(name), "no map {name}");
         }

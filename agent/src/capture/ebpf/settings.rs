@@ -100,6 +100,10 @@ pub struct KernelHold {
     /// Parking addresses; a family without one is not held.
     pub park_ip4: Option<Ipv4Addr>,
     pub park_ip6: Option<Ipv6Addr>,
+    /// Connects parked at once, per held Service and per node; past them a
+    /// connect goes on unheld.
+    pub max_per_service: u32,
+    pub max_per_node: u32,
 }
 
 /// `POD_CGROUP`: a child of the cgroup v2 root whose processes (the pods)
