@@ -8,7 +8,7 @@
 //! a client making connects, a server answering them.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::ExitCode,
@@ -17,7 +17,11 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use itw_e2e::lab::{self, Cell, CellReport, Settings, cell::HOST_CGROUP, netns};
+use itw_e2e::lab::{
+    self, Cell, CellReport, Settings,
+    cell::{HOST_CGROUP, HOST_NETNS},
+    netns,
+};
 
 #[derive(Parser)]
 #[command(
@@ -69,12 +73,27 @@ enum PodCommand {
         #[arg(long)]
         send: bool,
     },
+    /// Opens `count` connections at once, each sending `payload` bytes,
+    /// and waits for each to end; one JSON line per connection.
+    Flood {
+        #[arg(long)]
+        comm: String,
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        payload: usize,
+    },
     /// Answers each connection's line with "<name> saw <peer>".
     Serve {
         #[arg(long)]
         name: String,
         #[arg(long = "listen", required = true)]
         listen: Vec<SocketAddr>,
+        /// Appends every accepted peer's address here, a line each.
+        #[arg(long)]
+        log: Option<PathBuf>,
     },
 }
 
@@ -152,7 +171,10 @@ fn run_matrix(args: &Args) -> anyhow::Result<bool> {
         }
     }
     netns::remove_stale(PREFIX);
-    let mount_point = MountPoint::ensure(Path::new(HOST_CGROUP))?;
+    let mount_points = [
+        MountPoint::ensure(Path::new(HOST_CGROUP))?,
+        MountPoint::ensure(Path::new(HOST_NETNS))?,
+    ];
     println!(
         "node lab: {} cells, datapath lag {} ms, logs in {}",
         cells.len(),
@@ -179,7 +201,7 @@ fn run_matrix(args: &Args) -> anyhow::Result<bool> {
         );
         reports.push(report);
     }
-    drop(mount_point);
+    drop(mount_points);
     println!("\n{}", lab::table(&reports));
     let leftovers = leftovers(pid);
     if !leftovers.is_empty() {
@@ -283,8 +305,53 @@ fn run_pod(command: PodCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        PodCommand::Serve { name, listen } => serve(&name, &listen),
+        PodCommand::Flood {
+            comm,
+            to,
+            count,
+            payload,
+        } => {
+            set_process_name(&comm)?;
+            flood(to, count, payload)
+        }
+        PodCommand::Serve { name, listen, log } => serve(&name, &listen, log),
     }
+}
+
+fn flood(to: SocketAddr, count: u32, payload: usize) -> anyhow::Result<()> {
+    let bytes = vec![b'x'; payload];
+    let mut open = Vec::new();
+    let mut lines = Vec::new();
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+            Ok(mut stream) => {
+                stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+                let _ = stream.write_all(&bytes);
+                open.push(stream);
+            }
+            Err(error) => lines.push(serde_json::json!({
+                "connected": false, "errno": error.raw_os_error()
+            })),
+        }
+    }
+    for stream in open {
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut sink = [0u8; 1024];
+        let ended = loop {
+            match (&stream).read(&mut sink) {
+                Ok(0) => break "eof".to_owned(),
+                Ok(_) => {}
+                Err(error) => break error.kind().to_string(),
+            }
+        };
+        lines.push(serde_json::json!({"connected": true, "ended": ended}));
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for line in lines {
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
 }
 
 fn set_process_name(name: &str) -> anyhow::Result<()> {
@@ -325,13 +392,25 @@ fn connect_once(to: SocketAddr, send: bool) -> serde_json::Value {
     }
 }
 
-fn serve(name: &str, listen: &[SocketAddr]) -> anyhow::Result<()> {
+fn serve(name: &str, listen: &[SocketAddr], log: Option<PathBuf>) -> anyhow::Result<()> {
+    let log = match log {
+        Some(path) => Some(std::sync::Arc::new(std::sync::Mutex::new(
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
+        ))),
+        None => None,
+    };
     let mut threads = Vec::new();
     for addr in listen {
         let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
         let name = name.to_owned();
+        let log = log.clone();
         threads.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
+                if let (Some(log), Ok(peer)) = (&log, stream.peer_addr())
+                    && let Ok(mut file) = log.lock()
+                {
+                    let _ = writeln!(file, "{peer}");
+                }
                 let name = name.clone();
                 std::thread::spawn(move || answer(&name, stream));
             }

@@ -15,26 +15,29 @@ use super::{
     cgroups::{self, Qos},
     daemonset::{self, Downward},
     datapath::{Kind, iptables, socklb::SocketLb},
-    netns,
+    holding, netns,
     node::{NODE_IP, NODE_IP6, Node},
     observe::{self, Attempt, parse_attempts, settle, sum},
     procs::{self, Daemon, Placement},
     proxy::{self, Programmer},
-    scenario::{
-        self, CLIENT, COLD, DUAL, HELD, HELD_POD, HELD6, NAMESPACE, PORT, WEB, WEB_POD, WEB6,
-    },
+    scenario::{self, CLIENT, COLD, DUAL, HELD_POD, NAMESPACE, PORT, WEB, WEB_POD, WEB6},
 };
 use crate::kube_mock::MockApiServer;
 
-const AGENT_METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9102);
-const SCALER_GRPC: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
-const SCALER_METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9103);
+pub(super) const AGENT_METRICS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9102);
+pub(super) const SCALER_GRPC: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
+pub(super) const SCALER_METRICS: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9103);
 const API_SERVER: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 6443);
 /// The callers' process name, as `internal_tcp_attempts_total` shows it.
-const CLIENT_COMM: &str = "checkout";
+pub(super) const CLIENT_COMM: &str = "checkout";
 /// Where the DaemonSet mounts the node's cgroup root for the agent.
 pub const HOST_CGROUP: &str = "/host/sys/fs/cgroup";
-const SETTLE: Duration = Duration::from_secs(5);
+/// Where it mounts the node's network namespace files.
+pub const HOST_NETNS: &str = "/host/run/netns";
+pub(super) const SETTLE: Duration = Duration::from_secs(5);
 
 /// Builds the cell's node, runs everything on it, removes it.
 pub fn run(cell: &Cell, settings: &Settings, prefix: &str) -> anyhow::Result<Vec<Check>> {
@@ -64,13 +67,15 @@ pub fn run(cell: &Cell, settings: &Settings, prefix: &str) -> anyhow::Result<Vec
 }
 
 /// Everything running on the node; dropped in this order.
-struct Running {
-    agent: Option<Daemon>,
+pub(super) struct Running {
+    pub(super) agent: Option<Daemon>,
     _servers: Vec<tokio::process::Child>,
     scaler: Daemon,
-    _proxy: proxy::Proxy,
-    _mock: MockApiServer,
-    node: Node,
+    pub(super) proxy: proxy::Proxy,
+    pub(super) mock: MockApiServer,
+    pub(super) node: Node,
+    /// Where each server pod logs the peers it accepted.
+    pub(super) peer_logs: std::collections::BTreeMap<&'static str, PathBuf>,
 }
 
 async fn on_node(cell: &Cell, settings: &Settings, mut node: Node) -> anyhow::Result<Vec<Check>> {
@@ -92,6 +97,9 @@ async fn on_node(cell: &Cell, settings: &Settings, mut node: Node) -> anyhow::Re
             Programmer::SocketLb(Box::new(SocketLb::attach(&node.cgroups.root, preorder)?))
         }
     };
+    if cell.policy {
+        holding::deny(&node)?;
+    }
     let proxy = proxy::start(mock.client(), programmer, settings.lag);
     let mut synced = proxy.synced.clone();
     tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| s.syncs > 0))
@@ -112,9 +120,18 @@ async fn on_node(cell: &Cell, settings: &Settings, mut node: Node) -> anyhow::Re
     let scaler = procs::daemon(scaler_cmd, None, &work.join("scaler.log"))?;
 
     let mut servers = Vec::new();
+    let mut peer_logs = std::collections::BTreeMap::new();
     for name in [WEB_POD, HELD_POD] {
         let pod = node.pod(name)?;
-        let mut args = vec!["serve".to_owned(), "--name".to_owned(), name.to_owned()];
+        let log = work.join(format!("{name}.peers"));
+        let mut args = vec![
+            "serve".to_owned(),
+            "--name".to_owned(),
+            name.to_owned(),
+            "--log".to_owned(),
+            log.to_string_lossy().into_owned(),
+        ];
+        peer_logs.insert(name, log);
         for ip in [IpAddr::V4(pod.spec.ip), IpAddr::V6(pod.spec.ip6)] {
             args.push("--listen".to_owned());
             args.push(SocketAddr::new(ip, scenario::TARGET_PORT).to_string());
@@ -140,8 +157,9 @@ async fn on_node(cell: &Cell, settings: &Settings, mut node: Node) -> anyhow::Re
         agent: None,
         _servers: servers,
         scaler,
-        _proxy: proxy,
-        _mock: mock,
+        proxy,
+        mock,
+        peer_logs,
         node,
     };
     let agent = start_agent(cell, settings, &running.node, &agent_cgroup, &work, &token)?;
@@ -173,6 +191,12 @@ fn start_agent(
     for (name, value) in &cell.env {
         pod.set(name, value);
     }
+    if pod.get("HOLD_NETNS_DIR") != Some(HOST_NETNS) {
+        bail!(
+            "the DaemonSet's HOLD_NETNS_DIR is {:?}, the lab mounts the node's at {HOST_NETNS}",
+            pod.get("HOLD_NETNS_DIR")
+        );
+    }
     if pod.get("CGROUP_ROOT") != Some(HOST_CGROUP) {
         bail!(
             "the DaemonSet's CGROUP_ROOT is {:?}, the lab mounts the node's at {HOST_CGROUP}",
@@ -194,6 +218,7 @@ fn start_agent(
     // read-only at /host/sys/fs/cgroup, root holding only the DaemonSet's
     // capabilities.
     let script = r#"mount --bind -o ro "$ITW_LAB_NODE_CGROUP" /host/sys/fs/cgroup || exit 97
+mount --rbind /var/run/netns /host/run/netns || exit 96
 exec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set="$ITW_LAB_BOUNDING" -- "$ITW_LAB_AGENT""#;
     let mut command = Command::new("unshare");
     command
@@ -256,7 +281,7 @@ async fn wait_ready(running: &mut Running, cell: &Cell) -> anyhow::Result<()> {
 
 /// Runs `pod client` in `pod`: `count` connects to `to`, each sending a
 /// line when `send`, with `comm` as the process name.
-async fn client(
+pub(super) async fn client(
     node: &Node,
     pod: &str,
     comm: &str,
@@ -276,7 +301,7 @@ async fn client(
     finish(child).await
 }
 
-fn client_args(comm: &str, to: SocketAddr, count: u32, send: bool) -> Vec<String> {
+pub(super) fn client_args(comm: &str, to: SocketAddr, count: u32, send: bool) -> Vec<String> {
     let mut args = vec![
         "client".to_owned(),
         "--comm".to_owned(),
@@ -292,7 +317,7 @@ fn client_args(comm: &str, to: SocketAddr, count: u32, send: bool) -> Vec<String
     args
 }
 
-async fn finish(child: tokio::process::Child) -> anyhow::Result<Vec<Attempt>> {
+pub(super) async fn finish(child: tokio::process::Child) -> anyhow::Result<Vec<Attempt>> {
     let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
         .await
         .context("a pod process did not finish within 60 s")??;
@@ -306,7 +331,7 @@ async fn finish(child: tokio::process::Child) -> anyhow::Result<Vec<Attempt>> {
     parse_attempts(&String::from_utf8_lossy(&output.stdout))
 }
 
-fn attempts(samples: &[observe::Sample], service: &str, pod: &str, comm: &str) -> u64 {
+pub(super) fn attempts(samples: &[observe::Sample], service: &str, pod: &str, comm: &str) -> u64 {
     sum(
         samples,
         "internal_tcp_attempts_total",
@@ -319,7 +344,7 @@ fn attempts(samples: &[observe::Sample], service: &str, pod: &str, comm: &str) -
     )
 }
 
-fn replies_from(attempts: &[Attempt], pod: &str) -> usize {
+pub(super) fn replies_from(attempts: &[Attempt], pod: &str) -> usize {
     attempts
         .iter()
         .filter(|a| a.reply.as_deref().is_some_and(|r| r.starts_with(pod)))
@@ -332,7 +357,6 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
     let node = &running.node;
     let cold = SocketAddr::new(COLD.1.into(), PORT);
     let web = SocketAddr::new(WEB.1.into(), PORT);
-    let held = SocketAddr::new(HELD.1.into(), PORT);
     let web_pod = SocketAddr::new(scenario::pod(WEB_POD).ip.into(), scenario::TARGET_PORT);
     let refused_errno = match cell.datapath {
         Kind::SocketLb { .. } => libc::EPERM,
@@ -479,111 +503,7 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
         .await,
     );
 
-    // Holding: the connect succeeds at once and waits; the pod becomes
-    // ready; the datapath follows `lag` later; the client gets its reply.
-    out.push(
-        Check::run("hold", async {
-            if cell.holding_blocked {
-                return blocked_hold(running, cell, held).await;
-            }
-            let pod = node.pod(CLIENT)?;
-            let path = pod.netns.path();
-            let place = Placement {
-                netns: Some(&path),
-                cgroup: &pod.cgroup,
-            };
-            let mut held_clients = vec![(
-                held,
-                procs::pod_command(&place, &client_args(CLIENT_COMM, held, 1, true))?,
-            )];
-            if cell.ipv6 {
-                let held6 = SocketAddr::new(HELD6.into(), PORT);
-                held_clients.push((
-                    held6,
-                    procs::pod_command(&place, &client_args(CLIENT_COMM, held6, 1, true))?,
-                ));
-            }
-            let parked = settle(AGENT_METRICS, SETTLE, held_clients.len() as u64, |m| {
-                sum(
-                    m,
-                    "itw_agent_held_connections",
-                    &[("destination_service", HELD.0)],
-                )
-            })
-            .await;
-            if parked != held_clients.len() as u64 {
-                bail!("{parked} of {} connects parked", held_clients.len());
-            }
-            let ready_at = Instant::now();
-            for slice in scenario::held_slices(cell.ipv6, true) {
-                running._mock.put(&slice);
-            }
-            let mut details = Vec::new();
-            for (to, child) in held_clients {
-                let made = finish(child).await?;
-                let elapsed = ready_at.elapsed();
-                let Some(attempt) = made.first() else {
-                    bail!("the held client printed nothing")
-                };
-                let peer_ok = attempt.peer.as_deref() == Some(to.to_string().as_str());
-                let reply_ok = replies_from(&made, HELD_POD) == 1;
-                if !(attempt.connected && peer_ok && reply_ok) {
-                    bail!("{to}: {attempt:?}");
-                }
-                details.push(format!(
-                    "{to} answered {} ms after ready",
-                    elapsed.as_millis()
-                ));
-            }
-            let samples = observe::metrics(AGENT_METRICS).await?;
-            let labels = [("destination_service", HELD.0)];
-            let failed = sum(&samples, "itw_agent_held_release_failed_total", &labels);
-            let retries = sum(&samples, "itw_agent_held_release_retries_total", &labels);
-            details.push(format!(
-                "{retries} release retries (lag {} ms)",
-                settings.lag.as_millis()
-            ));
-            expect(failed == 0, details.join(", "))
-        })
-        .await,
-    );
-    expected_total += 1 + u64::from(cell.ipv6 && !cell.holding_blocked);
-
-    out.push(
-        Check::run("direct", async {
-            // Once the datapath has the pod (the release may come before it).
-            let mut synced = running._proxy.synced.clone();
-            tokio::time::timeout(
-                SETTLE + settings.lag,
-                synced.wait_for(|s| {
-                    s.frontends
-                        .iter()
-                        .any(|f| f.addr() == held && !f.backends.is_empty())
-                }),
-            )
-            .await
-            .context("the datapath never got the held Service's pod")??;
-            let made = client(node, CLIENT, CLIENT_COMM, held, 1, true).await?;
-            let replies = replies_from(&made, HELD_POD);
-            let samples = observe::metrics(AGENT_METRICS).await?;
-            let ever_held = sum(
-                &samples,
-                "itw_agent_connections_held_total",
-                &[("destination_service", HELD.0)],
-            );
-            let want = if cell.holding_blocked {
-                0
-            } else {
-                1 + u64::from(cell.ipv6)
-            };
-            expect(
-                replies == 1 && ever_held == want,
-                format!("reply {replies}/1, held in all {ever_held} (want {want})"),
-            )
-        })
-        .await,
-    );
-    expected_total += 1;
+    out.extend(holding::checks(cell, settings, running, &mut expected_total).await);
 
     if cell.ipv6 {
         out.push(
@@ -661,35 +581,6 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
     out
 }
 
-/// A cell where a socket load balancer runs before our programs and the
-/// agent must say it cannot hold: `/readyz` and the metric say so, and a
-/// connect to the held Service is refused as without holding (and counted),
-/// never parked in silence. Then the Service's pod becomes ready.
-async fn blocked_hold(running: &Running, cell: &Cell, held: SocketAddr) -> anyhow::Result<String> {
-    let (status, body) = observe::http_get(AGENT_METRICS, "/readyz").await?;
-    if status != 503 || !body.starts_with("cannot hold: ") {
-        bail!("/readyz answered {status} {body:?}");
-    }
-    let made = client(&running.node, CLIENT, CLIENT_COMM, held, 1, true).await?;
-    let refused = made.iter().filter(|a| a.errno == Some(libc::EPERM)).count();
-    let samples = observe::metrics(AGENT_METRICS).await?;
-    let parked = sum(
-        &samples,
-        "itw_agent_connections_held_total",
-        &[("destination_service", HELD.0)],
-    );
-    for slice in scenario::held_slices(cell.ipv6, true) {
-        running._mock.put(&slice);
-    }
-    expect(
-        refused == 1 && parked == 0,
-        format!(
-            "refused {refused}/1 (EPERM), parked {parked}; /readyz: {}",
-            body.trim()
-        ),
-    )
-}
-
 fn running_kubelet_cgroup(node: &Node) -> anyhow::Result<PathBuf> {
     let path = node.cgroups.root.join(cgroups::KUBELET);
     if path.is_dir() {
@@ -699,11 +590,11 @@ fn running_kubelet_cgroup(node: &Node) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn expect(ok: bool, detail: String) -> anyhow::Result<String> {
+pub(super) fn expect(ok: bool, detail: String) -> anyhow::Result<String> {
     if ok { Ok(detail) } else { bail!(detail) }
 }
 
-fn errno_name(errno: i32) -> &'static str {
+pub(super) fn errno_name(errno: i32) -> &'static str {
     match errno {
         libc::EPERM => "EPERM",
         libc::ECONNREFUSED => "ECONNREFUSED",

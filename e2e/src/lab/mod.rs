@@ -12,7 +12,8 @@
 //! - [`daemonset`]: the agent's env and capabilities, from `deploy/base`.
 //! - [`procs`]: processes placed in pods, the kubelet's cgroup, the agent's.
 //! - [`observe`]: `/metrics`, KEDA's stream, what pod processes printed.
-//! - [`cell`]: one cell: setup, checks, teardown.
+//! - [`cell`]: one cell: setup, the counting checks, teardown.
+//! - [`holding`]: the holding checks: release, policy, strangers, floods.
 //!
 //! What it must never do: send a packet off the machine. The node's only
 //! route out ends in a namespace that forwards nothing.
@@ -21,6 +22,7 @@ pub mod cell;
 pub mod cgroups;
 pub mod daemonset;
 pub mod datapath;
+pub mod holding;
 pub mod netns;
 pub mod node;
 pub mod observe;
@@ -49,6 +51,12 @@ pub struct Cell {
     /// attach in the pods' order, behind a pre-order one): the agent must
     /// say it cannot hold, and a held Service's connect is refused.
     pub holding_blocked: bool,
+    /// A NetworkPolicy-like rule (in the node's FORWARD chain, as an
+    /// iptables CNI has it) denies one client pod the held Service's pod;
+    /// and a node process tries the parking port itself.
+    pub policy: bool,
+    /// A flood of held connects past the agent's caps.
+    pub flood: bool,
 }
 
 impl Cell {
@@ -67,6 +75,8 @@ impl Cell {
             ipv6: false,
             env: Vec::new(),
             holding_blocked: false,
+            policy: false,
+            flood: false,
         }
     }
 
@@ -84,7 +94,17 @@ impl Cell {
             Kind::SocketLb { preorder: true },
         ] {
             for driver in [Driver::Systemd, Driver::Cgroupfs] {
-                cells.push(Self::new(datapath, driver));
+                let mut cell = Self::new(datapath, driver);
+                // Policy in every datapath; the flood once per datapath.
+                cell.policy = driver == Driver::Systemd;
+                cell.flood = driver == Driver::Cgroupfs;
+                if cell.flood {
+                    cell.env = vec![(
+                        "HOLD_MAX_PER_SERVICE".to_owned(),
+                        holding::FLOOD_CAP.to_string(),
+                    )];
+                }
+                cells.push(cell);
             }
         }
         let mut root = Self::new(Kind::Iptables, Driver::Systemd);

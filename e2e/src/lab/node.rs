@@ -130,6 +130,12 @@ impl Node {
         ])?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        // kube-proxy's REJECT answers with ICMP, which the kernel limits
+        // per peer (about one a second past a small burst): a pod's burst of
+        // connects to a Service without endpoints would be slowed by that
+        // limit, not by what the lab measures.
+        node.sysctl("net.ipv4.icmp_ratelimit", "0")?;
+        node.sysctl("net.ipv6.icmp.ratelimit", "0")?;
         Ok(())
     }
 

@@ -15,6 +15,8 @@ pub const TARGET_PORT: u16 = 8080;
 
 /// The calling pod.
 pub const CLIENT: &str = "checkout-7c9d5-x2kq8";
+/// A calling pod a NetworkPolicy-like rule denies the held Service's pod.
+pub const DENIED: &str = "reports-6b8c4-m7w2d";
 /// The pod behind `web` (and `web6`, `dual`).
 pub const WEB_POD: &str = "web-6c5d8-qx2lm";
 /// The pod behind `held`: running, listening, but not ready at first.
@@ -28,6 +30,14 @@ pub const COLD: (&str, Ipv4Addr) = ("cold", Ipv4Addr::new(10, 96, 0, 21));
 /// (`internal-tcp-watcher.io/hold: "true"`); dual-stack in the IPv6 cell.
 pub const HELD: (&str, Ipv4Addr) = ("orders", Ipv4Addr::new(10, 96, 0, 22));
 pub const HELD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x22);
+/// A Service held and never ready, with a short hold timeout: the flood's.
+pub const BATCH: (&str, Ipv4Addr) = ("batch", Ipv4Addr::new(10, 96, 0, 24));
+/// Its hold timeout, seconds.
+pub const BATCH_HOLD_SECS: u64 = 8;
+/// `orders`'s hold timeout, seconds: long enough for the datapath's lag, short
+/// enough that a client a policy denies is reset within a check.
+pub const HELD_HOLD_SECS: u64 = 10;
+
 /// IPv6 only.
 pub const WEB6: (&str, Ipv6Addr) = ("web6", Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x30));
 /// Dual-stack.
@@ -52,6 +62,12 @@ pub fn pods() -> Vec<PodSpec> {
             "0d4f8a52-1c3b-4e6f-9a70-2b8c4d6e8f01",
             Qos::BestEffort,
             11,
+        ),
+        pod(
+            DENIED,
+            "5f7a9c1e-3b5d-4f7a-9c1e-3b5d7f9a1c3e",
+            Qos::BestEffort,
+            12,
         ),
         pod(
             WEB_POD,
@@ -155,7 +171,11 @@ pub fn objects(ipv6: bool) -> Vec<Value> {
     let web = pod(WEB_POD);
     let hold = json!({
         "internal-tcp-watcher.io/hold": "true",
-        "internal-tcp-watcher.io/hold-timeout": "30s"
+        "internal-tcp-watcher.io/hold-timeout": format!("{HELD_HOLD_SECS}s")
+    });
+    let batch_hold = json!({
+        "internal-tcp-watcher.io/hold": "true",
+        "internal-tcp-watcher.io/hold-timeout": format!("{BATCH_HOLD_SECS}s")
     });
     let mut held_ips = vec![IpAddr::V4(HELD.1)];
     if ipv6 {
@@ -167,6 +187,8 @@ pub fn objects(ipv6: bool) -> Vec<Value> {
         service(COLD.0, &[COLD.1.into()], json!({})),
         slice(COLD.0, "IPv4", &[]),
         service(HELD.0, &held_ips, hold),
+        service(BATCH.0, &[BATCH.1.into()], batch_hold),
+        slice(BATCH.0, "IPv4", &[]),
     ];
     objects.extend(held_slices(ipv6, false));
     if ipv6 {
