@@ -87,6 +87,7 @@ mod tests {
         assert_eq!(pod.get("NODE_NAME"), Some("lab-node"));
         assert_eq!(pod.get("HOLD_PARK_ADDR"), Some("10.0.0.10"));
         assert_eq!(pod.get("CGROUP_ROOT"), Some("/host/sys/fs/cgroup"));
-        assert!(pod.capabilities.contains(&"bpf".to_owned()), "{pod:?}");
+        assert_eq!(pod.get("HOLD_NETNS_DIR"), Some("/host/run/netns"));
+        assert_eq!(pod.capabilities, ["net_admin", "sys_admin"], "{pod:?}");
     }
 }
