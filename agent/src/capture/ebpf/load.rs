@@ -15,17 +15,22 @@ use super::{
 };
 use crate::capture::{CaptureError, btf::TaskOffsets, tracefs::SetStateOffsets};
 
-/// The programs, built by `hack/build-ebpf` for this target's byte order.
-#[cfg(target_endian = "little")]
+/// The programs, built by `hack/build-ebpf` for this target's architecture
+/// (the kprobe programs read `pt_regs`, laid out per CPU).
+#[cfg(target_arch = "x86_64")]
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../ebpf/artifacts/bpfel/itw.o"
+    "/../ebpf/artifacts/x86_64/itw.o"
 ));
-#[cfg(target_endian = "big")]
+#[cfg(target_arch = "aarch64")]
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../ebpf/artifacts/bpfeb/itw.o"
+    "/../ebpf/artifacts/aarch64/itw.o"
 ));
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!(
+    "the eBPF programs are built for x86_64 and aarch64 only (hack/build-ebpf ARCHES): their kprobe programs read pt_regs, whose layout is the CPU's"
+);
 
 /// Every program of the object, whatever the mode.
 const ALL_PROGRAMS: [&str; 10] = [

@@ -25,16 +25,20 @@ use itw_common::{
 
 use super::Frontend;
 
-#[cfg(target_endian = "little")]
+#[cfg(target_arch = "x86_64")]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../ebpf/artifacts/bpfel/lab-lb.o"
+    "/../ebpf/artifacts/x86_64/lab-lb.o"
 ));
-#[cfg(target_endian = "big")]
+#[cfg(target_arch = "aarch64")]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../ebpf/artifacts/bpfeb/lab-lb.o"
+    "/../ebpf/artifacts/aarch64/lab-lb.o"
 ));
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!(
+    "the eBPF programs are built for x86_64 and aarch64 only (hack/build-ebpf ARCHES): their kprobe programs read pt_regs, whose layout is the CPU's"
+);
 
 /// `BPF_F_PREORDER` (include/uapi/linux/bpf.h): run before the programs of
 /// descendant cgroups.
