@@ -8,9 +8,6 @@
 //! Run with `hack/bench activation` (root: it loads eBPF programs).
 //! Options: --activations N (default 1000), --services N (default 200).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -18,8 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use itw_e2e::system::*;
 use parking_lot::Mutex;
-use support::*;
 use tokio::sync::mpsc;
 
 const NS: &str = "bench";

@@ -3,11 +3,9 @@
 //! gRPC client. Root only (CI); each test has its own stand-in ClusterIPs, so
 //! tests running at once never see each other's counts.
 
-mod support;
-
 use std::{net::SocketAddr, time::Duration};
 
-use support::*;
+use itw_e2e::system::*;
 
 const NS: &str = "e2e";
 
