@@ -6,8 +6,10 @@
 //!    loopback port, close) with nothing attached, then with each available
 //!    mode attached: once to a watched destination (the full counting path)
 //!    and once to an unwatched one (what every other connect on the node
-//!    pays: one map lookup). Rounds interleave the configurations so drift in
-//!    the machine's load spreads over all of them; the median round counts.
+//!    pays: one map lookup). Rounds interleave the configurations, each round
+//!    starting one configuration later, so drift in the machine's load and
+//!    the cost of the previous teardown spread over all of them; the median
+//!    round counts.
 //!    Each is measured twice: connects per second of wall time, and the
 //!    loop thread's own CPU time per connect (user + kernel), which other
 //!    work on a busy machine disturbs far less.
@@ -138,7 +140,12 @@ fn main() -> anyhow::Result<()> {
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for round in 0..options.rounds {
-        for (i, config) in configs.iter().enumerate() {
+        // Each round starts at a different configuration (rotating), so none
+        // is always measured first, just after the previous round's
+        // teardown, or always last.
+        let order = (0..configs.len()).map(|k| (k + round) % configs.len());
+        for i in order {
+            let config = &configs[i];
             let (measured, exact) = match *config {
                 Config::Bare => (bench_support::run(watched, PORT, 1, options.seconds), true),
                 Config::Watched(m) | Config::Unwatched(m) => {

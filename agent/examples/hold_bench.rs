@@ -226,6 +226,24 @@ fn runtime_cpu(clocks: &Clocks) -> Duration {
         .unwrap_or_default()
 }
 
+/// The runtime threads' CPU once they are quiet: less than 20 us used in
+/// 50 ms. Fails after 10 s of work that does not end.
+fn settled_runtime_cpu(clocks: &Clocks) -> anyhow::Result<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = runtime_cpu(clocks);
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = runtime_cpu(clocks);
+        if now.saturating_sub(last) < Duration::from_micros(20) {
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            bail!("the parking runtime was still busy 10 s after its clients left");
+        }
+        last = now;
+    }
+}
+
 fn wait_held(metrics: &HoldMetrics, service: &ServiceRef, n: i64) -> anyhow::Result<()> {
     let labels = itw_agent::hold::metrics::ServiceLabels::of(service);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -370,10 +388,11 @@ fn held_path(options: &Options) -> anyhow::Result<()> {
             streams.push(stream);
         }
         drop(streams);
-        // Let the splices see the clients' ends and finish.
-        std::thread::sleep(Duration::from_millis(300));
-        per_conn
-            .push((runtime_cpu(&clocks) - cpu_before).as_secs_f64() * 1e6 / options.batch as f64);
+        // Until the splices have seen the clients' ends and finished: the
+        // runtime's CPU stops growing (not a fixed sleep, which either cuts
+        // their work off or charges idle time).
+        let cpu_after = settled_runtime_cpu(&clocks)?;
+        per_conn.push((cpu_after - cpu_before).as_secs_f64() * 1e6 / options.batch as f64);
         holder.reap(kernel);
     }
     println!(

@@ -23,7 +23,7 @@
 //! With `ITW_BENCH_EXIT_AFTER_MAP=1` it exits right after the first map, so
 //! a heap profiler (heaptrack) shows what is live then as never freed.
 
-use itw_e2e::kube_mock;
+use itw_kube_mock as kube_mock;
 use std::{
     io::{BufRead, BufReader, Write},
     net::SocketAddr,

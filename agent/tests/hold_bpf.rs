@@ -336,7 +336,7 @@ async fn under_a_nested_node_root_each_pod_connect_counts_once() {
 /// blocked rather than letting the refusal pass silently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ahead_of_a_preorder_load_balancer_a_held_connect_is_parked() {
-    use itw_e2e::lab::datapath::{Frontend, socklb::SocketLb};
+    use itw_socket_lb::{Frontend, SocketLb};
     if !support::is_root() {
         support::skip("not running as root, which loading eBPF programs needs");
         return;

@@ -19,7 +19,7 @@ use itw_agent::{
     metrics::{AttemptCounters, CountingMetrics, TriggerLabels},
     resolve::kube::{self as kube_source, KubeSettings, KubeSourceMetrics},
 };
-use itw_e2e::kube_mock::{MockApiServer, Resource};
+use itw_kube_mock::{MockApiServer, Resource};
 use itw_telemetry::exposition::AttemptLabels;
 use serde_json::json;
 use tokio::sync::mpsc;

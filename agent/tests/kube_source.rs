@@ -19,7 +19,7 @@ use itw_agent::{
         kube::{KubeSettings, KubeSourceMetrics},
     },
 };
-use itw_e2e::kube_mock::{self, MockApiServer, Resource};
+use itw_kube_mock::{self as kube_mock, MockApiServer, Resource};
 use itw_telemetry::exposition::{AttemptLabels, parse_samples};
 use parking_lot::Mutex;
 use prometheus_client::registry::Registry;

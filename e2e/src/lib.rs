@@ -1,11 +1,15 @@
 //! The end-to-end harness: what tests and benchmarks that run the real
 //! binaries share.
 //!
-//! - [`kube_mock`]: a mock Kubernetes API server serving real Service and
-//!   EndpointSlice JSON, listed and watched.
+//! - [`kube_mock`]: the mock Kubernetes API server (crate `itw-kube-mock`,
+//!   its own so the agent's tests can use it without depending on this one).
+//! - [`system`]: the real `itw-agent` and `itw-scaler` started on loopback,
+//!   KEDA's side as a gRPC client, `/metrics` parsed (the tests in `tests/`
+//!   and `benches/activation.rs`).
 //! - [`lab`]: a Kubernetes-shaped node on this machine (network namespaces as
 //!   pods, kubelet cgroups, kube-proxy's rules or a socket load balancer),
 //!   with the real agent and scaler on it (`hack/node-lab`).
 
-pub mod kube_mock;
+pub use itw_kube_mock as kube_mock;
 pub mod lab;
+pub mod system;

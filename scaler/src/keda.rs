@@ -508,6 +508,41 @@ mod tests {
         );
     }
 
+    /// KEDA opens StreamIsActive when it builds its scaler cache, often long
+    /// before the first attempt; the housekeeping sweep runs every second
+    /// meanwhile. The subscription's entry must outlive those sweeps, or the
+    /// first attempt lands in a new entry the stream never hears about.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_opened_before_the_first_attempt_survives_the_sweeps() {
+        let mut f = Fixture::new();
+        let shutdown = CancellationToken::new();
+        let (mut rx, _task) = spawn_watch(
+            &f.store,
+            trigger(&[("service", "web"), ("window", "10s")]),
+            &shutdown,
+        );
+        settle().await;
+        assert_eq!(drain(&mut rx), vec![false], "current state on open");
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            f.store.sweep();
+        }
+        settle().await;
+        assert_eq!(
+            f.store.service_count(),
+            1,
+            "the subscribed entry is kept through 5 sweeps"
+        );
+        assert_eq!(drain(&mut rx), Vec::<bool>::new());
+        f.attempts(80, 1);
+        settle().await;
+        assert_eq!(
+            drain(&mut rx),
+            vec![true],
+            "the first attempt, 5 s and 5 sweeps after the stream opened"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn open_stream_on_an_active_service_says_true_at_once() {
         let mut f = Fixture::new();

@@ -116,8 +116,11 @@ fn check_cgroup2_dir(path: &Path) -> Result<(), String> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| "the path contains a NUL byte".to_owned())?;
-    // SAFETY: statfs writes into the zeroed struct we pass; the path is a valid C string.
+    // SAFETY: libc::statfs is a C struct of integers, for which all zero
+    // bytes is a valid value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a NUL-terminated string that outlives the call, and
+    // statfs writes only into the struct we lend it.
     if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
         return Err(format!("{}", std::io::Error::last_os_error()));
     }

@@ -354,16 +354,29 @@ pub mod lab {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain #[repr(C)] data with explicit padding fields; every bit pattern is valid.
-    unsafe impl aya::Pod for super::Destination {}
-    unsafe impl aya::Pod for super::Watch {}
-    unsafe impl aya::Pod for super::AttemptKey {}
-    unsafe impl aya::Pod for super::WakeEvent {}
-    unsafe impl aya::Pod for super::Park {}
-    unsafe impl aya::Pod for super::ParkKey {}
-    unsafe impl aya::Pod for super::lab::LbService {}
-    unsafe impl aya::Pod for super::Redirect {}
-    unsafe impl aya::Pod for super::ConnKey {}
+    /// `aya::Pod` for the map types above.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: `aya::Pod` asks for Copy data that any bit pattern is a
+            // valid value of, with no uninitialised bytes. Each type here is
+            // #[repr(C)] and Copy, made only of integers and integer arrays,
+            // and its padding is named `_pad` fields, not left implicit (the
+            // layout tests below pin sizes and offsets).
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    pod!(
+        super::Destination,
+        super::Watch,
+        super::AttemptKey,
+        super::WakeEvent,
+        super::Park,
+        super::ParkKey,
+        super::lab::LbService,
+        super::Redirect,
+        super::ConnKey,
+    );
 }
 
 #[cfg(test)]

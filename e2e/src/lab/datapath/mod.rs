@@ -6,12 +6,12 @@
 //!
 //! - [`iptables`], [`nftables`]: kube-proxy's chain and table shapes, rendered
 //!   as `iptables-restore` / `nft -f` input and applied atomically.
-//! - [`socklb`]: the `lab-lb.o` programs at the node's cgroup root, with or
+//! - [`socklb`] (crate `itw-socket-lb`): the `lab-lb.o` programs at the node's cgroup root, with or
 //!   without `BPF_F_PREORDER`, and their backend map.
 
 pub mod iptables;
 pub mod nftables;
-pub mod socklb;
+pub use itw_socket_lb::{self as socklb, Frontend};
 
 use std::{
     collections::BTreeMap,
@@ -41,23 +41,6 @@ impl fmt::Display for Kind {
             Self::SocketLb { preorder: false } => "socket LB",
             Self::SocketLb { preorder: true } => "socket LB (preorder)",
         })
-    }
-}
-
-/// One Service port on one ClusterIP, and where it leads now.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Frontend {
-    /// `namespace/service:port-name`, for comments and chain names.
-    pub name: String,
-    pub cluster_ip: IpAddr,
-    pub port: u16,
-    /// Ready endpoints (address and target port); empty: refused.
-    pub backends: Vec<SocketAddr>,
-}
-
-impl Frontend {
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::new(self.cluster_ip, self.port)
     }
 }
 

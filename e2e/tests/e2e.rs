@@ -3,11 +3,9 @@
 //! gRPC client. Root only (CI); each test has its own stand-in ClusterIPs, so
 //! tests running at once never see each other's counts.
 
-mod support;
-
 use std::{net::SocketAddr, time::Duration};
 
-use support::*;
+use itw_e2e::system::*;
 
 const NS: &str = "e2e";
 
@@ -290,24 +288,45 @@ async fn an_agent_restart_neither_loses_nor_doubles_and_leaves_nothing_attached(
     let target = addr("127.101.3.1:8080");
     let map = map("agent-restart", "127.101.3.1", 8080);
     let scaler = Scaler::start("scaler").await;
-    let mut first = Agent::start("agent-1", &map, &[scaler.grpc], &[]).await;
+    // COLLECT_INTERVAL=60s: after the idle -> active wake, counts stay on the
+    // node until the next collect, so the shutdown flush is the only way the
+    // last 99 attempts reach the scaler.
+    let mut first = Agent::start(
+        "agent-1",
+        &map,
+        &[scaler.grpc],
+        &[("COLLECT_INTERVAL", "60s".into())],
+    )
+    .await;
     let programs = first.program_ids().await;
     assert!(!programs.is_empty(), "the agent exports its program ids");
     assert!(programs.iter().all(|id| program_loaded(*id)));
-    for _ in 0..100 {
-        connect_refused(target);
-    }
+    connect_refused(target);
     eventually(
-        "100 attempts at the scaler",
+        "the first attempt's wake at the scaler",
         Duration::from_secs(10),
-        || async { (scaler.attempts(NS, "agent-restart").await == 100.0).then_some(()) },
+        || async { (scaler.attempts(NS, "agent-restart").await == 1.0).then_some(()) },
     )
     .await;
+    for _ in 0..99 {
+        connect_refused(target);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        scaler.attempts(NS, "agent-restart").await,
+        1.0,
+        "the 99 attempts after the wake wait on the node for the next collect"
+    );
     let status = first.proc.terminate().await;
     assert!(
         status.success(),
         "agent exit {status}:\n{}",
         first.proc.log()
+    );
+    assert_eq!(
+        scaler.attempts(NS, "agent-restart").await,
+        100.0,
+        "the agent flushes every count before it exits"
     );
     for id in &programs {
         assert!(
@@ -315,8 +334,15 @@ async fn an_agent_restart_neither_loses_nor_doubles_and_leaves_nothing_attached(
             "program {id} still loaded after the agent exited"
         );
     }
+    let instances = |samples: &[_]| exact(samples, "itw_scaler_agent_instances", &[]);
+    assert_eq!(
+        instances(&scrape(scaler.metrics).await),
+        Some(1.0),
+        "the exited instance is kept for its reconnect"
+    );
 
-    // Same node, new instance: its counts add to the old one's, nothing twice.
+    // Same node, new instance: its counts add to the old one's, nothing twice,
+    // and it replaces the old instance (a new node would be a second one).
     let second = Agent::start(
         "agent-2",
         &map,
@@ -324,6 +350,11 @@ async fn an_agent_restart_neither_loses_nor_doubles_and_leaves_nothing_attached(
         &[("NODE_NAME", "node-agent-1".into())],
     )
     .await;
+    assert_eq!(
+        instances(&scrape(scaler.metrics).await),
+        Some(1.0),
+        "the same node's new instance replaced the old one"
+    );
     for _ in 0..50 {
         connect_refused(target);
     }

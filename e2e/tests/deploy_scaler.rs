@@ -10,7 +10,6 @@
 //! Each check returns the problems it found, so the negative tests can feed
 //! it a broken copy and see it fail.
 
-#[path = "../../agent/tests/deploy_support/mod.rs"]
 mod deploy_support;
 
 use std::{collections::HashMap, path::Path, time::Duration};
@@ -509,8 +508,14 @@ fn broken_scaler_manifests_fail_the_checks() {
     );
     fails(
         &with("DaemonSet", "itw-agent", &|d| {
-            d["spec"]["template"]["spec"]["volumes"][2]["secret"]["secretName"] =
-                json!("another-token")
+            let volumes = d["spec"]["template"]["spec"]["volumes"]
+                .as_array_mut()
+                .expect("the DaemonSet's volumes");
+            let token = volumes
+                .iter_mut()
+                .find(|v| v["secret"].is_object())
+                .expect("the DaemonSet mounts the token Secret");
+            token["secret"]["secretName"] = json!("another-token")
         }),
         "agents send Secret \"another-token\"",
     );

@@ -8,9 +8,6 @@
 //! Run with `hack/bench activation` (root: it loads eBPF programs).
 //! Options: --activations N (default 1000), --services N (default 200).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -18,8 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use itw_e2e::system::*;
 use parking_lot::Mutex;
-use support::*;
 use tokio::sync::mpsc;
 
 const NS: &str = "bench";
@@ -286,23 +283,38 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         poller.abort();
+        let stopped = Instant::now();
         let seen = seed_seen.lock().clone();
+        // A first activation the seed query never showed is charged with
+        // its whole wait (until the poll stopped), a lower bound, rather
+        // than dropped: dropping the slowest would flatter the seed path.
+        let mut missed = 0usize;
         let seed: Vec<Duration> = (0..services)
             .filter_map(|i| {
                 let t0 = first_connect[i]?;
-                Some(*seen.get(&format!("svc-{i:05}"))? - t0)
+                Some(match seen.get(&format!("svc-{i:05}")) {
+                    Some(at) => *at - t0,
+                    None => {
+                        missed += 1;
+                        stopped - t0
+                    }
+                })
             })
             .collect();
-        let missed = services - seed.len();
         let (seed_p50, seed_p99) = summary(
             "seed: connect() -> rate() > 0 (1s scrape, 100ms poll)",
             seed,
         );
-        if missed > 0 {
-            println!("  ({missed} first activations never showed in the seed query within 30 s)");
-        }
+        let at_least = if missed > 0 {
+            println!(
+                "  ({missed} first activations never showed in the seed query within 30 s; each is counted as its wait until the poll stopped, so the seed figures above and the ratios below are lower bounds)"
+            );
+            ">="
+        } else {
+            ""
+        };
         println!(
-            "seed / direct: p50 x{:.0}, p99 x{:.0}",
+            "seed / direct: p50 x{at_least}{:.0}, p99 x{at_least}{:.0}",
             seed_p50.as_secs_f64() / direct_p50.as_secs_f64(),
             seed_p99.as_secs_f64() / direct_p99.as_secs_f64()
         );

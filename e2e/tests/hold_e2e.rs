@@ -3,8 +3,6 @@
 //! its reply once the service map says an endpoint is ready; the scaler sees
 //! the activation meanwhile. Root only (CI); addresses 127.102.<test>.x.
 
-mod support;
-
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
@@ -15,8 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use itw_e2e::system::*;
 use parking_lot::Mutex;
-use support::*;
 
 const NS: &str = "hold";
 

@@ -1,11 +1,9 @@
-//! Shared by the end-to-end tests and benchmarks: the real `itw-agent` and
-//! `itw-scaler` binaries started on loopback, KEDA's side as a real gRPC
+//! The real `itw-agent` and `itw-scaler` binaries started on loopback, for
+//! the end-to-end tests and the activation bench: KEDA's side as a real gRPC
 //! client, `/metrics` parsed, and connects made under a chosen process name.
 //!
 //! Every process started here is killed when its handle drops, so a failing
 //! test leaves nothing attached to the kernel.
-
-#![allow(dead_code)]
 
 use std::{
     collections::HashMap,
@@ -54,21 +52,36 @@ pub fn tool_available(test: &str, path: &str) -> bool {
     false
 }
 
-/// Path of a workspace binary built in the same profile as this test,
-/// building it first (once per test process) so it is never stale.
-pub fn binary(package: &str, name: &str) -> PathBuf {
-    static BUILT: OnceLock<parking_lot::Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let built = BUILT.get_or_init(Default::default);
-    let mut built = built.lock();
-    if let Some(path) = built.get(name) {
-        return path.clone();
-    }
+/// The binaries this harness starts. Both live in other packages, where
+/// cargo's `CARGO_BIN_EXE_<name>` cannot name them from here.
+pub const BINARIES: [(&str, &str); 2] = [("itw-agent", "itw-agent"), ("itw-scaler", "itw-scaler")];
+
+/// Path of `itw-agent` or `itw-scaler`, built in the same profile and target
+/// directory as the running test or bench. The first call in a process runs
+/// `cargo build -p itw-agent -p itw-scaler` (both at once, so a test that
+/// starts both waits for one build); later calls reuse that build. This is a
+/// build from inside a test, said here because cargo offers no other way to
+/// get another package's binary into a test (artifact dependencies are
+/// unstable); with `cargo test --workspace` it only checks that they are
+/// current.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    assert!(
+        BINARIES.iter().any(|(_, bin)| *bin == name),
+        "{name} is not one of the binaries this harness builds ({BINARIES:?})"
+    );
+    BUILT.get_or_init(build_binaries).join(name)
+}
+
+/// Builds [`BINARIES`] once; returns target/<profile>.
+fn build_binaries() -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf();
     let target_dir = profile_dir.parent().expect("target dir");
     let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") => "dev",
@@ -76,28 +89,21 @@ pub fn binary(package: &str, name: &str) -> PathBuf {
         None => "dev",
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "--profile",
-            profile,
-            "-p",
-            package,
-            "--bin",
-            name,
-        ])
+    let mut command = std::process::Command::new(cargo);
+    command.args(["build", "--quiet", "--profile", profile]);
+    for (package, bin) in BINARIES {
+        command.args(["-p", package, "--bin", bin]);
+    }
+    let status = command
         .arg("--target-dir")
         .arg(target_dir)
         .status()
         .expect("running cargo build");
     assert!(
         status.success(),
-        "cargo build -p {package} --bin {name} failed"
+        "cargo build of {BINARIES:?} ({profile}) failed"
     );
-    let path = profile_dir.join(name);
-    built.insert(name.to_owned(), path.clone());
-    path
+    profile_dir
 }
 
 /// A port free on loopback right now.
@@ -322,7 +328,7 @@ impl Scaler {
             ("METRICS_ADDR", metrics.to_string()),
         ];
         all.extend(env.iter().cloned());
-        let mut proc = Proc::spawn(name, &binary("itw-scaler", "itw-scaler"), &all);
+        let mut proc = Proc::spawn(name, &binary("itw-scaler"), &all);
         let url = format!("http://{metrics}/metrics");
         eventually(
             &format!("{name} to serve {url}"),
@@ -388,7 +394,7 @@ impl Agent {
             all.push(("SCALER_ADDR", list.join(",")));
         }
         all.extend(env.iter().cloned());
-        let mut proc = Proc::spawn(name, Path::new(env!("CARGO_BIN_EXE_itw-agent")), &all);
+        let mut proc = Proc::spawn(name, &binary("itw-agent"), &all);
         let ready = format!("http://{metrics}/readyz");
         eventually(
             &format!("{name} to be ready"),

@@ -480,7 +480,7 @@ exec setpriv --inh-caps=-all --ambient-caps=-all --bounding-set="$BOUNDING" -- "
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("BOUNDING", &bounding)
-        .env("AGENT", env!("CARGO_BIN_EXE_itw-agent"))
+        .env("AGENT", itw_e2e::system::binary("itw-agent"))
         .env("SERVICE_MAP", &map)
         .env("METRICS_ADDR", metrics.to_string())
         .env("CAPTURE_MODE", mode)

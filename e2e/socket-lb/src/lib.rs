@@ -4,10 +4,15 @@
 //! `tcp_v4_connect` ever runs. Attached once as usual (after the programs of
 //! child cgroups, such as the agent's in the pods' cgroup) and once with
 //! `BPF_F_PREORDER` (Linux 6.15 and later: before them).
+//!
+//! The node lab's (`itw-e2e`) stand-in for Cilium's, in a crate of its own so
+//! the agent's hold tests can put one in front of the agent's programs
+//! without depending on the lab (which depends on the agent for its tests).
 
 use std::{
     collections::BTreeSet,
     fs::File,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::Path,
 };
@@ -23,17 +28,32 @@ use itw_common::{
     lab::{self, LbService, MAX_BACKENDS},
 };
 
-use super::Frontend;
+/// One Service port on one ClusterIP, and where it leads now.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Frontend {
+    /// `namespace/service:port-name`, for comments and chain names.
+    pub name: String,
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    /// Ready endpoints (address and target port); empty: refused.
+    pub backends: Vec<SocketAddr>,
+}
+
+impl Frontend {
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(self.cluster_ip, self.port)
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../ebpf/artifacts/x86_64/lab-lb.o"
+    "/../../ebpf/artifacts/x86_64/lab-lb.o"
 ));
 #[cfg(target_arch = "aarch64")]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../ebpf/artifacts/aarch64/lab-lb.o"
+    "/../../ebpf/artifacts/aarch64/lab-lb.o"
 ));
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 compile_error!(
