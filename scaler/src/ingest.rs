@@ -50,6 +50,12 @@ const MAX_INSTANCE_BYTES: usize = 128;
 /// Unix times after this (year 2286) are taken for garbage, not clocks.
 const MAX_UNIX_MS: i64 = 9_999_999_999_999;
 
+/// Largest count one report may carry for one series, total or second:
+/// 2^48 (about 2.8e14, nine years of a million connects a second). A
+/// thousand agents at this bound still sum far below 2^64, so the store's
+/// saturating sums never reach their ceiling through honest reports.
+pub const MAX_REPORTED_ATTEMPTS: u64 = 1 << 48;
+
 /// Acks queued for a slow agent before the stream stops reading it.
 const RESPONSE_BUFFER: usize = 64;
 
@@ -573,6 +579,19 @@ fn series_names<'a>(
     })
 }
 
+/// A count above [`MAX_REPORTED_ATTEMPTS`] is a broken or hostile agent:
+/// summed with the others it would wrap or pin the exported counter.
+fn check_attempts(field: String, attempts: u64) -> Result<(), IngestError> {
+    if attempts > MAX_REPORTED_ATTEMPTS {
+        return Err(invalid(
+            field,
+            attempts,
+            "more than 2^48 attempts in one report; no agent counts that many",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a whole batch before any of it is applied.
 pub fn check_batch(
     batch: &Batch,
@@ -599,6 +618,7 @@ pub fn check_batch(
                 "every delta counts at least one attempt",
             ));
         }
+        check_attempts(format!("batch.deltas[{i}].attempts"), delta.attempts)?;
         match name {
             Ok(name) => deltas.push((name, delta.attempts)),
             Err(entry) => refused.push(entry),
@@ -623,7 +643,9 @@ pub fn check_snapshot(
     let mut totals = Vec::with_capacity(snapshot.totals.len());
     let mut refused = Vec::new();
     for (i, total) in snapshot.totals.iter().enumerate() {
-        match check_series("snapshot.totals", i, total.series.as_ref())? {
+        let name = check_series("snapshot.totals", i, total.series.as_ref())?;
+        check_attempts(format!("snapshot.totals[{i}].attempts"), total.attempts)?;
+        match name {
             Ok(name) => totals.push((name, total.attempts)),
             Err(entry) => refused.push(entry),
         }
@@ -643,6 +665,9 @@ pub fn check_snapshot(
                 count: h.per_second.len(),
                 max: max_seconds,
             });
+        }
+        if let Some(s) = h.per_second.iter().position(|&c| c > MAX_REPORTED_ATTEMPTS) {
+            check_attempts(field(&format!("per_second[{s}]")), h.per_second[s])?;
         }
         if h.first_second <= 0 || h.first_second > MAX_UNIX_MS / 1000 {
             return Err(invalid(
@@ -821,6 +846,10 @@ mod tests {
                 "batch.deltas[0].attempts = 0: every delta counts at least one attempt",
             ),
             (
+                batch(vec![ok(), delta(Some(good()), u64::MAX - 499)]),
+                "batch.deltas[1].attempts = 18446744073709551116: more than 2^48 attempts in one report; no agent counts that many",
+            ),
+            (
                 Batch {
                     sequence: 0,
                     ..batch(vec![ok()])
@@ -965,6 +994,17 @@ mod tests {
                     vec![history("apps", "web", 0, 1_700_000_000, vec![])],
                 ),
                 "snapshot.history[0].port = 0: must be a Service port number, 1-65535",
+            ),
+            (
+                snapshot(vec![delta(Some(good()), (1 << 48) + 1)], vec![]),
+                "snapshot.totals[0].attempts = 281474976710657: more than 2^48 attempts in one report; no agent counts that many",
+            ),
+            (
+                snapshot(
+                    vec![],
+                    vec![history("apps", "web", 80, 1_700_000_000, vec![1, u64::MAX])],
+                ),
+                "snapshot.history[0].per_second[1] = 18446744073709551615: more than 2^48 attempts in one report; no agent counts that many",
             ),
             (
                 snapshot(vec![], vec![history("apps", "web", 80, -1, vec![])]),
