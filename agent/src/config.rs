@@ -272,6 +272,7 @@ impl Args {
             scalers,
             node_name: node_name.to_owned(),
             instance_id: uuid::Uuid::new_v4().to_string(),
+            instance_secret: report::InstanceSecret::random(),
             token,
             tls,
             resolve_interval: RESOLVE_INTERVAL,

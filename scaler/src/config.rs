@@ -64,6 +64,18 @@ pub struct Args {
     #[arg(long, env = "INSTANCE_RETENTION", default_value = "1h", value_parser = parse_retention)]
     pub instance_retention: Duration,
 
+    /// How long a folded instance (gone past INSTANCE_RETENTION, or replaced)
+    /// is remembered (node, secret, sequence and totals) so that if it comes
+    /// back its snapshot replaces what was folded instead of adding to it.
+    #[arg(long, env = "FOLDED_RETENTION", default_value = "24h", value_parser = parse_retention)]
+    pub folded_retention: Duration,
+
+    /// Most folded instances remembered; past it the oldest is forgotten
+    /// (itw_scaler_folded_instances_forgotten_total): should it ever come
+    /// back, its counts would be added again.
+    #[arg(long, env = "MAX_FOLDED_INSTANCES", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_folded_instances: u32,
+
     /// Most deltas in one batch from an agent; a larger batch ends its stream.
     #[arg(long, env = "MAX_BATCH_DELTAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_batch_deltas: u32,
@@ -99,6 +111,8 @@ impl Args {
                 max_series: self.max_series as usize,
                 max_destinations: self.max_destinations as usize,
                 instance_retention: self.instance_retention,
+                folded_retention: self.folded_retention,
+                max_folded_instances: self.max_folded_instances as usize,
                 max_batch_deltas: self.max_batch_deltas as usize,
             },
         }
@@ -135,6 +149,8 @@ pub struct Limits {
     pub max_series: usize,
     pub max_destinations: usize,
     pub instance_retention: Duration,
+    pub folded_retention: Duration,
+    pub max_folded_instances: usize,
     pub max_batch_deltas: usize,
 }
 
@@ -145,6 +161,8 @@ impl Default for Limits {
             max_series: 100_000,
             max_destinations: 100_000,
             instance_retention: Duration::from_secs(3600),
+            folded_retention: Duration::from_secs(24 * 3600),
+            max_folded_instances: 20_000,
             max_batch_deltas: 10_000,
         }
     }
@@ -250,6 +268,8 @@ mod tests {
             "--max-series=5",
             "--max-destinations=6",
             "--instance-retention=90s",
+            "--folded-retention=2h",
+            "--max-folded-instances=8",
             "--max-batch-deltas=7",
             "--log-format=json",
         ])
@@ -270,6 +290,8 @@ mod tests {
                     max_series: 5,
                     max_destinations: 6,
                     instance_retention: Duration::from_secs(90),
+                    folded_retention: Duration::from_secs(7200),
+                    max_folded_instances: 8,
                     max_batch_deltas: 7,
                 },
             }

@@ -33,7 +33,7 @@ use crate::{
     metrics::{BatchResult, ScalerMetrics},
     store::{
         ApplyError, BatchOutcome, BatchView, Connection, HistoryView, SeriesCache, SeriesName,
-        SnapshotView, Store,
+        SnapshotView, Store, short_id,
     },
 };
 
@@ -47,6 +47,9 @@ const MAX_COMM_BYTES: usize = 64;
 /// Longest node name (a DNS subdomain) and instance id accepted.
 const MAX_NODE_BYTES: usize = 253;
 const MAX_INSTANCE_BYTES: usize = 128;
+/// Bounds of an instance secret (the agent sends 32 hex digits).
+const MIN_SECRET_BYTES: usize = 16;
+const MAX_SECRET_BYTES: usize = 128;
 /// Unix times after this (year 2286) are taken for garbage, not clocks.
 const MAX_UNIX_MS: i64 = 9_999_999_999_999;
 
@@ -121,11 +124,13 @@ impl IngestError {
             Self::Apply(ApplyError::SequenceGap { .. }) => "sequence_gap",
             Self::Apply(ApplyError::SnapshotBehind { .. }) => "snapshot_behind",
             Self::Apply(ApplyError::NodeMismatch { .. }) => "node_mismatch",
+            Self::Apply(ApplyError::SecretMismatch { .. }) => "secret_mismatch",
         }
     }
 
     pub fn status(&self) -> Status {
         let code = match self {
+            Self::Apply(ApplyError::SecretMismatch { .. }) => Code::PermissionDenied,
             Self::ProtocolVersion { .. } | Self::Apply(_) => Code::FailedPrecondition,
             Self::Oversized(_) | Self::TooManyDeltas { .. } | Self::TooMuchHistory { .. } => {
                 Code::ResourceExhausted
@@ -311,9 +316,14 @@ impl ReportStream {
             Some(other) => return Err(IngestError::HelloMissing { got: kind(&other) }),
         };
         check_hello(&hello)?;
-        let (conn, applied) = self.store.hello(&hello.node_name, &hello.instance_id)?;
-        let span =
-            tracing::info_span!("agent", node = %hello.node_name, instance = %hello.instance_id);
+        let (conn, applied) =
+            self.store
+                .hello(&hello.node_name, &hello.instance_id, &hello.instance_secret)?;
+        let span = tracing::info_span!(
+            "agent",
+            node = %hello.node_name,
+            instance = %short_id(&hello.instance_id)
+        );
         self.serve_agent(inbound, conn, applied)
             .instrument(span)
             .await
@@ -464,7 +474,28 @@ pub fn check_hello(hello: &Hello) -> Result<(), IngestError> {
         });
     }
     check_token_like("hello.node_name", &hello.node_name, MAX_NODE_BYTES)?;
-    check_token_like("hello.instance_id", &hello.instance_id, MAX_INSTANCE_BYTES)
+    check_token_like("hello.instance_id", &hello.instance_id, MAX_INSTANCE_BYTES)?;
+    check_secret(&hello.instance_secret)
+}
+
+/// The instance secret: never echoed, as it is what proves the instance.
+fn check_secret(secret: &str) -> Result<(), IngestError> {
+    let problem = if secret.len() < MIN_SECRET_BYTES {
+        format!(
+            "shorter than {MIN_SECRET_BYTES} bytes; the agent sends a random secret with every hello"
+        )
+    } else if secret.len() > MAX_SECRET_BYTES {
+        format!("longer than {MAX_SECRET_BYTES} bytes")
+    } else if secret.chars().any(char::is_control) {
+        "holds control characters".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(IngestError::Invalid {
+        field: "hello.instance_secret".into(),
+        value: format!("({} bytes, not shown)", secret.len()),
+        problem,
+    })
 }
 
 /// A non-empty identifier without control characters.
@@ -1205,6 +1236,7 @@ mod tests {
             node_name: node.into(),
             instance_id: id.into(),
             protocol_version: version,
+            instance_secret: "0123456789abcdef".into(),
         };
         assert_eq!(check_hello(&hello("node-1", "abc", 1)), Ok(()));
         let e = check_hello(&hello("node-1", "abc", 2)).unwrap_err();
@@ -1224,6 +1256,30 @@ mod tests {
         assert_eq!(
             check_hello(&hello("n", "a\nb", 1)).unwrap_err().to_string(),
             "hello.instance_id = \"a\\nb\": holds control characters"
+        );
+        let with_secret = |secret: &str| Hello {
+            instance_secret: secret.into(),
+            ..hello("n", "abc", 1)
+        };
+        assert_eq!(
+            check_hello(&with_secret("")).unwrap_err().to_string(),
+            "hello.instance_secret = (0 bytes, not shown): shorter than 16 bytes; the agent sends a random secret with every hello"
+        );
+        assert_eq!(
+            check_hello(&with_secret(&"s".repeat(129)))
+                .unwrap_err()
+                .to_string(),
+            "hello.instance_secret = (129 bytes, not shown): longer than 128 bytes"
+        );
+        assert_eq!(
+            check_hello(&with_secret("0123456789abcdef")).map_err(|e| e.to_string()),
+            Ok(())
+        );
+        assert_eq!(
+            check_hello(&with_secret("0123456789abcdef\n"))
+                .unwrap_err()
+                .to_string(),
+            "hello.instance_secret = (17 bytes, not shown): holds control characters"
         );
         assert!(
             check_hello(&hello("n", &"i".repeat(129), 1))

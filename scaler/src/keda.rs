@@ -268,7 +268,9 @@ mod tests {
                 Limits::default(),
                 metrics,
             ));
-            let (conn, _) = store.hello("node-1", "instance-1").unwrap();
+            let (conn, _) = store
+                .hello("node-1", "instance-1", "secret-of-instance-1")
+                .unwrap();
             let mut cache = SeriesCache::default();
             store
                 .apply_snapshot(

@@ -54,6 +54,8 @@ pub struct ScalerMetrics {
     registry: Registry,
     pub agents_connected: Gauge,
     pub agent_instances: Gauge,
+    pub folded_instances: Gauge,
+    pub folded_instances_forgotten: Counter,
     batches: Family<ResultLabel, Counter>,
     pub deltas: Counter,
     pub snapshots: Counter,
@@ -81,6 +83,18 @@ impl Default for ScalerMetrics {
             "itw_scaler_agent_instances",
             "Agent instances held (connected, or disconnected within INSTANCE_RETENTION)",
             agent_instances.clone(),
+        );
+        let folded_instances = Gauge::default();
+        registry.register(
+            "itw_scaler_folded_instances",
+            "Folded agent instances remembered (FOLDED_RETENTION, MAX_FOLDED_INSTANCES) so that one coming back is not counted twice",
+            folded_instances.clone(),
+        );
+        let folded_instances_forgotten = Counter::default();
+        registry.register(
+            "itw_scaler_folded_instances_forgotten",
+            "Folded agent instances forgotten before FOLDED_RETENTION because MAX_FOLDED_INSTANCES was reached (one coming back would be counted again)",
+            folded_instances_forgotten.clone(),
         );
         let batches = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -152,6 +166,8 @@ impl Default for ScalerMetrics {
             registry,
             agents_connected,
             agent_instances,
+            folded_instances,
+            folded_instances_forgotten,
             batches,
             deltas,
             snapshots,

@@ -76,6 +76,27 @@ pub enum TokenSource {
     File(PathBuf),
 }
 
+/// The random secret sent with every hello; its Debug form hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InstanceSecret(String);
+
+impl InstanceSecret {
+    /// A fresh random secret: 32 hex digits (122 random bits).
+    pub fn random() -> Self {
+        Self(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for InstanceSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InstanceSecret(..)")
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ReportSettings {
     /// Every scaler address; each is resolved to all the replicas behind it.
@@ -83,6 +104,9 @@ pub struct ReportSettings {
     pub node_name: String,
     /// New on every agent start.
     pub instance_id: String,
+    /// New on every agent start; binds instance_id to this process at the
+    /// scalers (see Hello.instance_secret). Never logged.
+    pub instance_secret: InstanceSecret,
     pub token: TokenSource,
     pub tls: Option<TlsFiles>,
     pub resolve_interval: Duration,
@@ -360,5 +384,19 @@ impl CollectionSink for Reporter {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InstanceSecret;
+
+    #[test]
+    fn the_instance_secret_is_random_and_never_shown() {
+        let (a, b) = (InstanceSecret::random(), InstanceSecret::random());
+        assert_ne!(a, b);
+        assert_eq!(a.expose().len(), 32);
+        assert!(a.expose().chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(format!("{a:?}"), "InstanceSecret(..)");
     }
 }

@@ -105,6 +105,7 @@ async fn session(
     out.send(report_request::Message::Hello(Hello {
         node_name: ctx.settings.node_name.clone(),
         instance_id: ctx.settings.instance_id.clone(),
+        instance_secret: ctx.settings.instance_secret.expose().to_owned(),
         protocol_version: PROTOCOL_VERSION,
     }))
     .await?;

@@ -79,6 +79,14 @@ impl SeriesSlot {
         saturating_add(&self.retired, attempts);
     }
 
+    /// A folded instance came back: its total leaves the retired sum and is
+    /// live again. Retired goes down first, so a concurrent publish can only
+    /// see too little (ignored by the max), never the same attempts twice.
+    pub(super) fn unretire(&self, attempts: u64) {
+        saturating_sub(&self.retired, attempts);
+        saturating_add(&self.live, attempts);
+    }
+
     fn publish(&self) {
         // Retired is read first: whoever sees a retire's increment also sees
         // the live decrement that preceded it.
@@ -291,7 +299,7 @@ mod tests {
             .unwrap();
         drop(conn);
         // The agent lost acks and under-reports: the export holds at 10.
-        let (conn, _) = store.hello("node-1", "a").unwrap();
+        let (conn, _) = store.hello("node-1", "a", SECRET).unwrap();
         store
             .apply_snapshot(
                 &conn,
