@@ -76,6 +76,16 @@ pub struct Args {
     #[arg(long, env = "MAX_FOLDED_INSTANCES", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub max_folded_instances: u32,
 
+    /// Most KEDA StreamIsActive and StreamMetricSpec streams open at once
+    /// (about 11 KiB each); past it a new one is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MAX_KEDA_STREAMS", default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_keda_streams: u32,
+
+    /// Most concurrent HTTP/2 streams on one gRPC connection (KEDA keeps one
+    /// per external-push trigger on a shared connection).
+    #[arg(long, env = "MAX_STREAMS_PER_CONNECTION", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_streams_per_connection: u32,
+
     /// Most deltas in one batch from an agent; a larger batch ends its stream.
     #[arg(long, env = "MAX_BATCH_DELTAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_batch_deltas: u32,
@@ -113,6 +123,8 @@ impl Args {
                 instance_retention: self.instance_retention,
                 folded_retention: self.folded_retention,
                 max_folded_instances: self.max_folded_instances as usize,
+                max_keda_streams: self.max_keda_streams as usize,
+                max_streams_per_connection: self.max_streams_per_connection,
                 max_batch_deltas: self.max_batch_deltas as usize,
             },
         }
@@ -151,6 +163,8 @@ pub struct Limits {
     pub instance_retention: Duration,
     pub folded_retention: Duration,
     pub max_folded_instances: usize,
+    pub max_keda_streams: usize,
+    pub max_streams_per_connection: u32,
     pub max_batch_deltas: usize,
 }
 
@@ -163,6 +177,8 @@ impl Default for Limits {
             instance_retention: Duration::from_secs(3600),
             folded_retention: Duration::from_secs(24 * 3600),
             max_folded_instances: 20_000,
+            max_keda_streams: 5_000,
+            max_streams_per_connection: 1_000,
             max_batch_deltas: 10_000,
         }
     }
@@ -270,6 +286,8 @@ mod tests {
             "--instance-retention=90s",
             "--folded-retention=2h",
             "--max-folded-instances=8",
+            "--max-keda-streams=9",
+            "--max-streams-per-connection=10",
             "--max-batch-deltas=7",
             "--log-format=json",
         ])
@@ -292,6 +310,8 @@ mod tests {
                     instance_retention: Duration::from_secs(90),
                     folded_retention: Duration::from_secs(7200),
                     max_folded_instances: 8,
+                    max_keda_streams: 9,
+                    max_streams_per_connection: 10,
                     max_batch_deltas: 7,
                 },
             }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    metrics::ScalerMetrics,
+    metrics::{GaugeGuard, ScalerMetrics},
     store::{Activity, Store},
     trigger::Trigger,
 };
@@ -43,6 +43,16 @@ impl KedaService {
             metrics,
             shutdown,
         }
+    }
+
+    /// A place for one more stream, or RESOURCE_EXHAUSTED past MAX_KEDA_STREAMS.
+    fn stream_slot(&self) -> Result<GaugeGuard, Status> {
+        let max = self.store.limits().max_keda_streams;
+        self.metrics.keda_stream(max).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "{max} KEDA streams are open on this scaler (MAX_KEDA_STREAMS); close some or raise the setting"
+            ))
+        })
     }
 
     /// Parses a call's trigger and records its window for the history kept.
@@ -97,7 +107,7 @@ impl ExternalScaler for KedaService {
         let object = request.into_inner();
         let trigger = self.trigger(Some(&object))?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let guard = self.metrics.keda_stream();
+        let guard = self.stream_slot()?;
         let store = Arc::clone(&self.store);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -150,7 +160,7 @@ impl ExternalScaler for KedaService {
     ) -> Result<Response<Self::StreamMetricSpecStream>, Status> {
         let trigger = self.trigger(Some(request.get_ref()))?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let guard = self.metrics.keda_stream();
+        let guard = self.stream_slot()?;
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let _open = guard;

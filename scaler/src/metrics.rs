@@ -62,6 +62,7 @@ pub struct ScalerMetrics {
     rejected_streams: Family<ReasonLabel, Counter>,
     refused_entries: Family<ReasonLabel, Counter>,
     pub keda_streams: Gauge,
+    pub keda_streams_refused: Counter,
     pub ingest_lag: Histogram,
     pub series_overflow: Counter,
     pub window_overflow: Counter,
@@ -132,6 +133,12 @@ impl Default for ScalerMetrics {
             "Open KEDA StreamIsActive and StreamMetricSpec streams",
             keda_streams.clone(),
         );
+        let keda_streams_refused = Counter::default();
+        registry.register(
+            "itw_scaler_keda_streams_refused",
+            "KEDA streams refused because MAX_KEDA_STREAMS were open",
+            keda_streams_refused.clone(),
+        );
         let ingest_lag = Histogram::new(LAG_BUCKETS);
         registry.register(
             "itw_scaler_ingest_lag_seconds",
@@ -174,6 +181,7 @@ impl Default for ScalerMetrics {
             rejected_streams,
             refused_entries,
             keda_streams,
+            keda_streams_refused,
             ingest_lag,
             series_overflow,
             window_overflow,
@@ -210,10 +218,17 @@ impl ScalerMetrics {
             .inc();
     }
 
-    /// Keeps `itw_scaler_keda_streams` up while the returned guard lives.
-    pub fn keda_stream(self: &Arc<Self>) -> GaugeGuard {
-        self.keda_streams.inc();
-        GaugeGuard(self.keda_streams.clone())
+    /// Keeps `itw_scaler_keda_streams` up while the returned guard lives;
+    /// None (counted in `itw_scaler_keda_streams_refused_total`) when `max`
+    /// streams are open already.
+    pub fn keda_stream(self: &Arc<Self>, max: usize) -> Option<GaugeGuard> {
+        let before = self.keda_streams.inc();
+        if usize::try_from(before).unwrap_or(0) >= max {
+            self.keda_streams.dec();
+            self.keda_streams_refused.inc();
+            return None;
+        }
+        Some(GaugeGuard(self.keda_streams.clone()))
     }
 
     /// Keeps `itw_scaler_agents_connected` up while the returned guard lives.

@@ -162,7 +162,8 @@ impl Scaler {
 
         let mut builder = Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(Some(self.store.limits().max_streams_per_connection));
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls).map_err(Error::Tls)?;
         }

@@ -5,10 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{EveryStream, TestScaler, count, loopback, object, series, within};
+use common::{EveryStream, TestScaler, count, loopback, object, sample, series, within};
 use itw_proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, IsActiveResponse, MetricSpec, MetricValue,
 };
+use itw_scaler::config::{Config, Limits};
 use tonic::{Code, Streaming};
 
 #[allow(deprecated)]
@@ -392,6 +393,75 @@ async fn a_departed_stream_client_frees_its_stream() {
     drop(specs);
     within("the streams to be freed", async {
         while open_streams(&scaler.metrics_body().await) != Some(0.0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    scaler.stop().await;
+}
+
+/// #13 item 3: KEDA streams are capped in all (MAX_KEDA_STREAMS) and per
+/// connection (MAX_STREAMS_PER_CONNECTION), so one client cannot grow the
+/// scaler's memory without bound.
+#[tokio::test]
+async fn keda_streams_are_capped_in_all_and_per_connection() {
+    let scaler = TestScaler::start(Config {
+        limits: Limits {
+            max_keda_streams: 3,
+            max_streams_per_connection: 2,
+            ..Limits::default()
+        },
+        ..loopback()
+    })
+    .await;
+    let web = || object(&[("service", "web")]);
+    let mut one = scaler.keda().await;
+    let a = one.stream_is_active(web()).await.unwrap().into_inner();
+    let _b = one.stream_is_active(web()).await.unwrap().into_inner();
+    // The connection is full: a third stream on it waits for a free slot.
+    let mut on_one = one.clone();
+    let waiting =
+        tokio::time::timeout(Duration::from_millis(300), on_one.stream_is_active(web())).await;
+    assert!(
+        waiting.is_err(),
+        "a third stream opened on a full connection"
+    );
+
+    let _c = scaler
+        .keda()
+        .await
+        .stream_is_active(web())
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = scaler
+        .keda()
+        .await
+        .stream_is_active(web())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), refused.message()),
+        (
+            Code::ResourceExhausted,
+            "3 KEDA streams are open on this scaler (MAX_KEDA_STREAMS); close some or raise the setting"
+        )
+    );
+    let body = scaler.metrics_body().await;
+    assert_eq!(
+        sample(&body, "itw_scaler_keda_streams_refused_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(sample(&body, "itw_scaler_keda_streams", &[]), Some(3.0));
+    // A stream that ends frees its place.
+    drop(a);
+    within("a freed stream place", async {
+        loop {
+            let mut keda = scaler.keda().await;
+            if keda.stream_is_active(web()).await.is_ok() {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
