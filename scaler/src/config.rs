@@ -86,6 +86,18 @@ pub struct Args {
     #[arg(long, env = "MAX_STREAMS_PER_CONNECTION", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_streams_per_connection: u32,
 
+    /// Most gRPC connections open at once (agents, KEDA, anyone); past it a
+    /// new connection is closed as it arrives. Keep it below the open-files
+    /// limit (the scaler raises its soft limit to the hard one at start).
+    #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub grpc_max_connections: u32,
+
+    /// A gRPC connection whose peer sends nothing for this long is closed:
+    /// an idle socket, a stalled TLS handshake or preface. Live clients
+    /// answer the scaler's HTTP/2 pings (every 30s), so keep it above 40s.
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "90s", value_parser = parse_idle_timeout)]
+    pub idle_timeout: Duration,
+
     /// Most deltas in one batch from an agent; a larger batch ends its stream.
     #[arg(long, env = "MAX_BATCH_DELTAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_batch_deltas: u32,
@@ -125,6 +137,8 @@ impl Args {
                 max_folded_instances: self.max_folded_instances as usize,
                 max_keda_streams: self.max_keda_streams as usize,
                 max_streams_per_connection: self.max_streams_per_connection,
+                grpc_max_connections: self.grpc_max_connections as usize,
+                idle_timeout: self.idle_timeout,
                 max_batch_deltas: self.max_batch_deltas as usize,
             },
         }
@@ -165,6 +179,8 @@ pub struct Limits {
     pub max_folded_instances: usize,
     pub max_keda_streams: usize,
     pub max_streams_per_connection: u32,
+    pub grpc_max_connections: usize,
+    pub idle_timeout: Duration,
     pub max_batch_deltas: usize,
 }
 
@@ -179,6 +195,8 @@ impl Default for Limits {
             max_folded_instances: 20_000,
             max_keda_streams: 5_000,
             max_streams_per_connection: 1_000,
+            grpc_max_connections: 16_384,
+            idle_timeout: Duration::from_secs(90),
             max_batch_deltas: 10_000,
         }
     }
@@ -227,6 +245,15 @@ impl FromStr for Secret {
 
 /// What a duration flag's error suggests.
 const DURATION_EXAMPLES: &str = "90s, 15m, 1h";
+
+fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    bounded_duration(
+        s,
+        Duration::from_millis(100),
+        Duration::from_secs(24 * 3600),
+        DURATION_EXAMPLES,
+    )
+}
 
 fn parse_max_window(s: &str) -> Result<Duration, String> {
     let d = bounded_duration(
@@ -288,6 +315,8 @@ mod tests {
             "--max-folded-instances=8",
             "--max-keda-streams=9",
             "--max-streams-per-connection=10",
+            "--grpc-max-connections=11",
+            "--idle-timeout=45s",
             "--max-batch-deltas=7",
             "--log-format=json",
         ])
@@ -312,6 +341,8 @@ mod tests {
                     max_folded_instances: 8,
                     max_keda_streams: 9,
                     max_streams_per_connection: 10,
+                    grpc_max_connections: 11,
+                    idle_timeout: Duration::from_secs(45),
                     max_batch_deltas: 7,
                 },
             }

@@ -25,6 +25,12 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
 /// Outcome of one batch, the `result` label of `itw_scaler_batches_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchResult {
@@ -61,6 +67,7 @@ pub struct ScalerMetrics {
     pub snapshots: Counter,
     rejected_streams: Family<ReasonLabel, Counter>,
     refused_entries: Family<ReasonLabel, Counter>,
+    connections_closed: Family<ClosedLabels, Counter>,
     pub keda_streams: Gauge,
     pub keda_streams_refused: Counter,
     pub ingest_lag: Histogram,
@@ -127,6 +134,12 @@ impl Default for ScalerMetrics {
             "Entries of agent batches and snapshots refused for a name Kubernetes would not allow (the rest of the message is applied), by reason",
             refused_entries.clone(),
         );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "itw_scaler_connections_closed",
+            "Connections the scaler closed unasked, by listener (grpc, metrics) and reason: connection_cap (GRPC_MAX_CONNECTIONS, or 256 on /metrics), idle (IDLE_TIMEOUT on gRPC, 60s on /metrics)",
+            connections_closed.clone(),
+        );
         let keda_streams = Gauge::default();
         registry.register(
             "itw_scaler_keda_streams",
@@ -180,6 +193,7 @@ impl Default for ScalerMetrics {
             snapshots,
             rejected_streams,
             refused_entries,
+            connections_closed,
             keda_streams,
             keda_streams_refused,
             ingest_lag,
@@ -202,6 +216,14 @@ impl ScalerMetrics {
             .get_or_create(&ResultLabel {
                 result: result.label(),
             })
+            .inc();
+    }
+
+    /// A connection the guarded listener closed: `listener` is `grpc` or
+    /// `metrics`, `reason` `connection_cap` or `idle`.
+    pub fn connection_closed(&self, listener: &'static str, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ClosedLabels { listener, reason })
             .inc();
     }
 

@@ -468,3 +468,63 @@ async fn keda_streams_are_capped_in_all_and_per_connection() {
     .await;
     scaler.stop().await;
 }
+
+/// #13 item 2: anonymous sockets that send nothing neither stay open nor
+/// lock KEDA out: past GRPC_MAX_CONNECTIONS they are closed as they come,
+/// and each is closed after IDLE_TIMEOUT; KEDA is served again at once.
+#[tokio::test]
+async fn idle_grpc_sockets_are_capped_and_closed() {
+    use tokio::io::AsyncReadExt;
+
+    let scaler = TestScaler::start(Config {
+        limits: Limits {
+            grpc_max_connections: 4,
+            idle_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        },
+        ..loopback()
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..6 {
+        idle.push(tokio::net::TcpStream::connect(scaler.grpc).await.unwrap());
+    }
+    // The server speaks first (its HTTP/2 settings), then closes.
+    for socket in &mut idle {
+        let mut sink = Vec::new();
+        let _ = within(
+            "the server closing an idle socket",
+            socket.read_to_end(&mut sink),
+        )
+        .await;
+    }
+    let body = scaler.metrics_body().await;
+    assert_eq!(
+        sample(
+            &body,
+            "itw_scaler_connections_closed_total",
+            &[("listener", "grpc"), ("reason", "connection_cap")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "itw_scaler_connections_closed_total",
+            &[("listener", "grpc"), ("reason", "idle")]
+        ),
+        Some(4.0)
+    );
+    let response = scaler
+        .keda()
+        .await
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(object(&[("service", "web")])),
+            metric_name: "m".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.metric_values, vec![value("m", 0, 0.0)]);
+    scaler.stop().await;
+}
