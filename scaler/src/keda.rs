@@ -63,7 +63,12 @@ impl KedaService {
             Trigger::parse_ref(object, self.store.limits().max_window).inspect_err(|error| {
                 let (name, namespace) =
                     object.map_or(("", ""), |o| (o.name.as_str(), o.namespace.as_str()));
-                tracing::info!(scaled_object = name, namespace, %error, "bad trigger metadata");
+                tracing::info!(
+                    scaled_object = %crate::trigger::shown(name),
+                    namespace = %crate::trigger::shown(namespace),
+                    %error,
+                    "bad trigger metadata"
+                );
             })?;
         self.store.note_window(trigger.window);
         Ok(trigger)
