@@ -23,6 +23,7 @@ use itw_proto::{
     },
     names::{self, NameProblem},
 };
+use itw_telemetry::logging::LogBudget;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +59,11 @@ const MAX_UNIX_MS: i64 = 9_999_999_999_999;
 /// thousand agents at this bound still sum far below 2^64, so the store's
 /// saturating sums never reach their ceiling through honest reports.
 pub const MAX_REPORTED_ATTEMPTS: u64 = 1 << 48;
+
+/// Warnings for refused or rejected agent streams: any peer can provoke one
+/// per connection, so at most 10 a minute are logged (the rest counted in the
+/// next line's `left_out`; every one in itw_scaler_rejected_streams_total).
+pub static REFUSAL_LOG: LogBudget = LogBudget::new(10, std::time::Duration::from_secs(60));
 
 /// Acks queued for a slow agent before the stream stops reading it.
 const RESPONSE_BUFFER: usize = 64;
@@ -302,7 +308,9 @@ impl ReportStream {
             }
             Err(error) => {
                 self.metrics.rejected_stream(error.metric_label());
-                tracing::warn!(peer = ?self.peer, %error, "report stream rejected");
+                if let Some(left_out) = REFUSAL_LOG.allow() {
+                    tracing::warn!(peer = ?self.peer, %error, left_out, "report stream rejected (at most 10 such lines a minute; all counted in itw_scaler_rejected_streams_total)");
+                }
                 // The agent may be gone already; then nobody needs the status.
                 let _ = self.tx.send(Err(error.status())).await;
             }
