@@ -239,6 +239,11 @@ impl FromStr for Secret {
         if token.is_empty() {
             return Err("the token is empty; unset it to accept agents without a token".into());
         }
+        if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(format!(
+                "the token holds {bad:?}: a bearer token is printable ASCII without spaces (a gRPC header cannot carry anything else, so no agent could ever match it)"
+            ));
+        }
         Ok(Self(token.to_owned()))
     }
 }
@@ -419,5 +424,18 @@ mod tests {
         assert!(error(&["--tls-client-ca-file=/ca"]).contains("--tls-cert-file <TLS_CERT_FILE>"));
         let message = error(&["--agent-token=a", "--agent-token-file=/t"]);
         assert!(message.contains("cannot be used with"), "{message}");
+    }
+
+    /// #13 item 9: a token no agent could send is refused at start, naming
+    /// the setting.
+    #[test]
+    fn a_non_ascii_token_is_refused_naming_the_setting() {
+        let error = parse(&["--agent-token=jetón"]).unwrap_err().to_string();
+        assert!(error.contains("--agent-token <AGENT_TOKEN>"), "{error}");
+        assert!(
+            error.contains("the token holds 'ó': a bearer token is printable ASCII without spaces"),
+            "{error}"
+        );
+        assert!(parse(&["--agent-token=two words"]).is_err());
     }
 }
