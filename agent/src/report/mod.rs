@@ -30,6 +30,26 @@ use ledger::{Ledger, LogLimits};
 
 pub use replicas::{ScalerAddr, parse_scaler_addrs};
 
+/// An error with each of its causes (`a: b: c`), a cause left out when the
+/// text before already says it.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        // A Status shows itself with every field; its message is enough.
+        let said = match cause.downcast_ref::<tonic::Status>() {
+            Some(status) => status.message().to_owned(),
+            None => cause.to_string(),
+        };
+        if !said.is_empty() && !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("{0}")]
@@ -390,6 +410,21 @@ impl CollectionSink for Reporter {
 #[cfg(test)]
 mod tests {
     use super::InstanceSecret;
+
+    /// #13 item 9: a transport failure is logged with its cause.
+    #[test]
+    fn errors_are_shown_with_their_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error")]
+        struct Transport(#[source] std::io::Error);
+        let tls = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        let status = tonic::Status::from_error(Box::new(Transport(tls)));
+        let error = super::ReportError::Status(status);
+        assert_eq!(
+            super::error_chain(&error),
+            "scaler answered Unknown error: transport error: invalid peer certificate: UnknownIssuer"
+        );
+    }
 
     #[test]
     fn the_instance_secret_is_random_and_never_shown() {

@@ -70,6 +70,9 @@ pub async fn run(
                 if started.elapsed() > BACKOFF_MAX {
                     backoff = BACKOFF_MIN;
                 }
+                // The causes matter: tonic says only "transport error" for
+                // a CA that does not match or a refused client certificate.
+                let error = super::error_chain(&error);
                 tracing::warn!(%addr, %error, retry_in = ?backoff, "scaler stream failed");
             }
         }
