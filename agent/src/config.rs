@@ -92,7 +92,7 @@ pub struct Args {
     pub scaler_token_file: Option<PathBuf>,
 
     /// The bearer token itself (prefer SCALER_TOKEN_FILE).
-    #[arg(long, env = "SCALER_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "SCALER_TOKEN", hide_env_values = true, value_parser = parse_token)]
     pub scaler_token: Option<String>,
 
     /// CA bundle (PEM) to verify the scaler's certificate; enables TLS to the scaler.
@@ -272,6 +272,7 @@ impl Args {
             scalers,
             node_name: node_name.to_owned(),
             instance_id: uuid::Uuid::new_v4().to_string(),
+            instance_secret: report::InstanceSecret::random(),
             token,
             tls,
             resolve_interval: RESOLVE_INTERVAL,
@@ -318,6 +319,20 @@ pub enum ConfigError {
     /// A `SCALER_*_FILE` that cannot be read.
     #[error(transparent)]
     Report(#[from] ReportError),
+}
+
+/// A bearer token as a gRPC header can carry it: printable ASCII, no spaces.
+fn parse_token(s: &str) -> Result<String, String> {
+    let token = s.trim();
+    if token.is_empty() {
+        return Err("the token is empty; unset it when the scaler asks for none".into());
+    }
+    if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "the token holds {bad:?}: a bearer token is printable ASCII without spaces (a gRPC header cannot carry anything else)"
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 fn host_name() -> Result<String, ConfigError> {
@@ -378,6 +393,25 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("itw-agent").chain(args.iter().copied()))
+    }
+
+    /// #13 item 9: a token the agent could never send is refused at start,
+    /// naming the setting.
+    #[test]
+    fn a_non_ascii_token_is_refused_naming_the_setting() {
+        let error = parse(&["--scaler-token=jetón"]).unwrap_err().to_string();
+        assert!(error.contains("--scaler-token <SCALER_TOKEN>"), "{error}");
+        assert!(
+            error.contains("the token holds 'ó': a bearer token is printable ASCII without spaces"),
+            "{error}"
+        );
+        assert_eq!(
+            parse(&["--scaler-token= s3cret\n"])
+                .unwrap()
+                .scaler_token
+                .as_deref(),
+            Some("s3cret")
+        );
     }
 
     #[test]

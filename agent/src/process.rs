@@ -25,18 +25,7 @@ pub fn limit_malloc_arenas() {
 /// lifetime: take the hard limit the runtime grants rather than the usual
 /// soft 1024.
 pub fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
+    itw_telemetry::listener::raise_open_files_limit();
 }
 
 /// `CAP_SYS_ADMIN` (include/uapi/linux/capability.h).

@@ -9,7 +9,10 @@ use futures::Stream;
 use itw_agent::{
     counting_loop::{AgentClock, Collected, CollectionSink},
     deltas::SeriesKey,
-    report::{ReportMetrics, ReportSettings, Reporter, ScalerAddr, TokenSource, ledger::LogLimits},
+    report::{
+        InstanceSecret, ReportMetrics, ReportSettings, Reporter, ScalerAddr, TokenSource,
+        ledger::LogLimits,
+    },
     resolve::ServiceRef,
 };
 use itw_proto::itw::v1::{
@@ -134,6 +137,7 @@ fn settings(addr: SocketAddr, token: TokenSource) -> ReportSettings {
         }],
         node_name: "node-a".into(),
         instance_id: "instance-1".into(),
+        instance_secret: InstanceSecret::random(),
         token,
         tls: None,
         resolve_interval: Duration::from_secs(60),
@@ -181,9 +185,14 @@ fn view(messages: &[report_request::Message]) -> Vec<String> {
         .iter()
         .map(|m| match m {
             report_request::Message::Hello(h) => {
+                // The secret is the same on every hello of the instance.
+                let secret_sent = h.instance_secret.len() == 32;
                 format!(
-                    "H({},{},v{})",
-                    h.node_name, h.instance_id, h.protocol_version
+                    "H({},{},v{}{})",
+                    h.node_name,
+                    h.instance_id,
+                    h.protocol_version,
+                    if secret_sent { "" } else { ",no secret" }
                 )
             }
             report_request::Message::Snapshot(s) => format!(

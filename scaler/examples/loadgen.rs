@@ -129,6 +129,7 @@ async fn open_stream(channel: Channel, node: &str, instance: &str) -> anyhow::Re
         node_name: node.into(),
         instance_id: instance.into(),
         protocol_version: PROTOCOL_VERSION,
+        instance_secret: format!("loadgen-secret-{instance}"),
     })))
     .await?;
     let mut acks = client.report(ReceiverStream::new(rx)).await?.into_inner();

@@ -129,7 +129,9 @@ impl AgentToken {
             Ok(()) => Ok(request),
             Err(status) => {
                 metrics.rejected_stream("unauthenticated");
-                tracing::warn!(peer = ?request.remote_addr(), reason = status.message(), "agent stream refused");
+                if let Some(left_out) = crate::ingest::REFUSAL_LOG.allow() {
+                    tracing::warn!(peer = ?request.remote_addr(), reason = status.message(), left_out, "agent stream refused (at most 10 such lines a minute; all counted in itw_scaler_rejected_streams_total)");
+                }
                 Err(status)
             }
         }

@@ -64,6 +64,40 @@ pub struct Args {
     #[arg(long, env = "INSTANCE_RETENTION", default_value = "1h", value_parser = parse_retention)]
     pub instance_retention: Duration,
 
+    /// How long a folded instance (gone past INSTANCE_RETENTION, or replaced)
+    /// is remembered (node, secret, sequence and totals) so that if it comes
+    /// back its snapshot replaces what was folded instead of adding to it.
+    #[arg(long, env = "FOLDED_RETENTION", default_value = "24h", value_parser = parse_retention)]
+    pub folded_retention: Duration,
+
+    /// Most folded instances remembered; past it the oldest is forgotten
+    /// (itw_scaler_folded_instances_forgotten_total): should it ever come
+    /// back, its counts would be added again.
+    #[arg(long, env = "MAX_FOLDED_INSTANCES", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub max_folded_instances: u32,
+
+    /// Most KEDA StreamIsActive and StreamMetricSpec streams open at once
+    /// (about 11 KiB each); past it a new one is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MAX_KEDA_STREAMS", default_value_t = 5_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_keda_streams: u32,
+
+    /// Most concurrent HTTP/2 streams on one gRPC connection (KEDA keeps one
+    /// per external-push trigger on a shared connection).
+    #[arg(long, env = "MAX_STREAMS_PER_CONNECTION", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_streams_per_connection: u32,
+
+    /// Most gRPC connections open at once (agents, KEDA, anyone); past it a
+    /// new connection is closed as it arrives. Keep it below the open-files
+    /// limit (the scaler raises its soft limit to the hard one at start).
+    #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub grpc_max_connections: u32,
+
+    /// A gRPC connection whose peer sends nothing for this long is closed:
+    /// an idle socket, a stalled TLS handshake or preface. Live clients
+    /// answer the scaler's HTTP/2 pings (every 30s), so keep it above 40s.
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "90s", value_parser = parse_idle_timeout)]
+    pub idle_timeout: Duration,
+
     /// Most deltas in one batch from an agent; a larger batch ends its stream.
     #[arg(long, env = "MAX_BATCH_DELTAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_batch_deltas: u32,
@@ -99,6 +133,12 @@ impl Args {
                 max_series: self.max_series as usize,
                 max_destinations: self.max_destinations as usize,
                 instance_retention: self.instance_retention,
+                folded_retention: self.folded_retention,
+                max_folded_instances: self.max_folded_instances as usize,
+                max_keda_streams: self.max_keda_streams as usize,
+                max_streams_per_connection: self.max_streams_per_connection,
+                grpc_max_connections: self.grpc_max_connections as usize,
+                idle_timeout: self.idle_timeout,
                 max_batch_deltas: self.max_batch_deltas as usize,
             },
         }
@@ -135,6 +175,12 @@ pub struct Limits {
     pub max_series: usize,
     pub max_destinations: usize,
     pub instance_retention: Duration,
+    pub folded_retention: Duration,
+    pub max_folded_instances: usize,
+    pub max_keda_streams: usize,
+    pub max_streams_per_connection: u32,
+    pub grpc_max_connections: usize,
+    pub idle_timeout: Duration,
     pub max_batch_deltas: usize,
 }
 
@@ -145,6 +191,12 @@ impl Default for Limits {
             max_series: 100_000,
             max_destinations: 100_000,
             instance_retention: Duration::from_secs(3600),
+            folded_retention: Duration::from_secs(24 * 3600),
+            max_folded_instances: 20_000,
+            max_keda_streams: 5_000,
+            max_streams_per_connection: 1_000,
+            grpc_max_connections: 16_384,
+            idle_timeout: Duration::from_secs(90),
             max_batch_deltas: 10_000,
         }
     }
@@ -187,12 +239,26 @@ impl FromStr for Secret {
         if token.is_empty() {
             return Err("the token is empty; unset it to accept agents without a token".into());
         }
+        if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(format!(
+                "the token holds {bad:?}: a bearer token is printable ASCII without spaces (a gRPC header cannot carry anything else, so no agent could ever match it)"
+            ));
+        }
         Ok(Self(token.to_owned()))
     }
 }
 
 /// What a duration flag's error suggests.
 const DURATION_EXAMPLES: &str = "90s, 15m, 1h";
+
+fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    bounded_duration(
+        s,
+        Duration::from_millis(100),
+        Duration::from_secs(24 * 3600),
+        DURATION_EXAMPLES,
+    )
+}
 
 fn parse_max_window(s: &str) -> Result<Duration, String> {
     let d = bounded_duration(
@@ -250,6 +316,12 @@ mod tests {
             "--max-series=5",
             "--max-destinations=6",
             "--instance-retention=90s",
+            "--folded-retention=2h",
+            "--max-folded-instances=8",
+            "--max-keda-streams=9",
+            "--max-streams-per-connection=10",
+            "--grpc-max-connections=11",
+            "--idle-timeout=45s",
             "--max-batch-deltas=7",
             "--log-format=json",
         ])
@@ -270,6 +342,12 @@ mod tests {
                     max_series: 5,
                     max_destinations: 6,
                     instance_retention: Duration::from_secs(90),
+                    folded_retention: Duration::from_secs(7200),
+                    max_folded_instances: 8,
+                    max_keda_streams: 9,
+                    max_streams_per_connection: 10,
+                    grpc_max_connections: 11,
+                    idle_timeout: Duration::from_secs(45),
                     max_batch_deltas: 7,
                 },
             }
@@ -346,5 +424,18 @@ mod tests {
         assert!(error(&["--tls-client-ca-file=/ca"]).contains("--tls-cert-file <TLS_CERT_FILE>"));
         let message = error(&["--agent-token=a", "--agent-token-file=/t"]);
         assert!(message.contains("cannot be used with"), "{message}");
+    }
+
+    /// #13 item 9: a token no agent could send is refused at start, naming
+    /// the setting.
+    #[test]
+    fn a_non_ascii_token_is_refused_naming_the_setting() {
+        let error = parse(&["--agent-token=jetón"]).unwrap_err().to_string();
+        assert!(error.contains("--agent-token <AGENT_TOKEN>"), "{error}");
+        assert!(
+            error.contains("the token holds 'ó': a bearer token is printable ASCII without spaces"),
+            "{error}"
+        );
+        assert!(parse(&["--agent-token=two words"]).is_err());
     }
 }

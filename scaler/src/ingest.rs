@@ -23,6 +23,7 @@ use itw_proto::{
     },
     names::{self, NameProblem},
 };
+use itw_telemetry::logging::LogBudget;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +34,7 @@ use crate::{
     metrics::{BatchResult, ScalerMetrics},
     store::{
         ApplyError, BatchOutcome, BatchView, Connection, HistoryView, SeriesCache, SeriesName,
-        SnapshotView, Store,
+        SnapshotView, Store, short_id,
     },
 };
 
@@ -47,8 +48,22 @@ const MAX_COMM_BYTES: usize = 64;
 /// Longest node name (a DNS subdomain) and instance id accepted.
 const MAX_NODE_BYTES: usize = 253;
 const MAX_INSTANCE_BYTES: usize = 128;
+/// Bounds of an instance secret (the agent sends 32 hex digits).
+const MIN_SECRET_BYTES: usize = 16;
+const MAX_SECRET_BYTES: usize = 128;
 /// Unix times after this (year 2286) are taken for garbage, not clocks.
 const MAX_UNIX_MS: i64 = 9_999_999_999_999;
+
+/// Largest count one report may carry for one series, total or second:
+/// 2^48 (about 2.8e14, nine years of a million connects a second). A
+/// thousand agents at this bound still sum far below 2^64, so the store's
+/// saturating sums never reach their ceiling through honest reports.
+pub const MAX_REPORTED_ATTEMPTS: u64 = 1 << 48;
+
+/// Warnings for refused or rejected agent streams: any peer can provoke one
+/// per connection, so at most 10 a minute are logged (the rest counted in the
+/// next line's `left_out`; every one in itw_scaler_rejected_streams_total).
+pub static REFUSAL_LOG: LogBudget = LogBudget::new(10, std::time::Duration::from_secs(60));
 
 /// Acks queued for a slow agent before the stream stops reading it.
 const RESPONSE_BUFFER: usize = 64;
@@ -115,11 +130,13 @@ impl IngestError {
             Self::Apply(ApplyError::SequenceGap { .. }) => "sequence_gap",
             Self::Apply(ApplyError::SnapshotBehind { .. }) => "snapshot_behind",
             Self::Apply(ApplyError::NodeMismatch { .. }) => "node_mismatch",
+            Self::Apply(ApplyError::SecretMismatch { .. }) => "secret_mismatch",
         }
     }
 
     pub fn status(&self) -> Status {
         let code = match self {
+            Self::Apply(ApplyError::SecretMismatch { .. }) => Code::PermissionDenied,
             Self::ProtocolVersion { .. } | Self::Apply(_) => Code::FailedPrecondition,
             Self::Oversized(_) | Self::TooManyDeltas { .. } | Self::TooMuchHistory { .. } => {
                 Code::ResourceExhausted
@@ -291,7 +308,9 @@ impl ReportStream {
             }
             Err(error) => {
                 self.metrics.rejected_stream(error.metric_label());
-                tracing::warn!(peer = ?self.peer, %error, "report stream rejected");
+                if let Some(left_out) = REFUSAL_LOG.allow() {
+                    tracing::warn!(peer = ?self.peer, %error, left_out, "report stream rejected (at most 10 such lines a minute; all counted in itw_scaler_rejected_streams_total)");
+                }
                 // The agent may be gone already; then nobody needs the status.
                 let _ = self.tx.send(Err(error.status())).await;
             }
@@ -305,9 +324,14 @@ impl ReportStream {
             Some(other) => return Err(IngestError::HelloMissing { got: kind(&other) }),
         };
         check_hello(&hello)?;
-        let (conn, applied) = self.store.hello(&hello.node_name, &hello.instance_id)?;
-        let span =
-            tracing::info_span!("agent", node = %hello.node_name, instance = %hello.instance_id);
+        let (conn, applied) =
+            self.store
+                .hello(&hello.node_name, &hello.instance_id, &hello.instance_secret)?;
+        let span = tracing::info_span!(
+            "agent",
+            node = %hello.node_name,
+            instance = %short_id(&hello.instance_id)
+        );
         self.serve_agent(inbound, conn, applied)
             .instrument(span)
             .await
@@ -458,7 +482,28 @@ pub fn check_hello(hello: &Hello) -> Result<(), IngestError> {
         });
     }
     check_token_like("hello.node_name", &hello.node_name, MAX_NODE_BYTES)?;
-    check_token_like("hello.instance_id", &hello.instance_id, MAX_INSTANCE_BYTES)
+    check_token_like("hello.instance_id", &hello.instance_id, MAX_INSTANCE_BYTES)?;
+    check_secret(&hello.instance_secret)
+}
+
+/// The instance secret: never echoed, as it is what proves the instance.
+fn check_secret(secret: &str) -> Result<(), IngestError> {
+    let problem = if secret.len() < MIN_SECRET_BYTES {
+        format!(
+            "shorter than {MIN_SECRET_BYTES} bytes; the agent sends a random secret with every hello"
+        )
+    } else if secret.len() > MAX_SECRET_BYTES {
+        format!("longer than {MAX_SECRET_BYTES} bytes")
+    } else if secret.chars().any(char::is_control) {
+        "holds control characters".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(IngestError::Invalid {
+        field: "hello.instance_secret".into(),
+        value: format!("({} bytes, not shown)", secret.len()),
+        problem,
+    })
 }
 
 /// A non-empty identifier without control characters.
@@ -573,6 +618,19 @@ fn series_names<'a>(
     })
 }
 
+/// A count above [`MAX_REPORTED_ATTEMPTS`] is a broken or hostile agent:
+/// summed with the others it would wrap or pin the exported counter.
+fn check_attempts(field: String, attempts: u64) -> Result<(), IngestError> {
+    if attempts > MAX_REPORTED_ATTEMPTS {
+        return Err(invalid(
+            field,
+            attempts,
+            "more than 2^48 attempts in one report; no agent counts that many",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a whole batch before any of it is applied.
 pub fn check_batch(
     batch: &Batch,
@@ -599,6 +657,7 @@ pub fn check_batch(
                 "every delta counts at least one attempt",
             ));
         }
+        check_attempts(format!("batch.deltas[{i}].attempts"), delta.attempts)?;
         match name {
             Ok(name) => deltas.push((name, delta.attempts)),
             Err(entry) => refused.push(entry),
@@ -623,7 +682,9 @@ pub fn check_snapshot(
     let mut totals = Vec::with_capacity(snapshot.totals.len());
     let mut refused = Vec::new();
     for (i, total) in snapshot.totals.iter().enumerate() {
-        match check_series("snapshot.totals", i, total.series.as_ref())? {
+        let name = check_series("snapshot.totals", i, total.series.as_ref())?;
+        check_attempts(format!("snapshot.totals[{i}].attempts"), total.attempts)?;
+        match name {
             Ok(name) => totals.push((name, total.attempts)),
             Err(entry) => refused.push(entry),
         }
@@ -643,6 +704,9 @@ pub fn check_snapshot(
                 count: h.per_second.len(),
                 max: max_seconds,
             });
+        }
+        if let Some(s) = h.per_second.iter().position(|&c| c > MAX_REPORTED_ATTEMPTS) {
+            check_attempts(field(&format!("per_second[{s}]")), h.per_second[s])?;
         }
         if h.first_second <= 0 || h.first_second > MAX_UNIX_MS / 1000 {
             return Err(invalid(
@@ -821,6 +885,10 @@ mod tests {
                 "batch.deltas[0].attempts = 0: every delta counts at least one attempt",
             ),
             (
+                batch(vec![ok(), delta(Some(good()), u64::MAX - 499)]),
+                "batch.deltas[1].attempts = 18446744073709551116: more than 2^48 attempts in one report; no agent counts that many",
+            ),
+            (
                 Batch {
                     sequence: 0,
                     ..batch(vec![ok()])
@@ -965,6 +1033,17 @@ mod tests {
                     vec![history("apps", "web", 0, 1_700_000_000, vec![])],
                 ),
                 "snapshot.history[0].port = 0: must be a Service port number, 1-65535",
+            ),
+            (
+                snapshot(vec![delta(Some(good()), (1 << 48) + 1)], vec![]),
+                "snapshot.totals[0].attempts = 281474976710657: more than 2^48 attempts in one report; no agent counts that many",
+            ),
+            (
+                snapshot(
+                    vec![],
+                    vec![history("apps", "web", 80, 1_700_000_000, vec![1, u64::MAX])],
+                ),
+                "snapshot.history[0].per_second[1] = 18446744073709551615: more than 2^48 attempts in one report; no agent counts that many",
             ),
             (
                 snapshot(vec![], vec![history("apps", "web", 80, -1, vec![])]),
@@ -1165,6 +1244,7 @@ mod tests {
             node_name: node.into(),
             instance_id: id.into(),
             protocol_version: version,
+            instance_secret: "0123456789abcdef".into(),
         };
         assert_eq!(check_hello(&hello("node-1", "abc", 1)), Ok(()));
         let e = check_hello(&hello("node-1", "abc", 2)).unwrap_err();
@@ -1184,6 +1264,30 @@ mod tests {
         assert_eq!(
             check_hello(&hello("n", "a\nb", 1)).unwrap_err().to_string(),
             "hello.instance_id = \"a\\nb\": holds control characters"
+        );
+        let with_secret = |secret: &str| Hello {
+            instance_secret: secret.into(),
+            ..hello("n", "abc", 1)
+        };
+        assert_eq!(
+            check_hello(&with_secret("")).unwrap_err().to_string(),
+            "hello.instance_secret = (0 bytes, not shown): shorter than 16 bytes; the agent sends a random secret with every hello"
+        );
+        assert_eq!(
+            check_hello(&with_secret(&"s".repeat(129)))
+                .unwrap_err()
+                .to_string(),
+            "hello.instance_secret = (129 bytes, not shown): longer than 128 bytes"
+        );
+        assert_eq!(
+            check_hello(&with_secret("0123456789abcdef")).map_err(|e| e.to_string()),
+            Ok(())
+        );
+        assert_eq!(
+            check_hello(&with_secret("0123456789abcdef\n"))
+                .unwrap_err()
+                .to_string(),
+            "hello.instance_secret = (17 bytes, not shown): holds control characters"
         );
         assert!(
             check_hello(&hello("n", &"i".repeat(129), 1))

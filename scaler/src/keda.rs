@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    metrics::ScalerMetrics,
+    metrics::{GaugeGuard, ScalerMetrics},
     store::{Activity, Store},
     trigger::Trigger,
 };
@@ -45,6 +45,16 @@ impl KedaService {
         }
     }
 
+    /// A place for one more stream, or RESOURCE_EXHAUSTED past MAX_KEDA_STREAMS.
+    fn stream_slot(&self) -> Result<GaugeGuard, Status> {
+        let max = self.store.limits().max_keda_streams;
+        self.metrics.keda_stream(max).ok_or_else(|| {
+            Status::resource_exhausted(format!(
+                "{max} KEDA streams are open on this scaler (MAX_KEDA_STREAMS); close some or raise the setting"
+            ))
+        })
+    }
+
     /// Parses a call's trigger and records its window for the history kept.
     /// A bad trigger is logged: KEDA shows the status in the ScaledObject's
     /// events, and the scaler's log says which object sent it.
@@ -53,7 +63,12 @@ impl KedaService {
             Trigger::parse_ref(object, self.store.limits().max_window).inspect_err(|error| {
                 let (name, namespace) =
                     object.map_or(("", ""), |o| (o.name.as_str(), o.namespace.as_str()));
-                tracing::info!(scaled_object = name, namespace, %error, "bad trigger metadata");
+                tracing::info!(
+                    scaled_object = %crate::trigger::shown(name),
+                    namespace = %crate::trigger::shown(namespace),
+                    %error,
+                    "bad trigger metadata"
+                );
             })?;
         self.store.note_window(trigger.window);
         Ok(trigger)
@@ -97,7 +112,7 @@ impl ExternalScaler for KedaService {
         let object = request.into_inner();
         let trigger = self.trigger(Some(&object))?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let guard = self.metrics.keda_stream();
+        let guard = self.stream_slot()?;
         let store = Arc::clone(&self.store);
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -150,7 +165,7 @@ impl ExternalScaler for KedaService {
     ) -> Result<Response<Self::StreamMetricSpecStream>, Status> {
         let trigger = self.trigger(Some(request.get_ref()))?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let guard = self.metrics.keda_stream();
+        let guard = self.stream_slot()?;
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let _open = guard;
@@ -268,7 +283,9 @@ mod tests {
                 Limits::default(),
                 metrics,
             ));
-            let (conn, _) = store.hello("node-1", "instance-1").unwrap();
+            let (conn, _) = store
+                .hello("node-1", "instance-1", "secret-of-instance-1")
+                .unwrap();
             let mut cache = SeriesCache::default();
             store
                 .apply_snapshot(

@@ -25,6 +25,12 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
 /// Outcome of one batch, the `result` label of `itw_scaler_batches_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchResult {
@@ -54,12 +60,16 @@ pub struct ScalerMetrics {
     registry: Registry,
     pub agents_connected: Gauge,
     pub agent_instances: Gauge,
+    pub folded_instances: Gauge,
+    pub folded_instances_forgotten: Counter,
     batches: Family<ResultLabel, Counter>,
     pub deltas: Counter,
     pub snapshots: Counter,
     rejected_streams: Family<ReasonLabel, Counter>,
     refused_entries: Family<ReasonLabel, Counter>,
+    connections_closed: Family<ClosedLabels, Counter>,
     pub keda_streams: Gauge,
+    pub keda_streams_refused: Counter,
     pub ingest_lag: Histogram,
     pub series_overflow: Counter,
     pub window_overflow: Counter,
@@ -81,6 +91,18 @@ impl Default for ScalerMetrics {
             "itw_scaler_agent_instances",
             "Agent instances held (connected, or disconnected within INSTANCE_RETENTION)",
             agent_instances.clone(),
+        );
+        let folded_instances = Gauge::default();
+        registry.register(
+            "itw_scaler_folded_instances",
+            "Folded agent instances remembered (FOLDED_RETENTION, MAX_FOLDED_INSTANCES) so that one coming back is not counted twice",
+            folded_instances.clone(),
+        );
+        let folded_instances_forgotten = Counter::default();
+        registry.register(
+            "itw_scaler_folded_instances_forgotten",
+            "Folded agent instances forgotten before FOLDED_RETENTION because MAX_FOLDED_INSTANCES was reached (one coming back would be counted again)",
+            folded_instances_forgotten.clone(),
         );
         let batches = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -112,11 +134,23 @@ impl Default for ScalerMetrics {
             "Entries of agent batches and snapshots refused for a name Kubernetes would not allow (the rest of the message is applied), by reason",
             refused_entries.clone(),
         );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "itw_scaler_connections_closed",
+            "Connections the scaler closed unasked, by listener (grpc, metrics) and reason: connection_cap (GRPC_MAX_CONNECTIONS, or 256 on /metrics), idle (IDLE_TIMEOUT on gRPC, 60s on /metrics)",
+            connections_closed.clone(),
+        );
         let keda_streams = Gauge::default();
         registry.register(
             "itw_scaler_keda_streams",
             "Open KEDA StreamIsActive and StreamMetricSpec streams",
             keda_streams.clone(),
+        );
+        let keda_streams_refused = Counter::default();
+        registry.register(
+            "itw_scaler_keda_streams_refused",
+            "KEDA streams refused because MAX_KEDA_STREAMS were open",
+            keda_streams_refused.clone(),
         );
         let ingest_lag = Histogram::new(LAG_BUCKETS);
         registry.register(
@@ -152,12 +186,16 @@ impl Default for ScalerMetrics {
             registry,
             agents_connected,
             agent_instances,
+            folded_instances,
+            folded_instances_forgotten,
             batches,
             deltas,
             snapshots,
             rejected_streams,
             refused_entries,
+            connections_closed,
             keda_streams,
+            keda_streams_refused,
             ingest_lag,
             series_overflow,
             window_overflow,
@@ -181,6 +219,14 @@ impl ScalerMetrics {
             .inc();
     }
 
+    /// A connection the guarded listener closed: `listener` is `grpc` or
+    /// `metrics`, `reason` `connection_cap` or `idle`.
+    pub fn connection_closed(&self, listener: &'static str, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ClosedLabels { listener, reason })
+            .inc();
+    }
+
     pub fn rejected_stream(&self, reason: &'static str) {
         self.rejected_streams
             .get_or_create(&ReasonLabel { reason })
@@ -194,10 +240,17 @@ impl ScalerMetrics {
             .inc();
     }
 
-    /// Keeps `itw_scaler_keda_streams` up while the returned guard lives.
-    pub fn keda_stream(self: &Arc<Self>) -> GaugeGuard {
-        self.keda_streams.inc();
-        GaugeGuard(self.keda_streams.clone())
+    /// Keeps `itw_scaler_keda_streams` up while the returned guard lives;
+    /// None (counted in `itw_scaler_keda_streams_refused_total`) when `max`
+    /// streams are open already.
+    pub fn keda_stream(self: &Arc<Self>, max: usize) -> Option<GaugeGuard> {
+        let before = self.keda_streams.inc();
+        if usize::try_from(before).unwrap_or(0) >= max {
+            self.keda_streams.dec();
+            self.keda_streams_refused.inc();
+            return None;
+        }
+        Some(GaugeGuard(self.keda_streams.clone()))
     }
 
     /// Keeps `itw_scaler_agents_connected` up while the returned guard lives.

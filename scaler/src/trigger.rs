@@ -27,8 +27,11 @@ pub enum TriggerError {
         "scalerMetadata.namespace is not set and the ScaledObject reference has no namespace: set namespace to the destination Service's namespace"
     )]
     MissingNamespace,
-    #[error("scalerMetadata.{key} = {value:?}: {problem}")]
+    #[error("scalerMetadata.{key} = {value}: {problem}")]
     Invalid {
+        /// The value as sent, quoted; cut after [`SHOWN_VALUE_CHARS`]
+        /// characters with its length, so a huge value neither fills the
+        /// log nor overflows the status header.
         key: &'static str,
         value: String,
         problem: String,
@@ -131,10 +134,24 @@ fn rounded_at_least_one(value: f64) -> i64 {
     (value.round() as i64).max(1)
 }
 
+/// Characters of a bad metadata value shown in its error.
+const SHOWN_VALUE_CHARS: usize = 64;
+
+/// A caller's value as logs and errors show it: quoted, and cut after
+/// [`SHOWN_VALUE_CHARS`] characters with its length.
+pub fn shown(value: &str) -> String {
+    if value.chars().count() > SHOWN_VALUE_CHARS {
+        let cut: String = value.chars().take(SHOWN_VALUE_CHARS).collect();
+        format!("{cut:?}… ({} bytes)", value.len())
+    } else {
+        format!("{value:?}")
+    }
+}
+
 fn invalid(key: &'static str, value: &str, problem: &str) -> TriggerError {
     TriggerError::Invalid {
         key,
-        value: value.to_owned(),
+        value: shown(value),
         problem: problem.to_owned(),
     }
 }
@@ -365,6 +382,20 @@ mod tests {
                 format!("scalerMetadata.port = {bad:?}: must be a Service port number, 1-65535")
             );
         }
+    }
+
+    /// #13 item 9: a huge bad value is shown cut short, whole in no message.
+    #[test]
+    fn a_huge_bad_value_is_cut_short() {
+        let huge = "9".repeat(1 << 20);
+        let message = error(&[("service", "web"), ("port", &huge)]);
+        assert_eq!(
+            message,
+            format!(
+                "scalerMetadata.port = {:?}… (1048576 bytes): must be a Service port number, 1-65535",
+                "9".repeat(64)
+            )
+        );
     }
 
     #[test]

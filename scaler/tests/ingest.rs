@@ -115,6 +115,81 @@ async fn a_new_instance_on_the_same_node_adds_and_never_doubles() {
     scaler.stop().await;
 }
 
+/// #13 item 1: an instance folded (here replaced by a newer instance of its
+/// node; INSTANCE_RETENTION folds the same way) reconnects with its
+/// cumulative snapshot: counted once.
+#[tokio::test]
+async fn a_folded_instance_that_reconnects_is_not_counted_twice() {
+    let scaler = TestScaler::start(loopback()).await;
+    let curl = || series("web", 80, "", "curl");
+    let mut old = scaler.agent(None).await.unwrap();
+    old.hello("node-1", "old").await;
+    old.snapshot(0, vec![], vec![]).await;
+    old.batch(1, vec![count(curl(), 150)]).await;
+    drop(old);
+    let mut new = scaler.agent(None).await.unwrap();
+    new.hello("node-1", "new").await;
+    new.snapshot(0, vec![], vec![]).await;
+    let body = scaler.metrics_body().await;
+    assert_eq!(sample(&body, "itw_scaler_folded_instances", &[]), Some(1.0));
+
+    let mut old = scaler.agent(None).await.unwrap();
+    assert_eq!(old.hello("node-1", "old").await.applied_sequence, 1);
+    old.snapshot(1, vec![count(curl(), 150)], vec![]).await;
+    let body = scaler.metrics_body().await;
+    assert_eq!(
+        attempts(&body, "web"),
+        vec![row("", "", 0.0), row("", "curl", 150.0)]
+    );
+    assert_eq!(sample(&body, "itw_scaler_folded_instances", &[]), Some(0.0));
+    scaler.stop().await;
+}
+
+/// #13 item 7: a stream that knows an instance id but not its secret can
+/// neither lower the instance's totals nor hide its next attempts.
+#[tokio::test]
+async fn a_stream_without_the_instance_secret_cannot_claim_its_id() {
+    let scaler = TestScaler::start(loopback()).await;
+    let curl = || series("web", 80, "", "curl");
+    let mut agent = scaler.agent(None).await.unwrap();
+    agent.hello("node-1", "a").await;
+    agent.snapshot(0, vec![], vec![]).await;
+    agent.batch(1, vec![count(curl(), 100)]).await;
+
+    let mut forger = scaler.agent(None).await.unwrap();
+    forger
+        .send(report_request::Message::Hello(Hello {
+            node_name: "node-1".into(),
+            instance_id: "a".into(),
+            protocol_version: itw_proto::itw::v1::PROTOCOL_VERSION,
+            instance_secret: "guessed-guessed-guessed".into(),
+        }))
+        .await;
+    let status = forger.expect_error().await;
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            Code::PermissionDenied,
+            "hello.instance_secret does not match the secret instance a first said hello with; a restarted agent must use a new instance_id"
+        )
+    );
+    assert_eq!(agent.batch(2, vec![count(curl(), 50)]).await, 2);
+    let body = scaler.metrics_body().await;
+    assert_eq!(
+        attempts(&body, "web"),
+        vec![row("", "", 0.0), row("", "curl", 150.0)]
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "itw_scaler_rejected_streams_total",
+            &[("reason", "secret_mismatch")]
+        ),
+        Some(1.0)
+    );
+    scaler.stop().await;
+}
+
 #[tokio::test]
 async fn a_snapshot_replaces_what_the_replica_held_for_the_instance() {
     let scaler = TestScaler::start(loopback()).await;
@@ -253,6 +328,7 @@ async fn a_bad_message_ends_only_its_own_stream_with_a_clear_status() {
             node_name: "node-bad".into(),
             instance_id: format!("bad-{version}"),
             protocol_version: version,
+            instance_secret: "a-secret-of-sixteen-bytes".into(),
         })
     };
     let snapshot = || {

@@ -5,10 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{EveryStream, TestScaler, count, loopback, object, series, within};
+use common::{EveryStream, TestScaler, count, loopback, object, sample, series, within};
 use itw_proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, IsActiveResponse, MetricSpec, MetricValue,
 };
+use itw_scaler::config::{Config, Limits};
 use tonic::{Code, Streaming};
 
 #[allow(deprecated)]
@@ -396,5 +397,134 @@ async fn a_departed_stream_client_frees_its_stream() {
         }
     })
     .await;
+    scaler.stop().await;
+}
+
+/// #13 item 3: KEDA streams are capped in all (MAX_KEDA_STREAMS) and per
+/// connection (MAX_STREAMS_PER_CONNECTION), so one client cannot grow the
+/// scaler's memory without bound.
+#[tokio::test]
+async fn keda_streams_are_capped_in_all_and_per_connection() {
+    let scaler = TestScaler::start(Config {
+        limits: Limits {
+            max_keda_streams: 3,
+            max_streams_per_connection: 2,
+            ..Limits::default()
+        },
+        ..loopback()
+    })
+    .await;
+    let web = || object(&[("service", "web")]);
+    let mut one = scaler.keda().await;
+    let a = one.stream_is_active(web()).await.unwrap().into_inner();
+    let _b = one.stream_is_active(web()).await.unwrap().into_inner();
+    // The connection is full: a third stream on it waits for a free slot.
+    let mut on_one = one.clone();
+    let waiting =
+        tokio::time::timeout(Duration::from_millis(300), on_one.stream_is_active(web())).await;
+    assert!(
+        waiting.is_err(),
+        "a third stream opened on a full connection"
+    );
+
+    let _c = scaler
+        .keda()
+        .await
+        .stream_is_active(web())
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = scaler
+        .keda()
+        .await
+        .stream_is_active(web())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), refused.message()),
+        (
+            Code::ResourceExhausted,
+            "3 KEDA streams are open on this scaler (MAX_KEDA_STREAMS); close some or raise the setting"
+        )
+    );
+    let body = scaler.metrics_body().await;
+    assert_eq!(
+        sample(&body, "itw_scaler_keda_streams_refused_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(sample(&body, "itw_scaler_keda_streams", &[]), Some(3.0));
+    // A stream that ends frees its place.
+    drop(a);
+    within("a freed stream place", async {
+        loop {
+            let mut keda = scaler.keda().await;
+            if keda.stream_is_active(web()).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    scaler.stop().await;
+}
+
+/// #13 item 2: anonymous sockets that send nothing neither stay open nor
+/// lock KEDA out: past GRPC_MAX_CONNECTIONS they are closed as they come,
+/// and each is closed after IDLE_TIMEOUT; KEDA is served again at once.
+#[tokio::test]
+async fn idle_grpc_sockets_are_capped_and_closed() {
+    use tokio::io::AsyncReadExt;
+
+    let scaler = TestScaler::start(Config {
+        limits: Limits {
+            grpc_max_connections: 4,
+            idle_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        },
+        ..loopback()
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..6 {
+        idle.push(tokio::net::TcpStream::connect(scaler.grpc).await.unwrap());
+    }
+    // The server speaks first (its HTTP/2 settings), then closes.
+    for socket in &mut idle {
+        let mut sink = Vec::new();
+        let _ = within(
+            "the server closing an idle socket",
+            socket.read_to_end(&mut sink),
+        )
+        .await;
+    }
+    let body = scaler.metrics_body().await;
+    assert_eq!(
+        sample(
+            &body,
+            "itw_scaler_connections_closed_total",
+            &[("listener", "grpc"), ("reason", "connection_cap")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "itw_scaler_connections_closed_total",
+            &[("listener", "grpc"), ("reason", "idle")]
+        ),
+        Some(4.0)
+    );
+    let response = scaler
+        .keda()
+        .await
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(object(&[("service", "web")])),
+            metric_name: "m".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.metric_values, vec![value("m", 0, 0.0)]);
     scaler.stop().await;
 }

@@ -11,7 +11,10 @@ use axum::{
 };
 use tokio::net::TcpListener;
 
-use crate::exposition::{self, ScrapeView, Scrapers};
+use crate::{
+    exposition::{self, ScrapeView, Scrapers},
+    listener::{Guard, GuardedListener, OnClose, PeerAddr},
+};
 
 /// Something that can write its metrics for one scrape.
 pub trait MetricsSource: Send + Sync + 'static {
@@ -38,7 +41,7 @@ pub fn metrics_router(source: Arc<dyn MetricsSource>) -> Router {
 
 async fn metrics(
     State(endpoint): State<Arc<Endpoint>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     headers: HeaderMap,
 ) -> Response {
     let user_agent = headers
@@ -69,15 +72,36 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::Error> {
         .map_err(|source| crate::Error::Bind { addr, source })
 }
 
-/// Serves `router` until `shutdown` resolves.
+/// Serves `router` until `shutdown` resolves, under the default [`Guard`]
+/// (at most 256 connections, closed after 60 s without a byte from the
+/// peer), so idle sockets cannot exhaust the process.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), crate::Error> {
-    axum::serve(
+    serve_guarded(
         listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
+        Guard::default(),
+        Arc::new(|_| {}),
+        router,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves `router` until `shutdown` resolves, under `guard`; `on_close`
+/// learns of each connection the guard closes.
+pub async fn serve_guarded(
+    listener: TcpListener,
+    guard: Guard,
+    on_close: OnClose,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), crate::Error> {
+    axum::serve(
+        GuardedListener::new(listener, guard, on_close),
+        router.into_make_service_with_connect_info::<PeerAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await
@@ -145,6 +169,66 @@ mod tests {
         let body = client.get(&url).send().await.unwrap().text().await.unwrap();
         assert!(body.contains(&format!("{line} 1\n")), "{body}");
 
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    }
+
+    /// #13 item 2: idle sockets neither stay open nor exhaust the server;
+    /// once they are closed, scrapes are served again.
+    #[tokio::test]
+    async fn idle_connections_are_capped_and_closed() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use tokio::io::AsyncReadExt;
+
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let source = Arc::new(OneSeries {
+            labels: AttemptLabels::service("default", "my-svc"),
+            created: Instant::now(),
+        });
+        let closed = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let counts = Arc::clone(&closed);
+        let on_close: OnClose = Arc::new(move |why| {
+            counts[usize::from(why == "idle")].fetch_add(1, SeqCst);
+        });
+        let guard = Guard {
+            max_connections: 2,
+            idle_timeout: std::time::Duration::from_millis(300),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_guarded(
+            listener,
+            guard,
+            on_close,
+            metrics_router(source),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Every idle socket is closed by the server: the third at once, the
+        // first two after the idle timeout.
+        for socket in &mut idle {
+            let mut byte = [0u8; 1];
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut byte))
+                    .await;
+            assert!(
+                matches!(read, Ok(Ok(0) | Err(_))),
+                "an idle socket stayed open: {read:?}"
+            );
+        }
+        assert_eq!((closed[0].load(SeqCst), closed[1].load(SeqCst)), (1, 2));
+        let body = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(body.ends_with("# EOF\n"), "{body}");
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
     }

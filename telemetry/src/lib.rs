@@ -1,6 +1,7 @@
 //! What `itw-agent` and `itw-scaler` must do the same way: log setup
 //! ([`logging`]), the `/metrics` endpoint ([`http`], [`exposition`]), and
-//! reading duration flags ([`flags`]).
+//! reading duration flags ([`flags`]), and the guarded listener every server
+//! of both binaries accepts on ([`listener`]).
 //!
 //! Both binaries export `internal_tcp_attempts_total`, and Prometheus must see
 //! the same thing from either, so the exposition rules live here once.
@@ -8,6 +9,7 @@
 pub mod exposition;
 pub mod flags;
 pub mod http;
+pub mod listener;
 pub mod logging;
 
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,26 @@ use ledger::{Ledger, LogLimits};
 
 pub use replicas::{ScalerAddr, parse_scaler_addrs};
 
+/// An error with each of its causes (`a: b: c`), a cause left out when the
+/// text before already says it.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        // A Status shows itself with every field; its message is enough.
+        let said = match cause.downcast_ref::<tonic::Status>() {
+            Some(status) => status.message().to_owned(),
+            None => cause.to_string(),
+        };
+        if !said.is_empty() && !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("{0}")]
@@ -76,6 +96,27 @@ pub enum TokenSource {
     File(PathBuf),
 }
 
+/// The random secret sent with every hello; its Debug form hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InstanceSecret(String);
+
+impl InstanceSecret {
+    /// A fresh random secret: 32 hex digits (122 random bits).
+    pub fn random() -> Self {
+        Self(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for InstanceSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InstanceSecret(..)")
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ReportSettings {
     /// Every scaler address; each is resolved to all the replicas behind it.
@@ -83,6 +124,9 @@ pub struct ReportSettings {
     pub node_name: String,
     /// New on every agent start.
     pub instance_id: String,
+    /// New on every agent start; binds instance_id to this process at the
+    /// scalers (see Hello.instance_secret). Never logged.
+    pub instance_secret: InstanceSecret,
     pub token: TokenSource,
     pub tls: Option<TlsFiles>,
     pub resolve_interval: Duration,
@@ -360,5 +404,34 @@ impl CollectionSink for Reporter {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InstanceSecret;
+
+    /// #13 item 9: a transport failure is logged with its cause.
+    #[test]
+    fn errors_are_shown_with_their_causes() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error")]
+        struct Transport(#[source] std::io::Error);
+        let tls = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        let status = tonic::Status::from_error(Box::new(Transport(tls)));
+        let error = super::ReportError::Status(status);
+        assert_eq!(
+            super::error_chain(&error),
+            "scaler answered Unknown error: transport error: invalid peer certificate: UnknownIssuer"
+        );
+    }
+
+    #[test]
+    fn the_instance_secret_is_random_and_never_shown() {
+        let (a, b) = (InstanceSecret::random(), InstanceSecret::random());
+        assert_ne!(a, b);
+        assert_eq!(a.expose().len(), 32);
+        assert!(a.expose().chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(format!("{a:?}"), "InstanceSecret(..)");
     }
 }

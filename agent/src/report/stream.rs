@@ -70,6 +70,9 @@ pub async fn run(
                 if started.elapsed() > BACKOFF_MAX {
                     backoff = BACKOFF_MIN;
                 }
+                // The causes matter: tonic says only "transport error" for
+                // a CA that does not match or a refused client certificate.
+                let error = super::error_chain(&error);
                 tracing::warn!(%addr, %error, retry_in = ?backoff, "scaler stream failed");
             }
         }
@@ -105,6 +108,7 @@ async fn session(
     out.send(report_request::Message::Hello(Hello {
         node_name: ctx.settings.node_name.clone(),
         instance_id: ctx.settings.instance_id.clone(),
+        instance_secret: ctx.settings.instance_secret.expose().to_owned(),
         protocol_version: PROTOCOL_VERSION,
     }))
     .await?;

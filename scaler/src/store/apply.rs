@@ -59,7 +59,11 @@ pub enum ApplyError {
         "snapshot.through_sequence {through} is below {applied}, the sequence this replica has already applied for the instance"
     )]
     SnapshotBehind { through: u64, applied: u64 },
-    #[error("hello.node_name {node:?}: instance {instance:?} reported from node {known:?} before")]
+    #[error(
+        "hello.instance_secret does not match the secret instance {instance} first said hello with; a restarted agent must use a new instance_id"
+    )]
+    SecretMismatch { instance: String },
+    #[error("hello.node_name {node:?}: instance {instance} reported from node {known:?} before")]
     NodeMismatch {
         instance: String,
         node: String,
@@ -288,7 +292,7 @@ mod tests {
     async fn an_unknown_instance_snapshot_is_added_whole() {
         let store = store();
         let mut cache = SeriesCache::default();
-        let (conn, applied) = store.hello("node-1", "a").unwrap();
+        let (conn, applied) = store.hello("node-1", "a", SECRET).unwrap();
         assert_eq!(applied, 0);
         // Agent clock 2 s ahead of ours.
         let snap = snapshot(
@@ -382,7 +386,7 @@ mod tests {
 
         // The agent reconnects to the same replica, which says it holds 3,
         // and snapshots through 3.
-        let (conn, applied) = store.hello("node-1", "a").unwrap();
+        let (conn, applied) = store.hello("node-1", "a", SECRET).unwrap();
         assert_eq!(applied, 3);
         let snap = snapshot(
             3,
@@ -430,7 +434,7 @@ mod tests {
         drop(conn);
         // Batches 3 (second S, 3 more) and 4 (second S+1, 5) never arrived;
         // the agent can no longer resend them and snapshots through 4.
-        let (conn, applied) = store.hello("node-1", "a").unwrap();
+        let (conn, applied) = store.hello("node-1", "a", SECRET).unwrap();
         assert_eq!(applied, 2);
         tokio::time::advance(Duration::from_millis(1000)).await;
         let snap = snapshot(
@@ -467,7 +471,7 @@ mod tests {
             vec![(S - 1, 4), (S, 5), (S + 1, 6)]
         );
         drop(conn);
-        let (conn, _) = store.hello("node-1", "a").unwrap();
+        let (conn, _) = store.hello("node-1", "a", SECRET).unwrap();
         let snap = snapshot(
             5,
             START_MS + 1000,
@@ -495,7 +499,7 @@ mod tests {
             )
             .unwrap();
         drop(conn);
-        let (conn, _) = store.hello("node-1", "a").unwrap();
+        let (conn, _) = store.hello("node-1", "a", SECRET).unwrap();
         // L = S: web:80 had 2 applied there, db:5432 none.
         let snap = snapshot(
             2,

@@ -6,6 +6,9 @@ use std::sync::Arc;
 use super::{services::service_key, *};
 
 /// Scaler clock at start: second S, 100 ms in.
+/// The secret the fixtures' instances say hello with.
+pub const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
 pub const S: i64 = 1_700_000_000;
 pub const START_MS: i64 = S * 1000 + 100;
 
@@ -115,7 +118,7 @@ pub fn connect(
     agent_ms: i64,
     cache: &mut SeriesCache,
 ) -> Connection {
-    let (conn, applied) = store.hello(node, id).unwrap();
+    let (conn, applied) = store.hello(node, id, SECRET).unwrap();
     store
         .apply_snapshot(&conn, &snapshot(applied, agent_ms, vec![], vec![]), cache)
         .unwrap();

@@ -23,7 +23,6 @@
 //! - `fixtures.rs`: the unit tests' store and view builders (tests only).
 
 use std::{
-    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst},
@@ -47,7 +46,8 @@ mod services;
 
 pub use apply::{ApplyError, BatchOutcome, BatchView, HistoryView, SeriesName, SnapshotView};
 pub use instances::Connection;
-use instances::InstanceSlot;
+use instances::Instances;
+pub use instances::short_id;
 use series::series_id;
 pub use series::{SeriesCache, SeriesSlot};
 pub use services::{Activity, ServiceEntry, Subscription};
@@ -67,7 +67,7 @@ pub struct Store {
     series: DashMap<Box<str>, Arc<SeriesSlot>>,
     /// Series with a pod or a process name: the ones MAX_SERIES caps.
     detailed_series: AtomicUsize,
-    instances: Mutex<HashMap<Arc<str>, InstanceSlot>>,
+    instances: Mutex<Instances>,
 }
 
 impl Store {
@@ -81,7 +81,7 @@ impl Store {
             windowed_destinations: AtomicUsize::new(0),
             series: DashMap::new(),
             detailed_series: AtomicUsize::new(0),
-            instances: Mutex::new(HashMap::new()),
+            instances: Mutex::new(Instances::default()),
         }
     }
 

@@ -61,22 +61,30 @@ impl SeriesSlot {
     }
 
     pub(super) fn add_live(&self, attempts: u64) {
-        self.live.fetch_add(attempts, SeqCst);
+        saturating_add(&self.live, attempts);
         self.publish();
     }
 
     /// A snapshot lowered an instance's total: the export holds its value
     /// until the sum passes it again.
     pub(super) fn sub_live(&self, attempts: u64) {
-        self.live.fetch_sub(attempts, SeqCst);
+        saturating_sub(&self.live, attempts);
     }
 
     /// Moves an instance's total from live to retired. Live goes down first,
     /// so a concurrent publish can only see too little (ignored by the max),
     /// never the same attempts twice.
     pub(super) fn retire(&self, attempts: u64) {
-        self.live.fetch_sub(attempts, SeqCst);
-        self.retired.fetch_add(attempts, SeqCst);
+        saturating_sub(&self.live, attempts);
+        saturating_add(&self.retired, attempts);
+    }
+
+    /// A folded instance came back: its total leaves the retired sum and is
+    /// live again. Retired goes down first, so a concurrent publish can only
+    /// see too little (ignored by the max), never the same attempts twice.
+    pub(super) fn unretire(&self, attempts: u64) {
+        saturating_sub(&self.retired, attempts);
+        saturating_add(&self.live, attempts);
     }
 
     fn publish(&self) {
@@ -86,6 +94,17 @@ impl SeriesSlot {
         let computed = retired.saturating_add(self.live.load(SeqCst));
         self.exported.fetch_max(computed, SeqCst);
     }
+}
+
+/// Sums never wrap: a wrapped sum would hide other agents' attempts behind
+/// a counter near 2^64 (ingest bounds each report far below that).
+fn saturating_add(value: &AtomicU64, n: u64) {
+    // The closure always returns Some, so the update cannot fail.
+    let _ = value.fetch_update(SeqCst, SeqCst, |v| Some(v.saturating_add(n)));
+}
+
+fn saturating_sub(value: &AtomicU64, n: u64) {
+    let _ = value.fetch_update(SeqCst, SeqCst, |v| Some(v.saturating_sub(n)));
 }
 
 /// What one ingest stream has resolved (series, window), so a steady agent
@@ -253,6 +272,23 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
+    async fn sums_saturate_instead_of_wrapping() {
+        let slot = SeriesSlot::new(AttemptLabels::service("apps", "web"));
+        slot.add_live(u64::MAX - 500);
+        slot.add_live(100);
+        assert_eq!(slot.exported(), u64::MAX - 400);
+        slot.add_live(1000);
+        assert_eq!(slot.exported(), u64::MAX);
+        slot.retire(u64::MAX);
+        slot.add_live(7);
+        assert_eq!(slot.live.load(SeqCst), 7);
+        assert_eq!(slot.retired.load(SeqCst), u64::MAX);
+        assert_eq!(slot.exported(), u64::MAX);
+        slot.sub_live(10);
+        assert_eq!(slot.live.load(SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn exported_counters_never_decrease() {
         let store = store();
         let mut cache = SeriesCache::default();
@@ -263,7 +299,7 @@ mod tests {
             .unwrap();
         drop(conn);
         // The agent lost acks and under-reports: the export holds at 10.
-        let (conn, _) = store.hello("node-1", "a").unwrap();
+        let (conn, _) = store.hello("node-1", "a", SECRET).unwrap();
         store
             .apply_snapshot(
                 &conn,

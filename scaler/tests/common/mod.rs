@@ -224,10 +224,16 @@ impl Agent {
     }
 
     pub async fn hello(&mut self, node: &str, instance: &str) -> Welcome {
+        self.hello_with_secret(node, instance, &secret_of(instance))
+            .await
+    }
+
+    pub async fn hello_with_secret(&mut self, node: &str, instance: &str, secret: &str) -> Welcome {
         self.send(report_request::Message::Hello(Hello {
             node_name: node.into(),
             instance_id: instance.into(),
             protocol_version: PROTOCOL_VERSION,
+            instance_secret: secret.into(),
         }))
         .await;
         match self.next().await {
@@ -398,4 +404,9 @@ pub fn sample(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 
 pub fn row(pod: &str, comm: &str, value: f64) -> (String, String, f64) {
     (pod.into(), comm.into(), value)
+}
+
+/// The secret the test agents say hello with for an instance id.
+pub fn secret_of(instance: &str) -> String {
+    format!("secret-of-instance-{instance}")
 }
