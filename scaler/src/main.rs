@@ -12,7 +12,7 @@ async fn main() -> anyhow::Result<()> {
     itw_telemetry::logging::init(args.log_format)?;
     let config = args.config();
     let open_files = itw_telemetry::listener::raise_open_files_limit();
-    tracing::info!(?open_files, "open-files limit");
+    tracing::info!(open_files, "open-files limit");
     tracing::info!(?config, "itw-scaler starting");
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

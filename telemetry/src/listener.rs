@@ -29,28 +29,22 @@ use tokio::{
 
 /// Raises this process's open-files soft limit to its hard limit (a
 /// container's usual soft 1024 is far below what a server with thousands of
-/// peers needs); returns the limit now in force, if it could be read.
-pub fn raise_open_files_limit() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return None;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
+/// peers needs); returns the limit now in force (`u64::MAX`: unlimited).
+pub fn raise_open_files_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    // The soft limit is never above the hard one, so unequal means lower
+    // (None is unlimited).
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            limit = raised;
         }
     }
-    Some(limit.rlim_cur)
+    limit.current.unwrap_or(u64::MAX)
 }
 
 /// The bounds of a [`GuardedListener`].
@@ -277,22 +271,11 @@ mod tests {
 
     #[test]
     fn the_open_files_limit_is_raised_to_the_hard_limit() {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes the struct passed.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-            0
-        );
-        assert_eq!(raise_open_files_limit(), Some(limit.rlim_max));
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-            0
-        );
-        assert_eq!(limit.rlim_cur, limit.rlim_max);
+        use rustix::process::{getrlimit, Resource};
+        let hard = getrlimit(Resource::Nofile).maximum.unwrap_or(u64::MAX);
+        assert_eq!(raise_open_files_limit(), hard);
+        let now = getrlimit(Resource::Nofile);
+        assert_eq!(now.current, now.maximum);
     }
 
     #[tokio::test]
