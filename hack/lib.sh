@@ -84,6 +84,35 @@ ensure_rust_components() {
   done
 }
 
+# cross_for ARCH (x86_64|aarch64, or docker's amd64|arm64): sets CROSS_ARGS
+# (cargo's --target, empty for this machine's own architecture) and exports
+# the linker and C compiler cargo needs for ARCH, after installing Debian's
+# cross toolchain and rustup's target when ARCH is not this machine's.
+# CROSS_TARGET is the Rust triple; CROSS_OBJCOPY the objcopy for ARCH.
+cross_for() {
+  local arch=$1
+  case $arch in
+    amd64) arch=x86_64 ;;
+    arm64) arch=aarch64 ;;
+  esac
+  CROSS_TARGET=$arch-unknown-linux-gnu
+  CROSS_ARGS=()
+  CROSS_OBJCOPY=objcopy
+  case $arch in
+    x86_64 | aarch64) ;;
+    *) die "unsupported architecture '$1' (x86_64/amd64, aarch64/arm64)" ;;
+  esac
+  [ "$arch" = "$(uname -m)" ] && return 0
+  [ "$(uname -m)" = x86_64 ] || die "cross-compiling is set up from x86_64 machines only (this one is $(uname -m))"
+  ensure_apt gcc-aarch64-linux-gnu libc6-dev-arm64-cross binutils-aarch64-linux-gnu
+  rustup target list --installed | grep -qx "$CROSS_TARGET" || rustup target add "$CROSS_TARGET"
+  CROSS_ARGS=(--target "$CROSS_TARGET")
+  CROSS_OBJCOPY=aarch64-linux-gnu-objcopy
+  export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+  export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
+  export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
+}
+
 # ensure_pip PACKAGE[==VERSION] COMMAND: installs a PyPI package providing COMMAND.
 ensure_pip() {
   local package=$1 command=$2

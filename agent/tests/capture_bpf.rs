@@ -93,16 +93,16 @@ async fn counts_each_destination_and_process_exactly(slot: Slot) {
         return;
     };
     assert_eq!(started.mode, slot.mode);
-    // This kernel's verifier takes the cheap way of reading process names.
+    // The cheap way of reading process names where the kernel has it
+    // (bpf_get_current_task_btf: Linux 5.11), else the probe-read fallback.
+    let read = if support::kernel_version() >= (5, 11) {
+        LeaderRead::Btf
+    } else {
+        LeaderRead::ProbeRead
+    };
     assert!(
-        matches!(
-            started.comm_source,
-            CommSource::Leader {
-                read: LeaderRead::Btf,
-                ..
-            }
-        ),
-        "{:?}",
+        matches!(started.comm_source, CommSource::Leader { read: r, .. } if r == read),
+        "{:?}, expected a {read:?} leader read",
         started.comm_source
     );
     let mut kernel = started.kernel;
@@ -492,6 +492,11 @@ async fn cgroup_mode_reports_which_programs_run_before_ours() {
     };
     assert_eq!(hooks(&first), ["connect4", "connect6"]);
     assert_eq!(hooks(&second), ["connect4", "connect6"]);
+    if !support::kernel_has_preorder() {
+        // Without the flag `auto` takes the pods' order (the next test).
+        assert!(!first.first && !second.first, "no BPF_F_PREORDER here");
+        return;
+    }
     assert!(
         first.first && second.first,
         "this kernel puts programs first"

@@ -36,6 +36,53 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// The running kernel's (major, minor), for tests whose expectation is a
+/// kernel fact (a helper or flag that came with a release): hack/vm-matrix
+/// runs them on older kernels too.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .expect("reading /proc/sys/kernel/osrelease");
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| {
+            p.parse::<u32>()
+                .expect("a kernel release starts major.minor")
+        });
+    (
+        parts.next().expect("a major version"),
+        parts.next().expect("a minor version"),
+    )
+}
+
+/// Whether the kernel takes `BPF_F_PREORDER` (Linux 6.15, and backported:
+/// Debian's 6.12 has it). Asked of the kernel itself, not of the agent's own
+/// detection: the lab's load balancer attaches with the flag to a scratch
+/// cgroup, once per test binary.
+pub fn kernel_has_preorder() -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        let mut dir = capture::cgroup::find_root(None)
+            .expect("a cgroup v2 root")
+            .path;
+        dir.push(format!("itw-test-preorder-probe-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).expect("creating the probe's cgroup");
+        let answer = match itw_socket_lb::SocketLb::attach(&dir, true) {
+            Ok(_) => true,
+            Err(err) => {
+                let os = err
+                    .chain()
+                    .find_map(|e| e.downcast_ref::<std::io::Error>()?.raw_os_error());
+                assert_eq!(os, Some(libc::EINVAL), "probing BPF_F_PREORDER: {err:#}");
+                false
+            }
+        };
+        std::fs::remove_dir(&dir).expect("removing the probe's cgroup");
+        answer
+    })
+}
+
 /// Whether this host offers `mode`; prints why not, and under
 /// ITW_REQUIRE_BPF=1 fails: a test for a mode this kernel lacks is marked
 /// ignored (the kprobe ones, which hack/vm-matrix runs where kprobes exist),
