@@ -141,8 +141,8 @@ ensure_deploy_tools() {
 }
 
 # warn_low_disk GIB: a cold run (target dir ~3 GiB, nightly + rust-src for the
-# eBPF check ~1.6 GiB, its build ~0.7 GiB, the kprobe VM's unpacked qemu and
-# kernel ~0.6 GiB, bpf-linker's build, apt packages) needs about GIB free.
+# eBPF check ~1.6 GiB, its build ~0.7 GiB, the kernel matrix's unpacked qemu,
+# kernels and arm64 build ~2 GiB, bpf-linker's build, apt packages) needs about GIB free.
 # Says so up front, because cargo out of space fails later with an LLVM I/O
 # error that does not name the cause. A warning, not a stop: a warm machine
 # needs far less.
