@@ -341,28 +341,16 @@ fn host_name() -> Result<String, ConfigError> {
     Ok(name.trim().to_owned())
 }
 
-/// A byte count: digits, optionally with a `Ki`, `Mi` or `Gi` suffix.
+/// A byte count (`itw_telemetry::flags::bytes`) of at least 64 KiB.
 fn parse_bytes(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(at) => s.split_at(at),
-        None => (s, ""),
-    };
-    let shift = match unit {
-        "" => 0,
-        "Ki" => 10,
-        "Mi" => 20,
-        "Gi" => 30,
-        other => return Err(format!("unknown unit {other:?} (bytes, Ki, Mi or Gi)")),
-    };
-    let n: usize = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a byte count (e.g. 16Mi)"))?;
-    n.checked_mul(1usize << shift)
-        .filter(|n| *n >= 64 * 1024)
-        .ok_or_else(|| {
-            format!("{s:?}: at least 64Ki (one connection's buffer), at most what fits a usize")
-        })
+    let n = itw_telemetry::flags::bytes(s)?;
+    if n < 64 * 1024 {
+        return Err(format!(
+            "{:?}: at least 64Ki (one connection's buffer), at most what fits a usize",
+            s.trim()
+        ));
+    }
+    Ok(n)
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {

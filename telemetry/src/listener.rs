@@ -31,7 +31,7 @@ use tokio::{
 /// container's usual soft 1024 is far below what a server with thousands of
 /// peers needs); returns the limit now in force (`u64::MAX`: unlimited).
 pub fn raise_open_files_limit() -> u64 {
-    use rustix::process::{getrlimit, setrlimit, Resource};
+    use rustix::process::{Resource, getrlimit, setrlimit};
     let mut limit = getrlimit(Resource::Nofile);
     // The soft limit is never above the hard one, so unequal means lower
     // (None is unlimited).
@@ -271,7 +271,7 @@ mod tests {
 
     #[test]
     fn the_open_files_limit_is_raised_to_the_hard_limit() {
-        use rustix::process::{getrlimit, Resource};
+        use rustix::process::{Resource, getrlimit};
         let hard = getrlimit(Resource::Nofile).maximum.unwrap_or(u64::MAX);
         assert_eq!(raise_open_files_limit(), hard);
         let now = getrlimit(Resource::Nofile);
