@@ -57,10 +57,15 @@ impl Agent {
         counting_metrics.register(&mut registry);
         let attempts = Arc::new(AttemptCounters::default());
         let health = Arc::new(Health::default());
+        let mut reporting = None;
         let report = match config.report {
             Some(settings) => {
                 let metrics = Arc::new(ReportMetrics::default());
                 metrics.register(&mut registry);
+                reporting = Some(ReportReadiness {
+                    metrics: Arc::clone(&metrics),
+                    not_ready_after: config.scaler_not_ready_after,
+                });
                 Some((settings, metrics))
             }
             None => {
@@ -142,7 +147,12 @@ impl Agent {
             Router::new()
                 .route("/healthz", get(healthz))
                 .route("/readyz", get(readyz))
-                .with_state((health, clock, liveness)),
+                .with_state(ProbeState {
+                    health,
+                    clock,
+                    liveness,
+                    reporting,
+                }),
         );
         let listener = itw_telemetry::http::bind(config.metrics_addr).await?;
         tracing::info!(addr = %config.metrics_addr, "serving /metrics, /healthz and /readyz");
@@ -194,10 +204,26 @@ impl Agent {
     }
 }
 
-type ProbeState = (Arc<Health>, AgentClock, Duration);
+/// What the probes read.
+#[derive(Clone)]
+struct ProbeState {
+    health: Arc<Health>,
+    clock: AgentClock,
+    /// A liveness probe fails after this long without a collection.
+    liveness: Duration,
+    /// With SCALER_ADDR set: whether any scaler stream is up.
+    reporting: Option<ReportReadiness>,
+}
 
-async fn healthz(State((health, clock, grace)): State<ProbeState>) -> (StatusCode, &'static str) {
-    if health.alive(&clock, grace) {
+/// Readiness from the scaler streams (`SCALER_NOT_READY_AFTER`).
+#[derive(Clone)]
+struct ReportReadiness {
+    metrics: Arc<ReportMetrics>,
+    not_ready_after: Duration,
+}
+
+async fn healthz(State(probe): State<ProbeState>) -> (StatusCode, &'static str) {
+    if probe.health.alive(&probe.clock, probe.liveness) {
         (StatusCode::OK, "ok\n")
     } else {
         (
@@ -207,18 +233,25 @@ async fn healthz(State((health, clock, grace)): State<ProbeState>) -> (StatusCod
     }
 }
 
-async fn readyz(State((health, _, _)): State<ProbeState>) -> (StatusCode, String) {
-    if !health.ready() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the service map\n".to_owned(),
-        );
-    }
-    match health.holding_blocked() {
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("cannot hold: {reason}\n"),
-        ),
+async fn readyz(State(probe): State<ProbeState>) -> (StatusCode, String) {
+    match unready(&probe) {
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
         None => (StatusCode::OK, "ready\n".to_owned()),
     }
+}
+
+/// Why `/readyz` answers 503, if it does: no service map yet, holding
+/// that cannot be trusted, or no scaler stream up for SCALER_NOT_READY_AFTER.
+fn unready(probe: &ProbeState) -> Option<String> {
+    if !probe.health.ready() {
+        return Some("waiting for the service map".to_owned());
+    }
+    if let Some(reason) = probe.health.holding_blocked() {
+        return Some(format!("cannot hold: {reason}"));
+    }
+    let reporting = probe.reporting.as_ref()?;
+    reporting
+        .metrics
+        .health()
+        .unready(reporting.not_ready_after)
 }

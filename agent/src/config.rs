@@ -107,6 +107,12 @@ pub struct Args {
     #[arg(long, env = "SCALER_KEY_FILE", requires = "scaler_cert_file")]
     pub scaler_key_file: Option<PathBuf>,
 
+    /// /readyz answers 503 once no stream to any scaler replica has been up
+    /// for this long (since start, or since the last one went down); 0s:
+    /// readiness ignores the scaler. Counting and reporting go on either way.
+    #[arg(long, env = "SCALER_NOT_READY_AFTER", default_value = "5m", value_parser = parse_not_ready_after)]
+    pub scaler_not_ready_after: Duration,
+
     /// How often kernel counts are collected and sent as a batch. A destination
     /// going idle -> active is sent at once, not at the next tick.
     #[arg(long, env = "COLLECT_INTERVAL", default_value = "1s", value_parser = parse_interval)]
@@ -244,6 +250,7 @@ impl Args {
             collect_interval: self.collect_interval,
             service_map,
             report,
+            scaler_not_ready_after: self.scaler_not_ready_after,
             hold,
         })
     }
@@ -268,7 +275,7 @@ impl Args {
             )?),
             None => None,
         };
-        Ok(ReportSettings {
+        let settings = ReportSettings {
             scalers,
             node_name: node_name.to_owned(),
             instance_id: uuid::Uuid::new_v4().to_string(),
@@ -278,7 +285,11 @@ impl Args {
             resolve_interval: RESOLVE_INTERVAL,
             flush_timeout: FLUSH_TIMEOUT,
             log_limits: LOG_LIMITS,
-        })
+        };
+        // A missing, empty or unsendable token file stops the start, naming
+        // SCALER_TOKEN_FILE; it is read again on every connect (rotation).
+        settings.check_token()?;
+        Ok(settings)
     }
 }
 
@@ -302,6 +313,8 @@ pub struct Config {
     pub service_map: MapSource,
     /// `SCALER_ADDR` and its token and TLS; `None`: /metrics only.
     pub report: Option<ReportSettings>,
+    /// `SCALER_NOT_READY_AFTER` (zero: readiness ignores the scaler).
+    pub scaler_not_ready_after: Duration,
     /// `HOLD` and its settings; `None`: `HOLD=off`.
     pub hold: Option<HoldRequest>,
 }
@@ -341,28 +354,16 @@ fn host_name() -> Result<String, ConfigError> {
     Ok(name.trim().to_owned())
 }
 
-/// A byte count: digits, optionally with a `Ki`, `Mi` or `Gi` suffix.
+/// A byte count (`itw_telemetry::flags::bytes`) of at least 64 KiB.
 fn parse_bytes(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(at) => s.split_at(at),
-        None => (s, ""),
-    };
-    let shift = match unit {
-        "" => 0,
-        "Ki" => 10,
-        "Mi" => 20,
-        "Gi" => 30,
-        other => return Err(format!("unknown unit {other:?} (bytes, Ki, Mi or Gi)")),
-    };
-    let n: usize = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a byte count (e.g. 16Mi)"))?;
-    n.checked_mul(1usize << shift)
-        .filter(|n| *n >= 64 * 1024)
-        .ok_or_else(|| {
-            format!("{s:?}: at least 64Ki (one connection's buffer), at most what fits a usize")
-        })
+    let n = itw_telemetry::flags::bytes(s)?;
+    if n < 64 * 1024 {
+        return Err(format!(
+            "{:?}: at least 64Ki (one connection's buffer), at most what fits a usize",
+            s.trim()
+        ));
+    }
+    Ok(n)
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -376,6 +377,18 @@ fn parse_mark(s: &str) -> Result<u32, String> {
         Ok(mark) => Ok(mark),
         Err(e) => Err(format!("{s:?}: {e}")),
     }
+}
+
+fn parse_not_ready_after(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    bounded_duration(
+        s,
+        Duration::ZERO,
+        Duration::from_secs(24 * 3600),
+        "0s, 5m, 1h",
+    )
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -393,6 +406,60 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Args::try_parse_from(std::iter::once("itw-agent").chain(args.iter().copied()))
+    }
+
+    /// #13 item 9: a token file the agent cannot send from stops the start,
+    /// naming SCALER_TOKEN_FILE, instead of streams failing in the background.
+    #[test]
+    fn a_missing_or_empty_token_file_stops_the_start() {
+        let error = |args: &[&str]| checked(args).unwrap_err().to_string();
+        let missing = error(&[
+            "--scaler-addr=127.0.0.1:9090",
+            "--scaler-token-file=/nonexistent/itw-token",
+        ]);
+        assert_eq!(
+            missing,
+            "SCALER_TOKEN_FILE /nonexistent/itw-token: No such file or directory (os error 2)"
+        );
+        let dir = std::env::temp_dir().join(format!("itw-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "\n").unwrap();
+        let arg = format!("--scaler-token-file={}", file.display());
+        assert_eq!(
+            error(&["--scaler-addr=127.0.0.1:9090", &arg]),
+            format!("SCALER_TOKEN_FILE {}: the file is empty", file.display())
+        );
+        std::fs::write(&file, "jetón\n").unwrap();
+        assert_eq!(
+            error(&["--scaler-addr=127.0.0.1:9090", &arg]),
+            format!(
+                "SCALER_TOKEN_FILE {}: the token holds characters a gRPC header cannot carry (printable ASCII without spaces)",
+                file.display()
+            )
+        );
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let config = checked(&["--scaler-addr=127.0.0.1:9090", &arg]).unwrap();
+        assert!(config.report.is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn scaler_not_ready_after_defaults_to_5m_and_0_turns_it_off() {
+        let config = checked(&[]).unwrap();
+        assert_eq!(config.scaler_not_ready_after, Duration::from_secs(300));
+        let config = checked(&["--scaler-not-ready-after=0"]).unwrap();
+        assert_eq!(config.scaler_not_ready_after, Duration::ZERO);
+        let config = checked(&["--scaler-not-ready-after=90s"]).unwrap();
+        assert_eq!(config.scaler_not_ready_after, Duration::from_secs(90));
+        let error = parse(&["--scaler-not-ready-after=2d"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--scaler-not-ready-after <SCALER_NOT_READY_AFTER>")
+                && error.contains("\"2d\": must be between 0s and 1day"),
+            "{error}"
+        );
     }
 
     /// #13 item 9: a token the agent could never send is refused at start,

@@ -209,11 +209,13 @@ fn view(messages: &[report_request::Message]) -> Vec<String> {
 async fn a_fresh_replica_gets_a_full_snapshot_then_live_batches() {
     let script = Arc::new(Script::default());
     let addr = start_server(script.clone()).await;
+    let metrics = Arc::new(ReportMetrics::default());
     let reporter = Reporter::new(
         settings(addr, TokenSource::Value("s3cret".into())),
-        Arc::new(ReportMetrics::default()),
+        metrics.clone(),
         AgentClock::new(),
     );
+    assert!(!metrics.health().any_up());
     reporter.record(collected(1_000, 2));
     reporter.record(collected(2_000, 3));
     let stop = CancellationToken::new();
@@ -230,10 +232,13 @@ async fn a_fresh_replica_gets_a_full_snapshot_then_live_batches() {
         vec!["H(node-a,instance-1,v1)", "S(2,5)", "B(3)"]
     );
     assert_eq!(script.auth.lock()[0].as_deref(), Some("Bearer s3cret"));
+    // #13 item 9: /readyz reads this; up once the replica has the snapshot.
+    assert!(metrics.health().any_up());
 
     stop.cancel();
     task.await.unwrap();
     until(&script, "stream closed", |s| *s.closed.lock() == 1).await;
+    assert!(!metrics.health().any_up());
 }
 
 #[tokio::test]

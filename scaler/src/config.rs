@@ -3,7 +3,10 @@
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::Parser;
-use itw_telemetry::{flags::bounded_duration, logging::LogFormat};
+use itw_telemetry::{
+    flags::{self, bounded_duration},
+    logging::LogFormat,
+};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -57,6 +60,29 @@ pub struct Args {
     /// new destinations are counted in totals but not windowed.
     #[arg(long, env = "MAX_DESTINATIONS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_destinations: u32,
+
+    /// Most non-empty per-second counts held in all windows together (16
+    /// bytes each); past it a window gaining a second forgets its own
+    /// oldest, so long windows under-report before new attempts go missing.
+    #[arg(long, env = "MAX_WINDOW_BUCKETS", default_value_t = 2_000_000, value_parser = clap::value_parser!(u32).range(1_000..=100_000_000))]
+    pub max_window_buckets: u32,
+
+    /// Most Services with series (each has its zero and overflow series);
+    /// past it a new Service's entries are refused, counted in
+    /// itw_scaler_refused_entries_total{reason="max_services"}.
+    #[arg(long, env = "MAX_SERVICES", default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_services: u32,
+
+    /// Most Services one agent instance may report; past it entries for
+    /// further Services of that instance are refused, counted in
+    /// itw_scaler_refused_entries_total{reason="max_services_per_agent"}.
+    #[arg(long, env = "MAX_SERVICES_PER_AGENT", default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_services_per_agent: u32,
+
+    /// Largest message an agent may send (a snapshot is the big one);
+    /// bytes or Ki/Mi, 64Ki to 256Mi. A larger one ends its stream.
+    #[arg(long, env = "MAX_REPORT_BYTES", default_value = "16Mi", value_parser = parse_report_bytes)]
+    pub max_report_bytes: usize,
 
     /// How long a disconnected agent instance is kept (so a reconnect resumes
     /// it) before its totals are folded into the retired sums. An instance
@@ -132,6 +158,10 @@ impl Args {
                 max_window: self.max_window,
                 max_series: self.max_series as usize,
                 max_destinations: self.max_destinations as usize,
+                max_window_buckets: self.max_window_buckets as usize,
+                max_services: self.max_services as usize,
+                max_services_per_agent: self.max_services_per_agent as usize,
+                max_report_bytes: self.max_report_bytes,
                 instance_retention: self.instance_retention,
                 folded_retention: self.folded_retention,
                 max_folded_instances: self.max_folded_instances as usize,
@@ -174,6 +204,10 @@ pub struct Limits {
     pub max_window: Duration,
     pub max_series: usize,
     pub max_destinations: usize,
+    pub max_window_buckets: usize,
+    pub max_services: usize,
+    pub max_services_per_agent: usize,
+    pub max_report_bytes: usize,
     pub instance_retention: Duration,
     pub folded_retention: Duration,
     pub max_folded_instances: usize,
@@ -190,6 +224,10 @@ impl Default for Limits {
             max_window: Duration::from_secs(15 * 60),
             max_series: 100_000,
             max_destinations: 100_000,
+            max_window_buckets: 2_000_000,
+            max_services: 50_000,
+            max_services_per_agent: 20_000,
+            max_report_bytes: 16 << 20,
             instance_retention: Duration::from_secs(3600),
             folded_retention: Duration::from_secs(24 * 3600),
             max_folded_instances: 20_000,
@@ -273,6 +311,14 @@ fn parse_max_window(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_report_bytes(s: &str) -> Result<usize, String> {
+    let n = flags::bytes(s)?;
+    if !(64 << 10..=256 << 20).contains(&n) {
+        return Err(format!("{:?}: must be between 64Ki and 256Mi", s.trim()));
+    }
+    Ok(n)
+}
+
 fn parse_retention(s: &str) -> Result<Duration, String> {
     bounded_duration(
         s,
@@ -315,6 +361,10 @@ mod tests {
             "--max-window=2m",
             "--max-series=5",
             "--max-destinations=6",
+            "--max-window-buckets=1000",
+            "--max-services=12",
+            "--max-services-per-agent=13",
+            "--max-report-bytes=1Mi",
             "--instance-retention=90s",
             "--folded-retention=2h",
             "--max-folded-instances=8",
@@ -341,6 +391,10 @@ mod tests {
                     max_window: Duration::from_secs(120),
                     max_series: 5,
                     max_destinations: 6,
+                    max_window_buckets: 1000,
+                    max_services: 12,
+                    max_services_per_agent: 13,
+                    max_report_bytes: 1 << 20,
                     instance_retention: Duration::from_secs(90),
                     folded_retention: Duration::from_secs(7200),
                     max_folded_instances: 8,
@@ -402,6 +456,23 @@ mod tests {
                 &["--max-batch-deltas=2000000"],
                 "--max-batch-deltas <MAX_BATCH_DELTAS>",
             ),
+            (
+                &["--max-window-buckets=999"],
+                "--max-window-buckets <MAX_WINDOW_BUCKETS>",
+            ),
+            (&["--max-services=0"], "--max-services <MAX_SERVICES>"),
+            (
+                &["--max-services-per-agent=0"],
+                "--max-services-per-agent <MAX_SERVICES_PER_AGENT>",
+            ),
+            (
+                &["--max-report-bytes=1Gi"],
+                "--max-report-bytes <MAX_REPORT_BYTES>",
+            ),
+            (
+                &["--max-report-bytes=16MB"],
+                "--max-report-bytes <MAX_REPORT_BYTES>",
+            ),
             (&["--log-format=xml"], "--log-format <LOG_FORMAT>"),
             (&["--agent-token= "], "--agent-token <AGENT_TOKEN>"),
         ];
@@ -415,6 +486,9 @@ mod tests {
                 .contains("\"1500ms\": must be a whole number of seconds")
         );
         assert!(error(&["--agent-token= "]).contains("the token is empty"));
+        assert!(
+            error(&["--max-report-bytes=1Gi"]).contains("\"1Gi\": must be between 64Ki and 256Mi")
+        );
     }
 
     #[test]

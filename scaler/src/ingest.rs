@@ -38,10 +38,6 @@ use crate::{
     },
 };
 
-/// Largest encoded message an agent may send. A snapshot is the big one: a
-/// node's totals plus up to MAX_WINDOW seconds per destination.
-pub const MAX_MESSAGE_BYTES: usize = 32 << 20;
-
 /// Longest process name accepted: the kernel keeps 15 bytes, the agent's
 /// overflow name is a little longer.
 const MAX_COMM_BYTES: usize = 64;
@@ -105,7 +101,7 @@ pub enum IngestError {
         count: usize,
         max: usize,
     },
-    #[error("report message too large: {0}")]
+    #[error("report message too large (MAX_REPORT_BYTES): {0}")]
     Oversized(String),
     #[error("undecodable report message: {0}")]
     Malformed(String),

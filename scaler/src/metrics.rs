@@ -75,6 +75,9 @@ pub struct ScalerMetrics {
     pub window_overflow: Counter,
     pub active_services: Gauge,
     pub windowed_destinations: Gauge,
+    pub window_buckets: Gauge,
+    pub window_buckets_evicted: Counter,
+    pub services: Gauge,
 }
 
 impl Default for ScalerMetrics {
@@ -131,7 +134,7 @@ impl Default for ScalerMetrics {
         let refused_entries = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "itw_scaler_refused_entries",
-            "Entries of agent batches and snapshots refused for a name Kubernetes would not allow (the rest of the message is applied), by reason",
+            "Entries of agent batches and snapshots refused alone (the rest of the message is applied), by reason: a name Kubernetes would not allow (invalid_namespace, invalid_service, invalid_pod), or a cap (max_services, max_services_per_agent)",
             refused_entries.clone(),
         );
         let connections_closed = Family::<ClosedLabels, Counter>::default();
@@ -182,6 +185,24 @@ impl Default for ScalerMetrics {
             "Destinations (namespace, service, port) with a per-second window",
             windowed_destinations.clone(),
         );
+        let window_buckets = Gauge::default();
+        registry.register(
+            "itw_scaler_window_buckets",
+            "Non-empty per-second counts held in all windows (MAX_WINDOW_BUCKETS; updated every few seconds)",
+            window_buckets.clone(),
+        );
+        let window_buckets_evicted = Counter::default();
+        registry.register(
+            "itw_scaler_window_buckets_evicted",
+            "Per-second counts forgotten before they left the history because MAX_WINDOW_BUCKETS was reached (windows longer than what is left under-report)",
+            window_buckets_evicted.clone(),
+        );
+        let services = Gauge::default();
+        registry.register(
+            "itw_scaler_services",
+            "Services with series on this replica (MAX_SERVICES)",
+            services.clone(),
+        );
         Self {
             registry,
             agents_connected,
@@ -201,6 +222,9 @@ impl Default for ScalerMetrics {
             window_overflow,
             active_services,
             windowed_destinations,
+            window_buckets,
+            window_buckets_evicted,
+            services,
         }
     }
 }
@@ -238,6 +262,14 @@ impl ScalerMetrics {
         self.refused_entries
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// Entries refused for `reason` so far (tests).
+    #[cfg(test)]
+    pub fn refused_entries(&self, reason: &'static str) -> u64 {
+        self.refused_entries
+            .get_or_create(&ReasonLabel { reason })
+            .get()
     }
 
     /// Keeps `itw_scaler_keda_streams` up while the returned guard lives;

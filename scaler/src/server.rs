@@ -35,7 +35,7 @@ use crate::{
     auth::AgentToken,
     config::{Config, TlsFiles},
     export::Exporter,
-    ingest::{IngestService, MAX_MESSAGE_BYTES},
+    ingest::IngestService,
     keda::KedaService,
     metrics::ScalerMetrics,
     store::Store,
@@ -166,7 +166,7 @@ impl Scaler {
             Arc::clone(&self.metrics),
             stop.clone(),
         ))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(self.store.limits().max_report_bytes);
         let ingest = InterceptedService::new(ingest, self.token.interceptor(&self.metrics));
 
         let mut builder = Server::builder()

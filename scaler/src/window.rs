@@ -96,34 +96,67 @@ pub struct Window {
 impl Window {
     /// Counts `attempts` in `second`. Seconds normally arrive in order; one
     /// that arrives late (another agent's batch, a snapshot) is slotted in.
-    pub fn add(&mut self, second: i64, attempts: u64) {
+    /// True when the second is new to the window (one more bucket held).
+    pub fn add(&mut self, second: i64, attempts: u64) -> bool {
         if attempts == 0 {
-            return;
+            return false;
         }
         match self.buckets.back_mut() {
             Some(last) if last.second == second => {
                 last.attempts = last.attempts.saturating_add(attempts);
+                false
             }
             Some(last) if last.second > second => {
                 match self.buckets.binary_search_by_key(&second, |b| b.second) {
                     Ok(i) => {
-                        self.buckets[i].attempts = self.buckets[i].attempts.saturating_add(attempts)
+                        self.buckets[i].attempts =
+                            self.buckets[i].attempts.saturating_add(attempts);
+                        false
                     }
-                    Err(i) => self.buckets.insert(i, Bucket { second, attempts }),
+                    Err(i) => {
+                        self.buckets.insert(i, Bucket { second, attempts });
+                        true
+                    }
                 }
             }
-            _ => self.buckets.push_back(Bucket { second, attempts }),
+            _ => {
+                self.buckets.push_back(Bucket { second, attempts });
+                true
+            }
         }
     }
 
-    /// Forgets every second before `first_kept`.
-    pub fn prune(&mut self, first_kept: i64) {
+    /// Forgets every second before `first_kept`; returns how many non-empty
+    /// seconds were forgotten.
+    pub fn prune(&mut self, first_kept: i64) -> usize {
+        let mut forgotten = 0;
         while self.buckets.front().is_some_and(|b| b.second < first_kept) {
             self.buckets.pop_front();
+            forgotten += 1;
         }
         if self.buckets.is_empty() && self.buckets.capacity() > 64 {
             self.buckets = VecDeque::new();
         }
+        forgotten
+    }
+
+    /// Forgets the oldest second, to make room under MAX_WINDOW_BUCKETS.
+    pub fn forget_oldest(&mut self) {
+        self.buckets.pop_front();
+    }
+
+    /// Gives back memory a long history left behind once it has shrunk
+    /// (a window that held 15 minutes keeps its allocation otherwise).
+    pub fn shrink(&mut self) {
+        let len = self.buckets.len();
+        if self.buckets.capacity() > 32 && self.buckets.capacity() > 2 * len {
+            self.buckets.shrink_to(len + len / 2);
+        }
+    }
+
+    /// Non-empty seconds held.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
     }
 
     /// Attempts in seconds `first..` (the newest seconds are read first, so a
@@ -147,6 +180,11 @@ impl Window {
 
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
+    }
+
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.buckets.capacity()
     }
 }
 
@@ -232,6 +270,24 @@ mod tests {
         assert_eq!(w.attempts_since(first_second(100, 10)), 6);
         assert_eq!(w.attempts_since(first_second(100, 11)), 10);
         assert_eq!(w.attempts_since(first_second(120, 10)), 0);
+    }
+
+    /// #13 item 4: a window that held a long history gives its memory
+    /// back once pruned, and says how many seconds it forgot.
+    #[test]
+    fn a_pruned_long_history_gives_its_memory_back() {
+        let mut w = Window::default();
+        for s in 0..1000 {
+            assert!(w.add(s, 1));
+        }
+        assert!(!w.add(999, 1), "a second already held is no new bucket");
+        assert!(w.capacity() >= 1000);
+        assert_eq!(w.prune(990), 990);
+        w.shrink();
+        assert_eq!(w.len(), 10);
+        assert!(w.capacity() < 64, "capacity {}", w.capacity());
+        w.forget_oldest();
+        assert_eq!(contents(&w).first(), Some(&(991, 1)));
     }
 
     #[test]

@@ -433,17 +433,19 @@ async fn a_bad_message_ends_only_its_own_stream_with_a_clear_status() {
     let mut bad = scaler.agent(None).await.unwrap();
     bad.send(hello(1)).await;
     bad.next().await.unwrap();
-    // A process name of 33 MiB: over the 32 MiB message limit.
+    // A process name of 17 MiB: over the 16 MiB MAX_REPORT_BYTES default.
     bad.send(batch(
         1,
-        vec![count(series("web", 80, "", &"x".repeat(33 << 20)), 1)],
+        vec![count(series("web", 80, "", &"x".repeat(17 << 20)), 1)],
     ))
     .await;
     let status = bad.expect_error().await;
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(
-        status.message().starts_with("report message too large: ")
-            && status.message().ends_with("the limit is: 33554432 bytes"),
+        status
+            .message()
+            .starts_with("report message too large (MAX_REPORT_BYTES): ")
+            && status.message().ends_with("the limit is: 16777216 bytes"),
         "{}",
         status.message()
     );

@@ -1,5 +1,5 @@
-//! Command-line values both binaries read: a duration flag of either says
-//! what is wrong with it in the same words.
+//! Command-line values both binaries read: a duration or byte-count flag of
+//! either says what is wrong with it in the same words.
 
 use std::time::Duration;
 
@@ -20,6 +20,27 @@ pub fn bounded_duration(
         ));
     }
     Ok(d)
+}
+
+/// A byte count: digits, optionally with a `Ki`, `Mi` or `Gi` suffix.
+pub fn bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => s.split_at(at),
+        None => (s, ""),
+    };
+    let shift = match unit {
+        "" => 0,
+        "Ki" => 10,
+        "Mi" => 20,
+        "Gi" => 30,
+        other => return Err(format!("unknown unit {other:?} (bytes, Ki, Mi or Gi)")),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (e.g. 16Mi)"))?;
+    n.checked_mul(1usize << shift)
+        .ok_or_else(|| format!("{s:?}: more than fits a usize"))
 }
 
 #[cfg(test)]
@@ -44,6 +65,21 @@ mod tests {
         assert_eq!(
             bounded_duration("9ms", MIN, MAX, "1s"),
             Err("\"9ms\": must be between 10ms and 1m".to_owned())
+        );
+    }
+
+    #[test]
+    fn byte_counts_take_binary_units() {
+        assert_eq!(bytes("16Mi"), Ok(16 << 20));
+        assert_eq!(bytes(" 512 "), Ok(512));
+        assert_eq!(bytes("2Ki"), Ok(2048));
+        assert_eq!(
+            bytes("16MB"),
+            Err("unknown unit \"MB\" (bytes, Ki, Mi or Gi)".to_owned())
+        );
+        assert_eq!(
+            bytes("Mi"),
+            Err("\"Mi\" is not a byte count (e.g. 16Mi)".to_owned())
         );
     }
 

@@ -7,6 +7,7 @@
 //! stream fails, so replicas that come and go are followed. Replicas do not
 //! talk to each other: each gets every batch, so each answers KEDA alike.
 
+mod health;
 pub mod ledger;
 mod replicas;
 mod stream;
@@ -27,6 +28,8 @@ use tonic::{
 
 use crate::counting_loop::{AgentClock, Collected, CollectionSink};
 use ledger::{Ledger, LogLimits};
+
+pub use health::ReportHealth;
 
 pub use replicas::{ScalerAddr, parse_scaler_addrs};
 
@@ -135,15 +138,34 @@ pub struct ReportSettings {
 }
 
 impl ReportSettings {
+    /// Reads the token once, as every connect will: at start, so a missing
+    /// or empty token file is an error naming SCALER_TOKEN_FILE rather than
+    /// streams that fail in the background.
+    pub fn check_token(&self) -> Result<(), ReportError> {
+        self.token().map(|_| ())
+    }
+
     fn token(&self) -> Result<Option<MetadataValue<Ascii>>, ReportError> {
         let token = match &self.token {
             TokenSource::None => return Ok(None),
             TokenSource::Value(v) => v.clone(),
             TokenSource::File(path) => {
-                std::fs::read_to_string(path).map_err(|source| ReportError::TokenFile {
-                    path: path.clone(),
-                    source,
-                })?
+                let token =
+                    std::fs::read_to_string(path).map_err(|source| ReportError::TokenFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let problem = if token.trim().is_empty() {
+                    "the file is empty"
+                } else if token.trim().chars().any(|c| !c.is_ascii_graphic()) {
+                    "the token holds characters a gRPC header cannot carry (printable ASCII without spaces)"
+                } else {
+                    return stream::bearer(&token).map(Some);
+                };
+                return Err(ReportError::Config(format!(
+                    "SCALER_TOKEN_FILE {}: {problem}",
+                    path.display()
+                )));
             }
         };
         stream::bearer(&token).map(Some)
@@ -220,6 +242,9 @@ pub struct ReportMetrics {
     buffer_bytes: Gauge,
     merged: Counter,
     wake_to_send: Histogram,
+    /// Whether any stream is up, for `/readyz`: kept beside the up gauge so
+    /// the two never disagree.
+    health: ReportHealth,
 }
 
 impl Default for ReportMetrics {
@@ -237,16 +262,18 @@ impl Default for ReportMetrics {
             wake_to_send: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.000_01, 2.0, 14),
             ),
+            health: ReportHealth::default(),
         }
     }
 }
 
-/// Decrements the streams-up gauge when a session ends.
-struct UpGuard<'a>(&'a Gauge);
+/// Counts a stream down again when its session ends.
+struct UpGuard<'a>(&'a ReportMetrics);
 
 impl Drop for UpGuard<'_> {
     fn drop(&mut self) {
-        self.0.dec();
+        self.0.streams_up.dec();
+        self.0.health.stream_down();
     }
 }
 
@@ -302,7 +329,13 @@ impl ReportMetrics {
 
     fn stream_up(&self) -> UpGuard<'_> {
         self.streams_up.inc();
-        UpGuard(&self.streams_up)
+        self.health.stream_up();
+        UpGuard(self)
+    }
+
+    /// Whether any scaler stream is up (`/readyz`).
+    pub fn health(&self) -> &ReportHealth {
+        &self.health
     }
 
     fn sent(&self, woken_at: Option<Instant>) {

@@ -73,6 +73,7 @@ pub async fn run(
                 // The causes matter: tonic says only "transport error" for
                 // a CA that does not match or a refused client certificate.
                 let error = super::error_chain(&error);
+                ctx.metrics.health().failed(&format!("{addr}: {error}"));
                 tracing::warn!(%addr, %error, retry_in = ?backoff, "scaler stream failed");
             }
         }

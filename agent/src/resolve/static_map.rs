@@ -129,7 +129,8 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
             "the file is empty; it needs a `services:` list (see the README for the format)".into(),
         ));
     }
-    let file: File = serde_saphyr::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    let file: File = serde_saphyr::from_str_with_options(text, parser_options(text.len()))
+        .map_err(|e| invalid(e.to_string()))?;
 
     let mut map = ServiceMap::default();
     // Who claimed each IP:port first, to name both sides of a conflict.
@@ -269,6 +270,22 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
         }
     }
     Ok(map)
+}
+
+/// The YAML parser's budget for a file of `len` bytes. Its defaults (a
+/// million events, 250,000 nodes) refuse a map of about 20,000 Services, so
+/// the counts grow with the file instead: every node takes at least one byte
+/// of it, and an event at most two per node. Aliases stay capped at the
+/// defaults, which is what keeps a small file from expanding into a huge
+/// one; this file is the operator's own, read whole already.
+fn parser_options(len: usize) -> serde_saphyr::Options {
+    let defaults = serde_saphyr::Budget::default();
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_nodes: defaults.max_nodes.max(len),
+            max_events: defaults.max_events.max(len.saturating_mul(2)),
+        },
+    }
 }
 
 /// Kubernetes object names, by the rules the scaler checks them with too
@@ -411,6 +428,28 @@ services:
     name: headless
     ports: [53]
 ";
+
+    /// #13 item 9: a map of 100,000 Services loads (the parser's default
+    /// budget refused it as "budget breached").
+    #[test]
+    fn a_map_of_100k_services_loads() {
+        let mut text = String::from("services:\n");
+        for i in 0..100_000u32 {
+            let [_, a, b, c] = i.to_be_bytes();
+            text.push_str(&format!(
+                "  - namespace: ns-{}\n    name: svc-{i}\n    clusterIPs: [10.{a}.{b}.{c}]\n    ports: [80, {{port: 443, targetPort: 8443}}]\n",
+                i % 100
+            ));
+        }
+        let map = parse_ok(&text);
+        assert_eq!(map.services.len(), 100_000);
+        assert_eq!(map.destinations.len(), 200_000);
+        let last = SocketAddr::from(([10, 1, 134, 159], 443));
+        assert_eq!(
+            map.destinations.get(&last).map(|t| t.service.to_string()),
+            Some("ns-99/svc-99999".to_owned())
+        );
+    }
 
     #[test]
     fn parses_every_destination_exactly() {

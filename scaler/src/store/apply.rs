@@ -8,8 +8,17 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use super::{Connection, SeriesCache, SeriesSlot, Store, Wakeups, destination_key, series_id};
+use itw_telemetry::logging::LogBudget;
+
+use super::{
+    CapRefusal, Connection, SeriesCache, SeriesSlot, Store, Wakeups, destination_key,
+    series::AgentServices, series_id,
+};
 use crate::window;
+
+/// Warnings for entries refused for a cap: at most 10 a minute over all
+/// streams (every one counted in itw_scaler_refused_entries_total).
+static CAP_LOG: LogBudget = LogBudget::new(10, std::time::Duration::from_secs(60));
 
 /// One exported series as the store names it (checked by [`crate::ingest`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,10 +111,25 @@ impl Store {
         let offset = now_ms.saturating_sub(snapshot.taken_at_ms);
         state.offset_ms = Some(offset);
 
+        // The snapshot says anew which Services the instance reports: the
+        // stream's cache starts over so each is admitted again.
+        *cache = SeriesCache::default();
+        let mut services = AgentServices::new();
         let mut totals: HashMap<usize, (Arc<SeriesSlot>, u64)> =
             HashMap::with_capacity(snapshot.totals.len());
-        for (name, attempts) in &snapshot.totals {
-            let resolved = self.resolve(cache, name);
+        for (i, (name, attempts)) in snapshot.totals.iter().enumerate() {
+            let resolved = match self.resolve(cache, name, &mut services) {
+                Ok(resolved) => resolved,
+                Err(cap) => {
+                    self.refuse(
+                        || format!("snapshot.totals[{i}]"),
+                        name.namespace,
+                        name.service,
+                        cap,
+                    );
+                    continue;
+                }
+            };
             if resolved.folded {
                 self.metrics.series_overflow.inc();
             }
@@ -115,6 +139,19 @@ impl Store {
                 .or_insert_with(|| (Arc::clone(series), 0));
             entry.1 = entry.1.saturating_add(*attempts);
         }
+        let mut history = Vec::with_capacity(snapshot.history.len());
+        for (i, h) in snapshot.history.iter().enumerate() {
+            match self.admit_service(h.namespace, h.service, &mut services) {
+                Ok(()) => history.push(h),
+                Err(cap) => self.refuse(
+                    || format!("snapshot.history[{i}]"),
+                    h.namespace,
+                    h.service,
+                    cap,
+                ),
+            }
+        }
+        state.services = services;
         let previous = std::mem::replace(&mut state.totals, totals);
         for (id, (series, new)) in &state.totals {
             let old = previous.get(id).map_or(0, |(_, old)| *old);
@@ -135,7 +172,7 @@ impl Store {
         let shift = offset.div_euclid(1000);
         let mut wake = Wakeups::default();
         let last_second = state.last_second;
-        for history in &snapshot.history {
+        for history in &history {
             let destination = destination_key(history.namespace, history.service, history.port);
             let applied_in_last = state
                 .applied_in_last_second
@@ -157,15 +194,14 @@ impl Store {
                 self.add_to_window(&mut entry, history.port, placed, add, first_kept, &mut wake);
             }
         }
-        let newest = snapshot
-            .history
+        let newest = history
             .iter()
             .filter(|h| !h.per_second.is_empty())
             .map(|h| h.first_second.saturating_add(h.per_second.len() as i64 - 1))
             .max();
         if let Some(newest) = newest {
             let counts_at = |second: i64| {
-                snapshot.history.iter().filter_map(move |h| {
+                history.iter().filter_map(move |h| {
                     let i = usize::try_from(second.checked_sub(h.first_second)?).ok()?;
                     let count = *h.per_second.get(i)?;
                     (count > 0).then(|| (destination_key(h.namespace, h.service, h.port), count))
@@ -237,9 +273,20 @@ impl Store {
         let mut wake = Wakeups::default();
         let mut guard = state;
         let state = &mut *guard;
-        for (name, attempts) in &batch.deltas {
+        for (i, (name, attempts)) in batch.deltas.iter().enumerate() {
             let attempts = *attempts;
-            let resolved = self.resolve(cache, name);
+            let resolved = match self.resolve(cache, name, &mut state.services) {
+                Ok(resolved) => resolved,
+                Err(cap) => {
+                    self.refuse(
+                        || format!("batch.deltas[{i}]"),
+                        name.namespace,
+                        name.service,
+                        cap,
+                    );
+                    continue;
+                }
+            };
             if resolved.folded {
                 self.metrics.series_overflow.inc();
             }
@@ -279,6 +326,33 @@ impl Store {
         Ok(BatchOutcome::Applied {
             ack: batch.sequence,
         })
+    }
+
+    /// An entry refused for a cap: counted, and logged within [`CAP_LOG`].
+    /// The rest of its message is applied; the stream stays up.
+    fn refuse(
+        &self,
+        field: impl FnOnce() -> String,
+        namespace: &str,
+        service: &str,
+        cap: CapRefusal,
+    ) {
+        self.metrics.refused_entry(cap.metric_label());
+        if let Some(left_out) = CAP_LOG.allow() {
+            let limit = match cap {
+                CapRefusal::MaxServices => self.limits.max_services,
+                CapRefusal::MaxServicesPerAgent => self.limits.max_services_per_agent,
+            };
+            tracing::warn!(
+                field = %field(),
+                service = %format_args!("{namespace}/{service}"),
+                setting = cap.setting(),
+                limit,
+                left_out,
+                "report entry refused: {} Services reached; the rest of the message applied (at most 10 such lines a minute; all counted in itw_scaler_refused_entries_total)",
+                cap.setting(),
+            );
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use super::{ApplyError, SeriesSlot, Store, gauge_value};
+use super::{ApplyError, SeriesSlot, Store, gauge_value, series::AgentServices};
 
 /// Characters of an instance id shown in logs and statuses.
 const SHOWN_ID_CHARS: usize = 8;
@@ -51,6 +51,8 @@ pub(super) struct Instance {
     pub(super) applied_in_last_second: HashMap<Arc<str>, u64>,
     /// Cumulative attempts per series, keyed by the series' address.
     pub(super) totals: HashMap<usize, (Arc<SeriesSlot>, u64)>,
+    /// The Services it reported (MAX_SERVICES_PER_AGENT).
+    pub(super) services: AgentServices,
 }
 
 /// Who an instance is: the node it reports from and its secret.
@@ -167,6 +169,7 @@ impl Store {
                         last_second: None,
                         applied_in_last_second: HashMap::new(),
                         totals: HashMap::new(),
+                        services: AgentServices::new(),
                     })),
                 },
             );

@@ -17,7 +17,8 @@
 //! `max(previous, retired + sum over live instances)`.
 //!
 //! - `instances.rs`: the agent instance table (hello, disconnect, sweep).
-//! - `series.rs`: the exported series, MAX_SERIES, each stream's cache.
+//! - `series.rs`: the exported series, MAX_SERIES, MAX_SERVICES and
+//!   MAX_SERVICES_PER_AGENT, each stream's cache.
 //! - `services.rs`: per-service windows, subscriptions, wakeups, activity.
 //! - `apply.rs`: the checked snapshot and batch views and how they apply.
 //! - `fixtures.rs`: the unit tests' store and view builders (tests only).
@@ -49,7 +50,7 @@ pub use instances::Connection;
 use instances::Instances;
 pub use instances::short_id;
 use series::series_id;
-pub use series::{SeriesCache, SeriesSlot};
+pub use series::{CapRefusal, SeriesCache, SeriesSlot};
 pub use services::{Activity, ServiceEntry, Subscription};
 use services::{Wakeups, destination_key};
 
@@ -63,10 +64,14 @@ pub struct Store {
     /// Keyed `namespace/service`.
     services: DashMap<Box<str>, Arc<ServiceEntry>>,
     windowed_destinations: AtomicUsize,
+    /// Non-empty seconds held in all windows (MAX_WINDOW_BUCKETS).
+    window_buckets: AtomicUsize,
     /// Keyed by `series::series_key`.
     series: DashMap<Box<str>, Arc<SeriesSlot>>,
     /// Series with a pod or a process name: the ones MAX_SERIES caps.
     detailed_series: AtomicUsize,
+    /// Services with a zero series: the ones MAX_SERVICES caps.
+    services_with_series: AtomicUsize,
     instances: Mutex<Instances>,
 }
 
@@ -79,8 +84,10 @@ impl Store {
             longest_window: AtomicU64::new(0),
             services: DashMap::new(),
             windowed_destinations: AtomicUsize::new(0),
+            window_buckets: AtomicUsize::new(0),
             series: DashMap::new(),
             detailed_series: AtomicUsize::new(0),
+            services_with_series: AtomicUsize::new(0),
             instances: Mutex::new(Instances::default()),
         }
     }

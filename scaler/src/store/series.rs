@@ -8,7 +8,7 @@
 //! may ever lower an exported value.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering::SeqCst},
@@ -18,7 +18,7 @@ use std::{
 use itw_telemetry::exposition::{AttemptLabels, OVERFLOW_COMM};
 use tokio::time::Instant;
 
-use super::{SeriesName, ServiceEntry, Store, destination_key};
+use super::{SeriesName, ServiceEntry, Store, destination_key, services::service_key};
 
 /// Most series a single ingest stream remembers it has resolved; past that it
 /// starts over (only a cost, never a miscount).
@@ -116,6 +116,36 @@ pub struct SeriesCache {
     key: String,
 }
 
+/// Why an entry was refused for a cap rather than counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CapRefusal {
+    /// MAX_SERVICES Services already have series on this replica.
+    MaxServices,
+    /// The instance already reported MAX_SERVICES_PER_AGENT Services.
+    MaxServicesPerAgent,
+}
+
+impl CapRefusal {
+    /// The `reason` label of `itw_scaler_refused_entries_total`.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Self::MaxServices => "max_services",
+            Self::MaxServicesPerAgent => "max_services_per_agent",
+        }
+    }
+
+    pub fn setting(self) -> &'static str {
+        match self {
+            Self::MaxServices => "MAX_SERVICES",
+            Self::MaxServicesPerAgent => "MAX_SERVICES_PER_AGENT",
+        }
+    }
+}
+
+/// The Services one instance has reported (MAX_SERVICES_PER_AGENT), keyed
+/// `namespace/service`.
+pub(super) type AgentServices = HashSet<Box<str>>;
+
 pub(super) struct Resolved {
     pub(super) series: Arc<SeriesSlot>,
     /// Counted in the overflow series because MAX_SERIES was reached.
@@ -127,54 +157,91 @@ pub(super) struct Resolved {
 }
 
 impl Store {
+    /// The series, window and destination a report names, from the stream's
+    /// cache when it has them. A Service new to the instance (a cache miss
+    /// whose Service is not in `services`) is admitted only under
+    /// MAX_SERVICES_PER_AGENT, and a Service new to the replica only under
+    /// MAX_SERVICES; a refusal creates nothing.
     pub(super) fn resolve<'c>(
         &self,
         cache: &'c mut SeriesCache,
         name: &SeriesName<'_>,
-    ) -> &'c mut Resolved {
+        services: &mut AgentServices,
+    ) -> Result<&'c mut Resolved, CapRefusal> {
         stream_key(&mut cache.key, name);
         let index = match cache.index.get(cache.key.as_str()) {
             Some(&i) => i,
             None => {
+                let service = service_key(name.namespace, name.service);
+                let new_to_instance = !services.contains(service.as_str());
+                if new_to_instance && services.len() >= self.limits.max_services_per_agent {
+                    return Err(CapRefusal::MaxServicesPerAgent);
+                }
+                let resolved = self.resolve_uncached(name)?;
+                if new_to_instance {
+                    services.insert(service.into_boxed_str());
+                }
                 if cache.entries.len() >= STREAM_CACHE_LIMIT {
                     cache.index.clear();
                     cache.entries.clear();
                 }
-                cache.entries.push(self.resolve_uncached(name));
+                cache.entries.push(resolved);
                 cache
                     .index
                     .insert(cache.key.as_str().into(), cache.entries.len() - 1);
                 cache.entries.len() - 1
             }
         };
-        &mut cache.entries[index]
+        Ok(&mut cache.entries[index])
     }
 
-    fn resolve_uncached(&self, name: &SeriesName<'_>) -> Resolved {
-        let (series, folded) = self.series_slot(name);
-        Resolved {
+    /// Admits a snapshot's history of a Service as [`Store::resolve`] admits
+    /// its series (the Service's zero series created if it is new).
+    pub(super) fn admit_service(
+        &self,
+        namespace: &str,
+        service: &str,
+        services: &mut AgentServices,
+    ) -> Result<(), CapRefusal> {
+        let key = service_key(namespace, service);
+        if services.contains(key.as_str()) {
+            return Ok(());
+        }
+        if services.len() >= self.limits.max_services_per_agent {
+            return Err(CapRefusal::MaxServicesPerAgent);
+        }
+        self.zero_series(namespace, service)?;
+        services.insert(key.into_boxed_str());
+        Ok(())
+    }
+
+    fn resolve_uncached(&self, name: &SeriesName<'_>) -> Result<Resolved, CapRefusal> {
+        let (series, folded) = self.series_slot(name)?;
+        Ok(Resolved {
             series,
             folded,
             service: self.service_entry(name.namespace, name.service),
             port: name.port,
             destination: destination_key(name.namespace, name.service, name.port).into(),
-        }
+        })
     }
 
     /// The series a report counts in: its own, or (past MAX_SERIES) its
     /// service's overflow series. The service's zero series is created with
-    /// the first report, so `rate()` sees the service's first attempt.
-    fn series_slot(&self, name: &SeriesName<'_>) -> (Arc<SeriesSlot>, bool) {
+    /// the first report, so `rate()` sees the service's first attempt; a
+    /// Service that would be past MAX_SERVICES gets none and is refused.
+    fn series_slot(&self, name: &SeriesName<'_>) -> Result<(Arc<SeriesSlot>, bool), CapRefusal> {
         let (ns, svc) = (name.namespace, name.service);
-        self.service_level_series(ns, svc, "");
-        let service_level = name.pod.is_empty()
-            && (name.process_comm.is_empty() || name.process_comm == OVERFLOW_COMM);
-        if service_level {
-            return (self.service_level_series(ns, svc, name.process_comm), false);
+        let zero = self.zero_series(ns, svc)?;
+        if name.pod.is_empty() && name.process_comm.is_empty() {
+            return Ok((zero, false));
+        }
+        if name.pod.is_empty() && name.process_comm == OVERFLOW_COMM {
+            return Ok((self.service_level_series(ns, svc, OVERFLOW_COMM), false));
         }
         let key = series_key(ns, svc, name.pod, name.process_comm);
         if let Some(slot) = self.series.get(key.as_str()) {
-            return (Arc::clone(&slot), false);
+            return Ok((Arc::clone(&slot), false));
         }
         let reserved = self
             .detailed_series
@@ -183,7 +250,7 @@ impl Store {
             })
             .is_ok();
         if !reserved {
-            return (self.service_level_series(ns, svc, OVERFLOW_COMM), true);
+            return Ok((self.service_level_series(ns, svc, OVERFLOW_COMM), true));
         }
         let mut created = false;
         let slot = self
@@ -202,12 +269,46 @@ impl Store {
         if !created {
             self.detailed_series.fetch_sub(1, SeqCst);
         }
-        (slot, false)
+        Ok((slot, false))
     }
 
-    /// A series without a pod: the zero series (`comm` empty) or the overflow
-    /// series. At most two per service, outside MAX_SERIES, so the cap never
-    /// loses a count.
+    /// The Service's zero series (`process_comm` empty, no pod), created
+    /// with its first report unless MAX_SERVICES Services have series.
+    /// Series are never removed, so a Service admitted once stays admitted.
+    fn zero_series(&self, ns: &str, svc: &str) -> Result<Arc<SeriesSlot>, CapRefusal> {
+        let key = series_key(ns, svc, "", "");
+        if let Some(slot) = self.series.get(key.as_str()) {
+            return Ok(Arc::clone(&slot));
+        }
+        let reserved = self
+            .services_with_series
+            .fetch_update(SeqCst, SeqCst, |n| {
+                (n < self.limits.max_services).then_some(n + 1)
+            })
+            .is_ok();
+        if !reserved {
+            return Err(CapRefusal::MaxServices);
+        }
+        let mut created = false;
+        let slot = self
+            .series
+            .entry(key.into_boxed_str())
+            .or_insert_with(|| {
+                created = true;
+                Arc::new(SeriesSlot::new(AttemptLabels::service(ns, svc)))
+            })
+            .clone();
+        if created {
+            self.metrics.services.inc();
+        } else {
+            self.services_with_series.fetch_sub(1, SeqCst);
+        }
+        Ok(slot)
+    }
+
+    /// A series without a pod: the overflow series (or the zero series of a
+    /// Service that has one). At most two per Service, outside MAX_SERIES, so
+    /// that cap never loses a count.
     fn service_level_series(&self, ns: &str, svc: &str, comm: &str) -> Arc<SeriesSlot> {
         let key = series_key(ns, svc, "", comm);
         if let Some(slot) = self.series.get(key.as_str()) {
@@ -358,6 +459,117 @@ mod tests {
         assert_eq!(store.metrics.series_overflow.get(), 3);
         // Folded counts still count in the windows.
         assert_eq!(store.attempts("apps", "web", None, 60), 23);
+    }
+
+    /// #13 item 5: past MAX_SERVICES a new Service's entries are refused
+    /// alone and counted; the rest of the batch is applied.
+    #[tokio::test(start_paused = true)]
+    async fn past_max_services_a_new_services_entries_are_refused_alone() {
+        let store = store_with(Limits {
+            max_services: 2,
+            ..Limits::default()
+        });
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let deltas = vec![
+            (name("web", 80, "", "curl"), 1),
+            (name("db", 5432, "", "psql"), 2),
+            (name("cache", 6379, "", "redis"), 3),
+            (name("web", 443, "web-0", "curl"), 4),
+            (name("cache", 6379, "", ""), 5),
+        ];
+        assert_eq!(
+            store.apply_batch(&conn, &batch(1, START_MS, deltas), &mut cache),
+            Ok(BatchOutcome::Applied { ack: 1 })
+        );
+        assert_eq!(
+            exported(&store),
+            vec![
+                row("db", "", "", 0),
+                row("db", "", "psql", 2),
+                row("web", "", "", 0),
+                row("web", "", "curl", 1),
+                row("web", "web-0", "curl", 4),
+            ]
+        );
+        assert_eq!(store.metrics.refused_entries("max_services"), 2);
+        assert_eq!(store.metrics.services.get(), 2);
+        assert_eq!(store.attempts("apps", "cache", None, 60), 0);
+        // Known Services keep counting, from any instance.
+        let mut other = SeriesCache::default();
+        let conn_b = connect(&store, "node-2", "b", START_MS, &mut other);
+        let deltas = vec![
+            (name("cache", 6379, "", "redis"), 1),
+            (name("db", 5432, "", "psql"), 7),
+        ];
+        store
+            .apply_batch(&conn_b, &batch(1, START_MS, deltas), &mut other)
+            .unwrap();
+        assert_eq!(exported(&store)[1], row("db", "", "psql", 9));
+        assert_eq!(store.metrics.refused_entries("max_services"), 3);
+        drop((conn, conn_b));
+    }
+
+    /// #13 item 5: one instance reports at most MAX_SERVICES_PER_AGENT
+    /// Services; its snapshot says anew which ones.
+    #[tokio::test(start_paused = true)]
+    async fn past_max_services_per_agent_the_instances_further_services_are_refused() {
+        let store = store_with(Limits {
+            max_services_per_agent: 2,
+            ..Limits::default()
+        });
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let deltas = vec![
+            (name("web", 80, "", "curl"), 1),
+            (name("db", 5432, "", "psql"), 2),
+            (name("cache", 6379, "", "redis"), 3),
+            (name("web", 443, "", "wget"), 4),
+        ];
+        store
+            .apply_batch(&conn, &batch(1, START_MS, deltas), &mut cache)
+            .unwrap();
+        assert_eq!(store.metrics.refused_entries("max_services_per_agent"), 1);
+        assert_eq!(store.attempts("apps", "web", None, 60), 5);
+        assert_eq!(store.attempts("apps", "cache", None, 60), 0);
+        // Another instance has its own allowance.
+        let mut other = SeriesCache::default();
+        let conn_b = connect(&store, "node-2", "b", START_MS, &mut other);
+        store
+            .apply_batch(
+                &conn_b,
+                &batch(1, START_MS, vec![(name("cache", 6379, "", "redis"), 3)]),
+                &mut other,
+            )
+            .unwrap();
+        assert_eq!(store.attempts("apps", "cache", None, 60), 3);
+        // A's snapshot names cache and web: db is now its third Service.
+        let snap = snapshot(
+            1,
+            START_MS,
+            vec![
+                (name("cache", 6379, "", "redis"), 1),
+                (name("web", 80, "", "curl"), 1),
+                (name("db", 5432, "", "psql"), 2),
+            ],
+            vec![
+                history("cache", 6379, S, &[1]),
+                history("db", 5432, S, &[2]),
+            ],
+        );
+        store.apply_snapshot(&conn, &snap, &mut cache).unwrap();
+        assert_eq!(store.metrics.refused_entries("max_services_per_agent"), 3);
+        assert_eq!(store.attempts("apps", "cache", None, 60), 4);
+        store
+            .apply_batch(
+                &conn,
+                &batch(2, START_MS, vec![(name("db", 5432, "", "psql"), 1)]),
+                &mut cache,
+            )
+            .unwrap();
+        assert_eq!(store.metrics.refused_entries("max_services_per_agent"), 4);
+        assert_eq!(store.attempts("apps", "db", None, 60), 2);
+        drop((conn, conn_b));
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! only while a window is added to or summed: a batch and a KEDA call meet
 //! only when they touch the same service. MAX_DESTINATIONS caps the windows;
 //! past it attempts are still counted in the totals, never windowed.
+//! MAX_WINDOW_BUCKETS caps the non-empty seconds of all windows together
+//! (their memory: 16 bytes each, whatever window a trigger asks for); past
+//! it a window that gains a second forgets its own oldest one, so a long
+//! history shrinks before any new attempt goes unwindowed.
 
 use std::{
     collections::HashSet,
@@ -223,8 +227,17 @@ impl Store {
             }
             match windows.ports.iter_mut().find(|(p, _)| *p == port) {
                 Some((_, window)) => {
-                    window.add(second, attempts);
-                    window.prune(first_kept);
+                    let forgotten = window.prune(first_kept);
+                    if forgotten > 0 {
+                        self.window_buckets.fetch_sub(forgotten, SeqCst);
+                    }
+                    if window.add(second, attempts) && !self.reserve_window_bucket() {
+                        // MAX_WINDOW_BUCKETS reached: the window makes room
+                        // with its own oldest second, so the newest always
+                        // counts and no other destination loses anything.
+                        window.forget_oldest();
+                        self.metrics.window_buckets_evicted.inc();
+                    }
                 }
                 None => {
                     let reserved = self
@@ -238,8 +251,11 @@ impl Store {
                         return;
                     }
                     self.metrics.windowed_destinations.inc();
+                    // A window's first second is always kept (MAX_DESTINATIONS
+                    // bounds those), so a new destination is never blind.
                     let mut window = Window::default();
                     window.add(second, attempts);
+                    self.window_buckets.fetch_add(1, SeqCst);
                     windows.ports.push((port, window));
                 }
             }
@@ -247,6 +263,15 @@ impl Store {
             wake.note(entry);
             return;
         }
+    }
+
+    /// Takes one bucket of MAX_WINDOW_BUCKETS; false when none is left.
+    fn reserve_window_bucket(&self) -> bool {
+        self.window_buckets
+            .fetch_update(SeqCst, SeqCst, |n| {
+                (n < self.limits.max_window_buckets).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// Service entries held (for tests and diagnostics).
@@ -263,10 +288,15 @@ impl Store {
         for item in self.services.iter() {
             let mut windows = item.value().windows.lock();
             let before = windows.ports.len();
+            let mut forgotten = 0;
             windows.ports.retain_mut(|(_, w)| {
-                w.prune(first_kept);
+                forgotten += w.prune(first_kept);
+                w.shrink();
                 !w.is_empty()
             });
+            if forgotten > 0 {
+                self.window_buckets.fetch_sub(forgotten, SeqCst);
+            }
             let dropped = before - windows.ports.len();
             if dropped > 0 {
                 self.windowed_destinations.fetch_sub(dropped, SeqCst);
@@ -291,6 +321,9 @@ impl Store {
             });
         }
         self.metrics.active_services.set(gauge_value(active));
+        self.metrics
+            .window_buckets
+            .set(gauge_value(self.window_buckets.load(SeqCst)));
     }
 }
 
@@ -409,6 +442,78 @@ mod tests {
         );
         // The series stay: counters are forever.
         assert_eq!(exported(&store)[3], row("web", "", "curl", 2));
+    }
+
+    /// #13 item 4: whatever window a trigger asks for, the windows hold at
+    /// most MAX_WINDOW_BUCKETS seconds (plus a first one per destination):
+    /// a window gaining a second past it forgets its own oldest.
+    #[tokio::test(start_paused = true)]
+    async fn past_max_window_buckets_a_window_forgets_its_own_oldest_seconds() {
+        let store = store_with(Limits {
+            max_window_buckets: 5,
+            ..Limits::default()
+        });
+        // A KEDA caller asks for 15 minutes: history for every destination.
+        store.note_window(Duration::from_secs(900));
+        assert_eq!(store.history_secs(), 900);
+        let mut cache = SeriesCache::default();
+        let (conn, _) = store.hello("node-1", "a", SECRET).unwrap();
+        let ones = [1u64; 10];
+        let snap = snapshot(
+            0,
+            START_MS,
+            vec![(name("web", 80, "", "curl"), 10)],
+            vec![history("web", 80, S - 9, &ones)],
+        );
+        store.apply_snapshot(&conn, &snap, &mut cache).unwrap();
+        assert_eq!(
+            seconds(&store, "web", 80),
+            vec![(S - 4, 1), (S - 3, 1), (S - 2, 1), (S - 1, 1), (S, 1)]
+        );
+        assert_eq!(store.metrics.window_buckets_evicted.get(), 5);
+        // A new destination still gets its first second, over the budget.
+        store
+            .apply_batch(
+                &conn,
+                &batch(1, START_MS, vec![(name("db", 80, "", "psql"), 2)]),
+                &mut cache,
+            )
+            .unwrap();
+        assert_eq!(seconds(&store, "db", 80), vec![(S, 2)]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let now = store.clock().now_ms();
+        let deltas = vec![
+            (name("web", 80, "", "curl"), 3),
+            (name("db", 80, "", "psql"), 4),
+        ];
+        store
+            .apply_batch(&conn, &batch(2, now, deltas), &mut cache)
+            .unwrap();
+        assert_eq!(seconds(&store, "db", 80), vec![(S + 1, 4)]);
+        assert_eq!(
+            seconds(&store, "web", 80),
+            vec![(S - 3, 1), (S - 2, 1), (S - 1, 1), (S, 1), (S + 1, 3)]
+        );
+        assert_eq!(store.attempts("apps", "web", None, 900), 7);
+        assert_eq!(store.metrics.window_buckets_evicted.get(), 7);
+        // The totals lose nothing.
+        assert_eq!(exported(&store)[3], row("web", "", "curl", 13));
+        store.sweep();
+        assert_eq!(store.metrics.window_buckets.get(), 6);
+        // Seconds that leave the history free their budget.
+        tokio::time::advance(Duration::from_secs(900)).await;
+        store.sweep();
+        assert_eq!(store.metrics.window_buckets.get(), 0);
+        let now = store.clock().now_ms();
+        store
+            .apply_batch(
+                &conn,
+                &batch(3, now, vec![(name("web", 80, "", "curl"), 1)]),
+                &mut cache,
+            )
+            .unwrap();
+        assert_eq!(store.attempts("apps", "web", None, 1), 1);
+        assert_eq!(store.metrics.window_buckets_evicted.get(), 7);
     }
 
     #[tokio::test(start_paused = true)]
