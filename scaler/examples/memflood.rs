@@ -1,4 +1,4 @@
-//! Memory floods for `hack/bench scaler-memory` (#13 items 4 and 5): drives a
+//! Memory floods for `hack/bench scaler_memory` (#13 items 4 and 5): drives a
 //! running `itw-scaler` on loopback with one oversized report and prints the
 //! scaler's memory (VmRSS, VmHWM of `--pid`) before and after.
 //!
