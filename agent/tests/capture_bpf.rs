@@ -432,6 +432,33 @@ async fn many_threads_lose_nothing(slot: Slot) {
     assert_eq!(kernel.stats().unwrap(), KernelStats::default());
 }
 
+/// The cgroup connect hooks run for a UDP socket's connect() too (no packet
+/// is sent): the programs count stream sockets only. The tracepoint and the
+/// kprobes never see a UDP connect; the case checks that for them as well.
+async fn a_udp_connect_is_not_counted(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let (v4, v4_addr) = slot.v4_target(1, PORT);
+    let (v6, v6_addr) = slot.v6_target();
+    kernel.watch(&v4, 50).unwrap();
+    kernel.watch(&v6, 51).unwrap();
+    blocking(move || {
+        support::udp_connect_n(v4_addr, 4);
+        support::connect_n(v4_addr, 2);
+        support::udp_connect_n(v6_addr, 3);
+        support::connect_n(v6_addr, 1);
+    })
+    .await;
+    let comm = support::process_comm();
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(50, &comm, 2), (51, &comm, 1)])
+    );
+    assert_eq!(kernel.stats().unwrap(), KernelStats::default());
+}
+
 /// One test per (mode, case); each case gets its own third octet.
 ///
 /// The kprobe tests are ignored by default: this project's machines run a
@@ -477,6 +504,7 @@ per_mode!(
     a_full_attempts_map_counts_in_overflow = 7,
     many_threads_lose_nothing = 8,
     the_probe_read_fallback_counts_under_the_process_name_too = 9,
+    a_udp_connect_is_not_counted = 10,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

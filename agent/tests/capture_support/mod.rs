@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     ffi::CStr,
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -161,6 +161,22 @@ pub fn connect_n(target: SocketAddr, n: u64) {
             Err(e) => panic!("connect to {target}: {e} (expected: refused)"),
             Ok(_) => panic!("something listens on {target}; the test needs a closed port"),
         }
+    }
+}
+
+/// `n` connect() calls of UDP sockets to `target`: no packet is sent, but the
+/// cgroup connect hooks run for them as for TCP. Only loopback is allowed.
+pub fn udp_connect_n(target: SocketAddr, n: u64) {
+    assert_loopback(target);
+    let any = match target {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    for _ in 0..n {
+        let socket = UdpSocket::bind(any).expect("binding a UDP socket");
+        socket
+            .connect(target)
+            .unwrap_or_else(|e| panic!("UDP connect to {target}: {e}"));
     }
 }
 
