@@ -507,6 +507,41 @@ per_mode!(
     a_udp_connect_is_not_counted = 10,
 );
 
+/// The tracepoint fires for every protocol that keeps TCP's states, MPTCP
+/// among them (SCTP too where it is built; DCCP before Linux 6.16); the
+/// program counts only `IPPROTO_TCP` events (and only the change to
+/// SYN_SENT, of the AF_INET and AF_INET6 families, the only ones this event
+/// has). An MPTCP connect is counted once, by its first subflow, a TCP
+/// socket. The MPTCP socket's own change to SYN_SENT comes before it has an
+/// address (0.0.0.0:0 on the kernels tested): watching that too shows the
+/// event is dropped for its protocol, not for want of a watched address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracepoint_mode_counts_an_mptcp_connect_once_by_its_tcp_subflow() {
+    let slot = Slot {
+        mode: CaptureMode::Tracepoint,
+        mode_octet: 102,
+        test: 12,
+    };
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let (dest, _) = slot.v4_target(1, PORT);
+    let target = SocketAddrV4::new(slot.v4(1), PORT);
+    kernel.watch(&dest, 70).unwrap();
+    kernel.watch(&Destination::v4([0, 0, 0, 0], 0), 71).unwrap();
+    let made = blocking(move || support::mptcp_connect_n(target, 4)).await;
+    if !made {
+        support::skip("this kernel has no MPTCP (or net.mptcp.enabled=0)");
+        return;
+    }
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(70, &support::process_comm(), 4)])
+    );
+    assert_eq!(kernel.stats().unwrap(), KernelStats::default());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cgroup_mode_reports_which_programs_run_before_ours() {
     let Some(first) = support::start(CaptureMode::Cgroup, |_| {}) else {

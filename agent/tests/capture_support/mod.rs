@@ -180,6 +180,57 @@ pub fn udp_connect_n(target: SocketAddr, n: u64) {
     }
 }
 
+/// `n` connects of MPTCP sockets (`IPPROTO_MPTCP`) to an IPv4 loopback
+/// `target` where nothing listens, each refused. False, having made none,
+/// when this kernel has no MPTCP (or `net.mptcp.enabled` is 0).
+pub fn mptcp_connect_n(target: std::net::SocketAddrV4, n: u64) -> bool {
+    assert!(target.ip().is_loopback(), "loopback only, not {target}");
+    let addr = sockaddr_in(target);
+    for _ in 0..n {
+        // SAFETY: plain system calls on a descriptor this loop owns, with a
+        // sockaddr_in that lives across the call.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_MPTCP,
+            );
+            if fd < 0 {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EPROTONOSUPPORT | libc::EINVAL | libc::ENOPROTOOPT) => {
+                        return false;
+                    }
+                    _ => panic!("an MPTCP socket: {err}"),
+                }
+            }
+            let rc = libc::connect(
+                fd,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert!(
+                rc < 0 && err.kind() == std::io::ErrorKind::ConnectionRefused,
+                "MPTCP connect to {target}: rc {rc}, {err} (expected: refused)"
+            );
+        }
+    }
+    true
+}
+
+fn sockaddr_in(target: std::net::SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: target.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(target.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
 fn assert_loopback(target: SocketAddr) {
     let ok = match target {
         SocketAddr::V4(a) => a.ip().is_loopback(),
@@ -214,14 +265,7 @@ pub fn connects_from_child(
         name.to_bytes().len() < COMM_LEN,
         "{name:?} is too long for a comm"
     );
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: target.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(target.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
+    let addr = sockaddr_in(target);
     // SAFETY: the child calls only async-signal-safe functions (open, write,
     // prctl, socket, connect, close, _exit) on data prepared before the fork.
     unsafe {
