@@ -14,7 +14,7 @@ mod capture_support;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener},
     time::Duration,
 };
 
@@ -459,6 +459,33 @@ async fn a_udp_connect_is_not_counted(slot: Slot) {
     assert_eq!(kernel.stats().unwrap(), KernelStats::default());
 }
 
+/// A connect that succeeds, is used and closed counts once: the tracepoint
+/// sees every state change of the connection (SYN_SENT, ESTABLISHED, the
+/// FIN states, on both ends), and only the one to SYN_SENT is an attempt.
+async fn an_accepted_connect_counts_once(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let (v4, v4_addr) = slot.v4_target(1, PORT);
+    let (v6, v6_addr) = slot.v6_target();
+    let v4_listener = TcpListener::bind(v4_addr).unwrap();
+    let v6_listener = TcpListener::bind(v6_addr).unwrap();
+    kernel.watch(&v4, 60).unwrap();
+    kernel.watch(&v6, 61).unwrap();
+    blocking(move || {
+        support::connect_accepted_n(&v4_listener, 3);
+        support::connect_accepted_n(&v6_listener, 2);
+    })
+    .await;
+    let comm = support::process_comm();
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(60, &comm, 3), (61, &comm, 2)])
+    );
+    assert_eq!(kernel.stats().unwrap(), KernelStats::default());
+}
+
 /// One test per (mode, case); each case gets its own third octet.
 ///
 /// The kprobe tests are ignored by default: this project's machines run a
@@ -505,6 +532,7 @@ per_mode!(
     many_threads_lose_nothing = 8,
     the_probe_read_fallback_counts_under_the_process_name_too = 9,
     a_udp_connect_is_not_counted = 10,
+    an_accepted_connect_counts_once = 11,
 );
 
 /// The tracepoint fires for every protocol that keeps TCP's states, MPTCP

@@ -9,7 +9,8 @@
 use std::{
     collections::BTreeMap,
     ffi::CStr,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    io::{Read, Write},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -161,6 +162,27 @@ pub fn connect_n(target: SocketAddr, n: u64) {
             Err(e) => panic!("connect to {target}: {e} (expected: refused)"),
             Ok(_) => panic!("something listens on {target}; the test needs a closed port"),
         }
+    }
+}
+
+/// `n` connects to `listener`, each accepted, one byte each way, then closed
+/// from both ends: the whole life of an established connection, every state
+/// change of it on both sides. Only loopback is allowed here.
+pub fn connect_accepted_n(listener: &TcpListener, n: u64) {
+    let target = listener.local_addr().expect("the listener's address");
+    assert_loopback(target);
+    for _ in 0..n {
+        let mut client = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connect to the listener on {target}: {e}"));
+        let (mut server, _) = listener.accept().expect("accepting the connect");
+        let mut byte = [0u8; 1];
+        client.write_all(b"q").unwrap();
+        server.read_exact(&mut byte).unwrap();
+        server.write_all(b"a").unwrap();
+        client.read_exact(&mut byte).unwrap();
+        drop(client);
+        // The client's FIN reached the server: it reads end of stream.
+        assert_eq!(server.read(&mut byte).unwrap(), 0);
     }
 }
 
