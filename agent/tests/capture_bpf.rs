@@ -14,7 +14,7 @@ mod capture_support;
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener},
     time::Duration,
 };
 
@@ -432,6 +432,60 @@ async fn many_threads_lose_nothing(slot: Slot) {
     assert_eq!(kernel.stats().unwrap(), KernelStats::default());
 }
 
+/// The cgroup connect hooks run for a UDP socket's connect() too (no packet
+/// is sent): the programs count stream sockets only. The tracepoint and the
+/// kprobes never see a UDP connect; the case checks that for them as well.
+async fn a_udp_connect_is_not_counted(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let (v4, v4_addr) = slot.v4_target(1, PORT);
+    let (v6, v6_addr) = slot.v6_target();
+    kernel.watch(&v4, 50).unwrap();
+    kernel.watch(&v6, 51).unwrap();
+    blocking(move || {
+        support::udp_connect_n(v4_addr, 4);
+        support::connect_n(v4_addr, 2);
+        support::udp_connect_n(v6_addr, 3);
+        support::connect_n(v6_addr, 1);
+    })
+    .await;
+    let comm = support::process_comm();
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(50, &comm, 2), (51, &comm, 1)])
+    );
+    assert_eq!(kernel.stats().unwrap(), KernelStats::default());
+}
+
+/// A connect that succeeds, is used and closed counts once: the tracepoint
+/// sees every state change of the connection (SYN_SENT, ESTABLISHED, the
+/// FIN states, on both ends), and only the one to SYN_SENT is an attempt.
+async fn an_accepted_connect_counts_once(slot: Slot) {
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let (v4, v4_addr) = slot.v4_target(1, PORT);
+    let (v6, v6_addr) = slot.v6_target();
+    let v4_listener = TcpListener::bind(v4_addr).unwrap();
+    let v6_listener = TcpListener::bind(v6_addr).unwrap();
+    kernel.watch(&v4, 60).unwrap();
+    kernel.watch(&v6, 61).unwrap();
+    blocking(move || {
+        support::connect_accepted_n(&v4_listener, 3);
+        support::connect_accepted_n(&v6_listener, 2);
+    })
+    .await;
+    let comm = support::process_comm();
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(60, &comm, 3), (61, &comm, 2)])
+    );
+    assert_eq!(kernel.stats().unwrap(), KernelStats::default());
+}
+
 /// One test per (mode, case); each case gets its own third octet.
 ///
 /// The kprobe tests are ignored by default: this project's machines run a
@@ -477,7 +531,44 @@ per_mode!(
     a_full_attempts_map_counts_in_overflow = 7,
     many_threads_lose_nothing = 8,
     the_probe_read_fallback_counts_under_the_process_name_too = 9,
+    a_udp_connect_is_not_counted = 10,
+    an_accepted_connect_counts_once = 11,
 );
+
+/// The tracepoint fires for every protocol that keeps TCP's states, MPTCP
+/// among them (SCTP too where it is built; DCCP before Linux 6.16); the
+/// program counts only `IPPROTO_TCP` events (and only the change to
+/// SYN_SENT, of the AF_INET and AF_INET6 families, the only ones this event
+/// has). An MPTCP connect is counted once, by its first subflow, a TCP
+/// socket. The MPTCP socket's own change to SYN_SENT comes before it has an
+/// address (0.0.0.0:0 on the kernels tested): watching that too shows the
+/// event is dropped for its protocol, not for want of a watched address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracepoint_mode_counts_an_mptcp_connect_once_by_its_tcp_subflow() {
+    let slot = Slot {
+        mode: CaptureMode::Tracepoint,
+        mode_octet: 102,
+        test: 12,
+    };
+    let Some(started) = support::start(slot.mode, |_| {}) else {
+        return;
+    };
+    let mut kernel = started.kernel;
+    let (dest, _) = slot.v4_target(1, PORT);
+    let target = SocketAddrV4::new(slot.v4(1), PORT);
+    kernel.watch(&dest, 70).unwrap();
+    kernel.watch(&Destination::v4([0, 0, 0, 0], 0), 71).unwrap();
+    let made = blocking(move || support::mptcp_connect_n(target, 4)).await;
+    if !made {
+        support::skip("this kernel has no MPTCP (or net.mptcp.enabled=0)");
+        return;
+    }
+    assert_eq!(
+        support::attempts(kernel.as_mut()),
+        expected(&[(70, &support::process_comm(), 4)])
+    );
+    assert_eq!(kernel.stats().unwrap(), KernelStats::default());
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cgroup_mode_reports_which_programs_run_before_ours() {

@@ -9,7 +9,8 @@
 use std::{
     collections::BTreeMap,
     ffi::CStr,
-    net::{SocketAddr, TcpStream},
+    io::{Read, Write},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -164,6 +165,94 @@ pub fn connect_n(target: SocketAddr, n: u64) {
     }
 }
 
+/// `n` connects to `listener`, each accepted, one byte each way, then closed
+/// from both ends: the whole life of an established connection, every state
+/// change of it on both sides. Only loopback is allowed here.
+pub fn connect_accepted_n(listener: &TcpListener, n: u64) {
+    let target = listener.local_addr().expect("the listener's address");
+    assert_loopback(target);
+    for _ in 0..n {
+        let mut client = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connect to the listener on {target}: {e}"));
+        let (mut server, _) = listener.accept().expect("accepting the connect");
+        let mut byte = [0u8; 1];
+        client.write_all(b"q").unwrap();
+        server.read_exact(&mut byte).unwrap();
+        server.write_all(b"a").unwrap();
+        client.read_exact(&mut byte).unwrap();
+        drop(client);
+        // The client's FIN reached the server: it reads end of stream.
+        assert_eq!(server.read(&mut byte).unwrap(), 0);
+    }
+}
+
+/// `n` connect() calls of UDP sockets to `target`: no packet is sent, but the
+/// cgroup connect hooks run for them as for TCP. Only loopback is allowed.
+pub fn udp_connect_n(target: SocketAddr, n: u64) {
+    assert_loopback(target);
+    let any = match target {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    for _ in 0..n {
+        let socket = UdpSocket::bind(any).expect("binding a UDP socket");
+        socket
+            .connect(target)
+            .unwrap_or_else(|e| panic!("UDP connect to {target}: {e}"));
+    }
+}
+
+/// `n` connects of MPTCP sockets (`IPPROTO_MPTCP`) to an IPv4 loopback
+/// `target` where nothing listens, each refused. False, having made none,
+/// when this kernel has no MPTCP (or `net.mptcp.enabled` is 0).
+pub fn mptcp_connect_n(target: std::net::SocketAddrV4, n: u64) -> bool {
+    assert!(target.ip().is_loopback(), "loopback only, not {target}");
+    let addr = sockaddr_in(target);
+    for _ in 0..n {
+        // SAFETY: plain system calls on a descriptor this loop owns, with a
+        // sockaddr_in that lives across the call.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_INET,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_MPTCP,
+            );
+            if fd < 0 {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EPROTONOSUPPORT | libc::EINVAL | libc::ENOPROTOOPT) => {
+                        return false;
+                    }
+                    _ => panic!("an MPTCP socket: {err}"),
+                }
+            }
+            let rc = libc::connect(
+                fd,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            assert!(
+                rc < 0 && err.kind() == std::io::ErrorKind::ConnectionRefused,
+                "MPTCP connect to {target}: rc {rc}, {err} (expected: refused)"
+            );
+        }
+    }
+    true
+}
+
+fn sockaddr_in(target: std::net::SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: target.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(target.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
 fn assert_loopback(target: SocketAddr) {
     let ok = match target {
         SocketAddr::V4(a) => a.ip().is_loopback(),
@@ -198,14 +287,7 @@ pub fn connects_from_child(
         name.to_bytes().len() < COMM_LEN,
         "{name:?} is too long for a comm"
     );
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: target.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(target.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
+    let addr = sockaddr_in(target);
     // SAFETY: the child calls only async-signal-safe functions (open, write,
     // prctl, socket, connect, close, _exit) on data prepared before the fork.
     unsafe {

@@ -6,6 +6,8 @@
 
 #![no_std]
 
+pub mod comm;
+
 /// Length of a kernel task name, including its NUL (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
 

@@ -42,7 +42,7 @@ use aya_ebpf::{
 };
 use itw_common::{
     AttemptKey, COMM_LEN, Comm, ConnKey, Destination, Park, ParkKey, Redirect, WakeEvent, Watch,
-    capacity, comm_source, excluded_hint_bit, stat,
+    capacity, comm::zero_after_nul, comm_source, excluded_hint_bit, stat,
 };
 
 // Map sizes here are defaults: the agent sets WATCHED, ATTEMPTS and OVERFLOW
@@ -856,57 +856,6 @@ fn leader_comm_probe_read() -> Option<Comm> {
         zero_after_nul(&mut comm);
         Some(comm)
     }
-}
-
-/// Map keys compare every byte: a name set shorter after a longer one must
-/// not keep the longer one's tail.
-///
-/// Word-wise on the two halves: a byte loop keeps sixteen values live and
-/// the compiler spills them, which costs more than the rest of the program.
-#[inline(always)]
-fn zero_after_nul(comm: &mut Comm) {
-    let ptr = comm.as_mut_ptr().cast::<[u64; 2]>();
-    // SAFETY: a Comm is 16 bytes; unaligned accesses of the same memory.
-    let [first, second] = unsafe { ptr.read_unaligned() };
-    let (first_kept, first_ended) = keep_before_nul(first);
-    let second_kept = if first_ended {
-        0
-    } else {
-        keep_before_nul(second).0
-    };
-    // SAFETY: as above.
-    unsafe { ptr.write_unaligned([first_kept, second_kept]) };
-}
-
-/// The bytes of `word` (in memory order) before its first zero byte, and
-/// whether it has one.
-#[cfg(target_endian = "little")]
-#[inline(always)]
-fn keep_before_nul(word: u64) -> (u64, bool) {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    // The high bit of each zero byte; exact for the lowest one (the first in
-    // memory), which is the only one used.
-    let zeros = word.wrapping_sub(ONES) & !word & HIGHS;
-    let first = zeros & zeros.wrapping_neg();
-    // All-ones below the first zero byte; all-ones when there is none.
-    let keep = (first >> 7).wrapping_sub(1);
-    (word & keep, zeros != 0)
-}
-
-#[cfg(target_endian = "big")]
-#[inline(always)]
-fn keep_before_nul(word: u64) -> (u64, bool) {
-    let mut keep = 0u64;
-    let mut ended = false;
-    for i in 0..8 {
-        let byte = 0xff00_0000_0000_0000u64 >> (8 * i);
-        ended |= word & byte == 0;
-        if !ended {
-            keep |= byte;
-        }
-    }
-    (word & keep, ended)
 }
 
 #[cfg(not(test))]
