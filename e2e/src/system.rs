@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     sync::OnceLock,
@@ -380,6 +380,39 @@ impl Agent {
         scalers: &[SocketAddr],
         env: &[(&str, String)],
     ) -> Agent {
+        let mut all = Vec::new();
+        if !scalers.is_empty() {
+            let list: Vec<String> = scalers.iter().map(ToString::to_string).collect();
+            all.push(("SCALER_ADDR", list.join(",")));
+        }
+        all.extend(env.iter().cloned());
+        let agent = Self::launch(name, map_yaml, None, &all).await;
+        let want = scalers.len() as f64;
+        if want > 0.0 {
+            agent.wait_streams_up(want).await;
+        }
+        agent
+    }
+
+    /// Starts the agent in its own mount namespace with `hosts` bind-mounted
+    /// over /etc/hosts there, so the names in `SCALER_ADDR` (given in `env`)
+    /// resolve to what the test writes; returns once it is ready, without
+    /// waiting for streams. Needs root (`unshare`, `mount`).
+    pub async fn start_with_hosts(
+        name: &str,
+        map_yaml: &str,
+        hosts: &HostsFile,
+        env: &[(&str, String)],
+    ) -> Agent {
+        Self::launch(name, map_yaml, Some(hosts.path()), env).await
+    }
+
+    async fn launch(
+        name: &str,
+        map_yaml: &str,
+        hosts: Option<&Path>,
+        env: &[(&str, String)],
+    ) -> Agent {
         let dir = TempDir::new(name);
         let map = dir.path().join("services.yaml");
         std::fs::write(&map, map_yaml).expect("writing the service map");
@@ -389,12 +422,29 @@ impl Agent {
             ("METRICS_ADDR", metrics.to_string()),
             ("NODE_NAME", format!("node-{name}")),
         ];
-        if !scalers.is_empty() {
-            let list: Vec<String> = scalers.iter().map(ToString::to_string).collect();
-            all.push(("SCALER_ADDR", list.join(",")));
-        }
         all.extend(env.iter().cloned());
-        let mut proc = Proc::spawn(name, &binary("itw-agent"), &all);
+        let agent = binary("itw-agent");
+        let mut proc = match hosts {
+            None => Proc::spawn(name, &agent, &all),
+            // unshare and sh each exec the next: the process started here
+            // is the agent itself (its pid, its signals, killed on drop).
+            Some(hosts) => Proc::spawn_with_args(
+                name,
+                Path::new(UNSHARE),
+                &[
+                    "--mount".into(),
+                    "--propagation".into(),
+                    "private".into(),
+                    "sh".into(),
+                    "-c".into(),
+                    r#"mount --bind "$1" /etc/hosts && exec "$2""#.into(),
+                    "sh".into(),
+                    hosts.display().to_string(),
+                    agent.display().to_string(),
+                ],
+                &all,
+            ),
+        };
         let ready = format!("http://{metrics}/readyz");
         eventually(
             &format!("{name} to be ready"),
@@ -406,17 +456,12 @@ impl Agent {
             },
         )
         .await;
-        let agent = Agent {
+        Agent {
             proc,
             metrics,
             map,
             _map: dir,
-        };
-        let want = scalers.len() as f64;
-        if want > 0.0 {
-            agent.wait_streams_up(want).await;
         }
-        agent
     }
 
     /// The static service map file the agent reads.
@@ -448,6 +493,46 @@ impl Agent {
             .filter(|s| s.name == "itw_agent_bpf_programs")
             .filter_map(|s| s.label("id")?.parse().ok())
             .collect()
+    }
+}
+
+/// `unshare(1)`, which [`Agent::start_with_hosts`] starts the agent under.
+pub const UNSHARE: &str = "/usr/bin/unshare";
+
+/// A hosts file for one agent's own mount namespace, bind-mounted over
+/// /etc/hosts there by [`Agent::start_with_hosts`]: a name resolves to the
+/// loopback addresses a test chooses (glibc's getaddrinfo returns every line
+/// that names it), and the machine's own /etc/hosts is never touched.
+pub struct HostsFile {
+    path: PathBuf,
+    _dir: TempDir,
+}
+
+impl HostsFile {
+    pub fn new(name: &str, entries: &[(IpAddr, &str)]) -> Self {
+        let dir = TempDir::new(name);
+        let hosts = HostsFile {
+            path: dir.path().join("hosts"),
+            _dir: dir,
+        };
+        hosts.set(entries);
+        hosts
+    }
+
+    /// Rewrites the file in place (truncated and written in one write, same
+    /// inode, which the bind mount follows): the agent's next lookup sees
+    /// these addresses. A lookup racing the write may find the file empty
+    /// (the name not resolved: the agent then keeps its streams).
+    pub fn set(&self, entries: &[(IpAddr, &str)]) {
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for (ip, name) in entries {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        std::fs::write(&self.path, text).expect("writing the hosts file");
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 
