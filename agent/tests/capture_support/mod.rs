@@ -31,6 +31,14 @@ pub fn skip(reason: &str) {
     eprintln!("skipped: {reason} (set ITW_REQUIRE_BPF=1 to make this a failure)");
 }
 
+/// A test whose subject this kernel does not have at all (not a missing
+/// privilege or setting, which [`skip`] is for): it passes having checked
+/// nothing, and says so in its output, which hack/vm-matrix lists
+/// (`--show-output`) so that it is never read as run.
+pub fn not_run(reason: &str) {
+    eprintln!("not run: {reason}");
+}
+
 /// Loading programs needs root (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -203,9 +211,9 @@ pub fn udp_connect_n(target: SocketAddr, n: u64) {
 }
 
 /// `n` connects of MPTCP sockets (`IPPROTO_MPTCP`) to an IPv4 loopback
-/// `target` where nothing listens, each refused. False, having made none,
-/// when this kernel has no MPTCP (or `net.mptcp.enabled` is 0).
-pub fn mptcp_connect_n(target: std::net::SocketAddrV4, n: u64) -> bool {
+/// `target` where nothing listens, each refused. `Err`, having made none,
+/// when MPTCP sockets cannot be made: why.
+pub fn mptcp_connect_n(target: std::net::SocketAddrV4, n: u64) -> Result<(), NoMptcp> {
     assert!(target.ip().is_loopback(), "loopback only, not {target}");
     let addr = sockaddr_in(target);
     for _ in 0..n {
@@ -221,7 +229,12 @@ pub fn mptcp_connect_n(target: std::net::SocketAddrV4, n: u64) -> bool {
                 let err = std::io::Error::last_os_error();
                 match err.raw_os_error() {
                     Some(libc::EPROTONOSUPPORT | libc::EINVAL | libc::ENOPROTOOPT) => {
-                        return false;
+                        // Built without it (Debian's 5.10): no sysctl either.
+                        return Err(if std::path::Path::new("/proc/sys/net/mptcp").exists() {
+                            NoMptcp::Disabled
+                        } else {
+                            NoMptcp::NotBuilt
+                        });
                     }
                     _ => panic!("an MPTCP socket: {err}"),
                 }
@@ -239,7 +252,16 @@ pub fn mptcp_connect_n(target: std::net::SocketAddrV4, n: u64) -> bool {
             );
         }
     }
-    true
+    Ok(())
+}
+
+/// Why [`mptcp_connect_n`] made no connect.
+#[derive(Debug)]
+pub enum NoMptcp {
+    /// The kernel has no MPTCP (`CONFIG_MPTCP` unset).
+    NotBuilt,
+    /// It has, but `net.mptcp.enabled` is 0.
+    Disabled,
 }
 
 fn sockaddr_in(target: std::net::SocketAddrV4) -> libc::sockaddr_in {
