@@ -173,6 +173,15 @@ fn batch(sequence: u64, deltas: Vec<SeriesCount>) -> ReportRequest {
     }
 }
 
+/// What the steady agents did to get their streams up.
+#[derive(Default)]
+struct Opened {
+    streams: AtomicU64,
+    /// Opens that failed (a connection reset while a thousand connect at
+    /// once) and were tried again, as a real agent reconnects.
+    retried: AtomicU64,
+}
+
 /// One simulated node: a batch per second at its own offset in the second.
 async fn steady_agent(
     args: Arc<Args>,
@@ -180,10 +189,25 @@ async fn steady_agent(
     paused: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
+    opened: Arc<Opened>,
 ) -> anyhow::Result<()> {
-    let channel = connect(args.grpc).await?;
     let node = format!("node-{index:04}");
-    let mut stream = open_stream(channel, &node, &format!("{node}-bench")).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        let attempt = async {
+            let channel = connect(args.grpc).await?;
+            open_stream(channel, &node, &format!("{node}-bench")).await
+        };
+        match attempt.await {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => {
+                opened.retried.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context(format!("{node}: opening its stream")),
+        }
+    };
+    opened.streams.fetch_add(1, Relaxed);
     // Acks are read (and dropped) so the scaler's queue never fills.
     let reader =
         tokio::spawn(async move { while let Ok(Some(_)) = stream.acks.message().await {} });
@@ -427,6 +451,7 @@ async fn main() -> anyhow::Result<()> {
     let paused = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
+    let opened = Arc::new(Opened::default());
     let started = Instant::now();
     let agents: Vec<_> = (0..args.agents)
         .map(|i| {
@@ -436,6 +461,7 @@ async fn main() -> anyhow::Result<()> {
                 Arc::clone(&paused),
                 Arc::clone(&stop),
                 Arc::clone(&sent),
+                Arc::clone(&opened),
             ))
         })
         .collect();
@@ -443,9 +469,11 @@ async fn main() -> anyhow::Result<()> {
     let warm_up = Duration::from_secs(3);
     tokio::time::sleep(warm_up).await;
     println!(
-        "  {} agent streams connected and sending after {:.1} s ({} deltas sent)",
+        "  {} of {} agent streams connected and sending after {:.1} s ({} opens retried; {} deltas sent)",
+        opened.streams.load(Relaxed),
         args.agents,
         started.elapsed().as_secs_f64(),
+        opened.retried.load(Relaxed),
         sent.load(Relaxed)
     );
 
