@@ -4,7 +4,18 @@
 //! 1. Steady load: `--agents` agent streams (one connection each), every one
 //!    sending a batch per second, spread over the second, for `--services`
 //!    services; meanwhile a KEDA-role client calls GetMetrics at `--keda-rps`
-//!    and records each call's latency (p50/p99/max).
+//!    and records each call's latency (p50/p99/max). The ingest rate printed
+//!    beside it is the deltas the scaler applied (its `itw_scaler_deltas_total`
+//!    before and after), not the deltas the agents queued.
+//!
+//!    The calls keep a fixed schedule (call i is due at t0 + i/rate, one in
+//!    flight). A call held back behind a slower one is charged from the time
+//!    it was due, not from when it could be sent, as wrk2 does: otherwise a
+//!    stall is counted once and the calls it delayed look fast (coordinated
+//!    omission). A call sent on time is charged from its send, so the load
+//!    generator's timer (which wakes up to a millisecond late) is not charged
+//!    to the scaler. The uncorrected figures (from each actual send) are
+//!    printed too, labelled.
 //! 2. Ingest throughput: the steady agents pause, `--firehoses` streams send
 //!    `--firehose-batch`-delta batches back to back (a few in flight each),
 //!    and the applied deltas per second are printed, checked against the
@@ -162,6 +173,15 @@ fn batch(sequence: u64, deltas: Vec<SeriesCount>) -> ReportRequest {
     }
 }
 
+/// What the steady agents did to get their streams up.
+#[derive(Default)]
+struct Opened {
+    streams: AtomicU64,
+    /// Opens that failed (a connection reset while a thousand connect at
+    /// once) and were tried again, as a real agent reconnects.
+    retried: AtomicU64,
+}
+
 /// One simulated node: a batch per second at its own offset in the second.
 async fn steady_agent(
     args: Arc<Args>,
@@ -169,10 +189,25 @@ async fn steady_agent(
     paused: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
+    opened: Arc<Opened>,
 ) -> anyhow::Result<()> {
-    let channel = connect(args.grpc).await?;
     let node = format!("node-{index:04}");
-    let mut stream = open_stream(channel, &node, &format!("{node}-bench")).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        let attempt = async {
+            let channel = connect(args.grpc).await?;
+            open_stream(channel, &node, &format!("{node}-bench")).await
+        };
+        match attempt.await {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => {
+                opened.retried.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).context(format!("{node}: opening its stream")),
+        }
+    };
+    opened.streams.fetch_add(1, Relaxed);
     // Acks are read (and dropped) so the scaler's queue never fills.
     let reader =
         tokio::spawn(async move { while let Ok(Some(_)) = stream.acks.message().await {} });
@@ -221,16 +256,39 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-async fn get_metrics_latencies(args: &Args) -> anyhow::Result<Vec<Duration>> {
+/// GetMetrics latencies, each sorted: `corrected` from the time a call was
+/// due when an earlier call held it back, `uncorrected` from its send.
+struct Latencies {
+    corrected: Vec<Duration>,
+    uncorrected: Vec<Duration>,
+    /// Calls sent after their due time because the previous one was still out.
+    held_back: usize,
+}
+
+async fn get_metrics_latencies(args: &Args) -> anyhow::Result<Latencies> {
     let mut keda = ExternalScalerClient::new(connect(args.grpc).await?);
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / args.keda_rps.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let end = Instant::now() + Duration::from_secs(args.steady_secs);
-    let mut latencies = Vec::new();
-    let mut i = 0usize;
-    while Instant::now() < end {
-        tick.tick().await;
-        i += 1;
+    let rate = args.keda_rps.max(1);
+    let calls = (rate * args.steady_secs) as usize;
+    // Calls left when the scaler falls far behind are still sent, back to
+    // back; past this the bench gives up rather than run on.
+    let give_up = Duration::from_secs(args.steady_secs * 2 + 30);
+    let t0 = Instant::now();
+    let mut latencies = Latencies {
+        corrected: Vec::with_capacity(calls),
+        uncorrected: Vec::with_capacity(calls),
+        held_back: 0,
+    };
+    let mut previous_done = t0;
+    for i in 1..=calls {
+        let due = t0 + Duration::from_micros((i as u64 - 1) * 1_000_000 / rate);
+        if Instant::now() < due {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        ensure!(
+            t0.elapsed() < give_up,
+            "GetMetrics fell {} s behind its schedule of {rate}/s; gave up after {i} of {calls} calls",
+            give_up.as_secs()
+        );
         let service = (i * 7919) % args.services;
         let request = GetMetricsRequest {
             scaled_object_ref: Some(ScaledObjectRef {
@@ -245,11 +303,19 @@ async fn get_metrics_latencies(args: &Args) -> anyhow::Result<Vec<Duration>> {
             }),
             metric_name: format!("s0-itw-{NAMESPACE}-{}", service_name(service)),
         };
-        let started = Instant::now();
+        let sent = Instant::now();
         keda.get_metrics(request).await.context("GetMetrics")?;
-        latencies.push(started.elapsed());
+        let done = Instant::now();
+        let held_back = previous_done > due;
+        latencies.held_back += usize::from(held_back);
+        latencies
+            .corrected
+            .push(done - if held_back { due } else { sent });
+        latencies.uncorrected.push(done - sent);
+        previous_done = done;
     }
-    latencies.sort_unstable();
+    latencies.corrected.sort_unstable();
+    latencies.uncorrected.sort_unstable();
     Ok(latencies)
 }
 
@@ -385,6 +451,7 @@ async fn main() -> anyhow::Result<()> {
     let paused = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
+    let opened = Arc::new(Opened::default());
     let started = Instant::now();
     let agents: Vec<_> = (0..args.agents)
         .map(|i| {
@@ -394,6 +461,7 @@ async fn main() -> anyhow::Result<()> {
                 Arc::clone(&paused),
                 Arc::clone(&stop),
                 Arc::clone(&sent),
+                Arc::clone(&opened),
             ))
         })
         .collect();
@@ -401,26 +469,46 @@ async fn main() -> anyhow::Result<()> {
     let warm_up = Duration::from_secs(3);
     tokio::time::sleep(warm_up).await;
     println!(
-        "  {} agent streams connected and sending after {:.1} s ({} deltas sent)",
+        "  {} of {} agent streams connected and sending after {:.1} s ({} opens retried; {} deltas sent)",
+        opened.streams.load(Relaxed),
         args.agents,
         started.elapsed().as_secs_f64(),
+        opened.retried.load(Relaxed),
         sent.load(Relaxed)
     );
 
     let sent_before = sent.load(Relaxed);
+    let applied_before = scaler_deltas_total(args.metrics).await?;
     let steady_started = Instant::now();
     let cpu_before = cpu_secs(args.pid)?;
     let latencies = get_metrics_latencies(&args).await?;
     let steady_secs = steady_started.elapsed().as_secs_f64();
-    let steady_rate = (sent.load(Relaxed) - sent_before) as f64 / steady_secs;
-    let steady_cpu = (cpu_secs(args.pid)? - cpu_before) / steady_secs;
+    let cpu_after = cpu_secs(args.pid)?;
+    let applied = scaler_deltas_total(args.metrics).await? - applied_before;
+    let queued = sent.load(Relaxed) - sent_before;
+    let steady_cpu = (cpu_after - cpu_before) / steady_secs;
+    let summary = |sorted: &[Duration]| {
+        format!(
+            "p50 {}, p99 {}, max {}",
+            ms(percentile(sorted, 50.0)),
+            ms(percentile(sorted, 99.0)),
+            ms(sorted.last().copied().unwrap_or_default())
+        )
+    };
     println!(
-        "GetMetrics latency ({} calls, ingest {:.0} deltas/s alongside): p50 {}, p99 {}, max {}",
-        latencies.len(),
-        steady_rate,
-        ms(percentile(&latencies, 50.0)),
-        ms(percentile(&latencies, 99.0)),
-        ms(latencies.last().copied().unwrap_or_default())
+        "GetMetrics latency ({} calls, ingest {:.0} deltas/s applied alongside): {}",
+        latencies.corrected.len(),
+        applied / steady_secs,
+        summary(&latencies.corrected)
+    );
+    println!(
+        "  corrected for coordinated omission: {} calls held back behind a slower one are charged from when they were due; uncorrected (from each send): {}",
+        latencies.held_back,
+        summary(&latencies.uncorrected)
+    );
+    println!(
+        "  ingest: the scaler applied {applied:.0} deltas in {steady_secs:.1} s; the agents queued {queued} ({:.0}/s)",
+        queued as f64 / steady_secs
     );
     println!(
         "scaler CPU in the steady phase: {:.1}% of one core; machine load average now {}",
