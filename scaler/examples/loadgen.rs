@@ -25,13 +25,15 @@
 //! It only ever connects to the addresses it is given; hack/bench gives it
 //! loopback ones. Every loop is bounded in time.
 
+mod bench_support;
+
 use std::{
     net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail, ensure};
@@ -47,7 +49,9 @@ use itw_proto::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use bench_support::{connect, memory, now_ms};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -95,12 +99,6 @@ fn service_name(i: usize) -> String {
     format!("svc-{i:05}")
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
 fn series(service: usize, comm: &str) -> Series {
     Series {
         namespace: NAMESPACE.into(),
@@ -108,21 +106,6 @@ fn series(service: usize, comm: &str) -> Series {
         port: 8080,
         pod: String::new(),
         process_comm: comm.into(),
-    }
-}
-
-async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(channel),
-            // The scaler may still be starting.
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => return Err(e).context(format!("connecting to {addr}")),
-        }
     }
 }
 
@@ -378,23 +361,6 @@ async fn scaler_deltas_total(metrics: SocketAddr) -> anyhow::Result<f64> {
         .find(|s| s.name == "itw_scaler_deltas_total")
         .map(|s| s.value)
         .context("itw_scaler_deltas_total missing from /metrics")
-}
-
-fn memory(pid: u32) -> anyhow::Result<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .map(|l| l[name.len()..].trim().to_owned())
-            .unwrap_or_else(|| "?".into())
-    };
-    Ok(format!(
-        "VmRSS {}, VmHWM {}",
-        field("VmRSS:"),
-        field("VmHWM:")
-    ))
 }
 
 /// CPU seconds the process has used (user + system). /proc counts in

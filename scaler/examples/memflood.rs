@@ -12,12 +12,14 @@
 //! It only ever connects to the addresses it is given; hack/bench gives it
 //! loopback ones. Every wait is bounded.
 
+mod bench_support;
+
 use std::{
     net::SocketAddr,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Parser, ValueEnum};
 use itw_proto::{
     externalscaler::{
@@ -31,7 +33,8 @@ use itw_proto::{
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+
+use bench_support::{connect, memory, now_ms};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Flood {
@@ -67,43 +70,6 @@ struct Args {
     /// services: deltas per batch.
     #[arg(long, default_value_t = 10_000)]
     batch: usize,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-fn memory(pid: u32) -> anyhow::Result<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .map(|l| l[name.len()..].trim().to_owned())
-            .unwrap_or_else(|| "?".into())
-    };
-    Ok(format!(
-        "VmRSS {}, VmHWM {}",
-        field("VmRSS:"),
-        field("VmHWM:")
-    ))
-}
-
-async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(channel),
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => return Err(e).context(format!("connecting to {addr}")),
-        }
-    }
 }
 
 fn request(m: report_request::Message) -> ReportRequest {
