@@ -12,7 +12,8 @@ use itw_telemetry::logging::LogBudget;
 
 use super::{
     CapRefusal, Connection, SeriesCache, SeriesSlot, Store, Wakeups, destination_key,
-    series::AgentServices, series_id,
+    series::{AgentServices, Resolved},
+    series_id,
 };
 use crate::window;
 
@@ -118,17 +119,10 @@ impl Store {
         let mut totals: HashMap<usize, (Arc<SeriesSlot>, u64)> =
             HashMap::with_capacity(snapshot.totals.len());
         for (i, (name, attempts)) in snapshot.totals.iter().enumerate() {
-            let resolved = match self.resolve(cache, name, &mut services) {
-                Ok(resolved) => resolved,
-                Err(cap) => {
-                    self.refuse(
-                        || format!("snapshot.totals[{i}]"),
-                        name.namespace,
-                        name.service,
-                        cap,
-                    );
-                    continue;
-                }
+            let Some(resolved) = self.admit(cache, name, &mut services, || {
+                format!("snapshot.totals[{i}]")
+            }) else {
+                continue;
             };
             if resolved.folded {
                 self.metrics.series_overflow.inc();
@@ -275,17 +269,10 @@ impl Store {
         let state = &mut *guard;
         for (i, (name, attempts)) in batch.deltas.iter().enumerate() {
             let attempts = *attempts;
-            let resolved = match self.resolve(cache, name, &mut state.services) {
-                Ok(resolved) => resolved,
-                Err(cap) => {
-                    self.refuse(
-                        || format!("batch.deltas[{i}]"),
-                        name.namespace,
-                        name.service,
-                        cap,
-                    );
-                    continue;
-                }
+            let Some(resolved) = self.admit(cache, name, &mut state.services, || {
+                format!("batch.deltas[{i}]")
+            }) else {
+                continue;
             };
             if resolved.folded {
                 self.metrics.series_overflow.inc();
@@ -326,6 +313,24 @@ impl Store {
         Ok(BatchOutcome::Applied {
             ack: batch.sequence,
         })
+    }
+
+    /// The series of the entry at `field`, or `None` when a cap refuses it
+    /// ([`Self::refuse`]).
+    fn admit<'c>(
+        &self,
+        cache: &'c mut SeriesCache,
+        name: &SeriesName<'_>,
+        services: &mut AgentServices,
+        field: impl FnOnce() -> String,
+    ) -> Option<&'c mut Resolved> {
+        match self.resolve(cache, name, services) {
+            Ok(resolved) => Some(resolved),
+            Err(cap) => {
+                self.refuse(field, name.namespace, name.service, cap);
+                None
+            }
+        }
     }
 
     /// An entry refused for a cap: counted, and logged within [`CAP_LOG`].
