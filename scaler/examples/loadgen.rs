@@ -51,19 +51,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use bench_support::{connect, memory, now_ms};
+use bench_support::{ScalerTarget, connect, memory, now_ms};
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// The scaler's gRPC address (loopback).
-    #[arg(long)]
-    grpc: SocketAddr,
-    /// The scaler's metrics address (loopback).
-    #[arg(long)]
-    metrics: SocketAddr,
-    /// The scaler's process id, for its memory figures.
-    #[arg(long)]
-    pid: u32,
+    #[command(flatten)]
+    scaler: ScalerTarget,
     #[arg(long, default_value_t = 10_000)]
     services: usize,
     #[arg(long, default_value_t = 1_000)]
@@ -178,7 +171,7 @@ async fn steady_agent(
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut stream = loop {
         let attempt = async {
-            let channel = connect(args.grpc).await?;
+            let channel = connect(args.scaler.grpc).await?;
             open_stream(channel, &node, &format!("{node}-bench")).await
         };
         match attempt.await {
@@ -249,7 +242,7 @@ struct Latencies {
 }
 
 async fn get_metrics_latencies(args: &Args) -> anyhow::Result<Latencies> {
-    let mut keda = ExternalScalerClient::new(connect(args.grpc).await?);
+    let mut keda = ExternalScalerClient::new(connect(args.scaler.grpc).await?);
     let rate = args.keda_rps.max(1);
     let calls = (rate * args.steady_secs) as usize;
     // Calls left when the scaler falls far behind are still sent, back to
@@ -308,7 +301,7 @@ async fn firehose(
     end: Instant,
     acked: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
-    let channel = connect(args.grpc).await?;
+    let channel = connect(args.scaler.grpc).await?;
     let node = format!("firehose-{index}");
     let Stream { tx, mut acks } = open_stream(channel, &node, &format!("{node}-bench")).await?;
     let deltas: Vec<SeriesCount> = (0..args.firehose_batch)
@@ -397,7 +390,7 @@ fn ms(d: Duration) -> String {
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
     ensure!(
-        args.grpc.ip().is_loopback() && args.metrics.ip().is_loopback(),
+        args.scaler.grpc.ip().is_loopback() && args.scaler.metrics.ip().is_loopback(),
         "the load generator only targets loopback addresses"
     );
     ensure!(
@@ -444,13 +437,13 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let sent_before = sent.load(Relaxed);
-    let applied_before = scaler_deltas_total(args.metrics).await?;
+    let applied_before = scaler_deltas_total(args.scaler.metrics).await?;
     let steady_started = Instant::now();
-    let cpu_before = cpu_secs(args.pid)?;
+    let cpu_before = cpu_secs(args.scaler.pid)?;
     let latencies = get_metrics_latencies(&args).await?;
     let steady_secs = steady_started.elapsed().as_secs_f64();
-    let cpu_after = cpu_secs(args.pid)?;
-    let applied = scaler_deltas_total(args.metrics).await? - applied_before;
+    let cpu_after = cpu_secs(args.scaler.pid)?;
+    let applied = scaler_deltas_total(args.scaler.metrics).await? - applied_before;
     let queued = sent.load(Relaxed) - sent_before;
     let steady_cpu = (cpu_after - cpu_before) / steady_secs;
     let summary = |sorted: &[Duration]| {
@@ -483,14 +476,14 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "scaler memory after the steady phase: {}",
-        memory(args.pid)?
+        memory(args.scaler.pid)?
     );
 
     paused.store(true, Relaxed);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let before = scaler_deltas_total(args.metrics).await?;
+    let before = scaler_deltas_total(args.scaler.metrics).await?;
     let acked = Arc::new(AtomicU64::new(0));
-    let cpu_before = cpu_secs(args.pid)?;
+    let cpu_before = cpu_secs(args.scaler.pid)?;
     let begin = Instant::now();
     let end = begin + Duration::from_secs(args.throughput_secs);
     let hoses: Vec<_> = (0..args.firehoses)
@@ -500,8 +493,8 @@ async fn main() -> anyhow::Result<()> {
         hose.await??;
     }
     let elapsed = begin.elapsed().as_secs_f64();
-    let cpu = cpu_secs(args.pid)? - cpu_before;
-    let after = scaler_deltas_total(args.metrics).await?;
+    let cpu = cpu_secs(args.scaler.pid)? - cpu_before;
+    let after = scaler_deltas_total(args.scaler.metrics).await?;
     let acked = acked.load(Relaxed);
     println!(
         "ingest throughput: {:.0} deltas/s ({} deltas in {:.2} s over {} streams, batches of {}; scaler counted {})",
@@ -525,7 +518,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "scaler memory after the throughput phase: {}",
-        memory(args.pid)?
+        memory(args.scaler.pid)?
     );
 
     stop.store(true, Relaxed);

@@ -14,10 +14,7 @@
 
 mod bench_support;
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::{Parser, ValueEnum};
@@ -34,7 +31,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use bench_support::{connect, memory, now_ms};
+use bench_support::{ScalerTarget, connect, memory, now_ms};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Flood {
@@ -44,15 +41,8 @@ enum Flood {
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// The scaler's gRPC address (loopback).
-    #[arg(long)]
-    grpc: SocketAddr,
-    /// The scaler's metrics address (loopback).
-    #[arg(long)]
-    metrics: SocketAddr,
-    /// The scaler's process id, for its memory figures.
-    #[arg(long)]
-    pid: u32,
+    #[command(flatten)]
+    scaler: ScalerTarget,
     #[arg(long, value_enum)]
     flood: Flood,
     /// history: the window the KEDA-role call asks for.
@@ -102,9 +92,9 @@ async fn outcome(responses: &mut tonic::Streaming<itw_proto::itw::v1::ReportResp
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let channel = connect(args.grpc).await?;
+    let channel = connect(args.scaler.grpc).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    println!("scaler at start: {}", memory(args.pid)?);
+    println!("scaler at start: {}", memory(args.scaler.pid)?);
 
     if let Flood::History = args.flood {
         let mut keda = ExternalScalerClient::new(channel.clone());
@@ -218,8 +208,8 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("applied in {:.1} s", started.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    println!("scaler after the flood: {}", memory(args.pid)?);
-    let body = reqwest::get(format!("http://{}/metrics", args.metrics))
+    println!("scaler after the flood: {}", memory(args.scaler.pid)?);
+    let body = reqwest::get(format!("http://{}/metrics", args.scaler.metrics))
         .await?
         .text()
         .await?;
@@ -248,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    println!("scaler after /metrics: {}", memory(args.pid)?);
+    println!("scaler after /metrics: {}", memory(args.scaler.pid)?);
     drop(tx);
     Ok(())
 }

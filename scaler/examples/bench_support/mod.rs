@@ -1,5 +1,6 @@
-//! What the scaler's load examples (`loadgen`, `memflood`) share: a channel
-//! to a scaler that may still be starting, and the figures read about it.
+//! What the scaler's load examples (`loadgen`, `memflood`) share: the flags
+//! naming the scaler they drive, a channel to a scaler that may still be
+//! starting, and the figures read about it.
 
 use std::{
     net::SocketAddr,
@@ -8,6 +9,20 @@ use std::{
 
 use anyhow::Context;
 use tonic::transport::{Channel, Endpoint};
+
+/// The running scaler an example drives (hack/bench passes loopback ones).
+#[derive(Debug, clap::Args)]
+pub struct ScalerTarget {
+    /// The scaler's gRPC address (loopback).
+    #[arg(long)]
+    pub grpc: SocketAddr,
+    /// The scaler's metrics address (loopback).
+    #[arg(long)]
+    pub metrics: SocketAddr,
+    /// The scaler's process id, for its memory figures.
+    #[arg(long)]
+    pub pid: u32,
+}
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
