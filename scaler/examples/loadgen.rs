@@ -16,11 +16,21 @@
 //!    generator's timer (which wakes up to a millisecond late) is not charged
 //!    to the scaler. The uncorrected figures (from each actual send) are
 //!    printed too, labelled.
+//!
+//!    A steady agent whose stream fails (transport error, reset, a status)
+//!    does what the agent does: it reopens the stream as the same instance
+//!    (same id and secret) with a snapshot of its cumulative totals, which
+//!    replaces what the scaler held for it, and goes on. The resets and
+//!    resumptions are printed at the end.
 //! 2. Ingest throughput: the steady agents pause, `--firehoses` streams send
 //!    `--firehose-batch`-delta batches back to back (a few in flight each),
 //!    and the applied deltas per second are printed, checked against the
 //!    scaler's own `itw_scaler_deltas_total`.
 //! 3. The scaler's memory: VmRSS and VmHWM of `--pid` from /proc.
+//! 4. Exactness: once every agent's last batch is acknowledged, the scaler's
+//!    exported `internal_tcp_attempts_total` summed over the bench's
+//!    namespace must equal the attempts the agents and firehoses generated;
+//!    a lost or doubled count fails the run.
 //!
 //! It only ever connects to the addresses it is given; hack/bench gives it
 //! loopback ones. Every loop is bounded in time.
@@ -28,6 +38,7 @@
 mod bench_support;
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc,
@@ -43,11 +54,11 @@ use itw_proto::{
         GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient,
     },
     itw::v1::{
-        Batch, Hello, PROTOCOL_VERSION, ReportRequest, Series, SeriesCount, Snapshot,
-        ingest_client::IngestClient, report_request, report_response,
+        Batch, Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, Series, SeriesCount,
+        Snapshot, ingest_client::IngestClient, report_request, report_response,
     },
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
@@ -102,13 +113,23 @@ fn series(service: usize, comm: &str) -> Series {
     }
 }
 
-/// An open Report stream after hello and an empty snapshot.
+/// An open Report stream after hello and the snapshot.
 struct Stream {
     tx: mpsc::Sender<ReportRequest>,
     acks: tonic::Streaming<itw_proto::itw::v1::ReportResponse>,
 }
 
-async fn open_stream(channel: Channel, node: &str, instance: &str) -> anyhow::Result<Stream> {
+/// Opens a Report stream as an agent does: Hello as `instance` (its secret
+/// derived from the id, so a reopened stream names the same one), then a
+/// snapshot of the instance's cumulative `totals` through `through_sequence`,
+/// which replaces whatever the scaler held for the instance.
+async fn open_stream(
+    channel: Channel,
+    node: &str,
+    instance: &str,
+    through_sequence: u64,
+    totals: Vec<SeriesCount>,
+) -> anyhow::Result<Stream> {
     let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(64);
     let message = |m| ReportRequest { message: Some(m) };
@@ -125,15 +146,15 @@ async fn open_stream(channel: Channel, node: &str, instance: &str) -> anyhow::Re
         other => bail!("expected welcome, got {other:?}"),
     }
     tx.send(message(report_request::Message::Snapshot(Snapshot {
-        through_sequence: 0,
+        through_sequence,
         taken_at_unix_ms: now_ms(),
-        totals: vec![],
+        totals,
         history: vec![],
     })))
     .await?;
     match acks.message().await?.and_then(|r| r.message) {
-        Some(report_response::Message::Ack(_)) => {}
-        other => bail!("expected the snapshot's ack, got {other:?}"),
+        Some(report_response::Message::Ack(ack)) if ack.sequence >= through_sequence => {}
+        other => bail!("expected the snapshot's ack ({through_sequence}), got {other:?}"),
     }
     Ok(Stream { tx, acks })
 }
@@ -156,23 +177,64 @@ struct Opened {
     /// Opens that failed (a connection reset while a thousand connect at
     /// once) and were tried again, as a real agent reconnects.
     retried: AtomicU64,
+    /// Streams that failed once up (transport error, reset, a status).
+    resets: AtomicU64,
+    /// Of those, the ones reopened with a snapshot of the agent's totals.
+    resumed: AtomicU64,
+    /// Why the first stream failed, for the report.
+    first_reset: std::sync::OnceLock<String>,
 }
 
-/// One simulated node: a batch per second at its own offset in the second.
-async fn steady_agent(
-    args: Arc<Args>,
-    index: usize,
-    paused: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    opened: Arc<Opened>,
-) -> anyhow::Result<()> {
-    let node = format!("node-{index:04}");
+/// One steady agent's own counts, kept as an agent's ledger keeps them: what
+/// it has generated, whatever became of the stream it sent them on.
+struct Ledger {
+    node: String,
+    instance: String,
+    /// The newest batch sequence generated.
+    sequence: u64,
+    /// Cumulative attempts per (service, comm index).
+    totals: HashMap<(usize, usize), u64>,
+}
+
+impl Ledger {
+    fn snapshot_totals(&self) -> Vec<SeriesCount> {
+        self.totals
+            .iter()
+            .map(|(&(service, comm), &attempts)| SeriesCount {
+                series: Some(series(service, COMMS[comm])),
+                attempts,
+            })
+            .collect()
+    }
+
+    fn generated(&self) -> u64 {
+        self.totals.values().sum()
+    }
+}
+
+/// A steady agent's stream in use: the sending side, and the task reading
+/// its acks, which ends with the reason the stream ended.
+struct Session {
+    tx: mpsc::Sender<ReportRequest>,
+    acked: watch::Receiver<u64>,
+    reader: tokio::task::JoinHandle<String>,
+}
+
+/// Opens (or reopens) `ledger`'s stream with a snapshot of its totals,
+/// trying for 30 s as an agent would keep trying.
+async fn open_session(args: &Args, ledger: &Ledger, opened: &Opened) -> anyhow::Result<Session> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut stream = loop {
+    let stream = loop {
         let attempt = async {
             let channel = connect(args.scaler.grpc).await?;
-            open_stream(channel, &node, &format!("{node}-bench")).await
+            open_stream(
+                channel,
+                &ledger.node,
+                &ledger.instance,
+                ledger.sequence,
+                ledger.snapshot_totals(),
+            )
+            .await
         };
         match attempt.await {
             Ok(stream) => break stream,
@@ -180,48 +242,119 @@ async fn steady_agent(
                 opened.retried.fetch_add(1, Relaxed);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => return Err(e).context(format!("{node}: opening its stream")),
+            Err(e) => return Err(e).context(format!("{}: opening its stream", ledger.node)),
         }
     };
+    let (acked_tx, acked) = watch::channel(ledger.sequence);
+    let mut acks = stream.acks;
+    // Acks are read as they come so the scaler's queue never fills.
+    let reader = tokio::spawn(async move {
+        loop {
+            match acks.message().await {
+                Ok(Some(ReportResponse {
+                    message: Some(report_response::Message::Ack(ack)),
+                })) => {
+                    acked_tx.send_replace(ack.sequence);
+                }
+                Ok(Some(other)) => return format!("expected an ack, got {other:?}"),
+                Ok(None) => return "the scaler ended the stream".into(),
+                Err(status) => return format!("{:?}: {}", status.code(), status.message()),
+            }
+        }
+    });
+    Ok(Session {
+        tx: stream.tx,
+        acked,
+        reader,
+    })
+}
+
+/// One simulated node: a batch per second at its own offset in the second.
+/// When its stream fails it reopens it as the agent does (same instance,
+/// a snapshot of its totals) and goes on. Once `stop` is set it waits for
+/// its last batch's ack, then returns the attempts it generated.
+async fn steady_agent(
+    args: Arc<Args>,
+    index: usize,
+    paused: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    opened: Arc<Opened>,
+) -> anyhow::Result<u64> {
+    let node = format!("node-{index:04}");
+    let mut ledger = Ledger {
+        instance: format!("{node}-bench"),
+        node,
+        sequence: 0,
+        totals: HashMap::new(),
+    };
+    let mut session = open_session(&args, &ledger, &opened).await?;
     opened.streams.fetch_add(1, Relaxed);
-    // Acks are read (and dropped) so the scaler's queue never fills.
-    let reader =
-        tokio::spawn(async move { while let Ok(Some(_)) = stream.acks.message().await {} });
     let offset = Duration::from_micros((index as u64 * 1_000_000) / args.agents as u64);
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + offset, Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let first = index * args.services / args.agents;
-    let mut sequence = 0u64;
-    while !stop.load(Relaxed) {
-        tick.tick().await;
+    let mut drain_deadline = None;
+    loop {
+        let stopping = stop.load(Relaxed);
+        if stopping && *session.acked.borrow() >= ledger.sequence {
+            break;
+        }
+        tokio::select! {
+            biased;
+            reason = &mut session.reader => {
+                let reason = reason.unwrap_or_else(|e| format!("ack reader: {e}"));
+                opened.resets.fetch_add(1, Relaxed);
+                let _ = opened.first_reset.set(format!("{}: {reason}", ledger.node));
+                session = open_session(&args, &ledger, &opened)
+                    .await
+                    .with_context(|| format!("resuming after {reason}"))?;
+                opened.resumed.fetch_add(1, Relaxed);
+                continue;
+            }
+            _ = session.acked.changed(), if stopping => continue,
+            _ = tick.tick() => {}
+        }
+        if stopping {
+            let deadline =
+                *drain_deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(30));
+            ensure!(
+                Instant::now() < deadline,
+                "{}: batch {} not acknowledged 30 s after the run (acked {})",
+                ledger.node,
+                ledger.sequence,
+                *session.acked.borrow()
+            );
+            continue;
+        }
         if paused.load(Relaxed) {
             continue;
         }
-        sequence += 1;
+        ledger.sequence += 1;
+        let sequence = ledger.sequence;
         let deltas = (0..args.deltas_per_batch)
             .map(|k| {
                 let pick = (sequence as usize * 7 + k * 13) % args.services_per_agent;
+                let service = (first + pick) % args.services;
+                let comm = k % COMMS.len();
+                let attempts = 1 + (k as u64 % 3);
+                *ledger.totals.entry((service, comm)).or_default() += attempts;
                 SeriesCount {
-                    series: Some(series(
-                        (first + pick) % args.services,
-                        COMMS[k % COMMS.len()],
-                    )),
-                    attempts: 1 + (k as u64 % 3),
+                    series: Some(series(service, COMMS[comm])),
+                    attempts,
                 }
             })
             .collect::<Vec<_>>();
         let n = deltas.len() as u64;
-        stream
-            .tx
-            .send(batch(sequence, deltas))
-            .await
-            .context("steady agent stream closed")?;
+        // A failed send means the stream has ended: the reader says why on
+        // the next turn, and the reopened stream's snapshot holds this batch.
+        let _ = session.tx.send(batch(sequence, deltas)).await;
         sent.fetch_add(n, Relaxed);
     }
-    drop(stream.tx);
-    reader.abort();
-    Ok(())
+    drop(session.tx);
+    session.reader.abort();
+    Ok(ledger.generated())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -303,7 +436,8 @@ async fn firehose(
 ) -> anyhow::Result<()> {
     let channel = connect(args.scaler.grpc).await?;
     let node = format!("firehose-{index}");
-    let Stream { tx, mut acks } = open_stream(channel, &node, &format!("{node}-bench")).await?;
+    let Stream { tx, mut acks } =
+        open_stream(channel, &node, &format!("{node}-bench"), 0, vec![]).await?;
     let deltas: Vec<SeriesCount> = (0..args.firehose_batch)
         .map(|k| SeriesCount {
             series: Some(series(
@@ -354,6 +488,23 @@ async fn scaler_deltas_total(metrics: SocketAddr) -> anyhow::Result<f64> {
         .find(|s| s.name == "itw_scaler_deltas_total")
         .map(|s| s.value)
         .context("itw_scaler_deltas_total missing from /metrics")
+}
+
+/// The scaler's exported `internal_tcp_attempts_total` summed over the
+/// bench's namespace: what it counts for the bench's Services. Unlike
+/// `itw_scaler_deltas_total` (deltas applied, so a resent batch would count
+/// twice), a snapshot replaces an instance's totals here.
+async fn scaler_bench_attempts(metrics: SocketAddr) -> anyhow::Result<u64> {
+    let body = reqwest::get(format!("http://{metrics}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let samples = itw_telemetry::exposition::parse_samples(&body);
+    let bench = samples.iter().filter(|s| {
+        s.name == "internal_tcp_attempts_total"
+            && s.label("destination_namespace") == Some(NAMESPACE)
+    });
+    Ok(bench.map(|s| s.value as u64).sum())
 }
 
 /// CPU seconds the process has used (user + system). /proc counts in
@@ -523,8 +674,32 @@ async fn main() -> anyhow::Result<()> {
 
     stop.store(true, Relaxed);
     paused.store(false, Relaxed);
+    let mut generated = acked;
     for agent in agents {
-        agent.await??;
+        generated += agent.await??;
     }
+    println!(
+        "stream resets: {}, resumed: {}{}",
+        opened.resets.load(Relaxed),
+        opened.resumed.load(Relaxed),
+        opened
+            .first_reset
+            .get()
+            .map(|r| format!(" (first: {r})"))
+            .unwrap_or_default()
+    );
+    let counted = scaler_bench_attempts(args.scaler.metrics).await?;
+    println!(
+        "attempts to namespace {NAMESPACE}: the agents and firehoses generated {generated}, the scaler's internal_tcp_attempts_total sums {counted}"
+    );
+    ensure!(
+        counted == generated,
+        "the scaler {} attempts: it counts {counted}, the load generator generated {generated}",
+        if counted < generated {
+            "lost"
+        } else {
+            "counted extra"
+        }
+    );
     Ok(())
 }
