@@ -26,7 +26,8 @@
 //!    `--firehose-batch`-delta batches back to back (a few in flight each),
 //!    and the applied deltas per second are printed, checked against the
 //!    scaler's own `itw_scaler_deltas_total`.
-//! 3. The scaler's memory: VmRSS and VmHWM of `--pid` from /proc.
+//! 3. The scaler's memory: VmRSS and VmHWM of `--pid` from /proc, and the
+//!    RSS the steady phase added per agent stream.
 //! 4. Exactness: once every agent's last batch is acknowledged, the scaler's
 //!    exported `internal_tcp_attempts_total` summed over the bench's
 //!    namespace must equal the attempts the agents and firehoses generated;
@@ -562,6 +563,9 @@ async fn main() -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let opened = Arc::new(Opened::default());
+    // Read once the scaler serves: a scaler still starting reads low.
+    drop(connect(args.scaler.grpc).await?);
+    let rss_at_start = memory(args.scaler.pid)?.rss_kib;
     let started = Instant::now();
     let agents: Vec<_> = (0..args.agents)
         .map(|i| {
@@ -625,9 +629,13 @@ async fn main() -> anyhow::Result<()> {
         steady_cpu * 100.0,
         load_average()
     );
+    let after_steady = memory(args.scaler.pid)?;
+    println!("scaler memory after the steady phase: {after_steady}");
     println!(
-        "scaler memory after the steady phase: {}",
-        memory(args.scaler.pid)?
+        "scaler RSS per agent stream: {:.1} KiB ((VmRSS {} kB after the steady phase - {rss_at_start} kB at start) / {} streams; includes the series they report)",
+        after_steady.rss_kib.saturating_sub(rss_at_start) as f64 / args.agents as f64,
+        after_steady.rss_kib,
+        args.agents
     );
 
     paused.store(true, Relaxed);

@@ -45,20 +45,34 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
     }
 }
 
-/// The process's resident memory now and at its peak.
-pub fn memory(pid: u32) -> anyhow::Result<String> {
+/// A process's resident memory now and at its peak, as /proc reports them.
+pub struct Memory {
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VmRSS {} kB, VmHWM {} kB", self.rss_kib, self.hwm_kib)
+    }
+}
+
+/// The resident memory of `pid` now and at its peak.
+pub fn memory(pid: u32) -> anyhow::Result<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
+    let kib = |name: &str| -> anyhow::Result<u64> {
+        let line = status
             .lines()
-            .find(|l| l.starts_with(name))
-            .map(|l| l[name.len()..].trim().to_owned())
-            .unwrap_or_else(|| "?".into())
+            .find_map(|l| l.strip_prefix(name))
+            .with_context(|| format!("/proc/{pid}/status has no {name}"))?;
+        let value = line.trim().trim_end_matches("kB").trim();
+        value
+            .parse()
+            .with_context(|| format!("/proc/{pid}/status: {name} {line:?} is not a count of kB"))
     };
-    Ok(format!(
-        "VmRSS {}, VmHWM {}",
-        field("VmRSS:"),
-        field("VmHWM:")
-    ))
+    Ok(Memory {
+        rss_kib: kib("VmRSS:")?,
+        hwm_kib: kib("VmHWM:")?,
+    })
 }
