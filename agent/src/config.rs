@@ -92,7 +92,7 @@ pub struct Args {
     pub scaler_token_file: Option<PathBuf>,
 
     /// The bearer token itself (prefer SCALER_TOKEN_FILE).
-    #[arg(long, env = "SCALER_TOKEN", hide_env_values = true, value_parser = parse_token)]
+    #[arg(long, env = "SCALER_TOKEN", hide_env_values = true, value_parser = crate::report::checked_token)]
     pub scaler_token: Option<String>,
 
     /// CA bundle (PEM) to verify the scaler's certificate; enables TLS to the scaler.
@@ -334,20 +334,6 @@ pub enum ConfigError {
     Report(#[from] ReportError),
 }
 
-/// A bearer token as a gRPC header can carry it: printable ASCII, no spaces.
-fn parse_token(s: &str) -> Result<String, String> {
-    let token = s.trim();
-    if token.is_empty() {
-        return Err("the token is empty; unset it when the scaler asks for none".into());
-    }
-    if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
-        return Err(format!(
-            "the token holds {bad:?}: a bearer token is printable ASCII without spaces (a gRPC header cannot carry anything else)"
-        ));
-    }
-    Ok(token.to_owned())
-}
-
 fn host_name() -> Result<String, ConfigError> {
     let name =
         std::fs::read_to_string("/proc/sys/kernel/hostname").map_err(ConfigError::HostName)?;
@@ -428,13 +414,16 @@ mod tests {
         let arg = format!("--scaler-token-file={}", file.display());
         assert_eq!(
             error(&["--scaler-addr=127.0.0.1:9090", &arg]),
-            format!("SCALER_TOKEN_FILE {}: the file is empty", file.display())
+            format!(
+                "SCALER_TOKEN_FILE {}: the token is empty; unset it when the scaler asks for none",
+                file.display()
+            )
         );
         std::fs::write(&file, "jetón\n").unwrap();
         assert_eq!(
             error(&["--scaler-addr=127.0.0.1:9090", &arg]),
             format!(
-                "SCALER_TOKEN_FILE {}: the token holds characters a gRPC header cannot carry (printable ASCII without spaces)",
+                "SCALER_TOKEN_FILE {}: the token holds 'ó': a bearer token is printable ASCII without spaces (a gRPC header cannot carry anything else)",
                 file.display()
             )
         );

@@ -137,6 +137,21 @@ pub struct ReportSettings {
     pub log_limits: LogLimits,
 }
 
+/// A bearer token as a gRPC header can carry it: printable ASCII, no spaces
+/// (`SCALER_TOKEN`, and `SCALER_TOKEN_FILE` on every read).
+pub fn checked_token(s: &str) -> Result<String, String> {
+    let token = s.trim();
+    if token.is_empty() {
+        return Err("the token is empty; unset it when the scaler asks for none".into());
+    }
+    if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "the token holds {bad:?}: a bearer token is printable ASCII without spaces (a gRPC header cannot carry anything else)"
+        ));
+    }
+    Ok(token.to_owned())
+}
+
 impl ReportSettings {
     /// Reads the token once, as every connect will: at start, so a missing
     /// or empty token file is an error naming SCALER_TOKEN_FILE rather than
@@ -150,22 +165,14 @@ impl ReportSettings {
             TokenSource::None => return Ok(None),
             TokenSource::Value(v) => v.clone(),
             TokenSource::File(path) => {
-                let token =
+                let text =
                     std::fs::read_to_string(path).map_err(|source| ReportError::TokenFile {
                         path: path.clone(),
                         source,
                     })?;
-                let problem = if token.trim().is_empty() {
-                    "the file is empty"
-                } else if token.trim().chars().any(|c| !c.is_ascii_graphic()) {
-                    "the token holds characters a gRPC header cannot carry (printable ASCII without spaces)"
-                } else {
-                    return stream::bearer(&token).map(Some);
-                };
-                return Err(ReportError::Config(format!(
-                    "SCALER_TOKEN_FILE {}: {problem}",
-                    path.display()
-                )));
+                checked_token(&text).map_err(|problem| {
+                    ReportError::Config(format!("SCALER_TOKEN_FILE {}: {problem}", path.display()))
+                })?
             }
         };
         stream::bearer(&token).map(Some)
