@@ -32,6 +32,8 @@
 //!    exported `internal_tcp_attempts_total` summed over the bench's
 //!    namespace must equal the attempts the agents and firehoses generated;
 //!    a lost or doubled count fails the run.
+//! 5. One `sizing:` line with the figures of the README's sizing table
+//!    (`hack/bench scaler_sizing` collects it from each run).
 //!
 //! It only ever connects to the addresses it is given; hack/bench gives it
 //! loopback ones. Every loop is bounded in time.
