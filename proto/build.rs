@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
+        .codec_path("crate::codec::SmallBufferCodec")
         .file_descriptor_set_path(out.join("descriptors.bin"))
         .compile_with_config(config, PROTOS, &["."])?;
     Ok(())

@@ -6,6 +6,8 @@
 //!   `proto/itw/v1/ingest.proto` for its rules).
 //! - [`names`]: the Kubernetes name rules of what the agent reports and the
 //!   scaler accepts, one copy for both.
+//! - [`codec`]: the protobuf codec every generated client and server uses
+//!   (prost's, with small per-call buffers).
 //!
 //! [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
 
@@ -24,6 +26,7 @@ pub mod itw {
     }
 }
 
+pub mod codec;
 pub mod names;
 
 /// Encoded `FileDescriptorSet` of every contract, for `tonic-reflection`.

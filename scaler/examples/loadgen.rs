@@ -32,6 +32,8 @@
 //!    exported `internal_tcp_attempts_total` summed over the bench's
 //!    namespace must equal the attempts the agents and firehoses generated;
 //!    a lost or doubled count fails the run.
+//! 5. One `sizing:` line with the figures of the README's sizing table
+//!    (`hack/bench scaler_sizing` collects it from each run).
 //!
 //! It only ever connects to the addresses it is given; hack/bench gives it
 //! loopback ones. Every loop is bounded in time.
@@ -630,12 +632,12 @@ async fn main() -> anyhow::Result<()> {
         load_average()
     );
     let after_steady = memory(args.scaler.pid)?;
+    let per_stream_kib =
+        after_steady.rss_kib.saturating_sub(rss_at_start) as f64 / args.agents as f64;
     println!("scaler memory after the steady phase: {after_steady}");
     println!(
         "scaler RSS per agent stream: {:.1} KiB ((VmRSS {} kB after the steady phase - {rss_at_start} kB at start) / {} streams; includes the series they report)",
-        after_steady.rss_kib.saturating_sub(rss_at_start) as f64 / args.agents as f64,
-        after_steady.rss_kib,
-        args.agents
+        per_stream_kib, after_steady.rss_kib, args.agents
     );
 
     paused.store(true, Relaxed);
@@ -675,10 +677,8 @@ async fn main() -> anyhow::Result<()> {
         acked as f64 / cpu.max(0.01),
         load_average()
     );
-    println!(
-        "scaler memory after the throughput phase: {}",
-        memory(args.scaler.pid)?
-    );
+    let after_throughput = memory(args.scaler.pid)?;
+    println!("scaler memory after the throughput phase: {after_throughput}");
 
     stop.store(true, Relaxed);
     paused.store(false, Relaxed);
@@ -697,6 +697,21 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     let counted = scaler_bench_attempts(args.scaler.metrics).await?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    // One line per run for the README's sizing table; hack/bench
+    // scaler_sizing collects them. Goals: design.md section 5, issue #18.
+    println!(
+        "sizing: {} agents x {} Services: RSS {:.0} MiB after the steady phase (goal <= 200 MiB), {:.1} KiB per agent stream (goal <= 30), peak {:.0} MiB; CPU {:.1}% of a core; GetMetrics p50 {} p99 {} (goal <= 1 ms); stream resets {}",
+        args.agents,
+        args.services,
+        mib(after_steady.rss_kib),
+        per_stream_kib,
+        mib(after_throughput.hwm_kib.max(after_steady.hwm_kib)),
+        steady_cpu * 100.0,
+        ms(percentile(&latencies.corrected, 50.0)),
+        ms(percentile(&latencies.corrected, 99.0)),
+        opened.resets.load(Relaxed)
+    );
     println!(
         "attempts to namespace {NAMESPACE}: the agents and firehoses generated {generated}, the scaler's internal_tcp_attempts_total sums {counted}"
     );

@@ -124,6 +124,14 @@ pub struct Args {
     #[arg(long, env = "IDLE_TIMEOUT", default_value = "90s", value_parser = parse_idle_timeout)]
     pub idle_timeout: Duration,
 
+    /// HTTP/2 receive window of each gRPC stream and connection: the most a
+    /// peer may send that the scaler has not read yet (bytes or Ki/Mi, 16Ki
+    /// to 16Mi). It bounds what thousands of agent connections can queue in
+    /// a replica that falls behind; a steady batch (about 1 KB) flows in one
+    /// round trip, a snapshot in about its size / window round trips.
+    #[arg(long, env = "GRPC_WINDOW", default_value = "64Ki", value_parser = parse_grpc_window)]
+    pub grpc_window: u32,
+
     /// Most deltas in one batch from an agent; a larger batch ends its stream.
     #[arg(long, env = "MAX_BATCH_DELTAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_batch_deltas: u32,
@@ -169,6 +177,7 @@ impl Args {
                 max_streams_per_connection: self.max_streams_per_connection,
                 grpc_max_connections: self.grpc_max_connections as usize,
                 idle_timeout: self.idle_timeout,
+                grpc_window: self.grpc_window,
                 max_batch_deltas: self.max_batch_deltas as usize,
             },
         }
@@ -215,6 +224,7 @@ pub struct Limits {
     pub max_streams_per_connection: u32,
     pub grpc_max_connections: usize,
     pub idle_timeout: Duration,
+    pub grpc_window: u32,
     pub max_batch_deltas: usize,
 }
 
@@ -235,6 +245,7 @@ impl Default for Limits {
             max_streams_per_connection: 1_000,
             grpc_max_connections: 16_384,
             idle_timeout: Duration::from_secs(90),
+            grpc_window: 64 << 10,
             max_batch_deltas: 10_000,
         }
     }
@@ -319,6 +330,15 @@ fn parse_report_bytes(s: &str) -> Result<usize, String> {
     Ok(n)
 }
 
+fn parse_grpc_window(s: &str) -> Result<u32, String> {
+    let n = flags::bytes(s)?;
+    if !(16 << 10..=16 << 20).contains(&n) {
+        return Err(format!("{:?}: must be between 16Ki and 16Mi", s.trim()));
+    }
+    // The range keeps it far below u32::MAX.
+    Ok(n as u32)
+}
+
 fn parse_retention(s: &str) -> Result<Duration, String> {
     bounded_duration(
         s,
@@ -372,6 +392,7 @@ mod tests {
             "--max-streams-per-connection=10",
             "--grpc-max-connections=11",
             "--idle-timeout=45s",
+            "--grpc-window=20Ki",
             "--max-batch-deltas=7",
             "--log-format=json",
         ])
@@ -402,6 +423,7 @@ mod tests {
                     max_streams_per_connection: 10,
                     grpc_max_connections: 11,
                     idle_timeout: Duration::from_secs(45),
+                    grpc_window: 20 << 10,
                     max_batch_deltas: 7,
                 },
             }
@@ -473,6 +495,8 @@ mod tests {
                 &["--max-report-bytes=16MB"],
                 "--max-report-bytes <MAX_REPORT_BYTES>",
             ),
+            (&["--grpc-window=8Ki"], "--grpc-window <GRPC_WINDOW>"),
+            (&["--grpc-window=32Mi"], "--grpc-window <GRPC_WINDOW>"),
             (&["--log-format=xml"], "--log-format <LOG_FORMAT>"),
             (&["--agent-token= "], "--agent-token <AGENT_TOKEN>"),
         ];
@@ -489,6 +513,9 @@ mod tests {
         assert!(
             error(&["--max-report-bytes=1Gi"]).contains("\"1Gi\": must be between 64Ki and 256Mi")
         );
+        assert!(error(&["--grpc-window=8Ki"]).contains("\"8Ki\": must be between 16Ki and 16Mi"));
+        let window = |v: &str| parse(&[&format!("--grpc-window={v}")]).unwrap().grpc_window;
+        assert_eq!((window("16Ki"), window("1Mi")), (16 << 10, 1 << 20));
     }
 
     #[test]

@@ -172,7 +172,11 @@ impl Scaler {
         let mut builder = Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            .max_concurrent_streams(Some(self.store.limits().max_streams_per_connection));
+            .max_concurrent_streams(Some(self.store.limits().max_streams_per_connection))
+            // hyper's default is 1 MiB each: 5 GiB that 5,000 agent
+            // connections could queue in a replica that falls behind.
+            .initial_stream_window_size(self.store.limits().grpc_window)
+            .initial_connection_window_size(self.store.limits().grpc_window);
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls).map_err(Error::Tls)?;
         }

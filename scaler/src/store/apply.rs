@@ -12,6 +12,7 @@ use itw_telemetry::logging::LogBudget;
 
 use super::{
     CapRefusal, Connection, SeriesCache, SeriesSlot, Store, Wakeups, destination_key,
+    destination_key_into,
     series::{AgentServices, Resolved},
     series_id,
 };
@@ -264,6 +265,7 @@ impl Store {
                 true
             }
         };
+        let mut destination = String::new();
         let mut wake = Wakeups::default();
         let mut guard = state;
         let state = &mut *guard;
@@ -288,12 +290,15 @@ impl Store {
             }
             resolved.series.add_live(attempts);
             if in_last_second {
-                match state.applied_in_last_second.get_mut(&*resolved.destination) {
+                // Written per delta into one buffer rather than kept in every
+                // stream's cache entry: each agent stream holds a cache.
+                destination_key_into(&mut destination, name.namespace, name.service, name.port);
+                match state.applied_in_last_second.get_mut(destination.as_str()) {
                     Some(applied) => *applied = applied.saturating_add(attempts),
                     None => {
                         state
                             .applied_in_last_second
-                            .insert(Arc::clone(&resolved.destination), attempts);
+                            .insert(destination.as_str().into(), attempts);
                     }
                 }
             }

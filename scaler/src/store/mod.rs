@@ -52,7 +52,7 @@ pub use instances::short_id;
 use series::series_id;
 pub use series::{CapRefusal, SeriesCache, SeriesSlot};
 pub use services::{Activity, ServiceEntry, Subscription};
-use services::{Wakeups, destination_key};
+use services::{Wakeups, destination_key, destination_key_into};
 
 /// The scaler's state, shared by every ingest stream and KEDA call.
 pub struct Store {

@@ -9,6 +9,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    hash::{BuildHasher, RandomState},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering::SeqCst},
@@ -18,7 +19,7 @@ use std::{
 use itw_telemetry::exposition::{AttemptLabels, OVERFLOW_COMM};
 use tokio::time::Instant;
 
-use super::{SeriesName, ServiceEntry, Store, destination_key, services::service_key};
+use super::{SeriesName, ServiceEntry, Store, services::service_key};
 
 /// Most series a single ingest stream remembers it has resolved; past that it
 /// starts over (only a cost, never a miscount).
@@ -109,13 +110,22 @@ fn saturating_sub(value: &AtomicU64, n: u64) {
 
 /// What one ingest stream has resolved (series, window), so a steady agent
 /// costs one local hash lookup per delta.
+///
+/// Every agent stream holds one, so it stores no names: the index maps a
+/// keyed hash of (namespace, service, pod, port, process) to an entry, and a
+/// hit counts only once the entry's own series labels and port equal the
+/// name (a collision is a miss, never another series' count). An entry
+/// folded into the overflow series by MAX_SERIES does not carry the name it
+/// was asked for, so it is never cached: past MAX_SERIES a new series costs
+/// a lookup in the store per delta, and is still counted.
 #[derive(Default)]
 pub struct SeriesCache {
-    index: HashMap<Box<str>, usize>,
+    index: HashMap<u64, u32>,
     entries: Vec<Resolved>,
-    key: String,
+    /// The last folded entry resolved (not cached, see above).
+    uncached: Option<Resolved>,
+    hasher: RandomState,
 }
-
 /// Why an entry was refused for a cap rather than counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CapRefusal {
@@ -152,8 +162,19 @@ pub(super) struct Resolved {
     pub(super) folded: bool,
     pub(super) service: Arc<ServiceEntry>,
     pub(super) port: u16,
-    /// `namespace/service:port`, the key of per-destination counts.
-    pub(super) destination: Arc<str>,
+}
+
+impl Resolved {
+    /// Whether this entry is the one `name` resolves to.
+    fn is(&self, name: &SeriesName<'_>) -> bool {
+        let labels = self.series.labels();
+        !self.folded
+            && self.port == name.port
+            && labels.process_comm == name.process_comm
+            && labels.destination_service == name.service
+            && labels.destination_pod == name.pod
+            && labels.destination_namespace == name.namespace
+    }
 }
 
 impl Store {
@@ -168,31 +189,42 @@ impl Store {
         name: &SeriesName<'_>,
         services: &mut AgentServices,
     ) -> Result<&'c mut Resolved, CapRefusal> {
-        stream_key(&mut cache.key, name);
-        let index = match cache.index.get(cache.key.as_str()) {
-            Some(&i) => i,
-            None => {
-                let service = service_key(name.namespace, name.service);
-                let new_to_instance = !services.contains(service.as_str());
-                if new_to_instance && services.len() >= self.limits.max_services_per_agent {
-                    return Err(CapRefusal::MaxServicesPerAgent);
-                }
-                let resolved = self.resolve_uncached(name)?;
-                if new_to_instance {
-                    services.insert(service.into_boxed_str());
-                }
-                if cache.entries.len() >= STREAM_CACHE_LIMIT {
-                    cache.index.clear();
-                    cache.entries.clear();
-                }
-                cache.entries.push(resolved);
-                cache
-                    .index
-                    .insert(cache.key.as_str().into(), cache.entries.len() - 1);
-                cache.entries.len() - 1
-            }
-        };
-        Ok(&mut cache.entries[index])
+        let hash = cache.hasher.hash_one((
+            name.namespace,
+            name.service,
+            name.pod,
+            name.port,
+            name.process_comm,
+        ));
+        let cached = cache
+            .index
+            .get(&hash)
+            .map(|&i| i as usize)
+            .filter(|&i| cache.entries.get(i).is_some_and(|e| e.is(name)));
+        if let Some(i) = cached {
+            return Ok(&mut cache.entries[i]);
+        }
+        let service = service_key(name.namespace, name.service);
+        let new_to_instance = !services.contains(service.as_str());
+        if new_to_instance && services.len() >= self.limits.max_services_per_agent {
+            return Err(CapRefusal::MaxServicesPerAgent);
+        }
+        let resolved = self.resolve_uncached(name)?;
+        if new_to_instance {
+            services.insert(service.into_boxed_str());
+        }
+        if resolved.folded {
+            return Ok(cache.uncached.insert(resolved));
+        }
+        if cache.entries.len() >= STREAM_CACHE_LIMIT {
+            cache.index.clear();
+            cache.entries.clear();
+        }
+        let i = cache.entries.len();
+        cache.entries.push(resolved);
+        // STREAM_CACHE_LIMIT keeps the index within u32.
+        cache.index.insert(hash, i as u32);
+        Ok(&mut cache.entries[i])
     }
 
     /// Admits a snapshot's history of a Service as [`Store::resolve`] admits
@@ -222,7 +254,6 @@ impl Store {
             folded,
             service: self.service_entry(name.namespace, name.service),
             port: name.port,
-            destination: destination_key(name.namespace, name.service, name.port).into(),
         })
     }
 
@@ -347,24 +378,6 @@ fn series_key(namespace: &str, service: &str, pod: &str, comm: &str) -> String {
     }
     key.push_str(comm);
     key
-}
-
-/// Key of a series and port in a stream's cache, written into a reused buffer.
-fn stream_key(key: &mut String, name: &SeriesName<'_>) {
-    key.clear();
-    for part in [name.namespace, name.service, name.pod] {
-        key.push_str(part);
-        key.push('\0');
-    }
-    let mut port = name.port;
-    let mut digits = [b'0'; 5];
-    for d in digits.iter_mut().rev() {
-        *d = b'0' + (port % 10) as u8;
-        port /= 10;
-    }
-    key.extend(digits.iter().map(|&d| char::from(d)));
-    key.push('\0');
-    key.push_str(name.process_comm);
 }
 
 #[cfg(test)]
@@ -572,14 +585,84 @@ mod tests {
         drop((conn, conn_b));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_cache_entry_under_another_names_hash_is_a_miss_not_its_count() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let (curl, wget) = (name("web", 80, "", "curl"), name("web", 80, "", "wget"));
+        store
+            .apply_batch(&conn, &batch(1, START_MS, vec![(curl, 1)]), &mut cache)
+            .unwrap();
+        // Make wget's hash find curl's entry, as a 64-bit collision would.
+        let wget_hash = cache.hasher.hash_one((
+            wget.namespace,
+            wget.service,
+            wget.pod,
+            wget.port,
+            wget.process_comm,
+        ));
+        cache.index.insert(wget_hash, 0);
+        store
+            .apply_batch(&conn, &batch(2, START_MS, vec![(wget, 5)]), &mut cache)
+            .unwrap();
+        let mut rows = exported(&store);
+        rows.sort();
+        assert_eq!(
+            rows,
+            vec![
+                row("web", "", "", 0),
+                row("web", "", "curl", 1),
+                row("web", "", "wget", 5),
+            ]
+        );
+        assert_eq!(cache.entries.len(), 2);
+        // The same port on another Service or port is another entry too.
+        store
+            .apply_batch(
+                &conn,
+                &batch(3, START_MS, vec![(name("web", 81, "", "curl"), 2)]),
+                &mut cache,
+            )
+            .unwrap();
+        assert_eq!(cache.entries.len(), 3);
+        assert_eq!(store.attempts("apps", "web", Some(80), 60), 6);
+        assert_eq!(store.attempts("apps", "web", Some(81), 60), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn folded_entries_are_counted_every_time_and_never_cached() {
+        let store = store_with(Limits {
+            max_series: 1,
+            ..Limits::default()
+        });
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let (curl, wget) = (name("web", 80, "", "curl"), name("web", 80, "", "wget"));
+        for sequence in 1..=3 {
+            store
+                .apply_batch(
+                    &conn,
+                    &batch(sequence, START_MS, vec![(curl, 1), (wget, 10)]),
+                    &mut cache,
+                )
+                .unwrap();
+        }
+        assert_eq!(
+            exported(&store),
+            vec![
+                row("web", "", "", 0),
+                row("web", "", OVERFLOW_COMM, 30),
+                row("web", "", "curl", 3),
+            ]
+        );
+        assert_eq!(store.metrics.series_overflow.get(), 3);
+        assert_eq!(cache.entries.len(), 1, "only curl's entry is cached");
+        assert_eq!(cache.index.len(), 1);
+    }
+
     #[test]
     fn keys_are_unambiguous() {
         assert_ne!(series_key("a", "b", "", "c"), series_key("a", "b", "c", ""));
-        let mut k1 = String::new();
-        let mut k2 = String::new();
-        stream_key(&mut k1, &name("web", 80, "", "1"));
-        stream_key(&mut k2, &name("web", 801, "", ""));
-        assert_ne!(k1, k2);
-        assert_eq!(k1, "apps\u{0}web\u{0}\u{0}00080\u{0}1");
     }
 }

@@ -358,7 +358,17 @@ pub(super) fn service_key(namespace: &str, service: &str) -> String {
 }
 
 pub(super) fn destination_key(namespace: &str, service: &str, port: u16) -> String {
-    format!("{namespace}/{service}:{port}")
+    let mut key = String::new();
+    destination_key_into(&mut key, namespace, service, port);
+    key
+}
+
+/// [`destination_key`] written into a reused buffer.
+pub(super) fn destination_key_into(key: &mut String, namespace: &str, service: &str, port: u16) {
+    use std::fmt::Write;
+    key.clear();
+    // Writing to a String cannot fail.
+    let _ = write!(key, "{namespace}/{service}:{port}");
 }
 
 #[cfg(test)]
