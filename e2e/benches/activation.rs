@@ -6,7 +6,11 @@
 //! agent's CPU and memory at 10k connects/s.
 //!
 //! Run with `hack/bench activation` (root: it loads eBPF programs).
-//! Options: --activations N (default 1000), --services N (default 200).
+//! Options: --activations N (default 1000), --services N (default 200),
+//! --timeline (the binaries log each hand-off, and the phases of every
+//! activation are summarised beside the timelines of the median, the p99 and
+//! the slowest; the logging costs each step a few microseconds, so run
+//! without it for the figures themselves).
 
 use std::{
     collections::HashMap,
@@ -15,7 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use itw_e2e::system::*;
+use itw_e2e::{
+    system::*,
+    timeline::{self, Activation},
+};
+use itw_telemetry::timeline::monotonic_us;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
@@ -83,6 +91,38 @@ fn usage(pid: i32) -> (f64, u64, u64) {
     (cpu_ns as f64 / 1e9, kib("VmRSS:"), kib("VmHWM:"))
 }
 
+/// Where the direct path's time goes: each phase's spread over every
+/// activation, then the median, p99 and slowest activations step by step.
+fn print_timeline(stamps: &[(u64, u64)], agent: &Agent, scaler: &Scaler) {
+    let mut events = timeline::events("agent", &agent.proc.log());
+    events.extend(timeline::events("scaler", &scaler.proc.log()));
+    events.sort_by_key(|e| e.t_us);
+    let mut activations: Vec<Activation> = stamps
+        .iter()
+        .map(|&(connect, received)| Activation::new(connect, received, &events))
+        .collect();
+    activations.sort_by_key(|a| a.received_us - a.connect_us);
+    println!();
+    println!(
+        "timeline (instrumented run): phases over {} activations, slowest p99 first",
+        activations.len()
+    );
+    for (label, n, p50, p99, max) in timeline::phase_summary(&activations) {
+        println!("  n={n:<5} p50={p50:>6} us p99={p99:>6} us max={max:>6} us  {label}");
+    }
+    let n = activations.len();
+    for (name, index) in [
+        ("median", n / 2),
+        ("p99", (n - 1) * 99 / 100),
+        ("slowest", n - 1),
+    ] {
+        if let Some(activation) = activations.get(index) {
+            println!("the {name} activation:");
+            print!("{}", activation.render(&events));
+        }
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -92,6 +132,14 @@ async fn main() {
     let activations = option(&args, "--activations", 1000);
     let services = option(&args, "--services", 200).clamp(10, 60_000);
     let prometheus_available = std::path::Path::new("/usr/bin/prometheus").exists();
+    let with_timeline = args.iter().any(|a| a == "--timeline");
+    // Logging each hand-off costs the path a few microseconds per step, so
+    // a timeline run is its own run, never the one the figures come from.
+    let log_env: Vec<(&str, String)> = if with_timeline {
+        timeline::log_env().to_vec()
+    } else {
+        Vec::new()
+    };
 
     let mut map = String::from("services:\n");
     for i in 0..=services {
@@ -102,8 +150,14 @@ async fn main() {
             a.port()
         ));
     }
-    let scaler = Scaler::start("scaler").await;
-    let agent = Agent::start("agent", &map, &[scaler.grpc], &[]).await;
+    let scaler = Scaler::start_on(
+        "scaler",
+        loopback(free_port()),
+        loopback(free_port()),
+        &log_env,
+    )
+    .await;
+    let agent = Agent::start("agent", &map, &[scaler.grpc], &log_env).await;
     println!(
         "itw-scaler pid {} and itw-agent pid {} on loopback; {services} services, window {WINDOW}, agent tick 1s",
         scaler.proc.pid(),
@@ -164,7 +218,7 @@ async fn main() {
     }
 
     // One StreamIsActive per service, as KEDA holds one per external-push trigger.
-    let (events_tx, mut events) = mpsc::unbounded_channel::<(usize, bool, Instant)>();
+    let (events_tx, mut events) = mpsc::unbounded_channel::<(usize, bool, Instant, u64)>();
     let state: Arc<Mutex<Vec<Option<bool>>>> = Arc::new(Mutex::new(vec![None; services]));
     for i in 0..services {
         let mut keda = scaler.keda().await;
@@ -180,9 +234,9 @@ async fn main() {
             loop {
                 match stream.message().await {
                     Ok(Some(message)) => {
-                        let at = Instant::now();
+                        let (at, at_us) = (Instant::now(), monotonic_us());
                         state.lock()[i] = Some(message.result);
-                        let _ = tx.send((i, message.result, at));
+                        let _ = tx.send((i, message.result, at, at_us));
                     }
                     end => {
                         eprintln!("StreamIsActive of svc-{i:05} ended: {end:?}");
@@ -230,6 +284,7 @@ async fn main() {
     // two ticks, which the spacing below leaves).
     let spacing = Duration::from_millis((3000 / services as u64).max(5));
     let mut direct = Vec::with_capacity(activations);
+    let mut stamps = Vec::with_capacity(activations);
     let mut first_connect: Vec<Option<Instant>> = vec![None; services];
     let started = Instant::now();
     for n in 0..activations {
@@ -247,12 +302,12 @@ async fn main() {
         let addr = service_addr(i);
         // A refused loopback connect returns in microseconds: made inline,
         // like a caller's connect(), with no thread hand-off in the timing.
-        let t0 = Instant::now();
+        let (t0, t0_us) = (Instant::now(), monotonic_us());
         connect_refused(addr);
         first_connect[i].get_or_insert(t0);
-        let at = loop {
+        let (at, at_us) = loop {
             match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
-                Ok(Some((j, true, at))) if j == i => break at,
+                Ok(Some((j, true, at, at_us))) if j == i => break (at, at_us),
                 Ok(Some(_)) => continue,
                 other => {
                     let service = format!("svc-{i:05}");
@@ -270,11 +325,15 @@ async fn main() {
             }
         };
         direct.push(at - t0);
+        stamps.push((t0_us, at_us));
         tokio::time::sleep(spacing.saturating_sub(t0.elapsed())).await;
     }
     println!("{activations} activations in {:.1?}", started.elapsed());
     println!();
     let (direct_p50, direct_p99) = summary("direct: connect() -> StreamIsActive true", direct);
+    if with_timeline {
+        print_timeline(&stamps, &agent, &scaler);
+    }
 
     if let Some(poller) = seed_poller {
         // Let the slowest first activation reach the seed query.
