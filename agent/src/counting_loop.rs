@@ -22,6 +22,8 @@ use tokio::{
     time::{Instant, MissedTickBehavior},
 };
 
+use itw_telemetry::timeline::{TARGET as TIMELINE, monotonic_us};
+
 use crate::{
     capture::{CaptureError, Kernel, Wake},
     deltas::{Collection, Collector, SeriesKey},
@@ -158,6 +160,12 @@ impl CountingLoop {
                         woken.push(wake);
                     }
                     self.metrics.wakes.inc_by(woken.len() as u64);
+                    tracing::trace!(
+                        target: TIMELINE,
+                        t_us = monotonic_us(),
+                        wakes = woken.len(),
+                        "wakes taken by the counting loop"
+                    );
                     self.collect_woken(&woken, woken_at)?;
                 }
                 event = events.recv(), if events_open => match event {

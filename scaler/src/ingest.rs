@@ -23,7 +23,10 @@ use itw_proto::{
     },
     names::{self, NameProblem},
 };
-use itw_telemetry::logging::LogBudget;
+use itw_telemetry::{
+    logging::LogBudget,
+    timeline::{TARGET as TIMELINE, monotonic_us},
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -375,6 +378,14 @@ impl ReportStream {
                     ack
                 }
                 report_request::Message::Batch(batch) => {
+                    if batch.wake {
+                        tracing::trace!(
+                            target: TIMELINE,
+                            t_us = monotonic_us(),
+                            sequence = batch.sequence,
+                            "wake batch received"
+                        );
+                    }
                     if !snapshot_applied {
                         self.metrics.batch(BatchResult::Rejected);
                         return Err(IngestError::SnapshotMissing {
@@ -389,6 +400,14 @@ impl ReportStream {
                     );
                     match outcome {
                         Ok((BatchOutcome::Applied { ack }, applied, refused)) => {
+                            if batch.wake {
+                                tracing::trace!(
+                                    target: TIMELINE,
+                                    t_us = monotonic_us(),
+                                    sequence = batch.sequence,
+                                    "wake batch applied"
+                                );
+                            }
                             self.metrics.batch(BatchResult::Applied);
                             self.metrics.deltas.inc_by(applied as u64);
                             refusals.note(&self.metrics, &refused);

@@ -12,6 +12,7 @@ use itw_proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricValue,
     ScaledObjectRef, external_scaler_server::ExternalScaler,
 };
+use itw_telemetry::timeline::{TARGET as TIMELINE, monotonic_us};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -230,8 +231,17 @@ pub async fn watch_activity(
                     return;
                 }
                 activity = evaluate(store);
-                if activity.active() && tx.send(Ok(IsActiveResponse { result: true })).await.is_err() {
-                    return;
+                if activity.active() {
+                    tracing::trace!(
+                        target: TIMELINE,
+                        t_us = monotonic_us(),
+                        namespace = %trigger.namespace,
+                        service = %trigger.service,
+                        "StreamIsActive true handed to the stream"
+                    );
+                    if tx.send(Ok(IsActiveResponse { result: true })).await.is_err() {
+                        return;
+                    }
                 }
             }
             () = sleep_until(deadline), if activity.active() => {

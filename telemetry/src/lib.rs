@@ -11,6 +11,7 @@ pub mod flags;
 pub mod http;
 pub mod listener;
 pub mod logging;
+pub mod timeline;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

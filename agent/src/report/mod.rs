@@ -26,6 +26,8 @@ use tonic::{
     transport::{Certificate, ClientTlsConfig, Identity},
 };
 
+use itw_telemetry::timeline::{TARGET as TIMELINE, monotonic_us};
+
 use crate::counting_loop::{AgentClock, Collected, CollectionSink};
 use ledger::{Ledger, LogLimits};
 
@@ -345,12 +347,18 @@ impl ReportMetrics {
         &self.health
     }
 
-    fn sent(&self, woken_at: Option<Instant>) {
+    fn sent(&self, sequence: u64, woken_at: Option<Instant>) {
         self.batches
             .get_or_create(&ResultLabels { result: "sent" })
             .inc();
         if let Some(at) = woken_at {
             self.wake_to_send.observe(at.elapsed().as_secs_f64());
+            tracing::trace!(
+                target: TIMELINE,
+                t_us = monotonic_us(),
+                sequence,
+                "wake batch handed to a scaler stream"
+            );
         }
     }
 

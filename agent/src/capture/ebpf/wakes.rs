@@ -6,6 +6,7 @@
 
 use aya::maps::{MapData, RingBuf};
 use itw_common::{AttemptKey, WakeEvent, maps};
+use itw_telemetry::timeline::{TARGET as TIMELINE, monotonic_us};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -67,6 +68,14 @@ async fn forward_wakes(mut ring: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<Wak
                 }),
                 None => tracing::warn!(len = item.len(), "ignoring a malformed wake record"),
             }
+        }
+        if !ids.is_empty() {
+            tracing::trace!(
+                target: TIMELINE,
+                t_us = monotonic_us(),
+                wakes = ids.len(),
+                "wakes read from the ring buffer"
+            );
         }
         for id in ids.drain(..) {
             // Waiting here (rather than dropping) lets the ring buffer absorb
