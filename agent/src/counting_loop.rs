@@ -317,7 +317,7 @@ mod tests {
         AttemptLabels {
             destination_namespace: "default".into(),
             destination_service: svc.into(),
-            destination_pod: String::new(),
+            destination_pod: "".into(),
             process_comm: comm.into(),
         }
     }

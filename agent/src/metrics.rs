@@ -45,10 +45,10 @@ impl AttemptCounters {
         let mut series = self.series.lock();
         for (key, delta) in deltas {
             let labels = AttemptLabels {
-                destination_namespace: key.service.namespace.to_string(),
-                destination_service: key.service.name.to_string(),
-                destination_pod: key.pod.to_string(),
-                process_comm: key.comm.to_string(),
+                destination_namespace: key.service.namespace.clone(),
+                destination_service: key.service.name.clone(),
+                destination_pod: key.pod.clone(),
+                process_comm: key.comm.clone(),
             };
             series
                 .entry(labels)
@@ -65,7 +65,10 @@ impl AttemptCounters {
     pub fn service_seen(&self, service: &ServiceRef) {
         self.series
             .lock()
-            .entry(AttemptLabels::service(&service.namespace, &service.name))
+            .entry(AttemptLabels::shared_service(
+                &service.namespace,
+                &service.name,
+            ))
             .or_insert(SeriesState {
                 attempts: 0,
                 created: Instant::now(),
@@ -75,7 +78,7 @@ impl AttemptCounters {
     /// Drops a departed Service's zero series. Series with attempts stay: a
     /// counter that vanished would read as a reset.
     pub fn service_gone(&self, service: &ServiceRef) {
-        let labels = AttemptLabels::service(&service.namespace, &service.name);
+        let labels = AttemptLabels::shared_service(&service.namespace, &service.name);
         let mut series = self.series.lock();
         if series.get(&labels).is_some_and(|s| s.attempts == 0) {
             series.remove(&labels);
@@ -327,6 +330,37 @@ mod tests {
     use itw_telemetry::exposition::{OVERFLOW_COMM, parse_samples};
 
     use super::*;
+
+    #[test]
+    fn series_share_the_names_they_are_given() {
+        let counters = AttemptCounters::default();
+        let service = ServiceRef::new("shop", "web");
+        counters.service_seen(&service);
+        counters.service_seen(&ServiceRef::new("shop", "cart"));
+        let attempt = key("web", 80, "web-0", "curl");
+        counters.add(&[(attempt.clone(), 2)]);
+        let series = counters.series.lock();
+        let zero = series
+            .keys()
+            .find(|l| &*l.destination_service == "web" && l.process_comm.is_empty())
+            .expect("the zero series");
+        assert!(Arc::ptr_eq(&zero.destination_namespace, &service.namespace));
+        assert!(Arc::ptr_eq(&zero.destination_service, &service.name));
+        // Every empty label is one allocation.
+        let cart = series
+            .keys()
+            .find(|l| &*l.destination_service == "cart")
+            .expect("the other zero series");
+        assert!(Arc::ptr_eq(&zero.destination_pod, &cart.process_comm));
+        let counted = series
+            .iter()
+            .find(|(l, _)| &*l.process_comm == "curl")
+            .expect("the counted series");
+        assert_eq!(counted.1.attempts, 2);
+        assert!(Arc::ptr_eq(&counted.0.destination_pod, &attempt.pod));
+        assert!(Arc::ptr_eq(&counted.0.process_comm, &attempt.comm));
+        assert_eq!(series.len(), 3);
+    }
 
     fn key(svc: &str, port: u16, pod: &str, comm: &str) -> SeriesKey {
         SeriesKey {

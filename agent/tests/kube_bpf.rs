@@ -148,8 +148,8 @@ async fn a_connect_to_a_service_cluster_ip_is_counted_until_the_service_is_delet
     let labels = AttemptLabels {
         destination_namespace: NAMESPACE.into(),
         destination_service: SERVICE.into(),
-        destination_pod: String::new(),
-        process_comm: key.comm.to_string(),
+        destination_pod: "".into(),
+        process_comm: key.comm.clone(),
     };
     assert_eq!(attempts.get(&labels), Some(1));
 

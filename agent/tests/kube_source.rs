@@ -822,7 +822,7 @@ async fn the_counting_loop_counts_under_the_services_labels() {
     let labels = AttemptLabels {
         destination_namespace: "shop".into(),
         destination_service: "web".into(),
-        destination_pod: String::new(),
+        destination_pod: "".into(),
         process_comm: "curl".into(),
     };
     assert_eq!(attempts.get(&labels), Some(1));

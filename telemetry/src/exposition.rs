@@ -16,7 +16,12 @@
 //! always get the true count, and a scraper's first scrape gets true counts
 //! too, so a new or restarted Prometheus never sees counters drop.
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use parking_lot::Mutex;
 use prometheus_client::{
@@ -49,13 +54,26 @@ const SCRAPER_TTL: Duration = Duration::from_secs(3600);
 const MAX_SCRAPERS: usize = 64;
 
 /// The labels of `internal_tcp_attempts_total`, exactly as the seed names them.
+///
+/// Shared strings: a binary that already holds the names (the agent's
+/// resolver, its Services and processes) keeps a series for a pointer each,
+/// and encoding a scrape clones them without copying.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct AttemptLabels {
-    pub destination_namespace: String,
-    pub destination_service: String,
+    pub destination_namespace: Arc<str>,
+    pub destination_service: Arc<str>,
     /// Empty for connects to a ClusterIP.
-    pub destination_pod: String,
-    pub process_comm: String,
+    pub destination_pod: Arc<str>,
+    pub process_comm: Arc<str>,
+}
+
+/// One empty label value for every series that has none: `Arc::from("")`
+/// would allocate each time.
+static EMPTY: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
+
+/// The shared empty label value.
+pub fn empty_label() -> Arc<str> {
+    EMPTY.clone()
 }
 
 impl AttemptLabels {
@@ -63,11 +81,16 @@ impl AttemptLabels {
     /// moment the service is known, so a query for the service returns 0
     /// rather than nothing.
     pub fn service(namespace: &str, service: &str) -> Self {
+        Self::shared_service(&namespace.into(), &service.into())
+    }
+
+    /// [`AttemptLabels::service`] with names the caller already holds.
+    pub fn shared_service(namespace: &Arc<str>, service: &Arc<str>) -> Self {
         Self {
-            destination_namespace: namespace.to_owned(),
-            destination_service: service.to_owned(),
-            destination_pod: String::new(),
-            process_comm: String::new(),
+            destination_namespace: namespace.clone(),
+            destination_service: service.clone(),
+            destination_pod: empty_label(),
+            process_comm: empty_label(),
         }
     }
 }
@@ -245,7 +268,7 @@ mod tests {
         AttemptLabels {
             destination_namespace: "default".into(),
             destination_service: "my-svc".into(),
-            destination_pod: String::new(),
+            destination_pod: empty_label(),
             process_comm: comm.into(),
         }
     }

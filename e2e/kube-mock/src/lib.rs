@@ -140,6 +140,22 @@ impl Shared {
         self.progress.send_modify(|n| *n += 1);
     }
 
+    fn expire_watches(&self, resource: Resource) {
+        let mut state = self.state.lock();
+        state.oldest_watchable = state.rv + 1;
+        let line = gone_event(state.rv);
+        state.watches.retain(|w| {
+            if w.resource == resource {
+                let _ = w.tx.send(Ok(Frame::data(line.clone())));
+                false
+            } else {
+                true
+            }
+        });
+        drop(state);
+        self.bump();
+    }
+
     fn put(&self, object: &Value) -> u64 {
         let (resource, namespace, name) = identify(object);
         let mut state = self.state.lock();
@@ -269,19 +285,7 @@ impl MockApiServer {
     /// and makes any resourceVersion seen so far too old to watch from: the
     /// client must relist.
     pub fn expire_watches(&self, resource: Resource) {
-        let mut state = self.shared.state.lock();
-        state.oldest_watchable = state.rv + 1;
-        let line = gone_event(state.rv);
-        state.watches.retain(|w| {
-            if w.resource == resource {
-                let _ = w.tx.send(Ok(Frame::data(line.clone())));
-                false
-            } else {
-                true
-            }
-        });
-        drop(state);
-        self.shared.bump();
+        self.shared.expire_watches(resource);
     }
 
     /// Breaks every watch connection of `resource` mid-stream.
@@ -501,6 +505,12 @@ fn route(path: &str) -> Option<(Resource, Option<String>)> {
 /// (JSON) to it, as [`MockApiServer::put`].
 pub const PUT_PATH: &str = "/mock/objects";
 
+/// Where a benchmark in another process forces a relist: a `POST` to it ends
+/// every watch of both resources with 410 Gone, as
+/// [`MockApiServer::expire_watches`] (an apiserver that compacted past the
+/// clients' resourceVersions).
+pub const EXPIRE_PATH: &str = "/mock/expire";
+
 async fn handle(shared: &Shared, req: HttpRequest<hyper::body::Incoming>) -> Response<Body> {
     if req.uri().path() == PUT_PATH && req.method() == hyper::Method::POST {
         let body = match req.into_body().collect().await {
@@ -526,6 +536,12 @@ async fn handle(shared: &Shared, req: HttpRequest<hyper::body::Incoming>) -> Res
                 "expected a Service or EndpointSlice",
             ),
         };
+    }
+    if req.uri().path() == EXPIRE_PATH && req.method() == hyper::Method::POST {
+        for resource in [Resource::Services, Resource::EndpointSlices] {
+            shared.expire_watches(resource);
+        }
+        return json_response(StatusCode::OK, full(line(&json!({}))));
     }
     let query = parse_query(req.uri().query().unwrap_or(""));
     let Some((resource, namespace)) = route(req.uri().path()) else {

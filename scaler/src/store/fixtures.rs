@@ -97,9 +97,9 @@ pub fn exported(store: &Store) -> Vec<(String, String, String, u64)> {
         .map(|s| {
             let l = s.labels();
             (
-                l.destination_service.clone(),
-                l.destination_pod.clone(),
-                l.process_comm.clone(),
+                l.destination_service.to_string(),
+                l.destination_pod.to_string(),
+                l.process_comm.to_string(),
                 s.exported(),
             )
         })

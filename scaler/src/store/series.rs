@@ -290,10 +290,10 @@ impl Store {
             .or_insert_with(|| {
                 created = true;
                 Arc::new(SeriesSlot::new(AttemptLabels {
-                    destination_namespace: ns.to_owned(),
-                    destination_service: svc.to_owned(),
-                    destination_pod: name.pod.to_owned(),
-                    process_comm: name.process_comm.to_owned(),
+                    destination_namespace: ns.into(),
+                    destination_service: svc.into(),
+                    destination_pod: name.pod.into(),
+                    process_comm: name.process_comm.into(),
                 }))
             })
             .clone();
@@ -349,7 +349,7 @@ impl Store {
             .entry(key.into_boxed_str())
             .or_insert_with(|| {
                 let mut labels = AttemptLabels::service(ns, svc);
-                labels.process_comm = comm.to_owned();
+                labels.process_comm = comm.into();
                 Arc::new(SeriesSlot::new(labels))
             })
             .clone()
