@@ -170,10 +170,10 @@ impl Resolved {
         let labels = self.series.labels();
         !self.folded
             && self.port == name.port
-            && labels.process_comm == name.process_comm
-            && labels.destination_service == name.service
-            && labels.destination_pod == name.pod
-            && labels.destination_namespace == name.namespace
+            && *labels.process_comm == *name.process_comm
+            && *labels.destination_service == *name.service
+            && *labels.destination_pod == *name.pod
+            && *labels.destination_namespace == *name.namespace
     }
 }
 
