@@ -354,6 +354,27 @@ pub mod lab {
     pub const CONNECT6: &str = "lab_lb_connect6";
 }
 
+/// The capture bench's floor (`capture-floor.o`, `hack/bench capture`): per
+/// hook an empty program and a minimal counter (one hash lookup of the
+/// destination, one per-CPU array increment), measured beside the agent's
+/// programs. Never loaded by the agent.
+pub mod floor {
+    /// `HashMap<Destination, Watch>`, shaped like [`super::maps::WATCHED`].
+    pub const WATCHED: &str = "FLOOR_WATCHED";
+    /// `PerCpuArray<u64>` of 2: the cgroup counter's hits (0), the
+    /// tracepoint counter's (1).
+    pub const COUNTS: &str = "FLOOR_COUNTS";
+    pub const CONNECT4_EMPTY: &str = "floor_connect4_empty";
+    pub const CONNECT4_COUNTER: &str = "floor_connect4_counter";
+    pub const SET_STATE_EMPTY: &str = "floor_set_state_empty";
+    pub const SET_STATE_COUNTER: &str = "floor_set_state_counter";
+    /// Offsets in the `sock:inet_sock_set_state` record (format file).
+    pub const TP_NEWSTATE_OFFSET: &str = "FLOOR_TP_NEWSTATE_OFFSET";
+    pub const TP_DPORT_OFFSET: &str = "FLOOR_TP_DPORT_OFFSET";
+    pub const TP_FAMILY_OFFSET: &str = "FLOOR_TP_FAMILY_OFFSET";
+    pub const TP_DADDR_OFFSET: &str = "FLOOR_TP_DADDR_OFFSET";
+}
+
 #[cfg(feature = "user")]
 mod pod {
     /// `aya::Pod` for the map types above.
