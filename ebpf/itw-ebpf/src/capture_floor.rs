@@ -73,9 +73,9 @@ pub fn floor_connect4_counter(ctx: SockAddrContext) -> i32 {
         if read_ctx(&raw const (*sa).type_) != SOCK_STREAM {
             return ALLOW;
         }
-        let addr = read_ctx(&raw const (*sa).user_ip4).to_ne_bytes();
+        let addr = read_ctx(&raw const (*sa).user_ip4);
         let port = u16::from_be(read_ctx(&raw const (*sa).user_port) as u16);
-        count(&Destination::v4(addr, port), 0);
+        count(&Destination::v4_word(addr, port), 0);
     }
     ALLOW
 }
@@ -99,12 +99,12 @@ pub fn floor_set_state_counter(ctx: TracePointContext) -> u32 {
         let (Ok(family), Ok(port), Ok(addr)) = (
             ctx.read_at::<u16>(FLOOR_TP_FAMILY_OFFSET.load() as usize),
             ctx.read_at::<u16>(FLOOR_TP_DPORT_OFFSET.load() as usize),
-            ctx.read_at::<[u8; 4]>(FLOOR_TP_DADDR_OFFSET.load() as usize),
+            ctx.read_at::<u32>(FLOOR_TP_DADDR_OFFSET.load() as usize),
         ) else {
             return 0;
         };
         if family == AF_INET {
-            count(&Destination::v4(addr, port), 1);
+            count(&Destination::v4_word(addr, port), 1);
         }
     }
     0
