@@ -13,23 +13,31 @@
 //!    Each is measured twice: connects per second of wall time, and the
 //!    loop thread's own CPU time per connect (user + kernel), which other
 //!    work on a busy machine disturbs far less.
-//! 2. The programs' own run time per connect, from the kernel's BPF run-time
-//!    statistics (enabled for this step only).
+//! 2. The programs' own run time per run, from the kernel's BPF run-time
+//!    statistics (enabled for this step only), beside the floor of their
+//!    hook (`capture-floor.o`): an empty program and a minimal counter (one
+//!    hash lookup of the destination, one per-CPU array increment). Each
+//!    program runs alone on the hook, rounds interleaved; the goal is the
+//!    agent's program within 1.2x the minimal counter (cgroup mode) or 2x
+//!    (tracepoint mode), for a watched destination.
 //! 3. Several threads connect as fast as they can with each mode attached;
 //!    the kernel's count must equal the connects made, exactly.
 //!
 //! Usage: `capture_bench [--seconds S] [--rounds R] [--threads N]
-//! [--max-destinations N] [--thread-comm]` (the last two change the agent's
-//! defaults: watched-map size, and thread names instead of the process's).
+//! [--max-destinations N] [--thread-comm] [--run-time-only]` (the two before
+//! the last change the agent's defaults: watched-map size, and thread names
+//! instead of the process's; the last runs step 2 alone).
 //! Connects go to 127.88.0.0/16 only.
 
 #[path = "bench_support/mod.rs"]
 mod bench_support;
+#[path = "bench_support/floor.rs"]
+mod floor;
 
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, bail};
-use bench_support::{percentile, program_run_time};
+use bench_support::{loadavg, percentile, program_run_time};
 use itw_agent::capture::{self, CaptureMode, CaptureSettings, KernelCounts, mode};
 use itw_common::Destination;
 
@@ -39,6 +47,8 @@ struct Options {
     seconds: f64,
     rounds: usize,
     threads: usize,
+    /// Only the programs' run time beside their floor (step 2).
+    run_time_only: bool,
     settings: CaptureSettings,
 }
 
@@ -47,12 +57,17 @@ fn parse_options() -> anyhow::Result<Options> {
         seconds: 2.0,
         rounds: 5,
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        run_time_only: false,
         settings: CaptureSettings::new(CaptureMode::Auto),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--thread-comm" {
             options.settings.comm_from_leader = false;
+            continue;
+        }
+        if arg == "--run-time-only" {
+            options.run_time_only = true;
             continue;
         }
         let value = args
@@ -66,7 +81,7 @@ fn parse_options() -> anyhow::Result<Options> {
                 options.settings.max_destinations = value.parse().context("--max-destinations")?;
             }
             _ => bail!(
-                "unknown option {arg}; use --seconds, --rounds, --threads, --max-destinations, --thread-comm"
+                "unknown option {arg}; use --seconds, --rounds, --threads, --max-destinations, --thread-comm, --run-time-only"
             ),
         }
     }
@@ -132,8 +147,26 @@ fn main() -> anyhow::Result<()> {
 
     let watched = Ipv4Addr::new(127, 88, 0, 1);
     let other = Ipv4Addr::new(127, 88, 0, 2);
+    if !options.run_time_only {
+        loop_cost(&options, &modes, watched, other)?;
+    }
+    run_time(&options, &modes, watched, other)?;
+    if !options.run_time_only {
+        fastest_rate(&options, &modes, watched)?;
+    }
+    Ok(())
+}
+
+/// Step 1: the connect loop's speed and CPU per connect, bare and with each
+/// mode attached.
+fn loop_cost(
+    options: &Options,
+    modes: &[CaptureMode],
+    watched: Ipv4Addr,
+    other: Ipv4Addr,
+) -> anyhow::Result<()> {
     let mut configs = vec![Config::Bare];
-    for m in &modes {
+    for m in modes {
         configs.push(Config::Watched(*m));
         configs.push(Config::Unwatched(*m));
     }
@@ -149,7 +182,7 @@ fn main() -> anyhow::Result<()> {
             let (measured, exact) = match *config {
                 Config::Bare => (bench_support::run(watched, PORT, 1, options.seconds), true),
                 Config::Watched(m) | Config::Unwatched(m) => {
-                    let started = capture::start(&settings(&options, m))
+                    let started = capture::start(&settings(options, m))
                         .with_context(|| format!("starting {m}"))?;
                     let mut kernel = started.kernel;
                     kernel.watch(&Destination::v4(watched.octets(), PORT), 1)?;
@@ -201,10 +234,37 @@ fn main() -> anyhow::Result<()> {
         println!("  {:<42} {}", config.label(), list.join(" "));
     }
 
-    println!("\nprogram run time per connect (kernel BPF run-time statistics):");
-    for m in &modes {
+    Ok(())
+}
+
+/// Step 2: each program's run time per run beside its hook's floor.
+fn run_time(
+    options: &Options,
+    modes: &[CaptureMode],
+    watched: Ipv4Addr,
+    other: Ipv4Addr,
+) -> anyhow::Result<()> {
+    println!(
+        "\nprogram run time per run (kernel BPF run-time statistics), each program alone on its hook, rounds interleaved; loadavg {}:",
+        loadavg()
+    );
+    for m in modes {
+        if matches!(m, CaptureMode::Cgroup | CaptureMode::Tracepoint) {
+            let runs = floor::measure(
+                *m,
+                &settings(options, *m),
+                watched,
+                other,
+                PORT,
+                options.rounds,
+                options.seconds,
+            )?;
+            runs.print();
+            continue;
+        }
+        // No floor programs for this hook: the agent's programs alone.
         for (label, target) in [("watched", watched), ("other destination", other)] {
-            let started = capture::start(&settings(&options, *m))?;
+            let started = capture::start(&settings(options, *m))?;
             let ids: Vec<u32> = started.objects.programs.iter().map(|(_, id)| *id).collect();
             let mut kernel = started.kernel;
             kernel.watch(&Destination::v4(watched.octets(), PORT), 1)?;
@@ -224,7 +284,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!("  (a tracepoint program runs on every TCP state change: twice per refused connect)");
+    println!("loadavg after: {}", loadavg());
 
+    Ok(())
+}
+
+/// Step 3: the fastest rate, and the kernel's count exact at it.
+fn fastest_rate(options: &Options, modes: &[CaptureMode], watched: Ipv4Addr) -> anyhow::Result<()> {
     println!(
         "\nfastest rate, {} threads, {}s each, exact count check:",
         options.threads,
@@ -235,8 +301,8 @@ fn main() -> anyhow::Result<()> {
         "  {:<42} {:>10.0} connects/s",
         "nothing attached", bare.rate
     );
-    for m in &modes {
-        let started = capture::start(&settings(&options, *m))?;
+    for m in modes {
+        let started = capture::start(&settings(options, *m))?;
         let mut kernel = started.kernel;
         kernel.watch(&Destination::v4(watched.octets(), PORT), 1)?;
         let measured = bench_support::run(watched, PORT, options.threads, options.seconds * 2.0);

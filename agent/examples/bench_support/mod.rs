@@ -121,3 +121,11 @@ pub fn percentile(values: &mut [f64], p: f64) -> f64 {
     let at = ((values.len() as f64 - 1.0) * p).round() as usize;
     values[at.min(values.len() - 1)]
 }
+
+/// `/proc/loadavg`'s first three figures, printed beside timings: the
+/// machine's cores are shared.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|e| format!("unreadable ({e})"))
+}

@@ -19,7 +19,10 @@ pub type Comm = [u8; COMM_LEN];
 /// IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), so one map holds
 /// both families and a v4-mapped connect on an IPv6 socket matches the same
 /// entry as a plain IPv4 connect.
-#[repr(C)]
+///
+/// Aligned to 4 (its size, 20, is unchanged) so that [`Destination::v4_word`]
+/// can build it with word stores.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Destination {
     /// IPv6 (or IPv4-mapped) address, network byte order.
@@ -46,6 +49,32 @@ impl Destination {
             ],
             port,
         )
+    }
+
+    /// [`Destination::v4`] from the address as one word loaded from memory
+    /// that holds it in network byte order (`bpf_sock_addr.user_ip4`).
+    ///
+    /// For the programs, which build a key on every connect they see: from
+    /// `v4`'s array the BPF backend makes a call to a byte-loop `memset`
+    /// for the ten leading zeros and four byte stores for the address; this
+    /// is five word stores (the port and padding as halves, so that the
+    /// layout does not depend on byte order).
+    #[inline(always)]
+    pub fn v4_word(addr: u32, port: u16) -> Self {
+        let mut dest = core::mem::MaybeUninit::<Self>::uninit();
+        let words = dest.as_mut_ptr().cast::<u32>();
+        // SAFETY: a Destination is 20 bytes aligned to 4: five aligned
+        // words, every byte written before `assume_init`.
+        unsafe {
+            words.write(0);
+            words.add(1).write(0);
+            words.add(2).write(u32::from_ne_bytes([0, 0, 0xff, 0xff]));
+            words.add(3).write(addr);
+            let halves = words.add(4).cast::<u16>();
+            halves.write(port);
+            halves.add(1).write(0);
+            dest.assume_init()
+        }
     }
 
     /// Whether this is an IPv4 destination (stored IPv4-mapped).
@@ -354,6 +383,27 @@ pub mod lab {
     pub const CONNECT6: &str = "lab_lb_connect6";
 }
 
+/// The capture bench's floor (`capture-floor.o`, `hack/bench capture`): per
+/// hook an empty program and a minimal counter (one hash lookup of the
+/// destination, one per-CPU array increment), measured beside the agent's
+/// programs. Never loaded by the agent.
+pub mod floor {
+    /// `HashMap<Destination, Watch>`, shaped like [`super::maps::WATCHED`].
+    pub const WATCHED: &str = "FLOOR_WATCHED";
+    /// `PerCpuArray<u64>` of 2: the cgroup counter's hits (0), the
+    /// tracepoint counter's (1).
+    pub const COUNTS: &str = "FLOOR_COUNTS";
+    pub const CONNECT4_EMPTY: &str = "floor_connect4_empty";
+    pub const CONNECT4_COUNTER: &str = "floor_connect4_counter";
+    pub const SET_STATE_EMPTY: &str = "floor_set_state_empty";
+    pub const SET_STATE_COUNTER: &str = "floor_set_state_counter";
+    /// Offsets in the `sock:inet_sock_set_state` record (format file).
+    pub const TP_NEWSTATE_OFFSET: &str = "FLOOR_TP_NEWSTATE_OFFSET";
+    pub const TP_DPORT_OFFSET: &str = "FLOOR_TP_DPORT_OFFSET";
+    pub const TP_FAMILY_OFFSET: &str = "FLOOR_TP_FAMILY_OFFSET";
+    pub const TP_DADDR_OFFSET: &str = "FLOOR_TP_DADDR_OFFSET";
+}
+
 #[cfg(feature = "user")]
 mod pod {
     /// `aya::Pod` for the map types above.
@@ -388,6 +438,10 @@ mod tests {
     #[test]
     fn layouts_are_what_both_sides_expect() {
         assert_eq!(core::mem::size_of::<Destination>(), 20);
+        assert_eq!(core::mem::align_of::<Destination>(), 4);
+        assert_eq!(core::mem::offset_of!(Destination, port), 16);
+        assert_eq!(core::mem::offset_of!(lab::LbService, backends), 8);
+        assert_eq!(core::mem::offset_of!(Redirect, netns), 20);
         assert_eq!(core::mem::size_of::<Watch>(), 8);
         assert_eq!(core::mem::size_of::<AttemptKey>(), 20);
         assert_eq!(core::mem::size_of::<WakeEvent>(), 24);
@@ -396,6 +450,28 @@ mod tests {
         assert_eq!(core::mem::size_of::<lab::LbService>(), 168);
         assert_eq!(core::mem::size_of::<Redirect>(), 48);
         assert_eq!(core::mem::size_of::<ConnKey>(), 20);
+    }
+
+    #[test]
+    fn a_destination_built_from_a_word_is_the_one_built_from_bytes() {
+        for (addr, port) in [
+            ([10, 96, 0, 1], 80),
+            ([127, 88, 0, 1], 9),
+            ([255, 255, 255, 255], 65_535),
+            ([0, 0, 0, 0], 0),
+            ([192, 168, 1, 254], 0x1234),
+        ] {
+            let word = u32::from_ne_bytes(addr);
+            assert_eq!(
+                Destination::v4_word(word, port),
+                Destination::v4(addr, port),
+                "{addr:?}:{port}"
+            );
+            let dest = Destination::v4_word(word, port);
+            assert!(dest.is_ipv4());
+            assert_eq!(dest.addr[12..], addr);
+            assert_eq!((dest.port, dest._pad), (port, 0));
+        }
     }
 
     #[test]

@@ -251,9 +251,9 @@ fn connect4(ctx: &SockAddrContext, role: Role) {
         if read_ctx(&raw const (*sa).type_) != SOCK_STREAM || handled_elsewhere(ctx, role) {
             return;
         }
-        let addr = read_ctx(&raw const (*sa).user_ip4).to_ne_bytes();
+        let addr = read_ctx(&raw const (*sa).user_ip4);
         let port = u16::from_be(read_ctx(&raw const (*sa).user_port) as u16);
-        let dest = Destination::v4(addr, port);
+        let dest = Destination::v4_word(addr, port);
         on_attempt(&dest);
         if let Some(park) = held(&dest) {
             let ip = ITW_PARK_IP4.load();
@@ -668,8 +668,8 @@ pub fn itw_inet_sock_set_state(ctx: TracePointContext) -> u32 {
             return 0;
         };
         if family == AF_INET {
-            if let Ok(addr) = ctx.read_at::<[u8; 4]>(ITW_TP_DADDR_OFFSET.load() as usize) {
-                on_attempt(&Destination::v4(addr, port));
+            if let Ok(addr) = ctx.read_at::<u32>(ITW_TP_DADDR_OFFSET.load() as usize) {
+                on_attempt(&Destination::v4_word(addr, port));
             }
         } else if family == AF_INET6 {
             // An IPv6 socket connecting to a v4-mapped address reports it here

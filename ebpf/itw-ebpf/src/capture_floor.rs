@@ -1,0 +1,142 @@
+//! The capture bench's floor: what counting a connect cannot cost less than,
+//! per hook, measured beside the agent's programs by the kernel's own
+//! per-program statistics (`hack/bench capture`). Never loaded by the agent:
+//! a separate object (`capture-floor.o`) so that the agent's embedded object
+//! carries only programs it attaches.
+//!
+//! Per hook, two programs:
+//! - empty: what any program on the hook costs (dispatch and the run-time
+//!   statistics themselves);
+//! - counter: the least a counter of watched destinations does: take the
+//!   destination from the hook, one hash lookup of it in a map shaped like
+//!   `ITW_WATCHED`, one per-CPU array increment on a hit. No process name, no
+//!   filtering, no wake. The increment is the atomic add `itw.o` uses (the
+//!   same reason holds here: cgroup programs run preemptible).
+//!
+//! Like the agent's, the cgroup programs return 1 (allow) on every path.
+
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_F_NO_PREALLOC,
+    macros::{cgroup_sock_addr, map, tracepoint},
+    maps::{HashMap, PerCpuArray},
+    programs::{SockAddrContext, TracePointContext},
+};
+use itw_common::{Destination, Watch};
+
+/// Shaped like `ITW_WATCHED` (key, value, flags); the bench sizes it as the
+/// agent sizes that one.
+#[map(name = "FLOOR_WATCHED")]
+static FLOOR_WATCHED: HashMap<Destination, Watch> =
+    HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
+
+/// Index 0: the cgroup counter's hits; 1: the tracepoint counter's.
+#[map(name = "FLOOR_COUNTS")]
+static FLOOR_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+// The tracepoint record's offsets, from this kernel's format file (as the
+// agent sets itw.o's).
+#[unsafe(no_mangle)]
+static FLOOR_TP_NEWSTATE_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_TP_DPORT_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_TP_FAMILY_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_TP_DADDR_OFFSET: Global<u32> = Global::new(0);
+
+const SOCK_STREAM: u32 = 1;
+const AF_INET: u16 = 2;
+const TCP_SYN_SENT: i32 = 2;
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn floor_connect4_empty(_ctx: SockAddrContext) -> i32 {
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn floor_connect4_counter(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel passes a valid bpf_sock_addr; each field is read
+    // with the one-word load the verifier allows for it.
+    unsafe {
+        // The one check a counter of TCP connects cannot skip on this hook
+        // (it runs for UDP connect() too).
+        if read_ctx(&raw const (*sa).type_) != SOCK_STREAM {
+            return ALLOW;
+        }
+        let addr = read_ctx(&raw const (*sa).user_ip4);
+        let port = u16::from_be(read_ctx(&raw const (*sa).user_port) as u16);
+        count(&Destination::v4_word(addr, port), 0);
+    }
+    ALLOW
+}
+
+#[tracepoint]
+pub fn floor_set_state_empty(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[tracepoint]
+pub fn floor_set_state_counter(ctx: TracePointContext) -> u32 {
+    // SAFETY: the offsets come from this kernel's format file for the event;
+    // bpf_probe_read_kernel checks the addresses.
+    unsafe {
+        let Ok(newstate) = ctx.read_at::<i32>(FLOOR_TP_NEWSTATE_OFFSET.load() as usize) else {
+            return 0;
+        };
+        if newstate != TCP_SYN_SENT {
+            return 0;
+        }
+        let (Ok(family), Ok(port), Ok(addr)) = (
+            ctx.read_at::<u16>(FLOOR_TP_FAMILY_OFFSET.load() as usize),
+            ctx.read_at::<u16>(FLOOR_TP_DPORT_OFFSET.load() as usize),
+            ctx.read_at::<u32>(FLOOR_TP_DADDR_OFFSET.load() as usize),
+        ) else {
+            return 0;
+        };
+        if family == AF_INET {
+            count(&Destination::v4_word(addr, port), 1);
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn count(dest: &Destination, index: u32) {
+    // SAFETY: only the presence of the key is used.
+    if unsafe { FLOOR_WATCHED.get(dest) }.is_none() {
+        return;
+    }
+    if let Some(value) = FLOOR_COUNTS.get_ptr_mut(index) {
+        // SAFETY: `value` points into a map value this program holds; the
+        // result is unused, which the BPF backend emits as a plain atomic add.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(value, 1) };
+    }
+}
+
+/// A field of the cgroup programs' context. Volatile so that the compiler
+/// keeps the 4-byte load the verifier checks instead of merging neighbours.
+#[inline(always)]
+unsafe fn read_ctx(field: *const u32) -> u32 {
+    // SAFETY: the caller passes a field of the context.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
