@@ -84,14 +84,7 @@ impl FloorObject {
                 .context("reading the tracepoint's format file")?
         } else {
             // The tracepoint programs are loaded, never attached.
-            tracefs::SetStateOffsets {
-                newstate: 0,
-                dport: 0,
-                family: 0,
-                protocol: 0,
-                daddr: 0,
-                daddr_v6: 0,
-            }
+            tracefs::SetStateOffsets::UNATTACHED
         };
         let mut ebpf = EbpfLoader::new()
             .btf(None)

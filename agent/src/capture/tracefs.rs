@@ -32,6 +32,19 @@ pub struct SetStateOffsets {
     pub daddr_v6: u32,
 }
 
+impl SetStateOffsets {
+    /// For tracepoint programs that are loaded but never attached: the
+    /// object needs values, and none is read.
+    pub const UNATTACHED: Self = Self {
+        newstate: 0,
+        dport: 0,
+        family: 0,
+        protocol: 0,
+        daddr: 0,
+        daddr_v6: 0,
+    };
+}
+
 /// Mounts tracefs at `path` unless it is there already. Returns whether it
 /// mounted it. The mount is left in place at exit: other tools may use it
 /// by then, and it costs nothing.

@@ -97,14 +97,7 @@ impl Attached {
         };
         let tp = match hooks {
             Hooks::Tracepoint(offsets) => *offsets,
-            Hooks::Cgroup { .. } | Hooks::Kprobe => SetStateOffsets {
-                newstate: 0,
-                dport: 0,
-                family: 0,
-                protocol: 0,
-                daddr: 0,
-                daddr_v6: 0,
-            },
+            Hooks::Cgroup { .. } | Hooks::Kprobe => SetStateOffsets::UNATTACHED,
         };
         // The kernel wants a ring buffer of a power-of-two number of pages.
         // SAFETY: sysconf only reads a system setting.
