@@ -407,6 +407,13 @@ async fn main() {
     } else {
         Vec::new()
     };
+    // The scaler's INGEST_THREADS from the bench's environment, so its
+    // settings can be compared (the scaler starts with a cleared one).
+    let mut scaler_env = log_env.clone();
+    if let Ok(threads) = std::env::var("INGEST_THREADS") {
+        println!("scaler INGEST_THREADS={threads}");
+        scaler_env.push(("INGEST_THREADS", threads));
+    }
 
     let mut map = String::from("services:\n");
     for i in 0..=services {
@@ -421,7 +428,7 @@ async fn main() {
         "scaler",
         loopback(free_port()),
         loopback(free_port()),
-        &log_env,
+        &scaler_env,
     )
     .await;
     let agent = Agent::start("agent", &map, &[scaler.grpc], &log_env).await;

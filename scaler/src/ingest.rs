@@ -27,13 +27,14 @@ use itw_telemetry::{
     logging::LogBudget,
     timeline::{TARGET as TIMELINE, monotonic_us},
 };
-use tokio::sync::mpsc;
+use tokio::{runtime::Handle, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::{
+    ingest_runtime::IngestRuntime,
     metrics::{BatchResult, ScalerMetrics},
     store::{
         ApplyError, BatchOutcome, BatchView, Connection, HistoryView, SeriesCache, SeriesName,
@@ -212,6 +213,8 @@ pub struct IngestService {
     store: Arc<Store>,
     metrics: Arc<ScalerMetrics>,
     shutdown: CancellationToken,
+    /// Where each stream's task runs ([`crate::ingest_runtime`]).
+    streams: Handle,
 }
 
 impl IngestService {
@@ -219,11 +222,13 @@ impl IngestService {
         store: Arc<Store>,
         metrics: Arc<ScalerMetrics>,
         shutdown: CancellationToken,
+        streams: Handle,
     ) -> Self {
         Self {
             store,
             metrics,
             shutdown,
+            streams,
         }
     }
 }
@@ -245,7 +250,7 @@ impl Ingest for IngestService {
             tx,
             peer,
         };
-        tokio::spawn(stream.run(inbound, self.shutdown.clone()));
+        IngestRuntime::spawn(&self.streams, stream.run(inbound, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -6,6 +6,7 @@
 //! - [`window`]: per-second windows, the scaler clock, the default window.
 //! - [`store`]: instances, series, windows, subscribers and the activity rule.
 //! - [`ingest`]: the agents' `itw.v1.Ingest/Report` stream.
+//! - [`ingest_runtime`]: the threads those streams run on (INGEST_THREADS).
 //! - [`keda`]: KEDA's `externalscaler.ExternalScaler` service.
 //! - [`auth`]: the agents' bearer token.
 //! - [`metrics`]: the scaler's own figures (streams, batches, overflows, lag).
@@ -17,6 +18,7 @@ pub mod auth;
 pub mod config;
 pub mod export;
 pub mod ingest;
+pub mod ingest_runtime;
 pub mod keda;
 pub mod metrics;
 pub mod server;
@@ -50,6 +52,12 @@ pub enum Error {
     #[error("GRPC_ADDR {addr}: cannot listen: {source}")]
     Bind {
         addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("INGEST_THREADS={threads}: cannot start the ingest threads: {source}")]
+    IngestThreads {
+        threads: usize,
         #[source]
         source: std::io::Error,
     },

@@ -36,6 +36,7 @@ use crate::{
     config::{Config, TlsFiles},
     export::Exporter,
     ingest::IngestService,
+    ingest_runtime::IngestRuntime,
     keda::KedaService,
     metrics::ScalerMetrics,
     store::Store,
@@ -60,6 +61,7 @@ pub struct Scaler {
     token: Arc<AgentToken>,
     store: Arc<Store>,
     metrics: Arc<ScalerMetrics>,
+    ingest_runtime: IngestRuntime,
 }
 
 impl Scaler {
@@ -93,6 +95,11 @@ impl Scaler {
                     addr: config.metrics_addr,
                     source,
                 })?;
+        let ingest_runtime =
+            IngestRuntime::start(config.ingest_threads).map_err(|source| Error::IngestThreads {
+                threads: config.ingest_threads,
+                source,
+            })?;
         let metrics = Arc::new(ScalerMetrics::default());
         let store = Arc::new(Store::new(
             Clock::system(),
@@ -108,6 +115,7 @@ impl Scaler {
             token,
             store,
             metrics,
+            ingest_runtime,
         })
     }
 
@@ -165,6 +173,7 @@ impl Scaler {
             Arc::clone(&self.store),
             Arc::clone(&self.metrics),
             stop.clone(),
+            self.ingest_runtime.handle(),
         ))
         .max_decoding_message_size(self.store.limits().max_report_bytes);
         let ingest = InterceptedService::new(ingest, self.token.interceptor(&self.metrics));
