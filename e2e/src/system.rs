@@ -6,11 +6,11 @@
 //! test leaves nothing attached to the kernel.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
-    sync::OnceLock,
+    sync::{Mutex, OnceLock, PoisonError},
     time::Duration,
 };
 
@@ -106,12 +106,22 @@ fn build_binaries() -> PathBuf {
     profile_dir
 }
 
-/// A port free on loopback right now.
+/// A port free on loopback right now, and never handed out before by this
+/// process: the kernel may give a just-closed port again at once, and two
+/// calls for one binary's two listeners then collided ("Address already in
+/// use" at its start).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 pub fn loopback(port: u16) -> SocketAddr {
@@ -650,4 +660,18 @@ pub fn own_comm() -> String {
         .expect("/proc/self/comm")
         .trim()
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        // 500 draws from the ~28k ephemeral ports: the kernel alone repeats
+        // some (a few by the birthday bound), the harness must not.
+        let ports: Vec<u16> = (0..500).map(|_| free_port()).collect();
+        let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len());
+    }
 }

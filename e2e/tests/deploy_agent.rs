@@ -12,7 +12,7 @@ mod deploy_support;
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -21,6 +21,7 @@ use std::{
 use clap::{CommandFactory, Parser};
 use deploy_support::*;
 use itw_agent::{config::Args, resolve::kube::Kind};
+use itw_e2e::system::free_port;
 use k8s_openapi::{
     Resource,
     api::{core::v1::Service, discovery::v1::EndpointSlice},
@@ -395,14 +396,6 @@ fn require_root(test: &str) -> bool {
     }
     eprintln!("SKIPPED {test}: not root");
     false
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
