@@ -6,6 +6,7 @@
 //!   `proto/itw/v1/ingest.proto` for its rules).
 //! - [`names`]: the Kubernetes name rules of what the agent reports and the
 //!   scaler accepts, one copy for both.
+//! - [`token`]: the bearer token rule, one copy for both.
 //! - [`codec`]: the protobuf codec every generated client and server uses
 //!   (prost's, with small per-call buffers).
 //!
@@ -28,6 +29,7 @@ pub mod itw {
 
 pub mod codec;
 pub mod names;
+pub mod token;
 
 /// Encoded `FileDescriptorSet` of every contract, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptors");

@@ -3,6 +3,7 @@
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::Parser;
+use itw_proto::token::bearer_token;
 use itw_telemetry::{
     flags::{self, bounded_duration},
     logging::LogFormat,
@@ -296,16 +297,14 @@ impl FromStr for Secret {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let token = s.trim();
-        if token.is_empty() {
-            return Err("the token is empty; unset it to accept agents without a token".into());
-        }
-        if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
-            return Err(format!(
-                "the token holds {bad:?}: a bearer token is printable ASCII without spaces (a gRPC header cannot carry anything else, so no agent could ever match it)"
-            ));
-        }
-        Ok(Self(token.to_owned()))
+        bearer_token(s)
+            .map(|token| Self(token.to_owned()))
+            .map_err(|problem| {
+                problem.message(
+                    "unset it to accept agents without a token",
+                    ", so no agent could ever match it",
+                )
+            })
     }
 }
 

@@ -26,6 +26,7 @@ use tonic::{
     transport::{Certificate, ClientTlsConfig, Identity},
 };
 
+use itw_proto::token::bearer_token;
 use itw_telemetry::timeline::{TARGET as TIMELINE, monotonic_us};
 
 use crate::counting_loop::{AgentClock, Collected, CollectionSink};
@@ -142,16 +143,9 @@ pub struct ReportSettings {
 /// A bearer token as a gRPC header can carry it: printable ASCII, no spaces
 /// (`SCALER_TOKEN`, and `SCALER_TOKEN_FILE` on every read).
 pub fn checked_token(s: &str) -> Result<String, String> {
-    let token = s.trim();
-    if token.is_empty() {
-        return Err("the token is empty; unset it when the scaler asks for none".into());
-    }
-    if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
-        return Err(format!(
-            "the token holds {bad:?}: a bearer token is printable ASCII without spaces (a gRPC header cannot carry anything else)"
-        ));
-    }
-    Ok(token.to_owned())
+    bearer_token(s)
+        .map(str::to_owned)
+        .map_err(|problem| problem.message("unset it when the scaler asks for none", ""))
 }
 
 impl ReportSettings {
