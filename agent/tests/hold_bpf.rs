@@ -26,6 +26,12 @@ use itw_common::Destination;
 
 const MARK: u32 = 0x2a7c;
 
+/// Programs attached first at the hierarchy's root run before every program
+/// of a nested node root, so while the pre-order test reads which programs
+/// run before its own, no other test of this binary may have programs there.
+/// Tests that attach at the root share this; that one takes it alone.
+static HIERARCHY_ROOT: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn start(order: CgroupOrder, pod_cgroup: PodCgroup) -> Option<Started> {
     support::start(CaptureMode::Cgroup, |s| {
         s.hold = Some(KernelHold {
@@ -50,6 +56,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_ipv4_destination_is_parked_counted_and_keeps_its_address() {
+    let _root = HIERARCHY_ROOT.read().await;
     let Some(started) = start(CgroupOrder::Auto, PodCgroup::None) else {
         return;
     };
@@ -109,6 +116,7 @@ async fn a_held_ipv4_destination_is_parked_counted_and_keeps_its_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_ipv6_and_v4_mapped_destinations_are_parked_in_their_family() {
+    let _root = HIERARCHY_ROOT.read().await;
     let Some(started) = start(CgroupOrder::Auto, PodCgroup::None) else {
         return;
     };
@@ -169,6 +177,7 @@ fn connect_from_cgroup(cgroup: &TestCgroup, name: &str, target: SocketAddrV4) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pods_cgroup_programs_run_first_and_each_connect_counts_once() {
+    let _root = HIERARCHY_ROOT.read().await;
     if !support::is_root() {
         support::skip("not running as root, which loading eBPF programs needs");
         return;
@@ -287,6 +296,7 @@ impl Drop for NestedNode {
 /// where the kernel's helper wants the level in the whole hierarchy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_a_nested_node_root_each_pod_connect_counts_once() {
+    let _root = HIERARCHY_ROOT.read().await;
     if !support::is_root() {
         support::skip("not running as root, which loading eBPF programs needs");
         return;
@@ -336,6 +346,7 @@ async fn under_a_nested_node_root_each_pod_connect_counts_once() {
 /// blocked rather than letting the refusal pass silently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ahead_of_a_preorder_load_balancer_a_held_connect_is_parked() {
+    let _alone = HIERARCHY_ROOT.write().await;
     use itw_socket_lb::{Frontend, SocketLb};
     if !support::is_root() {
         support::skip("not running as root, which loading eBPF programs needs");
@@ -422,6 +433,7 @@ fn own_netns() -> u32 {
 /// program parked has no record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_parked_connect_is_recorded_under_the_4_tuple_the_listener_sees() {
+    let _root = HIERARCHY_ROOT.read().await;
     let Some(started) = start(CgroupOrder::Auto, PodCgroup::None) else {
         return;
     };
@@ -454,6 +466,7 @@ async fn each_parked_connect_is_recorded_under_the_4_tuple_the_listener_sees() {
 /// connection the agent reports ended makes room again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_cap_a_connect_goes_on_unheld_and_an_ended_one_makes_room() {
+    let _root = HIERARCHY_ROOT.read().await;
     let Some(started) = support::start(CaptureMode::Cgroup, |s| {
         s.hold = Some(KernelHold {
             mark: MARK,
