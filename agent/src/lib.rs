@@ -8,6 +8,7 @@
 //! - [`destinations`]: the ids the kernel counts under, kept in step with the map.
 //! - [`deltas`]: kernel counters turned into exact deltas per series.
 //! - [`counting_loop`]: the loop that owns the kernel side and collects on ticks and wakes.
+//! - [`sources`]: which pod and workload made a connect, from its cgroup.
 //! - [`hold`]: connects to a Service without a ready endpoint parked until one is ready.
 //! - [`metrics`]: what `/metrics` serves.
 //! - [`report`]: the streams to every scaler replica.
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod process;
 pub mod report;
 pub mod resolve;
+pub mod sources;
 
 pub use agent::Agent;
 
