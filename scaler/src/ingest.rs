@@ -405,12 +405,12 @@ impl ReportStream {
                     }
                     let outcome = check_batch(&batch, limits.max_batch_deltas).and_then(
                         |Checked { view, refused }| {
-                            let outcome = self.store.apply_batch(&conn, &view, &mut cache)?;
-                            if let (Some(receipt), BatchOutcome::Applied { .. }) =
-                                (receipt, outcome)
-                            {
+                            // Before the batch rings the doorbell: the
+                            // stream it activates looks for the record.
+                            if let Some(receipt) = receipt {
                                 self.store.note_wake_batch(&conn, receipt, &view);
                             }
+                            let outcome = self.store.apply_batch(&conn, &view, &mut cache)?;
                             Ok((outcome, view.deltas.len(), refused))
                         },
                     );

@@ -8,10 +8,19 @@ use super::{BatchView, Connection, Store};
 use crate::coldstart::WakeReceipt;
 
 impl Store {
-    /// A wake batch, received at `receipt`, was applied.
+    /// A wake batch, received at `receipt`, is about to be applied: called
+    /// before [`Store::apply_batch`], whose doorbell wakes the streams that
+    /// look for what is noted here. A resend (or a batch out of sequence,
+    /// which apply refuses) notes nothing.
     pub fn note_wake_batch(&self, conn: &Connection, receipt: WakeReceipt, batch: &BatchView<'_>) {
-        // Set by the snapshot every stream starts with; batches come after.
-        let offset_ms = conn.state.lock().offset_ms.unwrap_or(0);
+        let offset_ms = {
+            let state = conn.state.lock();
+            if batch.sequence != state.applied_sequence.saturating_add(1) {
+                return;
+            }
+            // Set by the snapshot every stream starts with; batches come after.
+            state.offset_ms.unwrap_or(0)
+        };
         let subscribed = batch
             .deltas
             .iter()
@@ -37,13 +46,17 @@ mod tests {
     use super::super::{fixtures::*, *};
     use super::*;
 
+    /// The `_sum` lines, sorted (a family encodes in hash order).
     fn exposition(store: &Store) -> Vec<String> {
         let mut text = String::new();
         store.metrics.encode(&mut text).unwrap();
-        text.lines()
+        let mut lines: Vec<String> = text
+            .lines()
             .filter(|l| l.starts_with("itw_scaler_cold_start_seconds_sum"))
             .map(str::to_owned)
-            .collect()
+            .collect();
+        lines.sort();
+        lines
     }
 
     #[tokio::test(start_paused = true)]
@@ -62,12 +75,18 @@ mod tests {
                 (name("db", 5432, "", "psql"), 1),
             ],
         );
-        store.apply_batch(&conn, &b, &mut cache).unwrap();
         let receipt = WakeReceipt {
             at_us: 1_000,
             at_ms: START_MS,
         };
         store.note_wake_batch(&conn, receipt, &b);
+        store.apply_batch(&conn, &b, &mut cache).unwrap();
+        // Its resend notes nothing (else a later activation would take it).
+        let resent = WakeReceipt {
+            at_us: 1_200,
+            at_ms: START_MS + 1,
+        };
+        store.note_wake_batch(&conn, resent, &b);
         let window = Duration::from_secs(60);
         store.note_activation("apps", "web", 1_500, window);
         // db has no subscriber: its attempts were not noted.
