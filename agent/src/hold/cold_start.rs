@@ -141,10 +141,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            if let Some(first_byte) = self.first_byte.take() {
-                first_byte.arrived(Instant::now());
-            }
+        if matches!(polled, Poll::Ready(Ok(())))
+            && buf.filled().len() > before
+            && let Some(first_byte) = self.first_byte.take()
+        {
+            first_byte.arrived(Instant::now());
         }
         polled
     }
