@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Error,
     capture::KernelHold,
+    coldstart::ColdStartMetrics,
     config::Config,
     counting_loop::{AgentClock, Health},
     fast_path::FastPath,
@@ -55,12 +56,14 @@ impl Agent {
         let mut registry = Registry::default();
         let counting_metrics = Arc::new(CountingMetrics::default());
         counting_metrics.register(&mut registry);
+        let cold_start = Arc::new(ColdStartMetrics::default());
+        cold_start.register(&mut registry);
         let attempts = Arc::new(AttemptCounters::default());
         let health = Arc::new(Health::default());
         let mut reporting = None;
         let report = match config.report {
             Some(settings) => {
-                let metrics = Arc::new(ReportMetrics::default());
+                let metrics = Arc::new(ReportMetrics::new(Arc::clone(&cold_start)));
                 metrics.register(&mut registry);
                 reporting = Some(ReportReadiness {
                     metrics: Arc::clone(&metrics),
@@ -79,7 +82,7 @@ impl Agent {
             None => None,
         }
         .map(|settings| {
-            let metrics = Arc::new(HoldMetrics::default());
+            let metrics = Arc::new(HoldMetrics::new(Arc::clone(&cold_start)));
             metrics.register(&mut registry);
             (settings, metrics, tokio::runtime::Handle::current())
         });

@@ -26,11 +26,12 @@ use itw_telemetry::timeline::{TARGET as TIMELINE, monotonic_us};
 
 use crate::{
     capture::{CaptureError, Kernel, Wake},
+    coldstart::Woken,
     deltas::{Collection, Collector, SeriesKey},
     destinations::{Applied, DestinationTable},
     hold::Holder,
     metrics::{AttemptCounters, CommLabels, CountingMetrics, TriggerLabels},
-    resolve::MapEvent,
+    resolve::{MapEvent, ServiceRef},
 };
 
 /// One collection, as the reporter needs it.
@@ -38,8 +39,8 @@ use crate::{
 pub struct Collected {
     /// Agent clock (see [`AgentClock`]); never decreases.
     pub collected_at_unix_ms: i64,
-    /// When the wake that triggered this collection arrived; `None` for ticks.
-    pub woken_at: Option<Instant>,
+    /// The wake that triggered this collection; `None` for ticks.
+    pub woken: Option<Woken>,
     /// New attempts per series (all > 0; may be empty).
     pub deltas: Vec<(SeriesKey, u64)>,
 }
@@ -264,11 +265,14 @@ impl CountingLoop {
             .collections
             .get_or_create(&TriggerLabels { trigger: "wake" })
             .inc();
-        self.publish(collection, Some(woken_at));
+        let read_at_us = wakes.iter().map(|w| w.read_at_us).min().unwrap_or(0);
+        self.publish(collection, Some((woken_at, read_at_us)));
         Ok(())
     }
 
-    fn publish(&mut self, collection: Collection, woken_at: Option<Instant>) {
+    /// `woken`: when the counting loop took the wakes behind the
+    /// collection, and when the first was read from the ring.
+    fn publish(&mut self, collection: Collection, woken: Option<(Instant, u64)>) {
         self.metrics.capped.inc_by(collection.capped);
         self.metrics.unattributed.inc_by(collection.unattributed);
         for (comm, n) in &collection.filtered {
@@ -285,13 +289,26 @@ impl CountingLoop {
         }
         self.attempts.add(&collection.deltas);
         if let Some(reporter) = &self.reporter {
+            let woken = woken.map(|(at, read_at_us)| Woken {
+                at,
+                read_at_us,
+                services: woken_services(&collection.deltas),
+            });
             reporter.record(Collected {
                 collected_at_unix_ms: self.clock.now_ms(),
-                woken_at,
+                woken,
                 deltas: collection.deltas,
             });
         }
     }
+}
+
+/// The Services of a wake collection's deltas, each once.
+fn woken_services(deltas: &[(SeriesKey, u64)]) -> std::sync::Arc<[ServiceRef]> {
+    let mut services: Vec<ServiceRef> = deltas.iter().map(|(k, _)| k.service.clone()).collect();
+    services.sort();
+    services.dedup();
+    services.into()
 }
 
 #[cfg(test)]
@@ -369,7 +386,9 @@ mod tests {
             .await
             .expect("the wake must be reported long before the next tick")
             .unwrap();
-        assert!(report.woken_at.is_some());
+        let woken = report.woken.expect("a wake collection carries its wake");
+        assert_eq!(&*woken.services, &[ServiceRef::new("default", "web")]);
+        assert!(woken.read_at_us > 0, "the fake stamps its wakes");
         assert_eq!(report.deltas.len(), 1);
         assert_eq!(report.deltas[0].1, 1);
         assert_eq!(attempts.get(&labels("web", "curl")), Some(1));
@@ -379,7 +398,7 @@ mod tests {
         stop_tx.send(()).unwrap();
         task.await.unwrap().unwrap();
         let last = report_rx.recv().await.unwrap();
-        assert_eq!(last.woken_at, None);
+        assert_eq!(last.woken, None);
         assert_eq!(last.deltas[0].1, 1);
         assert_eq!(attempts.get(&labels("web", "curl")), Some(2));
     }

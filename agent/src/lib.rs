@@ -12,10 +12,12 @@
 //! - [`hold`]: connects to a Service without a ready endpoint parked until one is ready.
 //! - [`metrics`]: what `/metrics` serves.
 //! - [`report`]: the streams to every scaler replica.
+//! - [`coldstart`]: cold start by phase per Service, from the wake and the hold.
 //! - [`process`]: process-wide setup: malloc arenas, the open-files limit, shutdown signals.
 
 pub mod agent;
 pub mod capture;
+pub mod coldstart;
 pub mod config;
 pub mod counting_loop;
 pub mod deltas;

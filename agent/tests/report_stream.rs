@@ -152,7 +152,7 @@ fn settings(addr: SocketAddr, token: TokenSource) -> ReportSettings {
 fn collected(at_ms: i64, n: u64) -> Collected {
     Collected {
         collected_at_unix_ms: at_ms,
-        woken_at: None,
+        woken: None,
         deltas: vec![(
             SeriesKey {
                 service: ServiceRef::new("default", "web"),

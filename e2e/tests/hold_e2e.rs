@@ -192,6 +192,28 @@ async fn a_held_connect_gets_its_reply_once_the_service_is_ready() {
     );
     assert_eq!(sum(&samples, "itw_agent_held_connections", &labels), 0.0);
     assert_eq!(sum(&samples, "itw_agent_hold_seconds_count", &labels), 1.0);
+    // Cold start by phase: this one activation once in each phase (the
+    // durations are the unit tests' business).
+    let scaler_samples = scrape(scaler.metrics).await;
+    for (samples, family, phase) in [
+        (&samples, "itw_agent", "first_connect_to_stream"),
+        (&samples, "itw_agent", "parked_to_endpoint_ready"),
+        (&samples, "itw_agent", "endpoint_ready_to_released"),
+        (&samples, "itw_agent", "released_to_first_byte"),
+        (&scaler_samples, "itw_scaler", "first_connect_to_received"),
+        (&scaler_samples, "itw_scaler", "received_to_stream"),
+    ] {
+        let labels = [labels[0], labels[1], ("phase", phase)];
+        assert_eq!(
+            exact(
+                samples,
+                &format!("{family}_cold_start_seconds_count"),
+                &labels
+            ),
+            Some(1.0),
+            "{family} {phase}"
+        );
+    }
     let held_for = sum(&samples, "itw_agent_hold_seconds_sum", &labels);
     assert!(
         held_for >= 1.0 && held_for <= waited.as_secs_f64(),

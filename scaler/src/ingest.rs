@@ -34,6 +34,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::{
+    coldstart::WakeReceipt,
     ingest_runtime::IngestRuntime,
     metrics::{BatchResult, ScalerMetrics},
     store::{
@@ -383,14 +384,19 @@ impl ReportStream {
                     ack
                 }
                 report_request::Message::Batch(batch) => {
-                    if batch.wake {
+                    let receipt = batch.wake.then(|| {
+                        let receipt = WakeReceipt {
+                            at_us: monotonic_us(),
+                            at_ms: self.store.clock().now_ms(),
+                        };
                         tracing::trace!(
                             target: TIMELINE,
-                            t_us = monotonic_us(),
+                            t_us = receipt.at_us,
                             sequence = batch.sequence,
                             "wake batch received"
                         );
-                    }
+                        receipt
+                    });
                     if !snapshot_applied {
                         self.metrics.batch(BatchResult::Rejected);
                         return Err(IngestError::SnapshotMissing {
@@ -399,6 +405,11 @@ impl ReportStream {
                     }
                     let outcome = check_batch(&batch, limits.max_batch_deltas).and_then(
                         |Checked { view, refused }| {
+                            // Before the batch rings the doorbell: the
+                            // stream it activates looks for the record.
+                            if let Some(receipt) = receipt {
+                                self.store.note_wake_batch(&conn, receipt, &view);
+                            }
                             let outcome = self.store.apply_batch(&conn, &view, &mut cache)?;
                             Ok((outcome, view.deltas.len(), refused))
                         },

@@ -232,13 +232,15 @@ pub async fn watch_activity(
                 }
                 activity = evaluate(store);
                 if activity.active() {
+                    let handed_us = monotonic_us();
                     tracing::trace!(
                         target: TIMELINE,
-                        t_us = monotonic_us(),
+                        t_us = handed_us,
                         namespace = %trigger.namespace,
                         service = %trigger.service,
                         "StreamIsActive true handed to the stream"
                     );
+                    store.note_activation(&trigger.namespace, &trigger.service, handed_us, trigger.window);
                     if tx.send(Ok(IsActiveResponse { result: true })).await.is_err() {
                         return;
                     }

@@ -8,6 +8,7 @@
 //! - [`ingest`]: the agents' `itw.v1.Ingest/Report` stream.
 //! - [`ingest_runtime`]: the threads those streams run on (INGEST_THREADS).
 //! - [`keda`]: KEDA's `externalscaler.ExternalScaler` service.
+//! - [`coldstart`]: cold start by phase per Service, once per activation.
 //! - [`auth`]: the agents' bearer token.
 //! - [`metrics`]: the scaler's own figures (streams, batches, overflows, lag).
 //! - [`export`]: the `/metrics` page: those figures and the store's series.
@@ -15,6 +16,7 @@
 //!   the metrics endpoint, started and stopped together.
 
 pub mod auth;
+pub mod coldstart;
 pub mod config;
 pub mod export;
 pub mod ingest;

@@ -15,6 +15,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use crate::coldstart::ColdStartMetrics;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: &'static str,
@@ -78,6 +80,8 @@ pub struct ScalerMetrics {
     pub window_buckets: Gauge,
     pub window_buckets_evicted: Counter,
     pub services: Gauge,
+    /// Cold start by phase ([`crate::coldstart`]).
+    pub cold_start: Arc<ColdStartMetrics>,
 }
 
 impl Default for ScalerMetrics {
@@ -203,6 +207,8 @@ impl Default for ScalerMetrics {
             "Services with series on this replica (MAX_SERVICES)",
             services.clone(),
         );
+        let cold_start = Arc::new(ColdStartMetrics::default());
+        cold_start.register(&mut registry);
         Self {
             registry,
             agents_connected,
@@ -225,6 +231,7 @@ impl Default for ScalerMetrics {
             window_buckets,
             window_buckets_evicted,
             services,
+            cold_start,
         }
     }
 }

@@ -1,11 +1,13 @@
 //! What `itw-agent` and `itw-scaler` must do the same way: log setup
-//! ([`logging`]), the `/metrics` endpoint ([`http`], [`exposition`]), and
+//! ([`logging`]), the `/metrics` endpoint ([`http`], [`exposition`]), the
+//! cold start histograms' labels and buckets ([`cold_start`]), and
 //! reading duration flags ([`flags`]), and the guarded listener every server
 //! of both binaries accepts on ([`listener`]).
 //!
 //! Both binaries export `internal_tcp_attempts_total`, and Prometheus must see
 //! the same thing from either, so the exposition rules live here once.
 
+pub mod cold_start;
 pub mod exposition;
 pub mod flags;
 pub mod http;

@@ -91,7 +91,12 @@ impl FakeKernelHandle {
         }
         if armed {
             maps.watched.insert(dest, (dest_id, false));
-            if self.wakes.try_send(Wake { key, overflowed }).is_err() {
+            let wake = Wake {
+                key,
+                overflowed,
+                read_at_us: itw_telemetry::timeline::monotonic_us(),
+            };
+            if self.wakes.try_send(wake).is_err() {
                 maps.stats.wakes_dropped += 1;
             }
         }

@@ -88,6 +88,10 @@ pub struct Wake {
     /// The attempt found the attempts map full and was counted in the
     /// overflow counter of `key.dest_id`.
     pub overflowed: bool,
+    /// When userspace read it (CLOCK_MONOTONIC µs,
+    /// [`itw_telemetry::timeline::monotonic_us`]): where the agent's cold
+    /// start begins.
+    pub read_at_us: u64,
 }
 
 /// The kernel side's own trouble counters (`ITW_STATS`), summed over CPUs.

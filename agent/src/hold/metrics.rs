@@ -1,5 +1,7 @@
 //! What holding exposes on `/metrics`, per Service.
 
+use std::sync::Arc;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{
@@ -11,7 +13,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::resolve::ServiceRef;
+use crate::{coldstart::ColdStartMetrics, resolve::ServiceRef};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
@@ -77,10 +79,18 @@ pub struct HoldMetrics {
     /// Destinations that should have been held and were not (no parking
     /// port, kernel map refused).
     pub hold_failures: Counter,
+    /// Cold start by phase (registered by the agent, shared with reporting).
+    pub cold_start: Arc<ColdStartMetrics>,
 }
 
 impl Default for HoldMetrics {
     fn default() -> Self {
+        Self::new(Arc::default())
+    }
+}
+
+impl HoldMetrics {
+    pub fn new(cold_start: Arc<ColdStartMetrics>) -> Self {
         Self {
             held: Family::default(),
             held_total: Family::default(),
@@ -98,11 +108,10 @@ impl Default for HoldMetrics {
             held_destinations: Gauge::default(),
             parking_listeners: Gauge::default(),
             hold_failures: Counter::default(),
+            cold_start,
         }
     }
-}
 
-impl HoldMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let agent = registry.sub_registry_with_prefix("itw_agent");
         agent.register(

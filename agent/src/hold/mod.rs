@@ -27,9 +27,11 @@
 //! - [`netns`]: sockets in a client's network namespace.
 //! - [`budget`]: what parked connections may use; [`slots`]: the kernel's
 //!   per-Service admission counters.
-//! - [`net`]: socket details; [`metrics`]: what `/metrics` shows.
+//! - [`net`]: socket details; [`metrics`]: what `/metrics` shows;
+//!   [`cold_start`]: a held destination's cold start by phase.
 
 pub mod budget;
+pub mod cold_start;
 pub mod metrics;
 pub mod net;
 pub mod netns;
@@ -49,6 +51,7 @@ use tokio::sync::{mpsc, watch};
 
 use self::{
     budget::HoldBudget,
+    cold_start::HeldColdStart,
     metrics::ServiceLabels,
     netns::Dialer,
     park::{Parking, Phase},
@@ -77,6 +80,7 @@ struct Held {
     service: ServiceRef,
     port: u16,
     phase: watch::Sender<Phase>,
+    cold_start: Arc<HeldColdStart>,
 }
 
 /// The hold bookkeeping: which Services are held, their ClusterIP:ports, and
@@ -266,8 +270,10 @@ impl Holder {
             .held_of(service)
             .filter(|addr| !wanted.contains(addr))
             .collect();
+        let endpoint_ready =
+            state.is_some_and(|s| s.ready_endpoints.is_some_and(|ready| ready > 0));
         for addr in releasing {
-            self.release(kernel, addr);
+            self.release(kernel, addr, endpoint_ready);
         }
         for addr in wanted {
             match self.held.get(&addr) {
@@ -283,7 +289,7 @@ impl Holder {
                 }
                 Some(_) => {
                     // Re-attributed to this Service while held for another.
-                    self.release(kernel, addr);
+                    self.release(kernel, addr, false);
                     self.hold(kernel, addr, service, timeout);
                 }
                 None => self.hold(kernel, addr, service, timeout),
@@ -326,7 +332,12 @@ impl Holder {
             return;
         }
         let (phase, phase_rx) = watch::channel(Phase::Holding { timeout });
+        let cold_start = Arc::new(HeldColdStart::new(
+            service.clone(),
+            Arc::clone(&self.metrics.cold_start),
+        ));
         let parking = Parking {
+            cold_start: Arc::clone(&cold_start),
             dest,
             port,
             labels: ServiceLabels::of(service),
@@ -355,16 +366,21 @@ impl Holder {
                 service: service.clone(),
                 port,
                 phase,
+                cold_start,
             },
         );
     }
 
     /// New connects go straight to `dest` first, then the parked ones are
-    /// handed over.
-    fn release(&mut self, kernel: &mut dyn Kernel, dest: SocketAddr) {
+    /// handed over. `endpoint_ready`: because the Service has a ready
+    /// endpoint now (not because it stopped asking to be held or left).
+    fn release(&mut self, kernel: &mut dyn Kernel, dest: SocketAddr, endpoint_ready: bool) {
         let Some(held) = self.held.remove(&dest) else {
             return;
         };
+        if endpoint_ready {
+            held.cold_start.endpoint_ready(tokio::time::Instant::now());
+        }
         self.held_index.remove(&(held.service.clone(), dest));
         if !self.held_by(&held.service) {
             self.slots.drain(&held.service);

@@ -21,6 +21,7 @@ use itw_common::Redirect;
 
 use super::{
     budget::HoldBudget,
+    cold_start::{HeldColdStart, Watched},
     metrics::{HoldMetrics, ServiceLabels},
     net,
     netns::Dialer,
@@ -69,6 +70,8 @@ pub struct Parking {
     /// Makes a released connection's upstream socket in its client's
     /// network namespace.
     pub dialer: Arc<Dialer>,
+    /// The destination's cold start, told by its parked clients.
+    pub cold_start: Arc<HeldColdStart>,
 }
 
 /// Accepts and parks until released, then keeps accepting (and handing over
@@ -174,6 +177,7 @@ async fn one(
     if held {
         metrics.held.get_or_create(labels).inc();
         metrics.held_total.get_or_create(labels).inc();
+        parking.cold_start.parked(accepted);
         let mut starved = false;
         let outcome = loop {
             match *phase.borrow_and_update() {
@@ -249,7 +253,7 @@ async fn one(
         // the hold map: never parked, handed over at once.
         parking.budget.finish(record.slot);
     }
-    let mut upstream = match connect_upstream(&parking, &record, accepted + timeout).await {
+    let upstream = match connect_upstream(&parking, &record, accepted + timeout).await {
         Ok(upstream) => upstream,
         Err(error) => {
             metrics.release_failed.get_or_create(labels).inc();
@@ -258,6 +262,11 @@ async fn one(
             return;
         }
     };
+    // Only a client that waited tells the cold start.
+    let first_byte = held
+        .then(|| parking.cold_start.released(Instant::now()))
+        .flatten();
+    let mut upstream = Watched::new(upstream, first_byte);
     if !kept.bytes.is_empty() && upstream.write_all(&kept.bytes).await.is_err() {
         net::reset(client);
         return;

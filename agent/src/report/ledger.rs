@@ -20,9 +20,9 @@ use std::{
 use itw_proto::itw::v1::{Batch, DestinationHistory, Series, SeriesCount, Snapshot};
 use parking_lot::Mutex;
 use prost::Message;
-use tokio::{sync::watch, time::Instant};
+use tokio::sync::watch;
 
-use crate::{counting_loop::Collected, deltas::SeriesKey, resolve::ServiceRef};
+use crate::{coldstart::Woken, counting_loop::Collected, deltas::SeriesKey, resolve::ServiceRef};
 
 /// Longest history kept, whatever a replica asks for (the scaler's default cap).
 pub const MAX_HISTORY_SECONDS: u32 = 15 * 60;
@@ -42,16 +42,16 @@ pub struct LogLimits {
 struct Logged {
     batch: Arc<Batch>,
     bytes: usize,
-    /// When the wake behind this batch arrived; taken by the first stream
-    /// that sends it, to measure wake -> send.
-    woken_at: Option<Instant>,
+    /// The wake behind this batch; taken by the first stream that sends it,
+    /// to measure wake -> send.
+    woken: Option<Woken>,
 }
 
 /// A batch handed to a stream.
 #[derive(Clone, Debug)]
 pub struct Outgoing {
     pub batch: Arc<Batch>,
-    pub woken_at: Option<Instant>,
+    pub woken: Option<Woken>,
 }
 
 /// How a stream starts.
@@ -145,14 +145,14 @@ impl Ledger {
         let batch = Batch {
             sequence,
             collected_at_unix_ms: collected.collected_at_unix_ms,
-            wake: collected.woken_at.is_some(),
+            wake: collected.woken.is_some(),
             deltas,
         };
         let bytes = batch.encoded_len();
         inner.log.push_back(Logged {
             batch: Arc::new(batch),
             bytes,
-            woken_at: collected.woken_at,
+            woken: collected.woken,
         });
         inner.log_bytes += bytes;
         inner.latest = sequence;
@@ -205,7 +205,7 @@ impl Ledger {
             }
             resend.push(Outgoing {
                 batch: logged.batch.clone(),
-                woken_at: logged.woken_at.take(),
+                woken: logged.woken.take(),
             });
         }
         let seconds = history_seconds.clamp(1, MAX_HISTORY_SECONDS);
@@ -250,7 +250,7 @@ impl Ledger {
             .filter(|l| l.batch.sequence > sequence)
             .map(|l| Outgoing {
                 batch: l.batch.clone(),
-                woken_at: l.woken_at.take(),
+                woken: l.woken.take(),
             })
             .collect())
     }
@@ -369,7 +369,7 @@ mod tests {
     fn collected(at_ms: i64, deltas: &[(&str, u64)]) -> Collected {
         Collected {
             collected_at_unix_ms: at_ms,
-            woken_at: None,
+            woken: None,
             deltas: deltas.iter().map(|(s, n)| (key(s, "curl"), *n)).collect(),
         }
     }
@@ -534,15 +534,19 @@ mod tests {
     #[test]
     fn the_first_sender_of_a_wake_batch_gets_its_wake_time() {
         let ledger = Ledger::new(LIMITS);
-        let woken = Instant::now();
+        let woken = Woken {
+            at: tokio::time::Instant::now(),
+            read_at_us: 7,
+            services: Arc::from([ServiceRef::new("apps", "a")]),
+        };
         ledger.record(Collected {
             collected_at_unix_ms: 1_000,
-            woken_at: Some(woken),
+            woken: Some(woken.clone()),
             deltas: vec![(key("a", "curl"), 1)],
         });
         let first = ledger.after(0).unwrap();
-        assert_eq!(first[0].woken_at, Some(woken));
+        assert_eq!(first[0].woken, Some(woken));
         assert!(first[0].batch.wake);
-        assert_eq!(ledger.after(0).unwrap()[0].woken_at, None);
+        assert_eq!(ledger.after(0).unwrap()[0].woken, None);
     }
 }

@@ -19,7 +19,7 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use tokio::{sync::Notify, task::JoinHandle, time::Instant};
+use tokio::{sync::Notify, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     metadata::{Ascii, MetadataValue},
@@ -29,7 +29,10 @@ use tonic::{
 use itw_proto::token::bearer_token;
 use itw_telemetry::timeline::{TARGET as TIMELINE, monotonic_us};
 
-use crate::counting_loop::{AgentClock, Collected, CollectionSink};
+use crate::{
+    coldstart::{ColdStartMetrics, Woken},
+    counting_loop::{AgentClock, Collected, CollectionSink},
+};
 use ledger::{Ledger, LogLimits};
 
 pub use health::ReportHealth;
@@ -245,6 +248,8 @@ pub struct ReportMetrics {
     buffer_bytes: Gauge,
     merged: Counter,
     wake_to_send: Histogram,
+    /// Registered by the agent, shared with holding.
+    cold_start: Arc<ColdStartMetrics>,
     /// Whether any stream is up, for `/readyz`: kept beside the up gauge so
     /// the two never disagree.
     health: ReportHealth,
@@ -252,6 +257,14 @@ pub struct ReportMetrics {
 
 impl Default for ReportMetrics {
     fn default() -> Self {
+        Self::new(Arc::default())
+    }
+}
+
+impl ReportMetrics {
+    /// `cold_start`: where the wake batches' `first_connect_to_stream` goes
+    /// (registered by whoever shares it, not by [`Self::register`]).
+    pub fn new(cold_start: Arc<ColdStartMetrics>) -> Self {
         Self {
             endpoints: Gauge::default(),
             streams_up: Gauge::default(),
@@ -266,6 +279,7 @@ impl Default for ReportMetrics {
                 prometheus_client::metrics::histogram::exponential_buckets(0.000_01, 2.0, 14),
             ),
             health: ReportHealth::default(),
+            cold_start,
         }
     }
 }
@@ -341,18 +355,20 @@ impl ReportMetrics {
         &self.health
     }
 
-    fn sent(&self, sequence: u64, woken_at: Option<Instant>) {
+    fn sent(&self, sequence: u64, woken: Option<&Woken>) {
         self.batches
             .get_or_create(&ResultLabels { result: "sent" })
             .inc();
-        if let Some(at) = woken_at {
-            self.wake_to_send.observe(at.elapsed().as_secs_f64());
+        if let Some(woken) = woken {
+            self.wake_to_send.observe(woken.at.elapsed().as_secs_f64());
+            let handed_us = monotonic_us();
             tracing::trace!(
                 target: TIMELINE,
-                t_us = monotonic_us(),
+                t_us = handed_us,
                 sequence,
                 "wake batch handed to a scaler stream"
             );
+            self.cold_start.handed(woken, handed_us);
         }
     }
 

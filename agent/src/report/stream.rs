@@ -205,7 +205,7 @@ async fn flush(
         match tokio::time::timeout_at(deadline, out.tx.send(request)).await {
             Ok(Ok(())) => {
                 sent = outgoing.batch.sequence;
-                ctx.metrics.sent(sent, outgoing.woken_at);
+                ctx.metrics.sent(sent, outgoing.woken.as_ref());
             }
             Ok(Err(_)) | Err(_) => break,
         }
@@ -256,7 +256,7 @@ impl Outbound<'_> {
         let sequence = outgoing.batch.sequence;
         self.send(report_request::Message::Batch((*outgoing.batch).clone()))
             .await?;
-        ctx.metrics.sent(sequence, outgoing.woken_at);
+        ctx.metrics.sent(sequence, outgoing.woken.as_ref());
         Ok(sequence)
     }
 }

@@ -21,6 +21,8 @@
 //!   MAX_SERVICES_PER_AGENT, each stream's cache.
 //! - `services.rs`: per-service windows, subscriptions, wakeups, activity.
 //! - `apply.rs`: the checked snapshot and batch views and how they apply.
+//! - `cold_start.rs`: what the cold start histograms learn from the store
+//!   (a wake batch's clock offset and subscribed Services).
 //! - `fixtures.rs`: the unit tests' store and view builders (tests only).
 
 use std::{
@@ -35,12 +37,14 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 
 use crate::{
+    coldstart::ColdStarts,
     config::Limits,
     metrics::ScalerMetrics,
     window::{Clock, DEFAULT_WINDOW},
 };
 
 mod apply;
+mod cold_start;
 mod instances;
 mod series;
 mod services;
@@ -73,11 +77,13 @@ pub struct Store {
     /// Services with a zero series: the ones MAX_SERVICES caps.
     services_with_series: AtomicUsize,
     instances: Mutex<Instances>,
+    cold_starts: ColdStarts,
 }
 
 impl Store {
     pub fn new(clock: Clock, limits: Limits, metrics: Arc<ScalerMetrics>) -> Self {
         Self {
+            cold_starts: ColdStarts::new(limits.max_services, Arc::clone(&metrics.cold_start)),
             clock,
             limits,
             metrics,

@@ -52,6 +52,11 @@ impl ServiceEntry {
         }
     }
 
+    /// Whether a StreamIsActive task waits on this service now.
+    pub(super) fn subscribed(&self) -> bool {
+        self.changed.receiver_count() > 0
+    }
+
     pub(super) fn seconds_since(&self, port: Option<u16>, first: i64) -> Vec<(i64, u64)> {
         let windows = self.windows.lock();
         windows
@@ -162,7 +167,7 @@ impl Store {
     }
 
     /// The service's entry if it has one; KEDA's unary calls never create one.
-    fn known_entry(&self, namespace: &str, service: &str) -> Option<Arc<ServiceEntry>> {
+    pub(super) fn known_entry(&self, namespace: &str, service: &str) -> Option<Arc<ServiceEntry>> {
         self.services
             .get(service_key(namespace, service).as_str())
             .map(|e| Arc::clone(&e))

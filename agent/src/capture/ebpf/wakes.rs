@@ -65,14 +65,20 @@ async fn forward_wakes(mut ring: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<Wak
                         comm: wake.comm,
                     },
                     overflowed: wake.overflowed != 0,
+                    // Stamped below, once the ring is drained.
+                    read_at_us: 0,
                 }),
                 None => tracing::warn!(len = item.len(), "ignoring a malformed wake record"),
             }
         }
         if !ids.is_empty() {
+            let read_at_us = monotonic_us();
+            for wake in &mut ids {
+                wake.read_at_us = read_at_us;
+            }
             tracing::trace!(
                 target: TIMELINE,
-                t_us = monotonic_us(),
+                t_us = read_at_us,
                 wakes = ids.len(),
                 "wakes read from the ring buffer"
             );
