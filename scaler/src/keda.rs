@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     metrics::{GaugeGuard, ScalerMetrics},
+    prewake,
     store::{Activity, Store},
     trigger::Trigger,
 };
@@ -92,13 +93,17 @@ impl ExternalScaler for KedaService {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
         let trigger = self.trigger(Some(request.get_ref()))?;
-        let activity = self.store.activity(
-            &trigger.namespace,
-            &trigger.service,
-            trigger.port,
-            trigger.window_secs(),
-            trigger.activation_threshold,
-        );
+        let activity = if trigger.prewake {
+            prewake::activity(&self.store, &trigger)
+        } else {
+            self.store.activity(
+                &trigger.namespace,
+                &trigger.service,
+                trigger.port,
+                trigger.window_secs(),
+                trigger.activation_threshold,
+            )
+        };
         Ok(Response::new(IsActiveResponse {
             result: activity.active(),
         }))
@@ -119,7 +124,11 @@ impl ExternalScaler for KedaService {
         tokio::spawn(async move {
             let _open = guard;
             tracing::debug!(scaled_object = %object.name, namespace = %object.namespace, "StreamIsActive opened");
-            watch_activity(&store, &trigger, &tx, &shutdown).await;
+            if trigger.prewake {
+                prewake::watch_chain(&store, &trigger, &tx, &shutdown).await;
+            } else {
+                watch_activity(&store, &trigger, &tx, &shutdown).await;
+            }
             tracing::debug!(scaled_object = %object.name, namespace = %object.namespace, "StreamIsActive closed");
         });
         Ok(Response::new(ReceiverStream::new(rx)))

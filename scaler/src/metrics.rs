@@ -78,6 +78,7 @@ pub struct ScalerMetrics {
     pub window_buckets: Gauge,
     pub window_buckets_evicted: Counter,
     pub services: Gauge,
+    pub service_edges: Gauge,
 }
 
 impl Default for ScalerMetrics {
@@ -134,7 +135,7 @@ impl Default for ScalerMetrics {
         let refused_entries = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "itw_scaler_refused_entries",
-            "Entries of agent batches and snapshots refused alone (the rest of the message is applied), by reason: a name Kubernetes would not allow (invalid_namespace, invalid_service, invalid_pod), or a cap (max_services, max_services_per_agent)",
+            "Entries of agent batches and snapshots refused alone (the rest of the message is applied), by reason: a name Kubernetes would not allow (invalid_namespace, invalid_service, invalid_pod), or a cap (max_services, max_services_per_agent, max_edges)",
             refused_entries.clone(),
         );
         let connections_closed = Family::<ClosedLabels, Counter>::default();
@@ -203,6 +204,12 @@ impl Default for ScalerMetrics {
             "Services with series on this replica (MAX_SERVICES)",
             services.clone(),
         );
+        let service_edges = Gauge::default();
+        registry.register(
+            "itw_scaler_service_edges",
+            "Edges \"Service A calls Service B\" of the dependency graph held by this replica (EDGE_MAX_AGE, MAX_EDGES; itw.v1.Graph/ListEdges lists them)",
+            service_edges.clone(),
+        );
         Self {
             registry,
             agents_connected,
@@ -225,6 +232,7 @@ impl Default for ScalerMetrics {
             window_buckets,
             window_buckets_evicted,
             services,
+            service_edges,
         }
     }
 }

@@ -337,6 +337,7 @@ async fn a_bad_message_ends_only_its_own_stream_with_a_clear_status() {
             taken_at_unix_ms: now_ms(),
             totals: vec![],
             history: vec![],
+            edges: Vec::new(),
         })
     };
     let batch = |sequence, deltas: Vec<_>| {
@@ -345,6 +346,7 @@ async fn a_bad_message_ends_only_its_own_stream_with_a_clear_status() {
             collected_at_unix_ms: now_ms(),
             wake: false,
             deltas,
+            edges: Vec::new(),
         })
     };
     let ok = || count(series("web", 80, "", "curl"), 1);
@@ -397,6 +399,7 @@ async fn a_bad_message_ends_only_its_own_stream_with_a_clear_status() {
                     taken_at_unix_ms: now_ms(),
                     totals: vec![],
                     history: vec![history("web", 80, now_ms() / 1000 - 6, vec![1; 7])],
+                    edges: Vec::new(),
                 }),
             ],
             Code::ResourceExhausted,

@@ -147,6 +147,7 @@ impl Ledger {
             collected_at_unix_ms: collected.collected_at_unix_ms,
             wake: collected.woken_at.is_some(),
             deltas,
+            edges: Vec::new(),
         };
         let bytes = batch.encoded_len();
         inner.log.push_back(Logged {
@@ -225,6 +226,7 @@ impl Ledger {
                 .into_iter()
                 .filter_map(|((service, port), slots)| dense(&service, port, &slots, oldest))
                 .collect(),
+            edges: Vec::new(),
         };
         StreamStart {
             snapshot,

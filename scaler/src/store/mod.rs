@@ -21,6 +21,7 @@
 //!   MAX_SERVICES_PER_AGENT, each stream's cache.
 //! - `services.rs`: per-service windows, subscriptions, wakeups, activity.
 //! - `apply.rs`: the checked snapshot and batch views and how they apply.
+//! - `edges.rs`: an agent message's edges, learned into the [`Graph`].
 //! - `fixtures.rs`: the unit tests' store and view builders (tests only).
 
 use std::{
@@ -36,11 +37,13 @@ use parking_lot::Mutex;
 
 use crate::{
     config::Limits,
+    graph::Graph,
     metrics::ScalerMetrics,
     window::{Clock, DEFAULT_WINDOW},
 };
 
 mod apply;
+mod edges;
 mod instances;
 mod series;
 mod services;
@@ -73,6 +76,7 @@ pub struct Store {
     /// Services with a zero series: the ones MAX_SERVICES caps.
     services_with_series: AtomicUsize,
     instances: Mutex<Instances>,
+    graph: Graph,
 }
 
 impl Store {
@@ -89,6 +93,7 @@ impl Store {
             detailed_series: AtomicUsize::new(0),
             services_with_series: AtomicUsize::new(0),
             instances: Mutex::new(Instances::default()),
+            graph: Graph::new(limits.edge_max_age, limits.max_edges),
         }
     }
 
@@ -98,6 +103,11 @@ impl Store {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The dependency graph the agents' edges teach.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
     }
 
     /// Seconds of history kept and asked of agents: the longest window any
@@ -121,6 +131,7 @@ impl Store {
     pub fn sweep(&self) {
         self.sweep_instances();
         self.sweep_services();
+        self.sweep_edges();
     }
 }
 
