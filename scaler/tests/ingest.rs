@@ -604,7 +604,15 @@ async fn agents_need_the_token_and_keda_does_not() {
         .batch(1, vec![count(series("web", 80, "", "curl"), 1)])
         .await;
 
-    // KEDA, health and reflection need nothing.
+    // KEDA, the graph, health and reflection need nothing.
+    let mut graph = itw_proto::itw::v1::graph_client::GraphClient::new(scaler.channel().await);
+    let edges = graph
+        .list_edges(itw_proto::itw::v1::ListEdgesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .edges;
+    assert_eq!(edges, vec![]);
     let mut keda = scaler.keda().await;
     assert!(
         keda.is_active(object(&[("service", "web")]))
@@ -614,7 +622,12 @@ async fn agents_need_the_token_and_keda_does_not() {
             .result
     );
     let mut health = tonic_health::pb::health_client::HealthClient::new(scaler.channel().await);
-    for service in ["", "externalscaler.ExternalScaler", "itw.v1.Ingest"] {
+    for service in [
+        "",
+        "externalscaler.ExternalScaler",
+        "itw.v1.Ingest",
+        "itw.v1.Graph",
+    ] {
         let response = health
             .check(tonic_health::pb::HealthCheckRequest {
                 service: service.into(),
