@@ -48,6 +48,7 @@ mod objects;
 mod resolver;
 mod selector;
 mod state;
+mod wakes;
 
 #[cfg(test)]
 mod tests;
