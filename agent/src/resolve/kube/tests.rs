@@ -15,6 +15,8 @@ use super::{
 };
 use crate::resolve::{MapChange, MapEvent, ServiceMap, ServiceRef, ServiceState, Target};
 
+mod wakes;
+
 // ---- objects as the apiserver sends them -------------------------------
 
 /// A Service port: (name, port, targetPort).
