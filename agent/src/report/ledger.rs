@@ -93,6 +93,9 @@ struct Inner {
     history: HashMap<DestKey, VecDeque<(i64, u64)>>,
     history_seconds: u32,
     last_second: i64,
+    /// collected_at of the newest batch: batches of edges alone come from
+    /// another task than the counting loop's, and must not go back in time.
+    last_collected_ms: i64,
     log: VecDeque<Logged>,
     log_bytes: usize,
     limits: LogLimits,
@@ -120,6 +123,7 @@ impl Ledger {
                 history: HashMap::new(),
                 history_seconds: DEFAULT_HISTORY_SECONDS,
                 last_second: 0,
+                last_collected_ms: 0,
                 log: VecDeque::new(),
                 log_bytes: 0,
                 limits,
@@ -138,10 +142,12 @@ impl Ledger {
         let edges = inner
             .edges
             .note(&collected.edges, collected.collected_at_unix_ms);
+        let collected_at = collected.collected_at_unix_ms.max(inner.last_collected_ms);
         if collected.deltas.is_empty() && edges.is_empty() {
             return None;
         }
-        let second = collected.collected_at_unix_ms.div_euclid(1000);
+        inner.last_collected_ms = collected_at;
+        let second = collected_at.div_euclid(1000);
         inner.last_second = inner.last_second.max(second);
         let sequence = inner.latest + 1;
         let mut deltas = Vec::with_capacity(collected.deltas.len());
@@ -162,7 +168,7 @@ impl Ledger {
         }
         let batch = Batch {
             sequence,
-            collected_at_unix_ms: collected.collected_at_unix_ms,
+            collected_at_unix_ms: collected_at,
             wake: collected.woken_at.is_some(),
             deltas,
             edges,
@@ -640,7 +646,24 @@ mod tests {
             vec![("default/b".into(), "other/c".into(), 3_000, true)]
         );
         assert_eq!(ledger.refresh_edges(4_000), None, "nothing due");
-        assert_eq!(ledger.edge_counts(), (2, 0));
+        // Taken before the newest batch, recorded after it: not back in time.
+        let late = (
+            ServiceRef::new("default", "c"),
+            ServiceRef::new("default", "d"),
+        );
+        assert_eq!(ledger.declare(vec![late], 2_500), Some(4));
+        assert_eq!(
+            ledger.after(3).unwrap()[0].batch.collected_at_unix_ms,
+            3_000
+        );
+        ledger.declare(
+            vec![(
+                ServiceRef::new("default", "b"),
+                ServiceRef::new("other", "c"),
+            )],
+            4_000,
+        );
+        assert_eq!(ledger.edge_counts(), (3, 0));
 
         let start = ledger.start_stream(0, 60, 4_000);
         assert_eq!(
@@ -648,6 +671,7 @@ mod tests {
             vec![
                 ("default/a".into(), "default/b".into(), 2_000, false),
                 ("default/b".into(), "other/c".into(), 4_000, true),
+                ("default/c".into(), "default/d".into(), 2_500, false),
             ]
         );
     }

@@ -48,7 +48,6 @@ mod objects;
 mod resolver;
 mod selector;
 mod state;
-mod wakes;
 
 #[cfg(test)]
 mod tests;

@@ -7,6 +7,7 @@
 
 pub mod kube;
 pub mod static_map;
+pub mod wakes;
 
 use std::{
     collections::{BTreeMap, HashMap},

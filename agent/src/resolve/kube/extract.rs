@@ -386,15 +386,16 @@ fn wakes_annotation(
     names: &mut Names,
     report: &mut Report<'_>,
 ) -> Box<[ServiceRef]> {
-    let Some(value) = annotations.and_then(|a| a.get(super::wakes::WAKES_ANNOTATION)) else {
+    let Some(value) = annotations.and_then(|a| a.get(crate::resolve::wakes::WAKES_ANNOTATION))
+    else {
         return Box::default();
     };
-    let (wakes, problems) = super::wakes::parse(value, namespace, name);
+    let (wakes, problems) = crate::resolve::wakes::parse(value, namespace, name);
     for problem in problems {
         report.skip(
             format!(
                 "metadata.annotations[\"{}\"]",
-                super::wakes::WAKES_ANNOTATION
+                crate::resolve::wakes::WAKES_ANNOTATION
             ),
             problem,
         );

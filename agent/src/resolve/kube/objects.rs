@@ -193,7 +193,7 @@ impl Keys for AnnotationKeys {
     const KEYS: &'static [&'static str] = &[
         HOLD_ANNOTATION,
         HOLD_TIMEOUT_ANNOTATION,
-        super::wakes::WAKES_ANNOTATION,
+        crate::resolve::wakes::WAKES_ANNOTATION,
     ];
 }
 

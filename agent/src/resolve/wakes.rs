@@ -3,8 +3,10 @@
 //! without `ns/` is in A's namespace), so the scalers pre-wake them along
 //! with A even before traffic taught the edges.
 //!
-//! A bad entry is reported (naming the annotation) and left out; the others
-//! stand, so one typo never drops a whole declaration nor the Service.
+//! From the Kubernetes API a bad entry is reported (naming the annotation)
+//! and left out; the others stand, so one typo never drops a whole
+//! declaration nor the Service. A static map's `wakes` uses the same
+//! syntax, and a bad entry there refuses the file like any bad field.
 
 use itw_proto::names;
 
