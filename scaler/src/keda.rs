@@ -5,6 +5,9 @@
 //! say happens: the service's doorbell (new attempts), the moment its window
 //! empties, the client leaving, or shutdown, which ends the stream with
 //! status OK so KEDA reconnects in 2 s instead of backing off.
+//!
+//! A trigger with `prewake: "true"` is answered by [`crate::prewake`]
+//! instead (IsActive and StreamIsActive); its GetMetrics is the same.
 
 use std::sync::Arc;
 
