@@ -203,3 +203,61 @@ async fn a_bad_edge_is_refused_alone_and_a_bad_prewake_names_the_key() {
     );
     scaler.stop().await;
 }
+
+async fn list(scaler: &TestScaler) -> Vec<Edge> {
+    GraphClient::new(scaler.channel().await)
+        .list_edges(ListEdgesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .edges
+}
+
+async fn snapshot_with(agent: &mut common::Agent, edges: Vec<Edge>) {
+    agent
+        .send(report_request::Message::Snapshot(Snapshot {
+            through_sequence: 0,
+            taken_at_unix_ms: now_ms(),
+            totals: vec![],
+            history: vec![],
+            edges,
+        }))
+        .await;
+    assert_eq!(agent.expect_ack().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_replica_learns_the_union_of_the_agents_graphs_from_their_snapshots() {
+    let seen = now_ms() - 10_000;
+    let mut declared = edge("a", "b", seen + 5_000);
+    declared.declared = true;
+    for _replica in 0..2 {
+        let scaler = TestScaler::start(loopback()).await;
+        assert_eq!(list(&scaler).await, vec![], "a fresh replica knows no edge");
+        let mut node1 = scaler.agent(None).await.unwrap();
+        node1.hello("node-1", "instance-1").await;
+        snapshot_with(&mut node1, vec![edge("a", "b", seen), edge("b", "c", seen)]).await;
+        let mut node2 = scaler.agent(None).await.unwrap();
+        node2.hello("node-2", "instance-2").await;
+        snapshot_with(&mut node2, vec![declared.clone()]).await;
+
+        let edges = list(&scaler).await;
+        let shown: Vec<(&str, &str, bool)> = edges
+            .iter()
+            .map(|e| (e.from_service.as_str(), e.to_service.as_str(), e.declared))
+            .collect();
+        assert_eq!(shown, vec![("a", "b", true), ("b", "c", false)]);
+        // The newest last_seen of the two nodes (both on this machine's
+        // clock, so the offsets are about 0).
+        assert!(
+            edges[0].last_seen_unix_ms >= seen + 4_000,
+            "{} should be node-2's {}",
+            edges[0].last_seen_unix_ms,
+            seen + 5_000
+        );
+        assert!((seen - 1_000..seen + 1_000).contains(&edges[1].last_seen_unix_ms));
+        let body = scaler.metrics_body().await;
+        assert_eq!(sample(&body, "itw_scaler_service_edges", &[]), Some(2.0));
+        scaler.stop().await;
+    }
+}
