@@ -3,7 +3,11 @@
 
 use std::{env, path::PathBuf};
 
-const PROTOS: &[&str] = &["externalscaler.proto", "itw/v1/ingest.proto"];
+const PROTOS: &[&str] = &[
+    "externalscaler.proto",
+    "itw/v1/ingest.proto",
+    "itw/v1/graph.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);

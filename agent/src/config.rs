@@ -198,6 +198,19 @@ pub struct Args {
     #[arg(long, env = "POD_CGROUP")]
     pub pod_cgroup: Option<String>,
 
+    /// How long an edge "Service A calls Service B" is kept after it was
+    /// last seen (or declared by internal-tcp-watcher.io/wakes); it is sent
+    /// to the scalers when new and again at most once per quarter of this.
+    /// Keep it equal to the scalers' EDGE_MAX_AGE.
+    #[arg(long, env = "EDGE_MAX_AGE", default_value = "24h", value_parser = parse_edge_max_age)]
+    pub edge_max_age: Duration,
+
+    /// Most edges held (about 200 bytes each); past it new edges are not
+    /// reported, counted in itw_agent_edges_refused_total. Keep it at or
+    /// below the scalers' MAX_EDGES: a snapshot with more is refused.
+    #[arg(long, env = "MAX_EDGES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_edges: u32,
+
     /// Log output: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -285,6 +298,10 @@ impl Args {
             resolve_interval: RESOLVE_INTERVAL,
             flush_timeout: FLUSH_TIMEOUT,
             log_limits: LOG_LIMITS,
+            edge_limits: crate::edges::EdgeLimits {
+                max_edges: self.max_edges as usize,
+                max_age: self.edge_max_age,
+            },
         };
         // A missing, empty or unsendable token file stops the start, naming
         // SCALER_TOKEN_FILE; it is read again on every connect (rotation).
@@ -374,6 +391,17 @@ fn parse_not_ready_after(s: &str) -> Result<Duration, String> {
         Duration::ZERO,
         Duration::from_secs(24 * 3600),
         "0s, 5m, 1h",
+    )
+}
+
+/// At least 10 minutes: edges are refreshed once per quarter of the age,
+/// and looked at once a minute while nothing is collected.
+fn parse_edge_max_age(s: &str) -> Result<Duration, String> {
+    bounded_duration(
+        s,
+        Duration::from_secs(600),
+        Duration::from_secs(30 * 24 * 3600),
+        "24h, 2h, 30m",
     )
 }
 
@@ -482,6 +510,26 @@ mod tests {
         assert_eq!(args.hold, HoldPolicy::Annotated);
         assert_eq!(args.hold_timeout, Duration::from_secs(60));
         assert_eq!(args.hold_mark, 0x2a7c);
+        assert_eq!(args.edge_max_age, Duration::from_secs(24 * 3600));
+        assert_eq!(args.max_edges, 10_000);
+        assert_eq!(
+            crate::edges::EdgeLimits::default(),
+            crate::edges::EdgeLimits {
+                max_edges: args.max_edges as usize,
+                max_age: args.edge_max_age,
+            }
+        );
+    }
+
+    #[test]
+    fn edge_settings() {
+        let args = parse(&["--edge-max-age=2h", "--max-edges=5"]).unwrap();
+        assert_eq!(args.edge_max_age, Duration::from_secs(7200));
+        assert_eq!(args.max_edges, 5);
+        let err = parse(&["--edge-max-age=10s"]).unwrap_err().to_string();
+        assert!(err.contains("--edge-max-age"), "{err}");
+        assert!(err.contains("10m"), "{err}");
+        assert!(parse(&["--max-edges=0"]).is_err());
     }
 
     #[test]

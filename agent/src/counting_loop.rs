@@ -29,6 +29,7 @@ use crate::{
     coldstart::Woken,
     deltas::{Collection, Collector, SeriesKey},
     destinations::{Applied, DestinationTable},
+    edges::{EdgeKey, declared::Declarations},
     hold::Holder,
     metrics::{AttemptCounters, CommLabels, CountingMetrics, TriggerLabels},
     resolve::{MapEvent, ServiceRef},
@@ -43,12 +44,19 @@ pub struct Collected {
     pub woken: Option<Woken>,
     /// New attempts per series (all > 0; may be empty).
     pub deltas: Vec<(SeriesKey, u64)>,
+    /// Calls seen among those attempts (`Collection::edges`).
+    pub edges: Vec<EdgeKey>,
 }
 
 /// Where collections go when a scaler is configured.
 pub trait CollectionSink: Send + Sync + 'static {
     /// Takes one collection; must not block.
     fn record(&self, collected: Collected);
+
+    /// Takes the edges the Services' wakes annotations declare now (the
+    /// whole set, after each change of the map); must not block. A sink
+    /// that reports no edges upstream has nothing to do with them.
+    fn declare(&self, _edges: Vec<EdgeKey>) {}
 }
 
 /// Wall-clock milliseconds that never go backwards: the wall clock at start
@@ -130,6 +138,8 @@ pub struct CountingLoop {
     pub reporter: Option<Arc<dyn CollectionSink>>,
     /// Holding connects to Services without a ready endpoint, when on.
     pub holder: Option<Holder>,
+    /// The edges the wakes annotations declare, told to the reporter.
+    pub declarations: Declarations,
 }
 
 impl CountingLoop {
@@ -195,6 +205,11 @@ impl CountingLoop {
     pub fn apply(&mut self, event: MapEvent) {
         if let Some(holder) = &mut self.holder {
             holder.apply(self.kernel.as_mut(), &event);
+        }
+        if self.declarations.apply(&event)
+            && let Some(reporter) = &self.reporter
+        {
+            reporter.declare(self.declarations.edges());
         }
         let applied = self.table.apply(self.kernel.as_mut(), event);
         self.after_apply(applied);
@@ -298,6 +313,7 @@ impl CountingLoop {
                 collected_at_unix_ms: self.clock.now_ms(),
                 woken,
                 deltas: collection.deltas,
+                edges: collection.edges,
             });
         }
     }
@@ -356,6 +372,7 @@ mod tests {
             clock: AgentClock::new(),
             reporter: Some(Arc::new(ChannelSink(report_tx))),
             holder: None,
+            declarations: Declarations::default(),
         };
         let addr = "127.1.0.1:80".parse().unwrap();
         let mut map = ServiceMap::default();

@@ -45,6 +45,9 @@ pub struct Collection {
     pub kernel_overflow: u64,
     /// Counters of ids the table no longer knows (should stay 0).
     pub unattributed: u64,
+    /// Calls seen in this collection: (caller's Service, destination Service),
+    /// each pair once, attempts from excluded sources left out.
+    pub edges: Vec<(ServiceRef, ServiceRef)>,
 }
 
 #[derive(Debug)]

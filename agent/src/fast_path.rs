@@ -100,6 +100,7 @@ impl FastPath {
         let counting = CountingLoop {
             kernel,
             holder,
+            declarations: crate::edges::declared::Declarations::default(),
             table: DestinationTable::new(),
             collector: Collector::new(self.max_comms),
             attempts: self.attempts,

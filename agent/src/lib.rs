@@ -9,6 +9,7 @@
 //! - [`deltas`]: kernel counters turned into exact deltas per series.
 //! - [`counting_loop`]: the loop that owns the kernel side and collects on ticks and wakes.
 //! - [`sources`]: which pod and workload made a connect, from its cgroup.
+//! - [`edges`]: the edges "Service A calls Service B" held and sent to the scalers.
 //! - [`hold`]: connects to a Service without a ready endpoint parked until one is ready.
 //! - [`metrics`]: what `/metrics` serves.
 //! - [`report`]: the streams to every scaler replica.
@@ -22,6 +23,7 @@ pub mod config;
 pub mod counting_loop;
 pub mod deltas;
 pub mod destinations;
+pub mod edges;
 mod fast_path;
 pub mod hold;
 pub mod metrics;

@@ -96,6 +96,7 @@ async fn a_connect_to_a_service_cluster_ip_is_counted_until_the_service_is_delet
         clock: AgentClock::new(),
         reporter: Some(Arc::new(ChannelSink(report_tx))),
         holder: None,
+        declarations: itw_agent::edges::declared::Declarations::default(),
     };
     let (events_tx, events_rx) = mpsc::channel(16);
     let source = tokio::spawn(kube_source::run(

@@ -724,6 +724,7 @@ async fn hold_annotations_and_ready_endpoints_make_the_service_state() {
         hold: true,
         hold_timeout: Some(Duration::from_secs(45)),
         ready_endpoints: Some(0),
+        wakes: Vec::new(),
     };
     let Some(MapEvent::Reset(first)) = agent.events().first().cloned() else {
         panic!("the first event must be the complete map");
@@ -784,6 +785,7 @@ async fn the_counting_loop_counts_under_the_services_labels() {
         clock: AgentClock::new(),
         reporter: Some(Arc::new(ChannelSink(report_tx))),
         holder: None,
+        declarations: itw_agent::edges::declared::Declarations::default(),
     };
     let (tx, rx) = mpsc::channel(16);
     let source = tokio::spawn(resolve::kube::run(

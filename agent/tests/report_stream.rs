@@ -146,6 +146,7 @@ fn settings(addr: SocketAddr, token: TokenSource) -> ReportSettings {
             max_batches: 100,
             max_bytes: 1 << 20,
         },
+        edge_limits: itw_agent::edges::EdgeLimits::default(),
     }
 }
 
@@ -162,6 +163,7 @@ fn collected(at_ms: i64, n: u64) -> Collected {
             },
             n,
         )],
+        edges: Vec::new(),
     }
 }
 

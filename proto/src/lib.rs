@@ -3,7 +3,8 @@
 //! - [`externalscaler`]: KEDA's external scaler service, wire-exact with KEDA's
 //!   own copy of `externalscaler.proto`.
 //! - [`itw::v1`]: the agent -> scaler `Report` stream (see
-//!   `proto/itw/v1/ingest.proto` for its rules).
+//!   `proto/itw/v1/ingest.proto` for its rules) and the read-only
+//!   `itw.v1.Graph` service (`proto/itw/v1/graph.proto`).
 //! - [`names`]: the Kubernetes name rules of what the agent reports and the
 //!   scaler accepts, one copy for both.
 //! - [`token`]: the bearer token rule, one copy for both.

@@ -153,6 +153,7 @@ async fn open_stream(
         taken_at_unix_ms: now_ms(),
         totals,
         history: vec![],
+        edges: Vec::new(),
     })))
     .await?;
     match acks.message().await?.and_then(|r| r.message) {
@@ -169,6 +170,7 @@ fn batch(sequence: u64, deltas: Vec<SeriesCount>) -> ReportRequest {
             collected_at_unix_ms: now_ms(),
             wake: false,
             deltas,
+            edges: Vec::new(),
         })),
     }
 }

@@ -161,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
                         per_second: vec![1; args.seconds],
                     })
                     .collect(),
+                edges: Vec::new(),
             };
             let message = request(report_request::Message::Snapshot(snapshot));
             println!(
@@ -178,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
                 taken_at_unix_ms: now_ms(),
                 totals: vec![],
                 history: vec![],
+                edges: Vec::new(),
             })))
             .await?;
             println!("empty snapshot: {}", outcome(&mut responses).await);
@@ -196,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
                             attempts: 1,
                         })
                         .collect(),
+                    edges: Vec::new(),
                 })))
                 .await?;
                 last = outcome(&mut responses).await;

@@ -145,6 +145,20 @@ pub struct Args {
     #[arg(long, env = "INGEST_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=64))]
     pub ingest_threads: u16,
 
+    /// How long an edge of the dependency graph (Service A calls Service B)
+    /// is kept after an agent last saw the call (or the wakes annotation):
+    /// long enough that a chain idle overnight still pre-wakes in the
+    /// morning, short enough that a call removed from the code stops waking
+    /// its callee within a day.
+    #[arg(long, env = "EDGE_MAX_AGE", default_value = "24h", value_parser = parse_retention)]
+    pub edge_max_age: Duration,
+
+    /// Most edges of the dependency graph held (about 200 bytes each); past
+    /// it new edges are refused, counted in
+    /// itw_scaler_refused_entries_total{reason="max_edges"}.
+    #[arg(long, env = "MAX_EDGES", default_value_t = 50_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_edges: u32,
+
     /// Log output: text or json (filter with RUST_LOG).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -189,6 +203,8 @@ impl Args {
                 idle_timeout: self.idle_timeout,
                 grpc_window: self.grpc_window,
                 max_batch_deltas: self.max_batch_deltas as usize,
+                edge_max_age: self.edge_max_age,
+                max_edges: self.max_edges as usize,
             },
         }
     }
@@ -239,6 +255,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub grpc_window: u32,
     pub max_batch_deltas: usize,
+    pub edge_max_age: Duration,
+    pub max_edges: usize,
 }
 
 impl Default for Limits {
@@ -260,6 +278,8 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(90),
             grpc_window: 64 << 10,
             max_batch_deltas: 10_000,
+            edge_max_age: Duration::from_secs(24 * 3600),
+            max_edges: 50_000,
         }
     }
 }
@@ -405,6 +425,8 @@ mod tests {
             "--idle-timeout=45s",
             "--grpc-window=20Ki",
             "--max-batch-deltas=7",
+            "--edge-max-age=2h",
+            "--max-edges=14",
             "--ingest-threads=3",
             "--log-format=json",
         ])
@@ -438,6 +460,8 @@ mod tests {
                     idle_timeout: Duration::from_secs(45),
                     grpc_window: 20 << 10,
                     max_batch_deltas: 7,
+                    edge_max_age: Duration::from_secs(2 * 3600),
+                    max_edges: 14,
                 },
             }
         );

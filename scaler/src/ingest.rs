@@ -35,6 +35,7 @@ use tracing::Instrument;
 
 use crate::{
     coldstart::WakeReceipt,
+    graph::check::check_edges,
     ingest_runtime::IngestRuntime,
     metrics::{BatchResult, ScalerMetrics},
     store::{
@@ -106,6 +107,12 @@ pub enum IngestError {
         count: usize,
         max: usize,
     },
+    #[error("{field} has {count} entries; this scaler holds at most {max} edges (MAX_EDGES)")]
+    TooManyEdges {
+        field: String,
+        count: usize,
+        max: usize,
+    },
     #[error("report message too large (MAX_REPORT_BYTES): {0}")]
     Oversized(String),
     #[error("undecodable report message: {0}")]
@@ -124,9 +131,10 @@ impl IngestError {
             | Self::Empty => "protocol",
             Self::ProtocolVersion { .. } => "protocol_version",
             Self::Missing { .. } | Self::Invalid { .. } => "invalid_message",
-            Self::TooManyDeltas { .. } | Self::TooMuchHistory { .. } | Self::Oversized(_) => {
-                "oversized"
-            }
+            Self::TooManyDeltas { .. }
+            | Self::TooMuchHistory { .. }
+            | Self::TooManyEdges { .. }
+            | Self::Oversized(_) => "oversized",
             Self::Malformed(_) => "malformed",
             Self::Apply(ApplyError::SequenceGap { .. }) => "sequence_gap",
             Self::Apply(ApplyError::SnapshotBehind { .. }) => "snapshot_behind",
@@ -139,9 +147,10 @@ impl IngestError {
         let code = match self {
             Self::Apply(ApplyError::SecretMismatch { .. }) => Code::PermissionDenied,
             Self::ProtocolVersion { .. } | Self::Apply(_) => Code::FailedPrecondition,
-            Self::Oversized(_) | Self::TooManyDeltas { .. } | Self::TooMuchHistory { .. } => {
-                Code::ResourceExhausted
-            }
+            Self::Oversized(_)
+            | Self::TooManyDeltas { .. }
+            | Self::TooMuchHistory { .. }
+            | Self::TooManyEdges { .. } => Code::ResourceExhausted,
             _ => Code::InvalidArgument,
         };
         Status::new(code, self.to_string())
@@ -371,9 +380,12 @@ impl ReportStream {
                 report_request::Message::Snapshot(snapshot) => {
                     let Checked { view, refused } =
                         check_snapshot(&snapshot, limits.max_window.as_secs())?;
+                    let edges = check_edges("snapshot.edges", &snapshot.edges, limits.max_edges)?;
                     let ack = self.store.apply_snapshot(&conn, &view, &mut cache)?;
+                    self.store.learn_edges(&conn, "snapshot.edges", &edges.view);
                     self.metrics.snapshots.inc();
                     refusals.note(&self.metrics, &refused);
+                    refusals.note(&self.metrics, &edges.refused);
                     snapshot_applied = true;
                     tracing::info!(
                         through = snapshot.through_sequence,
@@ -404,13 +416,18 @@ impl ReportStream {
                         });
                     }
                     let outcome = check_batch(&batch, limits.max_batch_deltas).and_then(
-                        |Checked { view, refused }| {
+                        |Checked { view, mut refused }| {
+                            let edges = check_edges("batch.edges", &batch.edges, limits.max_edges)?;
                             // Before the batch rings the doorbell: the
                             // stream it activates looks for the record.
                             if let Some(receipt) = receipt {
                                 self.store.note_wake_batch(&conn, receipt, &view);
                             }
                             let outcome = self.store.apply_batch(&conn, &view, &mut cache)?;
+                            if let BatchOutcome::Applied { .. } = outcome {
+                                self.store.learn_edges(&conn, "batch.edges", &edges.view);
+                                refused.extend(edges.refused);
+                            }
                             Ok((outcome, view.deltas.len(), refused))
                         },
                     );
@@ -559,7 +576,7 @@ fn check_token_like(field: &str, value: &str, max: usize) -> Result<(), IngestEr
     Ok(())
 }
 
-fn check_unix_ms(field: &str, value: i64) -> Result<(), IngestError> {
+pub(crate) fn check_unix_ms(field: &str, value: i64) -> Result<(), IngestError> {
     if value <= 0 || value > MAX_UNIX_MS {
         return Err(invalid(field, value, "not a Unix time in milliseconds"));
     }
@@ -568,7 +585,7 @@ fn check_unix_ms(field: &str, value: i64) -> Result<(), IngestError> {
 
 /// A name of a series or destination, checked with `rule`; `field` is
 /// formatted only for a refusal, since this runs for every delta.
-fn check_name(
+pub(crate) fn check_name(
     field: impl FnOnce() -> String,
     value: &str,
     name: NameKind,
@@ -820,6 +837,7 @@ mod tests {
             collected_at_unix_ms: 1_700_000_000_000,
             wake: false,
             deltas,
+            edges: Vec::new(),
         }
     }
 
@@ -968,6 +986,7 @@ mod tests {
             taken_at_unix_ms: 1_700_000_000_000,
             totals,
             history,
+            edges: Vec::new(),
         }
     }
 

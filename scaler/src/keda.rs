@@ -5,6 +5,9 @@
 //! say happens: the service's doorbell (new attempts), the moment its window
 //! empties, the client leaving, or shutdown, which ends the stream with
 //! status OK so KEDA reconnects in 2 s instead of backing off.
+//!
+//! A trigger with `prewake: "true"` is answered by [`crate::prewake`]
+//! instead (IsActive and StreamIsActive); its GetMetrics is the same.
 
 use std::sync::Arc;
 
@@ -20,6 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     metrics::{GaugeGuard, ScalerMetrics},
+    prewake,
     store::{Activity, Store},
     trigger::Trigger,
 };
@@ -92,13 +96,17 @@ impl ExternalScaler for KedaService {
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
         let trigger = self.trigger(Some(request.get_ref()))?;
-        let activity = self.store.activity(
-            &trigger.namespace,
-            &trigger.service,
-            trigger.port,
-            trigger.window_secs(),
-            trigger.activation_threshold,
-        );
+        let activity = if trigger.prewake {
+            prewake::activity(&self.store, &trigger)
+        } else {
+            self.store.activity(
+                &trigger.namespace,
+                &trigger.service,
+                trigger.port,
+                trigger.window_secs(),
+                trigger.activation_threshold,
+            )
+        };
         Ok(Response::new(IsActiveResponse {
             result: activity.active(),
         }))
@@ -119,7 +127,11 @@ impl ExternalScaler for KedaService {
         tokio::spawn(async move {
             let _open = guard;
             tracing::debug!(scaled_object = %object.name, namespace = %object.namespace, "StreamIsActive opened");
-            watch_activity(&store, &trigger, &tx, &shutdown).await;
+            if trigger.prewake {
+                prewake::watch_chain(&store, &trigger, &tx, &shutdown).await;
+            } else {
+                watch_activity(&store, &trigger, &tx, &shutdown).await;
+            }
             tracing::debug!(scaled_object = %object.name, namespace = %object.namespace, "StreamIsActive closed");
         });
         Ok(Response::new(ReceiverStream::new(rx)))

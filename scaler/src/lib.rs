@@ -6,6 +6,10 @@
 //! - [`window`]: per-second windows, the scaler clock, the default window.
 //! - [`store`]: instances, series, windows, subscribers and the activity rule.
 //! - [`ingest`]: the agents' `itw.v1.Ingest/Report` stream.
+//! - [`graph`]: the dependency graph (Service A calls Service B) and its
+//!   read-only `itw.v1.Graph` service.
+//! - [`prewake`]: StreamIsActive and IsActive for `prewake: "true"`
+//!   triggers: active while anything upstream in the graph is.
 //! - [`ingest_runtime`]: the threads those streams run on (INGEST_THREADS).
 //! - [`keda`]: KEDA's `externalscaler.ExternalScaler` service.
 //! - [`coldstart`]: cold start by phase per Service, once per activation.
@@ -19,10 +23,12 @@ pub mod auth;
 pub mod coldstart;
 pub mod config;
 pub mod export;
+pub mod graph;
 pub mod ingest;
 pub mod ingest_runtime;
 pub mod keda;
 pub mod metrics;
+pub mod prewake;
 pub mod server;
 pub mod store;
 pub mod trigger;

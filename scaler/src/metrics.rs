@@ -82,6 +82,7 @@ pub struct ScalerMetrics {
     pub services: Gauge,
     /// Cold start by phase ([`crate::coldstart`]).
     pub cold_start: Arc<ColdStartMetrics>,
+    pub service_edges: Gauge,
 }
 
 impl Default for ScalerMetrics {
@@ -138,7 +139,7 @@ impl Default for ScalerMetrics {
         let refused_entries = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "itw_scaler_refused_entries",
-            "Entries of agent batches and snapshots refused alone (the rest of the message is applied), by reason: a name Kubernetes would not allow (invalid_namespace, invalid_service, invalid_pod), or a cap (max_services, max_services_per_agent)",
+            "Entries of agent batches and snapshots refused alone (the rest of the message is applied), by reason: a name Kubernetes would not allow (invalid_namespace, invalid_service, invalid_pod), or a cap (max_services, max_services_per_agent, max_edges)",
             refused_entries.clone(),
         );
         let connections_closed = Family::<ClosedLabels, Counter>::default();
@@ -209,6 +210,12 @@ impl Default for ScalerMetrics {
         );
         let cold_start = Arc::new(ColdStartMetrics::default());
         cold_start.register(&mut registry);
+        let service_edges = Gauge::default();
+        registry.register(
+            "itw_scaler_service_edges",
+            "Edges \"Service A calls Service B\" of the dependency graph held by this replica (EDGE_MAX_AGE, MAX_EDGES; itw.v1.Graph/ListEdges lists them)",
+            service_edges.clone(),
+        );
         Self {
             registry,
             agents_connected,
@@ -232,6 +239,7 @@ impl Default for ScalerMetrics {
             window_buckets_evicted,
             services,
             cold_start,
+            service_edges,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The scaler as a whole: one gRPC port (KEDA's service, the agents' ingest
-//! stream behind the token check, health, reflection v1 and v1alpha, optional
-//! TLS or mutual TLS) and the `/metrics` port, started and stopped together.
+//! stream behind the token check, the read-only dependency graph, health,
+//! reflection v1 and v1alpha, optional TLS or mutual TLS) and the `/metrics`
+//! port, started and stopped together.
 //!
 //! Stopping: the shutdown future resolving ends every KEDA stream and every
 //! ingest stream with status OK, then the server drains its connections (at
@@ -10,7 +11,7 @@ use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration
 
 use itw_proto::{
     externalscaler::external_scaler_server::ExternalScalerServer,
-    itw::v1::ingest_server::IngestServer,
+    itw::v1::{graph_server::GraphServer, ingest_server::IngestServer},
 };
 use itw_telemetry::listener::{Guard, GuardedListener, GuardedStream, OnClose};
 use std::{
@@ -35,6 +36,7 @@ use crate::{
     auth::AgentToken,
     config::{Config, TlsFiles},
     export::Exporter,
+    graph::service::GraphService,
     ingest::IngestService,
     ingest_runtime::IngestRuntime,
     keda::KedaService,
@@ -145,6 +147,7 @@ impl Scaler {
         health
             .set_service_status(IngestServer::<IngestService>::NAME, ServingStatus::Serving)
             .await;
+        health.set_serving::<GraphServer<GraphService>>().await;
 
         let descriptors: [&[u8]; 4] = [
             itw_proto::FILE_DESCRIPTOR_SET,
@@ -194,6 +197,7 @@ impl Scaler {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(keda)
+            .add_service(GraphServer::new(GraphService::new(Arc::clone(&self.store))))
             .add_service(ingest);
         let limits = *self.store.limits();
         let closed = |listener: &'static str| -> OnClose {

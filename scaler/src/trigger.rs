@@ -54,6 +54,9 @@ pub struct Trigger {
     pub window: Duration,
     pub target_rate: f64,
     pub activation_threshold: f64,
+    /// `prewake: "true"`: also active while any Service that reaches this
+    /// one through the dependency graph is active ([`crate::prewake`]).
+    pub prewake: bool,
 }
 
 impl Trigger {
@@ -92,6 +95,7 @@ impl Trigger {
                 |v| v >= 0.0,
                 "must be a number, 0 or more",
             )?,
+            prewake: parse_prewake(meta)?,
         })
     }
 
@@ -207,6 +211,14 @@ fn parse_window(
     Ok(window)
 }
 
+fn parse_prewake(meta: &HashMap<String, String>) -> Result<bool, TriggerError> {
+    match meta.get("prewake").map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(invalid("prewake", other, "must be \"true\" or \"false\"")),
+    }
+}
+
 fn parse_number(
     meta: &HashMap<String, String>,
     key: &'static str,
@@ -265,6 +277,7 @@ mod tests {
                 window: Duration::from_secs(60),
                 target_rate: 1.0,
                 activation_threshold: 0.0,
+                prewake: false,
             }
         );
         assert_eq!(t.metric_name(), "itw-apps-web");
@@ -286,6 +299,7 @@ mod tests {
             ("window", "2m"),
             ("targetRate", "2.5"),
             ("activationThreshold", "3"),
+            ("prewake", "true"),
         ])
         .unwrap();
         assert_eq!(
@@ -297,6 +311,7 @@ mod tests {
                 window: Duration::from_secs(120),
                 target_rate: 2.5,
                 activation_threshold: 3.0,
+                prewake: true,
             }
         );
         assert_eq!(t.window_secs(), 120);
@@ -452,6 +467,24 @@ mod tests {
                 format!(
                     "scalerMetadata.activationThreshold = {bad:?}: must be a number, 0 or more"
                 )
+            );
+        }
+    }
+
+    #[test]
+    fn prewake_is_true_or_false() {
+        assert!(
+            !parse(&[("service", "web"), ("prewake", "false")])
+                .unwrap()
+                .prewake
+        );
+        for bad in ["True", "yes", "1", ""] {
+            let status =
+                tonic::Status::from(parse(&[("service", "web"), ("prewake", bad)]).unwrap_err());
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert_eq!(
+                status.message(),
+                format!("scalerMetadata.prewake = {bad:?}: must be \"true\" or \"false\"")
             );
         }
     }

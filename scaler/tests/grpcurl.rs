@@ -73,6 +73,7 @@ async fn grpcurl_lists_services_and_calls_is_active() {
          grpc.health.v1.Health\n\
          grpc.reflection.v1.ServerReflection\n\
          grpc.reflection.v1alpha.ServerReflection\n\
+         itw.v1.Graph\n\
          itw.v1.Ingest\n"
     );
     let methods = stdout(&grpcurl(args(&[&addr, "list", "externalscaler.ExternalScaler"])).await);
@@ -110,6 +111,9 @@ async fn grpcurl_lists_services_and_calls_is_active() {
         stdout(&grpcurl(is_active()).await),
         "{\n  \"result\": true\n}\n"
     );
+
+    let edges = stdout(&grpcurl(args(&[&addr, "itw.v1.Graph/ListEdges"])).await);
+    assert_eq!(edges, "{\n  \n}\n", "no edge learned yet");
 
     let bad = r#"{"namespace": "apps", "scalerMetadata": {"service": "web", "port": "http"}}"#;
     let output = grpcurl(args(&[

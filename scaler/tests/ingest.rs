@@ -337,6 +337,7 @@ async fn a_bad_message_ends_only_its_own_stream_with_a_clear_status() {
             taken_at_unix_ms: now_ms(),
             totals: vec![],
             history: vec![],
+            edges: Vec::new(),
         })
     };
     let batch = |sequence, deltas: Vec<_>| {
@@ -345,6 +346,7 @@ async fn a_bad_message_ends_only_its_own_stream_with_a_clear_status() {
             collected_at_unix_ms: now_ms(),
             wake: false,
             deltas,
+            edges: Vec::new(),
         })
     };
     let ok = || count(series("web", 80, "", "curl"), 1);
@@ -397,6 +399,7 @@ async fn a_bad_message_ends_only_its_own_stream_with_a_clear_status() {
                     taken_at_unix_ms: now_ms(),
                     totals: vec![],
                     history: vec![history("web", 80, now_ms() / 1000 - 6, vec![1; 7])],
+                    edges: Vec::new(),
                 }),
             ],
             Code::ResourceExhausted,
@@ -601,7 +604,15 @@ async fn agents_need_the_token_and_keda_does_not() {
         .batch(1, vec![count(series("web", 80, "", "curl"), 1)])
         .await;
 
-    // KEDA, health and reflection need nothing.
+    // KEDA, the graph, health and reflection need nothing.
+    let mut graph = itw_proto::itw::v1::graph_client::GraphClient::new(scaler.channel().await);
+    let edges = graph
+        .list_edges(itw_proto::itw::v1::ListEdgesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .edges;
+    assert_eq!(edges, vec![]);
     let mut keda = scaler.keda().await;
     assert!(
         keda.is_active(object(&[("service", "web")]))
@@ -611,7 +622,12 @@ async fn agents_need_the_token_and_keda_does_not() {
             .result
     );
     let mut health = tonic_health::pb::health_client::HealthClient::new(scaler.channel().await);
-    for service in ["", "externalscaler.ExternalScaler", "itw.v1.Ingest"] {
+    for service in [
+        "",
+        "externalscaler.ExternalScaler",
+        "itw.v1.Ingest",
+        "itw.v1.Graph",
+    ] {
         let response = health
             .check(tonic_health::pb::HealthCheckRequest {
                 service: service.into(),

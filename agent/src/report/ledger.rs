@@ -11,6 +11,9 @@
 //! outage: its oldest batches were merged away), or the replica knows nothing
 //! of this instance, the replica gets a *full* snapshot through the newest
 //! sequence instead. Either way its totals come out exact.
+//!
+//! Edges ride along: the [`EdgeBook`] puts the edges due (new or to be
+//! refreshed) in the next batch, and every edge held in each snapshot.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -22,7 +25,13 @@ use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::watch;
 
-use crate::{coldstart::Woken, counting_loop::Collected, deltas::SeriesKey, resolve::ServiceRef};
+use crate::{
+    coldstart::Woken,
+    counting_loop::Collected,
+    deltas::SeriesKey,
+    edges::{EdgeBook, EdgeKey, EdgeLimits},
+    resolve::ServiceRef,
+};
 
 /// Longest history kept, whatever a replica asks for (the scaler's default cap).
 pub const MAX_HISTORY_SECONDS: u32 = 15 * 60;
@@ -85,11 +94,15 @@ struct Inner {
     history: HashMap<DestKey, VecDeque<(i64, u64)>>,
     history_seconds: u32,
     last_second: i64,
+    /// collected_at of the newest batch: batches of edges alone come from
+    /// another task than the counting loop's, and must not go back in time.
+    last_collected_ms: i64,
     log: VecDeque<Logged>,
     log_bytes: usize,
     limits: LogLimits,
     /// Batches evicted from the log (their counts stay in the totals).
     evicted: u64,
+    edges: EdgeBook,
 }
 
 #[derive(Debug)]
@@ -100,6 +113,10 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn new(limits: LogLimits) -> Self {
+        Self::with_edges(limits, EdgeLimits::default())
+    }
+
+    pub fn with_edges(limits: LogLimits, edges: EdgeLimits) -> Self {
         Self {
             inner: Mutex::new(Inner {
                 latest: 0,
@@ -107,23 +124,31 @@ impl Ledger {
                 history: HashMap::new(),
                 history_seconds: DEFAULT_HISTORY_SECONDS,
                 last_second: 0,
+                last_collected_ms: 0,
                 log: VecDeque::new(),
                 log_bytes: 0,
                 limits,
                 evicted: 0,
+                edges: EdgeBook::new(edges),
             }),
             latest: watch::channel(0).0,
         }
     }
 
-    /// Records one collection as the next batch. Collections without
-    /// attempts make no batch. Returns the batch's sequence.
+    /// Records one collection as the next batch, with the edges due.
+    /// Collections without attempts or edges due make no batch. Returns the
+    /// batch's sequence.
     pub fn record(&self, collected: Collected) -> Option<u64> {
-        if collected.deltas.is_empty() {
+        let mut inner = self.inner.lock();
+        let edges = inner
+            .edges
+            .note(&collected.edges, collected.collected_at_unix_ms);
+        let collected_at = collected.collected_at_unix_ms.max(inner.last_collected_ms);
+        if collected.deltas.is_empty() && edges.is_empty() {
             return None;
         }
-        let mut inner = self.inner.lock();
-        let second = collected.collected_at_unix_ms.div_euclid(1000);
+        inner.last_collected_ms = collected_at;
+        let second = collected_at.div_euclid(1000);
         inner.last_second = inner.last_second.max(second);
         let sequence = inner.latest + 1;
         let mut deltas = Vec::with_capacity(collected.deltas.len());
@@ -144,9 +169,10 @@ impl Ledger {
         }
         let batch = Batch {
             sequence,
-            collected_at_unix_ms: collected.collected_at_unix_ms,
+            collected_at_unix_ms: collected_at,
             wake: collected.woken.is_some(),
             deltas,
+            edges,
         };
         let bytes = batch.encoded_len();
         inner.log.push_back(Logged {
@@ -160,6 +186,30 @@ impl Ledger {
         drop(inner);
         self.latest.send_replace(sequence);
         Some(sequence)
+    }
+
+    /// Replaces the declared edges (the wakes annotations); the new ones go
+    /// out at once in a batch of their own, at agent time `now_ms`.
+    pub fn declare(&self, edges: Vec<EdgeKey>, now_ms: i64) -> Option<u64> {
+        self.inner.lock().edges.declare(edges);
+        self.refresh_edges(now_ms)
+    }
+
+    /// Sends the edges due at `now_ms` without attempts: declared edges stay
+    /// fresh at the scalers while nothing calls, and aged ones are dropped.
+    pub fn refresh_edges(&self, now_ms: i64) -> Option<u64> {
+        self.record(Collected {
+            collected_at_unix_ms: now_ms,
+            woken: None,
+            deltas: Vec::new(),
+            edges: Vec::new(),
+        })
+    }
+
+    /// Edges held, and new edges refused for MAX_EDGES since start.
+    pub fn edge_counts(&self) -> (usize, u64) {
+        let inner = self.inner.lock();
+        (inner.edges.len(), inner.edges.refused())
     }
 
     /// Notified with the newest sequence whenever a batch is recorded.
@@ -225,6 +275,7 @@ impl Ledger {
                 .into_iter()
                 .filter_map(|((service, port), slots)| dense(&service, port, &slots, oldest))
                 .collect(),
+            edges: inner.edges.all(),
         };
         StreamStart {
             snapshot,
@@ -371,6 +422,7 @@ mod tests {
             collected_at_unix_ms: at_ms,
             woken: None,
             deltas: deltas.iter().map(|(s, n)| (key(s, "curl"), *n)).collect(),
+            edges: Vec::new(),
         }
     }
 
@@ -543,10 +595,89 @@ mod tests {
             collected_at_unix_ms: 1_000,
             woken: Some(woken.clone()),
             deltas: vec![(key("a", "curl"), 1)],
+            edges: Vec::new(),
         });
         let first = ledger.after(0).unwrap();
         assert_eq!(first[0].woken, Some(woken));
         assert!(first[0].batch.wake);
         assert_eq!(ledger.after(0).unwrap()[0].woken, None);
+    }
+
+    fn edge_names(edges: &[itw_proto::itw::v1::Edge]) -> Vec<(String, String, i64, bool)> {
+        edges
+            .iter()
+            .map(|e| {
+                (
+                    format!("{}/{}", e.from_namespace, e.from_service),
+                    format!("{}/{}", e.to_namespace, e.to_service),
+                    e.last_seen_unix_ms,
+                    e.declared,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn edges_go_out_when_new_and_every_one_held_is_in_the_snapshot() {
+        let ledger = Ledger::new(LIMITS);
+        let call = (
+            ServiceRef::new("default", "a"),
+            ServiceRef::new("default", "b"),
+        );
+        let mut with_edge = collected(1_000, &[("b", 1)]);
+        with_edge.edges = vec![call.clone()];
+        assert_eq!(ledger.record(with_edge.clone()), Some(1));
+        with_edge.collected_at_unix_ms = 2_000;
+        assert_eq!(ledger.record(with_edge), Some(2));
+        let sent = ledger.after(0).unwrap();
+        let a_b = ("default/a".to_owned(), "default/b".to_owned(), 1_000, false);
+        assert_eq!(edge_names(&sent[0].batch.edges), vec![a_b]);
+        assert_eq!(
+            edge_names(&sent[1].batch.edges),
+            vec![],
+            "steady: no resend"
+        );
+
+        // A declaration goes out at once, in a batch without attempts.
+        let declared = (
+            ServiceRef::new("default", "b"),
+            ServiceRef::new("other", "c"),
+        );
+        assert_eq!(ledger.declare(vec![declared], 3_000), Some(3));
+        let batch = &ledger.after(2).unwrap()[0].batch;
+        assert_eq!(batch.deltas, vec![]);
+        assert_eq!(
+            edge_names(&batch.edges),
+            vec![("default/b".into(), "other/c".into(), 3_000, true)]
+        );
+        assert_eq!(ledger.refresh_edges(4_000), None, "nothing due");
+        // Taken before the newest batch, recorded after it: not back in time.
+        let late = (
+            ServiceRef::new("default", "c"),
+            ServiceRef::new("default", "d"),
+        );
+        assert_eq!(ledger.declare(vec![late], 2_500), Some(4));
+        assert_eq!(
+            ledger.after(3).unwrap()[0].batch.collected_at_unix_ms,
+            3_000
+        );
+        ledger.declare(
+            vec![(
+                ServiceRef::new("default", "b"),
+                ServiceRef::new("other", "c"),
+            )],
+            4_000,
+        );
+        assert_eq!(ledger.edge_counts(), (3, 0));
+
+        let start = ledger.start_stream(0, 60, 4_000);
+        assert_eq!(
+            edge_names(&start.snapshot.edges),
+            vec![
+                ("default/a".into(), "default/b".into(), 2_000, false),
+                ("default/b".into(), "other/c".into(), 4_000, true),
+                ("default/c".into(), "default/d".into(), 2_500, false),
+            ]
+        );
     }
 }

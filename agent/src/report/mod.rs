@@ -32,6 +32,7 @@ use itw_telemetry::timeline::{TARGET as TIMELINE, monotonic_us};
 use crate::{
     coldstart::{ColdStartMetrics, Woken},
     counting_loop::{AgentClock, Collected, CollectionSink},
+    edges::{EdgeKey, EdgeLimits},
 };
 use ledger::{Ledger, LogLimits};
 
@@ -141,6 +142,8 @@ pub struct ReportSettings {
     pub resolve_interval: Duration,
     pub flush_timeout: Duration,
     pub log_limits: LogLimits,
+    /// MAX_EDGES and EDGE_MAX_AGE of the edge book.
+    pub edge_limits: EdgeLimits,
 }
 
 /// A bearer token as a gRPC header can carry it: printable ASCII, no spaces
@@ -250,6 +253,8 @@ pub struct ReportMetrics {
     wake_to_send: Histogram,
     /// Registered by the agent, shared with holding.
     cold_start: Arc<ColdStartMetrics>,
+    edges_held: Gauge,
+    edges_refused: Counter,
     /// Whether any stream is up, for `/readyz`: kept beside the up gauge so
     /// the two never disagree.
     health: ReportHealth,
@@ -274,6 +279,8 @@ impl ReportMetrics {
             buffer_batches: Gauge::default(),
             buffer_bytes: Gauge::default(),
             merged: Counter::default(),
+            edges_held: Gauge::default(),
+            edges_refused: Counter::default(),
             // 10 µs .. ~80 ms: the fast path lives in the first buckets.
             wake_to_send: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.000_01, 2.0, 14),
@@ -342,6 +349,32 @@ impl ReportMetrics {
             "From a kernel wake (idle -> active) to its batch handed to a scaler stream",
             self.wake_to_send.clone(),
         );
+        r.register(
+            "edges",
+            "Edges \"Service A calls Service B\" held and reported to the scalers (MAX_EDGES, EDGE_MAX_AGE)",
+            self.edges_held.clone(),
+        );
+        r.register(
+            "edges_refused",
+            "New edges not held nor reported because MAX_EDGES edges were held",
+            self.edges_refused.clone(),
+        );
+    }
+
+    /// The edge book's figures.
+    fn edges(&self, ledger: &Ledger) {
+        let (held, refused) = ledger.edge_counts();
+        self.edges_held.set(i64::try_from(held).unwrap_or(i64::MAX));
+        let before = self.edges_refused.get();
+        if refused > before {
+            self.edges_refused.inc_by(refused - before);
+            if before == 0 {
+                tracing::warn!(
+                    held,
+                    "MAX_EDGES edges held: new edges are not reported (counted in itw_agent_edges_refused_total)"
+                );
+            }
+        }
     }
 
     fn stream_up(&self) -> UpGuard<'_> {
@@ -413,7 +446,10 @@ pub struct Reporter {
 
 impl Reporter {
     pub fn new(settings: ReportSettings, metrics: Arc<ReportMetrics>, clock: AgentClock) -> Self {
-        let ledger = Arc::new(Ledger::new(settings.log_limits));
+        let ledger = Arc::new(Ledger::with_edges(
+            settings.log_limits,
+            settings.edge_limits,
+        ));
         Self {
             ctx: Arc::new(ReportContext {
                 settings,
@@ -428,6 +464,7 @@ impl Reporter {
     /// Starts following the scaler's replicas; runs until `stop` is
     /// cancelled, then flushes every stream (bounded by the flush timeout).
     pub fn spawn(&self, stop: CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(refresh_edges(self.ctx.clone(), stop.clone()));
         tokio::spawn(replicas::run(self.ctx.clone(), stop))
     }
 
@@ -436,11 +473,45 @@ impl Reporter {
     }
 }
 
+/// How often edges due are looked for while no attempt is collected: a
+/// declared edge must reach the scalers again before it ages out there, and
+/// an edge is due at most once per quarter of EDGE_MAX_AGE (a minute at least).
+const EDGE_REFRESH_CHECK: Duration = Duration::from_secs(60);
+
+/// Sends the edges due when nothing else would carry them, until `stop`.
+async fn refresh_edges(ctx: Arc<ReportContext>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(EDGE_REFRESH_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {
+                ctx.ledger.refresh_edges(ctx.clock.now_ms());
+                ctx.metrics.edges(&ctx.ledger);
+            }
+        }
+    }
+}
+
 impl CollectionSink for Reporter {
+    fn declare(&self, edges: Vec<EdgeKey>) {
+        let declared = edges.len();
+        self.ctx.ledger.declare(edges, self.ctx.clock.now_ms());
+        self.ctx.metrics.edges(&self.ctx.ledger);
+        tracing::debug!(
+            declared,
+            "declared edges (internal-tcp-watcher.io/wakes) taken"
+        );
+    }
+
     fn record(&self, collected: Collected) {
         let ledger = &self.ctx.ledger;
         let evicted_before = ledger.evicted();
+        let with_edges = !collected.edges.is_empty();
         ledger.record(collected);
+        if with_edges {
+            self.ctx.metrics.edges(ledger);
+        }
         let fill = ledger.fill();
         let metrics = &self.ctx.metrics;
         metrics

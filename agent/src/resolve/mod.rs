@@ -7,6 +7,7 @@
 
 pub mod kube;
 pub mod static_map;
+pub mod wakes;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -140,6 +141,10 @@ pub struct ServiceState {
     /// Endpoints ready to take connections, counted once per address (not
     /// per port); `None` when the source cannot tell, which never holds.
     pub ready_endpoints: Option<u32>,
+    /// Services this one calls by declaration (annotation
+    /// `internal-tcp-watcher.io/wakes`): edges the scalers pre-wake along
+    /// even before traffic taught them.
+    pub wakes: Vec<ServiceRef>,
 }
 
 /// A hold timeout (`HOLD_TIMEOUT`, and a Service's own): between 1 s and 1 h.

@@ -9,6 +9,7 @@
 //!     ports: [8429]                   # or {port: 80, targetPort: 8080}
 //!     hold: true                      # optional: hold connects while no endpoint is ready
 //!     holdTimeout: 30s                # optional: how long (default: the agent's HOLD_TIMEOUT)
+//!     wakes: "other/api,db"           # optional: Services it calls (internal-tcp-watcher.io/wakes)
 //!     endpoints:                      # optional: pods behind it
 //!       - pod: my-svc-0
 //!         ip: 127.10.1.1
@@ -71,6 +72,8 @@ struct ServiceEntry {
     #[serde(default)]
     hold_timeout: Option<Spanned<String>>,
     #[serde(default)]
+    wakes: Option<Spanned<String>>,
+    #[serde(default)]
     endpoints: Vec<EndpointEntry>,
 }
 
@@ -115,6 +118,25 @@ struct EndpointEntry {
 
 fn ready_by_default() -> bool {
     true
+}
+
+/// A Service's `wakes`, every entry good or an error naming its line.
+fn static_wakes(svc: &ServiceEntry, field: &str) -> Result<Vec<ServiceRef>, String> {
+    let Some(given) = &svc.wakes else {
+        return Ok(Vec::new());
+    };
+    let (wakes, problems) =
+        super::wakes::parse(&given.value, &svc.namespace.value, &svc.name.value);
+    if let Some(problem) = problems.first() {
+        return Err(format!(
+            "line {}: {field}: {problem}",
+            given.referenced.line()
+        ));
+    }
+    Ok(wakes
+        .into_iter()
+        .map(|(ns, name)| ServiceRef::new(ns, name))
+        .collect())
 }
 
 /// Parses a service map; `path` only names the file in errors.
@@ -172,6 +194,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
             hold: svc.hold,
             hold_timeout,
             ready_endpoints: Some(u32::try_from(ready.len()).unwrap_or(u32::MAX)),
+            wakes: static_wakes(svc, &at("wakes")).map_err(&invalid)?,
         };
         if map.services.insert(service.clone(), state).is_some() {
             return Err(invalid(format!(
@@ -507,6 +530,7 @@ services:
     ports: [80]
     hold: true
     holdTimeout: 45s
+    wakes: \"other/api, warm\"
     endpoints:
       - {pod: cold-0, ip: 127.1.1.1, ready: false}
       - {pod: cold-1, ip: 127.1.1.2, ready: false, ports: [81]}
@@ -525,6 +549,10 @@ services:
                 hold: true,
                 hold_timeout: Some(Duration::from_secs(45)),
                 ready_endpoints: Some(0),
+                wakes: vec![
+                    ServiceRef::new("other", "api"),
+                    ServiceRef::new("default", "warm")
+                ],
             }
         );
         assert_eq!(
@@ -533,6 +561,7 @@ services:
                 hold: true,
                 hold_timeout: None,
                 ready_endpoints: Some(1),
+                wakes: Vec::new(),
             }
         );
         // Not-ready endpoints are still watched: a connect to a starting pod counts.
@@ -547,6 +576,11 @@ services:
             ),
             ("holdTimeout: 100ms", &["line 6", "between 1s and 1h"][..]),
             ("hold: maybe", &["line 6", "hold"][..]),
+            (
+                "wakes: \"b,Bad\"",
+                &["line 6", "services[0].wakes", "\"Bad\""][..],
+            ),
+            ("wakes: a", &["line 6", "the Service itself"][..]),
         ] {
             let text = format!(
                 "services:\n  - namespace: default\n    name: a\n    clusterIPs: [127.1.0.1]\n    ports: [80]\n    {bad}\n"

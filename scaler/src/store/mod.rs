@@ -23,6 +23,7 @@
 //! - `apply.rs`: the checked snapshot and batch views and how they apply.
 //! - `cold_start.rs`: what the cold start histograms learn from the store
 //!   (a wake batch's clock offset and subscribed Services).
+//! - `edges.rs`: an agent message's edges, learned into the [`Graph`].
 //! - `fixtures.rs`: the unit tests' store and view builders (tests only).
 
 use std::{
@@ -39,12 +40,14 @@ use parking_lot::Mutex;
 use crate::{
     coldstart::ColdStarts,
     config::Limits,
+    graph::Graph,
     metrics::ScalerMetrics,
     window::{Clock, DEFAULT_WINDOW},
 };
 
 mod apply;
 mod cold_start;
+mod edges;
 mod instances;
 mod series;
 mod services;
@@ -78,6 +81,7 @@ pub struct Store {
     services_with_series: AtomicUsize,
     instances: Mutex<Instances>,
     cold_starts: ColdStarts,
+    graph: Graph,
 }
 
 impl Store {
@@ -95,6 +99,7 @@ impl Store {
             detailed_series: AtomicUsize::new(0),
             services_with_series: AtomicUsize::new(0),
             instances: Mutex::new(Instances::default()),
+            graph: Graph::new(limits.edge_max_age, limits.max_edges),
         }
     }
 
@@ -104,6 +109,11 @@ impl Store {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The dependency graph the agents' edges teach.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
     }
 
     /// Seconds of history kept and asked of agents: the longest window any
@@ -127,6 +137,7 @@ impl Store {
     pub fn sweep(&self) {
         self.sweep_instances();
         self.sweep_services();
+        self.sweep_edges();
     }
 }
 

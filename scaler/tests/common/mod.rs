@@ -261,6 +261,7 @@ impl Agent {
             taken_at_unix_ms: now_ms(),
             totals,
             history,
+            edges: Vec::new(),
         }))
         .await;
         self.expect_ack().await
@@ -283,6 +284,7 @@ impl Agent {
             collected_at_unix_ms: collected_at_ms,
             wake: false,
             deltas,
+            edges: Vec::new(),
         }))
         .await;
         self.expect_ack().await

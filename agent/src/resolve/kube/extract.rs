@@ -21,6 +21,7 @@ use super::objects::{
     EndpointSliceObject, HOLD_ANNOTATION, HOLD_TIMEOUT_ANNOTATION, SERVICE_NAME_LABEL,
     ServiceObject,
 };
+use crate::resolve::ServiceRef;
 
 /// The two kinds of object the resolver watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -113,6 +114,8 @@ pub struct ServiceSpec {
     pub hold: bool,
     /// [`HOLD_TIMEOUT_ANNOTATION`]; `None`: the agent's default.
     pub hold_timeout: Option<Duration>,
+    /// The Services the wakes annotation declares this one calls.
+    pub wakes: Box<[ServiceRef]>,
 }
 
 /// What the resolver keeps of an EndpointSlice.
@@ -297,6 +300,13 @@ pub fn service(
         out: malformed,
     };
     let (hold, hold_timeout) = hold_annotations(meta.annotations.as_ref(), &mut report);
+    let wakes = wakes_annotation(
+        meta.annotations.as_ref(),
+        namespace,
+        name,
+        names,
+        &mut report,
+    );
     let mut cluster_ips = Vec::new();
     let mut ports = Vec::new();
     match &svc.spec {
@@ -363,8 +373,37 @@ pub fn service(
             ports: ports.into(),
             hold,
             hold_timeout,
+            wakes,
         },
     })
+}
+
+/// Reads the wakes annotation; each bad entry is reported and left out.
+fn wakes_annotation(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    namespace: &str,
+    name: &str,
+    names: &mut Names,
+    report: &mut Report<'_>,
+) -> Box<[ServiceRef]> {
+    let Some(value) = annotations.and_then(|a| a.get(crate::resolve::wakes::WAKES_ANNOTATION))
+    else {
+        return Box::default();
+    };
+    let (wakes, problems) = crate::resolve::wakes::parse(value, namespace, name);
+    for problem in problems {
+        report.skip(
+            format!(
+                "metadata.annotations[\"{}\"]",
+                crate::resolve::wakes::WAKES_ANNOTATION
+            ),
+            problem,
+        );
+    }
+    wakes
+        .into_iter()
+        .map(|(ns, svc)| ServiceRef::from_names(names.get(ns), names.get(svc)))
+        .collect()
 }
 
 /// Reads the hold annotations; a bad value is reported and read as absent,

@@ -1,7 +1,7 @@
 //! The Service and EndpointSlice as the source decodes them: only the fields
 //! it maps, read straight from the apiserver's JSON. Everything else
 //! (managedFields, status, topology, every label but the Service name, every
-//! annotation but the hold ones) is skipped without being built, which makes a list of 10k
+//! annotation but the hold and wakes ones) is skipped without being built, which makes a list of 10k
 //! slices several times cheaper to decode and leaves far less freed memory
 //! behind in the allocator than the full k8s-openapi types would.
 //!
@@ -149,7 +149,7 @@ impl k8s_openapi::Metadata for EndpointSliceObject {
 
 /// The metadata the resolver and the watcher use: name, namespace,
 /// resourceVersion, of the labels only the Service name, and of the
-/// annotations only the hold ones.
+/// annotations only the hold and wakes ones.
 fn metadata<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -190,7 +190,11 @@ impl Keys for LabelKeys {
 struct AnnotationKeys;
 
 impl Keys for AnnotationKeys {
-    const KEYS: &'static [&'static str] = &[HOLD_ANNOTATION, HOLD_TIMEOUT_ANNOTATION];
+    const KEYS: &'static [&'static str] = &[
+        HOLD_ANNOTATION,
+        HOLD_TIMEOUT_ANNOTATION,
+        crate::resolve::wakes::WAKES_ANNOTATION,
+    ];
 }
 
 /// A label or annotation map reduced to the entries of `K::KEYS`.

@@ -139,6 +139,7 @@ impl ServiceEntry {
             hold: spec.hold,
             hold_timeout: spec.hold_timeout,
             ready_endpoints: Some(self.ready),
+            wakes: spec.wakes.to_vec(),
         })
     }
 }
@@ -568,10 +569,12 @@ impl ClusterState {
         }
         let service = entry.service.clone();
         let new_spec = entry.spec.as_ref();
-        // New, or its hold annotations changed: its ready count is the
-        // entry's, and a change of that is sent by the slice that made it.
+        // New, or its hold or wakes annotations changed: its ready count is
+        // the entry's, and a change of that is sent by the slice that made it.
         let announce = match (&old, new_spec) {
-            (Some(o), Some(n)) => (o.hold, o.hold_timeout) != (n.hold, n.hold_timeout),
+            (Some(o), Some(n)) => {
+                (o.hold, o.hold_timeout, &o.wakes) != (n.hold, n.hold_timeout, &n.wakes)
+            }
             _ => true,
         };
         if announce && let Some(state) = entry.state() {

@@ -15,6 +15,8 @@ use super::{
 };
 use crate::resolve::{MapChange, MapEvent, ServiceMap, ServiceRef, ServiceState, Target};
 
+mod wakes;
+
 // ---- objects as the apiserver sends them -------------------------------
 
 /// A Service port: (name, port, targetPort).
@@ -189,6 +191,7 @@ fn ready(n: u32) -> ServiceState {
         hold: false,
         hold_timeout: None,
         ready_endpoints: Some(n),
+        wakes: Vec::new(),
     }
 }
 
@@ -1442,6 +1445,7 @@ fn held(timeout: Option<u64>, n: u32) -> ServiceState {
         hold: true,
         hold_timeout: timeout.map(std::time::Duration::from_secs),
         ready_endpoints: Some(n),
+        wakes: Vec::new(),
     }
 }
 
@@ -1468,6 +1472,7 @@ fn hold_annotations_make_the_service_state() {
                     hold: false,
                     hold_timeout: Some(std::time::Duration::from_secs(120)),
                     ready_endpoints: Some(0),
+                    wakes: Vec::new(),
                 }
             ),
             (svc_ref("shop", "web"), held(Some(45), 0)),
