@@ -49,6 +49,10 @@ struct Args {
     /// Print the cells and exit.
     #[arg(long)]
     list: bool,
+    /// Only the chain's cell, with this many rounds of its wake-up (serial
+    /// and pre-woken), and their figures: `hack/bench chain`.
+    #[arg(long)]
+    chain_rounds: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +76,10 @@ enum PodCommand {
         /// Send a line and wait for the server's reply line.
         #[arg(long)]
         send: bool,
+        /// Retry a refused connect every 50 ms for this long, as a real
+        /// client of a Service scaled to zero does (default: no retry).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retry_for: Option<Duration>,
     },
     /// Opens `count` connections at once, each sending `payload` bytes,
     /// and waits for each to end; one JSON line per connection.
@@ -84,6 +92,22 @@ enum PodCommand {
         count: u32,
         #[arg(long)]
         payload: usize,
+    },
+    /// A link of a call chain: for each connection's line, connects to
+    /// `next` (retrying a refused connect, as `client --retry-for` does),
+    /// passes the line on and answers "<name> -> <next's reply>".
+    Relay {
+        #[arg(long)]
+        name: String,
+        /// The process name to take (prctl).
+        #[arg(long)]
+        comm: String,
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long)]
+        next: SocketAddr,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        retry_for: Duration,
     },
     /// Answers each connection's line with "<name> saw <peer>".
     Serve {
@@ -119,6 +143,7 @@ fn run_matrix(args: &Args) -> anyhow::Result<bool> {
     let cells: Vec<Cell> = Cell::matrix()
         .into_iter()
         .filter(|c| args.cells.is_empty() || args.cells.iter().any(|f| c.name.contains(f.as_str())))
+        .filter(|c| args.chain_rounds.is_none() || c.chain)
         .collect();
     if args.list {
         for cell in &cells {
@@ -161,6 +186,7 @@ fn run_matrix(args: &Args) -> anyhow::Result<bool> {
             Some(dir) => dir.clone(),
             None => std::env::temp_dir().join(format!("itw-node-lab-{}", std::process::id())),
         },
+        chain_rounds: args.chain_rounds.unwrap_or(1).max(1),
     };
     for binary in [&settings.agent, &settings.scaler] {
         if !binary.is_file() {
@@ -294,11 +320,12 @@ fn run_pod(command: PodCommand) -> anyhow::Result<()> {
             to,
             count,
             send,
+            retry_for,
         } => {
             set_process_name(&comm)?;
             let stdout = std::io::stdout();
             for _ in 0..count {
-                let line = connect_once(to, send);
+                let line = connect_once(to, send, retry_for.unwrap_or_default());
                 let mut out = stdout.lock();
                 writeln!(out, "{line}")?;
                 out.flush()?;
@@ -315,7 +342,83 @@ fn run_pod(command: PodCommand) -> anyhow::Result<()> {
             flood(to, count, payload)
         }
         PodCommand::Serve { name, listen, log } => serve(&name, &listen, log),
+        PodCommand::Relay {
+            name,
+            comm,
+            listen,
+            next,
+            retry_for,
+        } => {
+            set_process_name(&comm)?;
+            relay(&name, &listen, next, retry_for)
+        }
     }
+}
+
+/// Connects to `to`; a refused (or unreachable) connect is retried every
+/// 50 ms until `retry_for` has passed.
+fn connect_retrying(to: SocketAddr, retry_for: Duration) -> std::io::Result<TcpStream> {
+    let deadline = Instant::now() + retry_for;
+    loop {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(10)) {
+            Ok(stream) => return Ok(stream),
+            Err(error)
+                if Instant::now() < deadline
+                    && matches!(
+                        error.raw_os_error(),
+                        Some(libc::ECONNREFUSED | libc::EPERM | libc::EHOSTUNREACH)
+                    ) =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn relay(
+    name: &str,
+    listen: &[SocketAddr],
+    next: SocketAddr,
+    retry_for: Duration,
+) -> anyhow::Result<()> {
+    let mut threads = Vec::new();
+    for addr in listen {
+        let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        let name = name.to_owned();
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let name = name.clone();
+                std::thread::spawn(move || pass_on(&name, stream, next, retry_for));
+            }
+        }));
+    }
+    for thread in threads {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+fn pass_on(name: &str, stream: TcpStream, next: SocketAddr, retry_for: Duration) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut line = String::new();
+    if BufReader::new(&stream).read_line(&mut line).is_err() || line.is_empty() {
+        return;
+    }
+    let exchange = || -> std::io::Result<String> {
+        let onward = connect_retrying(next, retry_for)?;
+        onward.set_read_timeout(Some(Duration::from_secs(45)))?;
+        (&onward).write_all(line.as_bytes())?;
+        let mut reply = String::new();
+        BufReader::new(&onward).read_line(&mut reply)?;
+        Ok(reply.trim_end().to_owned())
+    };
+    let answer = match exchange() {
+        Ok(reply) => format!("{name} -> {reply}"),
+        Err(error) => format!("{name} -> {next} failed: {error}"),
+    };
+    let mut writer = &stream;
+    let _ = writeln!(writer, "{answer}");
 }
 
 fn flood(to: SocketAddr, count: u32, payload: usize) -> anyhow::Result<()> {
@@ -364,8 +467,8 @@ fn set_process_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn connect_once(to: SocketAddr, send: bool) -> serde_json::Value {
-    let stream = match TcpStream::connect_timeout(&to, Duration::from_secs(10)) {
+fn connect_once(to: SocketAddr, send: bool, retry_for: Duration) -> serde_json::Value {
+    let stream = match connect_retrying(to, retry_for) {
         Ok(stream) => stream,
         Err(error) => {
             return serde_json::json!({"connected": false, "errno": error.raw_os_error(), "error": error.to_string()});

@@ -13,6 +13,7 @@ use tokio::{process::Command, time::Instant};
 use super::{
     Cell, Check, Settings,
     cgroups::{self, Qos},
+    chain,
     daemonset::{self, Downward},
     datapath::{Kind, iptables, socklb::SocketLb},
     holding, netns,
@@ -21,6 +22,7 @@ use super::{
     procs::{self, Daemon, Placement},
     proxy::{self, Programmer},
     scenario::{self, CLIENT, COLD, DUAL, HELD_POD, NAMESPACE, PORT, WEB, WEB_POD, WEB6},
+    sources,
 };
 use crate::kube_mock::MockApiServer;
 
@@ -153,6 +155,7 @@ async fn on_node(cell: &Cell, settings: &Settings, mut node: Node) -> anyhow::Re
         &format!("{:0>64}", "a9e47"),
     ))?;
     node.system_cgroup(cgroups::KUBELET)?;
+    node.system_cgroup(sources::NODE_PROBE)?;
     let mut running = Running {
         agent: None,
         _servers: servers,
@@ -188,6 +191,7 @@ fn start_agent(
     if cell.ipv6 {
         pod.set("HOLD_PARK_ADDR6", &NODE_IP6.to_string());
     }
+    pod.set("EXCLUDE_SOURCES", sources::EXCLUDE_SOURCES);
     for (name, value) in &cell.env {
         pod.set(name, value);
     }
@@ -536,6 +540,8 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
         expected_total += 6;
     }
 
+    out.extend(sources::checks(running, &mut expected_total).await);
+
     out.push(
         Check::run("once", async {
             let agent = settle(AGENT_METRICS, SETTLE, expected_total, |m| {
@@ -578,6 +584,10 @@ async fn checks(cell: &Cell, settings: &Settings, running: &Running) -> Vec<Chec
         })
         .await,
     );
+    // Last: its callers retry, so it makes more attempts than "once" counts.
+    if cell.chain {
+        out.extend(chain::checks(running, settings).await);
+    }
     out
 }
 

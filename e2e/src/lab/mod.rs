@@ -14,12 +14,15 @@
 //! - [`observe`]: `/metrics`, KEDA's stream, what pod processes printed.
 //! - [`cell`]: one cell: setup, the counting checks, teardown.
 //! - [`holding`]: the holding checks: release, policy, strangers, floods.
+//! - [`sources`]: who woke a Service, and sources that never do.
+//! - [`chain`]: a call chain woken at once by pre-wake, beside its serial wake-up.
 //!
 //! What it must never do: send a packet off the machine. The node's only
 //! route out ends in a namespace that forwards nothing.
 
 pub mod cell;
 pub mod cgroups;
+pub mod chain;
 pub mod daemonset;
 pub mod datapath;
 pub mod holding;
@@ -29,6 +32,7 @@ pub mod observe;
 pub mod procs;
 pub mod proxy;
 pub mod scenario;
+pub mod sources;
 
 use std::{future::Future, path::PathBuf, time::Duration};
 
@@ -57,6 +61,8 @@ pub struct Cell {
     pub policy: bool,
     /// A flood of held connects past the agent's caps.
     pub flood: bool,
+    /// The call chain woken by pre-wake, beside its serial wake-up.
+    pub chain: bool,
 }
 
 impl Cell {
@@ -77,6 +83,7 @@ impl Cell {
             holding_blocked: false,
             policy: false,
             flood: false,
+            chain: false,
         }
     }
 
@@ -95,6 +102,8 @@ impl Cell {
         ] {
             for driver in [Driver::Systemd, Driver::Cgroupfs] {
                 let mut cell = Self::new(datapath, driver);
+                // The chain once, where kube-proxy's rules lag as they do.
+                cell.chain = datapath == Kind::Iptables && driver == Driver::Systemd;
                 // Policy in every datapath; the flood once per datapath.
                 cell.policy = driver == Driver::Systemd;
                 cell.flood = driver == Driver::Cgroupfs;
@@ -136,6 +145,8 @@ pub struct Settings {
     pub lag: Duration,
     /// Logs and files of each cell, under a directory of its name.
     pub work: PathBuf,
+    /// Rounds of the chain's wake-up, serial then pre-woken (at least 1).
+    pub chain_rounds: u32,
 }
 
 /// One check's outcome: what was measured, either way.
@@ -146,15 +157,24 @@ pub struct Check {
 }
 
 impl Check {
-    /// Runs a check, bounded in time.
+    /// Runs a check, bounded in time (90 s).
     pub async fn run(
         name: &'static str,
         check: impl Future<Output = anyhow::Result<String>>,
     ) -> Self {
-        let result = match tokio::time::timeout(Duration::from_secs(90), check).await {
+        Self::run_for(name, Duration::from_secs(90), check).await
+    }
+
+    /// Runs a check, bounded by `limit`.
+    pub async fn run_for(
+        name: &'static str,
+        limit: Duration,
+        check: impl Future<Output = anyhow::Result<String>>,
+    ) -> Self {
+        let result = match tokio::time::timeout(limit, check).await {
             Ok(Ok(detail)) => Ok(detail),
             Ok(Err(error)) => Err(brief(&format!("{error:#}"))),
-            Err(_) => Err("did not finish within 90 s".to_owned()),
+            Err(_) => Err(format!("did not finish within {} s", limit.as_secs())),
         };
         Self { name, result }
     }

@@ -99,13 +99,26 @@ pub async fn stream_is_active(
     namespace: &str,
     service: &str,
 ) -> anyhow::Result<mpsc::UnboundedReceiver<bool>> {
+    stream_is_active_with(scaler, namespace, service, &[]).await
+}
+
+/// [`stream_is_active`] with more trigger metadata than `service`.
+pub async fn stream_is_active_with(
+    scaler: SocketAddr,
+    namespace: &str,
+    service: &str,
+    metadata: &[(&str, &str)],
+) -> anyhow::Result<mpsc::UnboundedReceiver<bool>> {
     let mut client = ExternalScalerClient::connect(format!("http://{scaler}"))
         .await
         .context("connecting to the scaler as KEDA")?;
     let request = ScaledObjectRef {
         name: service.to_owned(),
         namespace: namespace.to_owned(),
-        scaler_metadata: [("service".to_owned(), service.to_owned())].into(),
+        scaler_metadata: std::iter::once(("service", service))
+            .chain(metadata.iter().copied())
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
     };
     let mut stream = client
         .stream_is_active(request)
@@ -150,4 +163,32 @@ pub fn parse_attempts(stdout: &str) -> anyhow::Result<Vec<Attempt>> {
             })
         })
         .collect()
+}
+
+/// The scaler's dependency graph (`itw.v1.Graph/ListEdges`) with
+/// `namespace` at either end, as sorted ("ns/from", "ns/to") pairs.
+pub async fn edges(scaler: SocketAddr, namespace: &str) -> anyhow::Result<Vec<(String, String)>> {
+    use itw_proto::itw::v1::{ListEdgesRequest, graph_client::GraphClient};
+    let mut client = GraphClient::connect(format!("http://{scaler}"))
+        .await
+        .context("connecting to the scaler's Graph service")?;
+    let response = client
+        .list_edges(ListEdgesRequest {
+            namespace: namespace.to_owned(),
+        })
+        .await
+        .context("ListEdges")?
+        .into_inner();
+    let mut edges: Vec<(String, String)> = response
+        .edges
+        .into_iter()
+        .map(|e| {
+            (
+                format!("{}/{}", e.from_namespace, e.from_service),
+                format!("{}/{}", e.to_namespace, e.to_service),
+            )
+        })
+        .collect();
+    edges.sort();
+    Ok(edges)
 }

@@ -17,6 +17,10 @@ pub const TARGET_PORT: u16 = 8080;
 pub const CLIENT: &str = "checkout-7c9d5-x2kq8";
 /// A calling pod a NetworkPolicy-like rule denies the held Service's pod.
 pub const DENIED: &str = "reports-6b8c4-m7w2d";
+/// A monitoring pod in a namespace of its own, which `EXCLUDE_SOURCES`
+/// names: its probes are never demand.
+pub const PROBER: &str = "uptime-checker-5d7f9-b4x8c";
+pub const MONITORING: &str = "monitoring";
 /// The pod behind `web` (and `web6`, `dual`).
 pub const WEB_POD: &str = "web-6c5d8-qx2lm";
 /// The pod behind `held`: running, listening, but not ready at first.
@@ -38,6 +42,16 @@ pub const BATCH_HOLD_SECS: u64 = 8;
 /// enough that a client a policy denies is reset within a check.
 pub const HELD_HOLD_SECS: u64 = 10;
 
+/// A Service scaled to zero that only the monitoring pod probes at first.
+pub const QUIET: (&str, Ipv4Addr) = ("quiet", Ipv4Addr::new(10, 96, 0, 25));
+
+/// A call chain, each scaled to zero: `front` calls `api`, which calls `db`.
+pub const CHAIN: [(&str, Ipv4Addr, &str); 3] = [
+    ("front", Ipv4Addr::new(10, 96, 0, 40), "front-7d8e9-a1b2c"),
+    ("api", Ipv4Addr::new(10, 96, 0, 41), "api-6c7d8-d3e4f"),
+    ("db", Ipv4Addr::new(10, 96, 0, 42), "db-5b6c7-g5h6j"),
+];
+
 /// IPv6 only.
 pub const WEB6: (&str, Ipv6Addr) = ("web6", Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x30));
 /// Dual-stack.
@@ -49,7 +63,12 @@ pub const DUAL: (&str, Ipv4Addr, Ipv6Addr) = (
 
 pub fn pods() -> Vec<PodSpec> {
     let pod = |name: &str, uid: &str, qos, last: u8| PodSpec {
-        namespace: NAMESPACE.to_owned(),
+        namespace: if name == PROBER {
+            MONITORING
+        } else {
+            NAMESPACE
+        }
+        .to_owned(),
         name: name.to_owned(),
         uid: uid.to_owned(),
         qos,
@@ -81,7 +100,82 @@ pub fn pods() -> Vec<PodSpec> {
             Qos::Guaranteed,
             22,
         ),
+        pod(
+            PROBER,
+            "9b1d3f5a-7c9e-4b1d-8f3a-5c7e9b1d3f5a",
+            Qos::BestEffort,
+            13,
+        ),
+        pod(
+            CHAIN[0].2,
+            "a1c3e5f7-0b2d-4f6a-8c0e-2a4c6e8a0c01",
+            Qos::Burstable,
+            40,
+        ),
+        pod(
+            CHAIN[1].2,
+            "a1c3e5f7-0b2d-4f6a-8c0e-2a4c6e8a0c02",
+            Qos::Guaranteed,
+            41,
+        ),
+        pod(
+            CHAIN[2].2,
+            "a1c3e5f7-0b2d-4f6a-8c0e-2a4c6e8a0c03",
+            Qos::BestEffort,
+            42,
+        ),
     ]
+}
+
+/// The workload a lab pod belongs to: every lab pod is a Deployment's,
+/// named `<deployment>-<pod-template-hash>-<suffix>` as the ReplicaSet
+/// controller names them.
+pub fn workload(pod: &str) -> &str {
+    let replica_set = pod.rsplit_once('-').map_or(pod, |(rs, _)| rs);
+    replica_set.rsplit_once('-').map_or(replica_set, |(d, _)| d)
+}
+
+/// The Pod object the apiserver holds for a lab pod: on this node, owned
+/// by its Deployment's ReplicaSet, running with its IPs.
+pub fn pod_object(pod: &PodSpec) -> Value {
+    let replica_set = pod.name.rsplit_once('-').map_or(&*pod.name, |(rs, _)| rs);
+    let hash = replica_set.rsplit_once('-').map_or("", |(_, h)| h);
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod.name,
+            "namespace": pod.namespace,
+            "uid": pod.uid,
+            "creationTimestamp": "2026-11-30T09:13:02Z",
+            "labels": {
+                "app.kubernetes.io/name": workload(&pod.name),
+                "pod-template-hash": hash
+            },
+            "ownerReferences": [{
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "name": replica_set,
+                "uid": format!("{}-rs", &pod.uid[..pod.uid.len() - 3]),
+                "controller": true,
+                "blockOwnerDeletion": true
+            }]
+        },
+        "spec": {
+            "nodeName": "lab-node",
+            "containers": [{"name": "app", "image": "registry.example/app:1.0"}]
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": pod.ip.to_string(),
+            "podIPs": [{"ip": pod.ip.to_string()}, {"ip": pod.ip6.to_string()}],
+            "qosClass": match pod.qos {
+                Qos::Guaranteed => "Guaranteed",
+                Qos::Burstable => "Burstable",
+                Qos::BestEffort => "BestEffort",
+            }
+        }
+    })
 }
 
 /// The pod spec of `name` (one of [`pods`]).
@@ -189,7 +283,14 @@ pub fn objects(ipv6: bool) -> Vec<Value> {
         service(HELD.0, &held_ips, hold),
         service(BATCH.0, &[BATCH.1.into()], batch_hold),
         slice(BATCH.0, "IPv4", &[]),
+        service(QUIET.0, &[QUIET.1.into()], json!({})),
+        slice(QUIET.0, "IPv4", &[]),
     ];
+    for (name, ip, _) in CHAIN {
+        objects.push(service(name, &[ip.into()], json!({})));
+    }
+    objects.extend(chain_slices(false));
+    objects.extend(pods().iter().map(pod_object));
     objects.extend(held_slices(ipv6, false));
     if ipv6 {
         objects.extend([
@@ -211,4 +312,40 @@ pub fn held_slices(ipv6: bool, ready: bool) -> Vec<Value> {
         slices.push(slice(HELD.0, "IPv6", &[(&held, ready)]));
     }
     slices
+}
+
+/// The chain's slices: each Service's one pod, ready, or none (scaled to
+/// zero).
+pub fn chain_slices(ready: bool) -> Vec<Value> {
+    CHAIN
+        .iter()
+        .map(|(service, _, pod_name)| {
+            let spec = pod(pod_name);
+            if ready {
+                slice(service, "IPv4", &[(&spec, true)])
+            } else {
+                slice(service, "IPv4", &[])
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_lab_pod_belongs_to_the_deployment_its_name_says() {
+        assert_eq!(workload(CLIENT), "checkout");
+        assert_eq!(workload(PROBER), "uptime-checker");
+        assert_eq!(workload(CHAIN[2].2), "db");
+        let object = pod_object(&pod(CLIENT));
+        assert_eq!(
+            object["metadata"]["ownerReferences"][0]["name"],
+            "checkout-7c9d5"
+        );
+        assert_eq!(object["metadata"]["labels"]["pod-template-hash"], "7c9d5");
+        assert_eq!(object["spec"]["nodeName"], "lab-node");
+        assert_eq!(pod(PROBER).namespace, MONITORING);
+    }
 }
