@@ -4,6 +4,12 @@
 //! The counting side (deltas, metrics, edges) asks a [`SourceBook`]; the
 //! Kubernetes side (the pods' cgroups on this node and a watch of this node's
 //! Pods) answers it.
+//!
+//! - [`cgroups`]: cgroup id -> pod UID, from the pods' cgroup directories.
+//! - [`exclude`]: EXCLUDE_SOURCES and the per-Service exclusion annotation.
+
+pub mod cgroups;
+pub mod exclude;
 
 use std::sync::Arc;
 
@@ -95,7 +101,10 @@ mod tests {
             namespace: "default".into(),
             workload: "node".into(),
         };
-        assert!(!pod.is_node(), "a workload named node in a namespace is a pod");
+        assert!(
+            !pod.is_node(),
+            "a workload named node in a namespace is a pod"
+        );
         assert_eq!(NodeOnly.caller(12345), Caller::node());
     }
 }
