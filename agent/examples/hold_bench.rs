@@ -213,6 +213,7 @@ fn state(ready: u32) -> ServiceState {
         hold: true,
         hold_timeout: Some(Duration::from_secs(60)),
         ready_endpoints: Some(ready),
+        exclude_sources: Default::default(),
     }
 }
 

@@ -52,6 +52,7 @@ fn state(hold: bool, ready: Option<u32>) -> ServiceState {
         hold,
         hold_timeout: None,
         ready_endpoints: ready,
+        exclude_sources: Default::default(),
     }
 }
 

@@ -22,6 +22,10 @@
 //!     `conditions.ready` true or unset, as the EndpointSlice API defines
 //!     it. Always known: a Service without slices has 0.
 //!
+//!   - `exclude_sources`: the annotation
+//!     `internal-tcp-watcher.io/exclude-sources` (the `EXCLUDE_SOURCES`
+//!     syntax: `ns`, `ns/*`, `ns/workload`, `node`), absent: none.
+//!
 //!   Any other annotation value is warned about (Service, key and value) and
 //!   read as absent; the Service is mapped all the same.
 //! - SERVICE_SELECTOR filters Services on the apiserver; slices are watched

@@ -140,6 +140,9 @@ pub struct ServiceState {
     /// Endpoints ready to take connections, counted once per address (not
     /// per port); `None` when the source cannot tell, which never holds.
     pub ready_endpoints: Option<u32>,
+    /// Sources whose attempts to this Service are not demand (annotation
+    /// `internal-tcp-watcher.io/exclude-sources`); empty: none.
+    pub exclude_sources: crate::sources::exclude::SourceRules,
 }
 
 /// A hold timeout (`HOLD_TIMEOUT`, and a Service's own): between 1 s and 1 h.

@@ -172,6 +172,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
             hold: svc.hold,
             hold_timeout,
             ready_endpoints: Some(u32::try_from(ready.len()).unwrap_or(u32::MAX)),
+            exclude_sources: Default::default(),
         };
         if map.services.insert(service.clone(), state).is_some() {
             return Err(invalid(format!(
@@ -525,6 +526,7 @@ services:
                 hold: true,
                 hold_timeout: Some(Duration::from_secs(45)),
                 ready_endpoints: Some(0),
+                exclude_sources: Default::default(),
             }
         );
         assert_eq!(
@@ -533,6 +535,7 @@ services:
                 hold: true,
                 hold_timeout: None,
                 ready_endpoints: Some(1),
+                exclude_sources: Default::default(),
             }
         );
         // Not-ready endpoints are still watched: a connect to a starting pod counts.

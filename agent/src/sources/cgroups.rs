@@ -199,6 +199,23 @@ impl Scan {
     }
 }
 
+/// The pods' cgroup directory to index: `POD_CGROUP` as capture reads it
+/// (`none`, which only stops programs being attached there, still detects),
+/// under `CGROUP_ROOT` or the detected cgroup v2 mount. `None` when the
+/// node has none; the error says why it cannot be known.
+pub fn pods_dir(
+    cgroup_root: Option<&Path>,
+    pod_cgroup: &crate::capture::PodCgroup,
+) -> Result<Option<PathBuf>, String> {
+    use crate::capture::PodCgroup;
+    let root = crate::capture::cgroup::find_root(cgroup_root)?;
+    let pods = match pod_cgroup {
+        PodCgroup::None => &PodCgroup::Detect,
+        other => other,
+    };
+    pods.resolve(&root.path).map_err(|e| e.to_string())
+}
+
 /// The subdirectories of `dir` with their inode numbers, as readdir gives
 /// them (no stat per entry); an unreadable directory has none (it went away
 /// mid-scan).

@@ -21,6 +21,7 @@ use super::objects::{
     EndpointSliceObject, HOLD_ANNOTATION, HOLD_TIMEOUT_ANNOTATION, SERVICE_NAME_LABEL,
     ServiceObject,
 };
+use crate::sources::exclude::{EXCLUDE_SOURCES_ANNOTATION, SourceRules};
 
 /// The two kinds of object the resolver watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -113,6 +114,8 @@ pub struct ServiceSpec {
     pub hold: bool,
     /// [`HOLD_TIMEOUT_ANNOTATION`]; `None`: the agent's default.
     pub hold_timeout: Option<Duration>,
+    /// [`EXCLUDE_SOURCES_ANNOTATION`](crate::sources::exclude::EXCLUDE_SOURCES_ANNOTATION).
+    pub exclude_sources: SourceRules,
 }
 
 /// What the resolver keeps of an EndpointSlice.
@@ -297,6 +300,7 @@ pub fn service(
         out: malformed,
     };
     let (hold, hold_timeout) = hold_annotations(meta.annotations.as_ref(), &mut report);
+    let exclude_sources = exclude_annotation(meta.annotations.as_ref(), &mut report);
     let mut cluster_ips = Vec::new();
     let mut ports = Vec::new();
     match &svc.spec {
@@ -363,7 +367,26 @@ pub fn service(
             ports: ports.into(),
             hold,
             hold_timeout,
+            exclude_sources,
         },
+    })
+}
+
+/// Reads the exclusion annotation; a bad list is reported (naming the
+/// entry) and read as absent: the Service is mapped, nothing excluded.
+fn exclude_annotation(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    report: &mut Report<'_>,
+) -> SourceRules {
+    let Some(given) = annotations.and_then(|a| a.get(EXCLUDE_SOURCES_ANNOTATION)) else {
+        return SourceRules::default();
+    };
+    given.parse().unwrap_or_else(|bad| {
+        report.skip(
+            format!("metadata.annotations[\"{EXCLUDE_SOURCES_ANNOTATION}\"]"),
+            format!("{bad}; no source is excluded"),
+        );
+        SourceRules::default()
     })
 }
 

@@ -1,7 +1,7 @@
 //! The Service and EndpointSlice as the source decodes them: only the fields
 //! it maps, read straight from the apiserver's JSON. Everything else
 //! (managedFields, status, topology, every label but the Service name, every
-//! annotation but the hold ones) is skipped without being built, which makes a list of 10k
+//! annotation but the hold and exclusion ones) is skipped without being built, which makes a list of 10k
 //! slices several times cheaper to decode and leaves far less freed memory
 //! behind in the allocator than the full k8s-openapi types would.
 //!
@@ -190,7 +190,11 @@ impl Keys for LabelKeys {
 struct AnnotationKeys;
 
 impl Keys for AnnotationKeys {
-    const KEYS: &'static [&'static str] = &[HOLD_ANNOTATION, HOLD_TIMEOUT_ANNOTATION];
+    const KEYS: &'static [&'static str] = &[
+        HOLD_ANNOTATION,
+        HOLD_TIMEOUT_ANNOTATION,
+        crate::sources::exclude::EXCLUDE_SOURCES_ANNOTATION,
+    ];
 }
 
 /// A label or annotation map reduced to the entries of `K::KEYS`.

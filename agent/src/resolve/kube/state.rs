@@ -13,6 +13,8 @@
 //! them changes, so a [`MapChange::ServiceSet`] goes out exactly when a
 //! known Service's [`ServiceState`] changes.
 
+mod pod_services;
+
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
@@ -139,6 +141,7 @@ impl ServiceEntry {
             hold: spec.hold,
             hold_timeout: spec.hold_timeout,
             ready_endpoints: Some(self.ready),
+            exclude_sources: spec.exclude_sources.clone(),
         })
     }
 }
