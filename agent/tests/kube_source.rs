@@ -637,6 +637,7 @@ async fn namespaces_and_the_selector_limit_what_is_watched_and_mapped() {
         match r.resource {
             Resource::Services => assert_eq!(selector, Some("scale-from-zero=true")),
             Resource::EndpointSlices => assert_eq!(selector, None),
+            Resource::Pods => panic!("no Pod watch without source attribution: {r:?}"),
         }
     }
 

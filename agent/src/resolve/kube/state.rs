@@ -571,10 +571,13 @@ impl ClusterState {
         }
         let service = entry.service.clone();
         let new_spec = entry.spec.as_ref();
-        // New, or its hold annotations changed: its ready count is the
-        // entry's, and a change of that is sent by the slice that made it.
+        // New, or its annotations changed: its ready count is the entry's,
+        // and a change of that is sent by the slice that made it.
         let announce = match (&old, new_spec) {
-            (Some(o), Some(n)) => (o.hold, o.hold_timeout) != (n.hold, n.hold_timeout),
+            (Some(o), Some(n)) => {
+                (o.hold, o.hold_timeout, &o.exclude_sources)
+                    != (n.hold, n.hold_timeout, &n.exclude_sources)
+            }
             _ => true,
         };
         if announce && let Some(state) = entry.state() {

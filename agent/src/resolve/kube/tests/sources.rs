@@ -5,7 +5,10 @@ use kube::runtime::watcher::Event;
 use serde_json::json;
 
 use super::{Harness, SERVICES, decode, service, service_json, slice, svc_ref};
-use crate::sources::exclude::SourceRules;
+use crate::{
+    resolve::{MapChange, MapEvent, ServiceState},
+    sources::exclude::SourceRules,
+};
 
 #[test]
 fn a_pods_services_are_found_by_target_ref_or_by_address() {
@@ -89,6 +92,27 @@ fn the_exclusion_annotation_is_part_of_the_service_state() {
     assert_eq!(
         map.services[&svc_ref("shop", "web")].exclude_sources,
         expected
+    );
+
+    // A change of the annotation alone is a change of the Service's state.
+    annotated["metadata"]["annotations"] =
+        json!({ "internal-tcp-watcher.io/exclude-sources": "monitoring" });
+    let outcome = h
+        .resolver
+        .service_event(SERVICES, Event::Apply(decode(annotated.clone())));
+    let Some(MapEvent::Changes(changes)) = outcome.event else {
+        panic!("a changed annotation must be sent: {outcome:?}");
+    };
+    assert_eq!(
+        changes,
+        vec![MapChange::ServiceSet(
+            svc_ref("shop", "web"),
+            ServiceState {
+                ready_endpoints: Some(0),
+                exclude_sources: "monitoring".parse().expect("valid"),
+                ..ServiceState::default()
+            }
+        )]
     );
 
     annotated["metadata"]["annotations"] =
