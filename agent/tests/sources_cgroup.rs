@@ -20,7 +20,7 @@ use std::{
 use capture_support::{is_root, skip};
 use itw_agent::{
     capture,
-    sources::cgroups::{CgroupIndex, CgroupLimits, Owner},
+    sources::cgroups::{CgroupIndex, CgroupLimits, Depth, Owner, ScanReport},
 };
 
 const UID: &str = "4b7e2c1d-9a8f-4e6d-b5c4-3a2b1c0d9e8f";
@@ -148,17 +148,31 @@ fn a_process_in_a_pods_container_cgroup_is_that_pods() {
             min_rescan: Duration::from_secs(1),
         },
     );
-    let mut rescanned = None;
+    let mut scans = Vec::new();
     assert_eq!(
-        index.owner(id, Instant::now(), &mut rescanned),
+        index.owner(id, Instant::now(), &mut |depth, report| scans
+            .push((depth, report))),
         Owner::Pod(UID.into())
     );
-    let report = rescanned.expect("the first miss scans");
-    assert_eq!((report.pods, report.cgroups, report.left_out), (1, 2, 0));
-    let node_id = kernel_cgroup_id(&node);
-    let mut again = None;
     assert_eq!(
-        index.owner(node_id, Instant::now() + Duration::from_secs(2), &mut again),
+        scans,
+        vec![(
+            Depth::Quick,
+            ScanReport {
+                pods: 1,
+                cgroups: 2,
+                left_out: 0
+            }
+        )],
+        "the first miss scans"
+    );
+    let node_id = kernel_cgroup_id(&node);
+    assert_eq!(
+        index.owner(
+            node_id,
+            Instant::now() + Duration::from_secs(2),
+            &mut |_, _| {}
+        ),
         Owner::Node,
         "the node's own cgroup is not a pod's"
     );

@@ -42,7 +42,9 @@
 //! purpose: only fields GA since Kubernetes 1.21 are read, a newer server's
 //! extra fields are ignored when decoding, and so the agent works against any
 //! supported cluster. RBAC: get/list/watch on `services` and
-//! `discovery.k8s.io/endpointslices`, nothing else.
+//! `discovery.k8s.io/endpointslices`, and on `pods` for the Pod watch of
+//! source attribution (`crate::sources::feed`), which runs in the same loop;
+//! nothing else.
 
 mod book;
 mod driver;

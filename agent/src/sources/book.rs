@@ -23,9 +23,9 @@ use parking_lot::{Mutex, RwLock};
 
 use super::{
     Caller, Source, SourceBook,
-    cgroups::{CgroupIndex, CgroupLimits, Owner, ScanReport},
+    cgroups::{CgroupIndex, CgroupLimits, Depth, Owner, ScanReport},
     exclude::SourceRules,
-    metrics::SourceMetrics,
+    metrics::{DepthLabels, SourceMetrics},
     pods::{PodChanges, PodRecord, PodTracker},
 };
 use crate::resolve::{MapChange, MapEvent, ServiceRef, canonical};
@@ -59,6 +59,9 @@ pub struct KubeSources {
     /// Only Services that carry the exclusion annotation.
     service_rules: RwLock<HashMap<ServiceRef, SourceRules>>,
     metrics: Arc<SourceMetrics>,
+    /// Built once: most callers of a busy node may be the node, and a clone
+    /// only counts references.
+    node: Caller,
 }
 
 impl KubeSources {
@@ -74,6 +77,7 @@ impl KubeSources {
             pods: RwLock::new(HashMap::new()),
             service_rules: RwLock::new(HashMap::new()),
             metrics,
+            node: Caller::node(),
         }
     }
 
@@ -192,8 +196,15 @@ impl KubeSources {
         dirty
     }
 
-    fn scanned(&self, report: ScanReport) {
-        self.metrics.rescans.inc();
+    fn scanned(&self, depth: Depth, report: ScanReport) {
+        let depth = match depth {
+            Depth::Quick => "quick",
+            Depth::Full => "full",
+        };
+        self.metrics
+            .rescans
+            .get_or_create(&DepthLabels { depth })
+            .inc();
         self.metrics
             .cgroups
             .set(i64::try_from(report.cgroups).unwrap_or(i64::MAX));
@@ -222,21 +233,19 @@ fn caller_of(pod: &PodRecord, services: &impl PodServices) -> Caller {
 
 impl SourceBook for KubeSources {
     fn caller(&self, cgroup_id: u64) -> Caller {
-        let mut rescanned = None;
         let owner = self
             .cgroups
             .lock()
-            .owner(cgroup_id, Instant::now(), &mut rescanned);
-        if let Some(report) = rescanned {
-            self.scanned(report);
-        }
+            .owner(cgroup_id, Instant::now(), &mut |depth, report| {
+                self.scanned(depth, report)
+            });
         match owner {
-            Owner::Node => Caller::node(),
+            Owner::Node => self.node.clone(),
             Owner::Pod(uid) => match self.pods.read().get(&uid) {
                 Some(caller) => caller.clone(),
                 None => {
                     self.metrics.unknown_pod.inc();
-                    Caller::node()
+                    self.node.clone()
                 }
             },
         }

@@ -47,6 +47,23 @@ pub struct ScanReport {
     pub left_out: usize,
 }
 
+/// How deep a scan reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Depth {
+    /// The QoS classes, the pods and their containers; below a container
+    /// only when it is new. What a miss does first: a new container or pod
+    /// is found for about a quarter of the reads of a full scan (each
+    /// cgroup directory lists dozens of interface files).
+    Quick,
+    /// Every directory below every pod.
+    Full,
+}
+
+/// A full scan follows a quick one that missed at most once per this many
+/// rescan intervals: cgroups nested later in an old container (a runtime
+/// or systemd inside it) are found by it.
+const FULL_SCAN_EVERY: u32 = 10;
+
 /// The index. Not thread-safe on its own: the book keeps it behind a short
 /// lock.
 #[derive(Debug)]
@@ -56,10 +73,14 @@ pub struct CgroupIndex {
     pods_dir: Option<PathBuf>,
     limits: CgroupLimits,
     by_id: HashMap<u64, Arc<str>>,
-    /// Ids a scan made after they were asked for did not find: the node's
-    /// (cgroup ids are never reused, so they stay the node's).
+    /// Per container cgroup id: the ids below it, carried from scan to scan
+    /// by a quick scan.
+    below_containers: HashMap<u64, Vec<u64>>,
+    /// Ids a full scan made after they were asked for did not find: the
+    /// node's (cgroup ids are never reused, so they stay the node's).
     node_ids: HashSet<u64>,
     last_scan: Option<Instant>,
+    last_full_scan: Option<Instant>,
     last_report: ScanReport,
 }
 
@@ -76,8 +97,10 @@ impl CgroupIndex {
             pods_dir,
             limits,
             by_id: HashMap::new(),
+            below_containers: HashMap::new(),
             node_ids: HashSet::new(),
             last_scan: None,
+            last_full_scan: None,
             last_report: ScanReport::default(),
         }
     }
@@ -86,22 +109,35 @@ impl CgroupIndex {
         self.pods_dir.as_deref()
     }
 
-    /// Who owns cgroup `id`, rescanning on a miss unless a scan ran less
-    /// than `min_rescan` before `now`. `rescanned` is set when it did.
-    pub fn owner(&mut self, id: u64, now: Instant, rescanned: &mut Option<ScanReport>) -> Owner {
+    /// Who owns cgroup `id`. A miss scans quickly, unless a scan ran less
+    /// than `min_rescan` before `now`; if that misses too, fully, unless a
+    /// full scan ran less than [`FULL_SCAN_EVERY`] intervals before. Each
+    /// scan made is reported to `scanned`.
+    pub fn owner(
+        &mut self,
+        id: u64,
+        now: Instant,
+        scanned: &mut impl FnMut(Depth, ScanReport),
+    ) -> Owner {
         if let Some(uid) = self.by_id.get(&id) {
             return Owner::Pod(uid.clone());
         }
         if self.node_ids.contains(&id) || self.pods_dir.is_none() {
             return Owner::Node;
         }
-        let due = self
-            .last_scan
-            .is_none_or(|at| now.saturating_duration_since(at) >= self.limits.min_rescan);
-        if !due {
+        let since = |at: Option<Instant>| at.map(|at| now.saturating_duration_since(at));
+        if since(self.last_scan).is_some_and(|d| d < self.limits.min_rescan) {
             return Owner::Node;
         }
-        *rescanned = Some(self.rescan(now));
+        scanned(Depth::Quick, self.rescan(Depth::Quick, now));
+        if let Some(uid) = self.by_id.get(&id) {
+            return Owner::Pod(uid.clone());
+        }
+        let full_every = self.limits.min_rescan * FULL_SCAN_EVERY;
+        if since(self.last_full_scan).is_some_and(|d| d < full_every) {
+            return Owner::Node;
+        }
+        scanned(Depth::Full, self.rescan(Depth::Full, now));
         if let Some(uid) = self.by_id.get(&id) {
             return Owner::Pod(uid.clone());
         }
@@ -114,10 +150,18 @@ impl CgroupIndex {
     }
 
     /// Rebuilds the index from the directories as they are now.
-    pub fn rescan(&mut self, now: Instant) -> ScanReport {
+    pub fn rescan(&mut self, depth: Depth, now: Instant) -> ScanReport {
         self.last_scan = Some(now);
+        if depth == Depth::Full {
+            self.last_full_scan = Some(now);
+        }
         let mut scan = Scan {
             by_id: HashMap::with_capacity(self.by_id.len()),
+            below_containers: HashMap::with_capacity(self.below_containers.len()),
+            known: match depth {
+                Depth::Quick => std::mem::take(&mut self.below_containers),
+                Depth::Full => HashMap::new(),
+            },
             max: self.limits.max_cgroups,
             report: ScanReport::default(),
         };
@@ -126,6 +170,7 @@ impl CgroupIndex {
         }
         scan.report.cgroups = scan.by_id.len();
         self.by_id = scan.by_id;
+        self.below_containers = scan.below_containers;
         self.last_report = scan.report;
         scan.report
     }
@@ -145,6 +190,10 @@ impl CgroupIndex {
 
 struct Scan {
     by_id: HashMap<u64, Arc<str>>,
+    below_containers: HashMap<u64, Vec<u64>>,
+    /// A quick scan's knowledge of containers seen before: what is below
+    /// them is not read again.
+    known: HashMap<u64, Vec<u64>>,
     max: usize,
     report: ScanReport,
 }
@@ -152,13 +201,13 @@ struct Scan {
 impl Scan {
     /// Pods directly below `dir`, or one level down (the QoS classes).
     fn pods_below(&mut self, dir: &Path) {
-        for (name, path, _) in subdirs(dir) {
+        for (name, path, ino) in subdirs(dir) {
             match pod_uid(&name) {
-                Some(uid) => self.pod(&path, uid),
+                Some(uid) => self.pod(&path, ino, uid),
                 None => {
-                    for (name, path, _) in subdirs(&path) {
+                    for (name, path, ino) in subdirs(&path) {
                         if let Some(uid) = pod_uid(&name) {
-                            self.pod(&path, uid);
+                            self.pod(&path, ino, uid);
                         }
                     }
                 }
@@ -166,27 +215,24 @@ impl Scan {
         }
     }
 
-    fn pod(&mut self, dir: &Path, uid: String) {
+    fn pod(&mut self, dir: &Path, id: u64, uid: String) {
         let uid: Arc<str> = uid.into();
         self.report.pods += 1;
-        match std::fs::metadata(dir) {
-            Ok(meta) => {
-                use std::os::unix::fs::MetadataExt;
-                self.add(meta.ino(), &uid);
+        self.add(id, &uid);
+        for (_, path, container) in subdirs(dir) {
+            self.add(container, &uid);
+            let below = match self.known.remove(&container) {
+                Some(known) => known,
+                None => {
+                    let mut found = Vec::new();
+                    below(&path, 1, &mut found);
+                    found
+                }
+            };
+            for id in &below {
+                self.add(*id, &uid);
             }
-            // Gone between the listing and now: the pod ended.
-            Err(_) => return,
-        }
-        self.below(dir, &uid, 1);
-    }
-
-    fn below(&mut self, dir: &Path, uid: &Arc<str>, depth: usize) {
-        if depth > MAX_POD_DEPTH {
-            return;
-        }
-        for (_, path, ino) in subdirs(dir) {
-            self.add(ino, uid);
-            self.below(&path, uid, depth + 1);
+            self.below_containers.insert(container, below);
         }
     }
 
@@ -196,6 +242,17 @@ impl Scan {
             return;
         }
         self.by_id.insert(id, uid.clone());
+    }
+}
+
+/// The ids of every directory below `dir`, to [`MAX_POD_DEPTH`].
+fn below(dir: &Path, depth: usize, found: &mut Vec<u64>) {
+    if depth >= MAX_POD_DEPTH {
+        return;
+    }
+    for (_, path, id) in subdirs(dir) {
+        found.push(id);
+        below(&path, depth + 1, found);
     }
 }
 
@@ -282,9 +339,9 @@ mod tests {
     }
 
     fn ask(index: &mut CgroupIndex, id: u64, now: Instant) -> (Owner, bool) {
-        let mut rescanned = None;
-        let owner = index.owner(id, now, &mut rescanned);
-        (owner, rescanned.is_some())
+        let mut scans = Vec::new();
+        let owner = index.owner(id, now, &mut |depth, _| scans.push(depth));
+        (owner, !scans.is_empty())
     }
 
     fn pod(uid: &str) -> Owner {
@@ -340,7 +397,7 @@ mod tests {
         let mut index = CgroupIndex::new(Some(pods.clone()), limits(100));
         let now = Instant::now();
         assert_eq!(
-            index.rescan(now),
+            index.rescan(Depth::Full, now),
             ScanReport {
                 pods: 2,
                 cgroups: 5,
@@ -358,7 +415,9 @@ mod tests {
         // Not a pod's: the QoS class and the node's own services. The first
         // miss finds the last scan too recent to rescan.
         assert_eq!(ask(&mut index, qos_id, now), (Owner::Node, false));
-        let later = now + Duration::from_secs(1);
+        // Past the full scan interval: the miss scans quickly, then fully,
+        // and only then is the id the node's for good.
+        let later = now + Duration::from_secs(10);
         assert_eq!(ask(&mut index, system, later), (Owner::Node, true));
         assert_eq!(
             ask(&mut index, system, later + Duration::from_secs(5)),
@@ -397,6 +456,52 @@ mod tests {
     }
 
     #[test]
+    fn a_quick_scan_reads_below_new_containers_only_and_a_full_one_finds_the_rest() {
+        let root = tmp("depth");
+        let pods = root.join("kubepods");
+        let pod_dir = pods.join(format!("burstable/pod{UID_A}"));
+        let old = pod_dir.join("old");
+        mkdir(&old.join("init"));
+        let mut index = CgroupIndex::new(Some(pods.clone()), limits(100));
+        let start = Instant::now();
+        assert_eq!(index.rescan(Depth::Full, start).cgroups, 3);
+
+        let nested_later = mkdir(&old.join("later"));
+        let new_nested = mkdir(&pod_dir.join("new/inner"));
+        let mut scans = Vec::new();
+        let at = start + Duration::from_secs(1);
+        assert_eq!(
+            index.owner(new_nested, at, &mut |depth, report| scans
+                .push((depth, report.cgroups))),
+            pod(UID_A),
+            "a new container is read to the bottom"
+        );
+        assert_eq!(scans, vec![(Depth::Quick, 5)]);
+        let mut scans = Vec::new();
+        assert_eq!(
+            index.owner(
+                nested_later,
+                at + Duration::from_secs(1),
+                &mut |depth, _| scans.push(depth)
+            ),
+            Owner::Node,
+            "below an old container only a full scan looks, at most every 10 intervals"
+        );
+        assert_eq!(scans, vec![Depth::Quick]);
+        scans.clear();
+        assert_eq!(
+            index.owner(
+                nested_later,
+                start + Duration::from_secs(10),
+                &mut |depth, _| scans.push(depth)
+            ),
+            pod(UID_A)
+        );
+        assert_eq!(scans, vec![Depth::Quick, Depth::Full]);
+        std::fs::remove_dir_all(&root).expect("cleanup");
+    }
+
+    #[test]
     fn the_index_is_bounded_and_says_what_it_left_out() {
         let root = tmp("bounded");
         let pods = root.join("kubepods");
@@ -405,7 +510,7 @@ mod tests {
         }
         let mut index = CgroupIndex::new(Some(pods.clone()), limits(4));
         assert_eq!(
-            index.rescan(Instant::now()),
+            index.rescan(Depth::Full, Instant::now()),
             ScanReport {
                 pods: 3,
                 cgroups: 4,

@@ -4,15 +4,22 @@
 use std::sync::Arc;
 
 use prometheus_client::{
-    metrics::{counter::Counter, gauge::Gauge},
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DepthLabels {
+    /// `quick` (pods and containers, below new containers only) or `full`.
+    pub depth: &'static str,
+}
 
 #[derive(Debug, Default)]
 pub struct SourceMetrics {
     pub pods: Gauge,
     pub cgroups: Gauge,
-    pub rescans: Counter,
+    pub rescans: Family<DepthLabels, Counter>,
     pub cgroups_left_out: Counter,
     pub unknown_pod: Counter,
 }
@@ -32,7 +39,7 @@ impl SourceMetrics {
         );
         sources.register(
             "rescans",
-            "Scans of the pods' cgroup directories, each made by a cgroup id not indexed yet (at most one per SOURCE_RESCAN_INTERVAL)",
+            "Scans of the pods' cgroup directories, each made by a cgroup id not indexed yet: quick (pods and containers) at most once per SOURCE_RESCAN_INTERVAL, full (every nested cgroup) when a quick one missed, at most once per 10 intervals",
             self.rescans.clone(),
         );
         sources.register(
