@@ -50,10 +50,12 @@ pub struct ScanReport {
 /// How deep a scan reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Depth {
-    /// The QoS classes, the pods and their containers; below a container
-    /// only when it is new. What a miss does first: a new container or pod
-    /// is found for about a quarter of the reads of a full scan (each
-    /// cgroup directory lists dozens of interface files).
+    /// The QoS classes and the pods; a pod's containers only when the pod
+    /// is new or its count of subdirectories (the directory's link count,
+    /// kept by the kernel, read with one stat) changed; below a container
+    /// only when it is new. What a miss does first: listing a cgroup
+    /// directory is what costs (each lists dozens of interface files), and
+    /// a new container changes its pod's count.
     Quick,
     /// Every directory below every pod.
     Full,
@@ -73,9 +75,9 @@ pub struct CgroupIndex {
     pods_dir: Option<PathBuf>,
     limits: CgroupLimits,
     by_id: HashMap<u64, Arc<str>>,
-    /// Per container cgroup id: the ids below it, carried from scan to scan
+    /// What was found below each pod directory, carried from scan to scan
     /// by a quick scan.
-    below_containers: HashMap<u64, Vec<u64>>,
+    pod_dirs: HashMap<u64, PodDir>,
     /// Ids a full scan made after they were asked for did not find: the
     /// node's (cgroup ids are never reused, so they stay the node's).
     node_ids: HashSet<u64>,
@@ -97,7 +99,7 @@ impl CgroupIndex {
             pods_dir,
             limits,
             by_id: HashMap::new(),
-            below_containers: HashMap::new(),
+            pod_dirs: HashMap::new(),
             node_ids: HashSet::new(),
             last_scan: None,
             last_full_scan: None,
@@ -157,9 +159,9 @@ impl CgroupIndex {
         }
         let mut scan = Scan {
             by_id: HashMap::with_capacity(self.by_id.len()),
-            below_containers: HashMap::with_capacity(self.below_containers.len()),
+            pod_dirs: HashMap::with_capacity(self.pod_dirs.len()),
             known: match depth {
-                Depth::Quick => std::mem::take(&mut self.below_containers),
+                Depth::Quick => std::mem::take(&mut self.pod_dirs),
                 Depth::Full => HashMap::new(),
             },
             max: self.limits.max_cgroups,
@@ -170,7 +172,7 @@ impl CgroupIndex {
         }
         scan.report.cgroups = scan.by_id.len();
         self.by_id = scan.by_id;
-        self.below_containers = scan.below_containers;
+        self.pod_dirs = scan.pod_dirs;
         self.last_report = scan.report;
         scan.report
     }
@@ -188,12 +190,20 @@ impl CgroupIndex {
     }
 }
 
+/// A pod directory as the last scan found it.
+#[derive(Debug, Default)]
+struct PodDir {
+    /// Its link count: 2 + its subdirectories.
+    links: u64,
+    /// Its containers' ids, each with the ids below it.
+    containers: Vec<(u64, Vec<u64>)>,
+}
+
 struct Scan {
     by_id: HashMap<u64, Arc<str>>,
-    below_containers: HashMap<u64, Vec<u64>>,
-    /// A quick scan's knowledge of containers seen before: what is below
-    /// them is not read again.
-    known: HashMap<u64, Vec<u64>>,
+    pod_dirs: HashMap<u64, PodDir>,
+    /// A quick scan's knowledge of pods seen before.
+    known: HashMap<u64, PodDir>,
     max: usize,
     report: ScanReport,
 }
@@ -216,24 +226,38 @@ impl Scan {
     }
 
     fn pod(&mut self, dir: &Path, id: u64, uid: String) {
+        use std::os::unix::fs::MetadataExt;
         let uid: Arc<str> = uid.into();
+        // Gone between the listing and now: the pod ended.
+        let Ok(links) = std::fs::metadata(dir).map(|m| m.nlink()) else {
+            return;
+        };
         self.report.pods += 1;
         self.add(id, &uid);
-        for (_, path, container) in subdirs(dir) {
-            self.add(container, &uid);
-            let below = match self.known.remove(&container) {
-                Some(known) => known,
-                None => {
-                    let mut found = Vec::new();
-                    below(&path, 1, &mut found);
-                    found
-                }
-            };
-            for id in &below {
+        let mut known = self.known.remove(&id).unwrap_or_default();
+        let containers = if known.links == links && !known.containers.is_empty() {
+            known.containers
+        } else {
+            let mut before: HashMap<u64, Vec<u64>> = known.containers.drain(..).collect();
+            subdirs(dir)
+                .into_iter()
+                .map(|(_, path, container)| {
+                    let below_it = before.remove(&container).unwrap_or_else(|| {
+                        let mut found = Vec::new();
+                        below(&path, 1, &mut found);
+                        found
+                    });
+                    (container, below_it)
+                })
+                .collect()
+        };
+        for (container, below_it) in &containers {
+            self.add(*container, &uid);
+            for id in below_it {
                 self.add(*id, &uid);
             }
-            self.below_containers.insert(container, below);
         }
+        self.pod_dirs.insert(id, PodDir { links, containers });
     }
 
     fn add(&mut self, id: u64, uid: &Arc<str>) {
@@ -493,6 +517,29 @@ mod tests {
             index.owner(
                 nested_later,
                 start + Duration::from_secs(10),
+                &mut |depth, _| scans.push(depth)
+            ),
+            pod(UID_A)
+        );
+        assert_eq!(scans, vec![Depth::Quick, Depth::Full]);
+
+        // A container replaced between two scans leaves its pod's count
+        // as it was: only a full scan sees the new one.
+        std::fs::remove_dir(pod_dir.join("new/inner")).expect("rmdir");
+        std::fs::remove_dir(pod_dir.join("new")).expect("rmdir");
+        let replaced = mkdir(&pod_dir.join("restarted"));
+        let mut scans = Vec::new();
+        let at = start + Duration::from_secs(11);
+        assert_eq!(
+            index.owner(replaced, at, &mut |depth, _| scans.push(depth)),
+            Owner::Node
+        );
+        assert_eq!(scans, vec![Depth::Quick]);
+        let mut scans = Vec::new();
+        assert_eq!(
+            index.owner(
+                replaced,
+                start + Duration::from_secs(20),
                 &mut |depth, _| scans.push(depth)
             ),
             pod(UID_A)
