@@ -365,7 +365,7 @@ fn run(
         held / o.pods
     );
     println!(
-        "quick rescan of the pods' cgroups (pods, containers): {quick:?} median of 21    (goal: <= 1 ms; on the fast-path thread, on a miss, at most once per SOURCE_RESCAN_INTERVAL)"
+        "quick rescan of the pods' cgroups (a stat per pod; lists only new or changed pods): {quick:?} median of 21    (goal: <= 1 ms; on the fast-path thread, on a miss, at most once per SOURCE_RESCAN_INTERVAL)"
     );
     println!(
         "full rescan (every nested cgroup): {full:?} median of 21    (goal: <= 1 ms; when a quick one missed, at most once per 10 intervals)"
