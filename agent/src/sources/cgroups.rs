@@ -524,10 +524,12 @@ mod tests {
         assert_eq!(scans, vec![Depth::Quick, Depth::Full]);
 
         // A container replaced between two scans leaves its pod's count
-        // as it was: only a full scan sees the new one.
+        // as it was: only a full scan sees the new one. (Made before the
+        // old one goes: a temporary directory, unlike cgroupfs, may give a
+        // freed inode number again.)
+        let replaced = mkdir(&pod_dir.join("restarted"));
         std::fs::remove_dir(pod_dir.join("new/inner")).expect("rmdir");
         std::fs::remove_dir(pod_dir.join("new")).expect("rmdir");
-        let replaced = mkdir(&pod_dir.join("restarted"));
         let mut scans = Vec::new();
         let at = start + Duration::from_secs(11);
         assert_eq!(
