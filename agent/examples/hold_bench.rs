@@ -214,6 +214,7 @@ fn state(ready: u32) -> ServiceState {
         hold_timeout: Some(Duration::from_secs(60)),
         ready_endpoints: Some(ready),
         wakes: Vec::new(),
+        exclude_sources: Default::default(),
     }
 }
 

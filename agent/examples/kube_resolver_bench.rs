@@ -316,6 +316,7 @@ async fn measure(o: &Options, addr: SocketAddr) -> Result<(), String> {
         KubeSettings::default(),
         tx,
         Arc::new(KubeSourceMetrics::default()),
+        None,
     ));
     let sink = downstream.clone();
     tokio::spawn(async move {

@@ -29,6 +29,7 @@ use crate::{
     metrics::{AttemptCounters, CountingMetrics, Exporter},
     report::ReportMetrics,
     resolve::{MapEvent, MapSource, kube, static_map},
+    sources::{KubeSources, NodeOnly, PodFeed, SourceBook, metrics::SourceMetrics},
 };
 
 /// A liveness probe fails when no collection happened for this many ticks.
@@ -95,6 +96,46 @@ impl Agent {
             max_per_node: settings.max_per_node,
         });
 
+        let kube_sources = match &config.service_map {
+            MapSource::Kube(_) => {
+                let metrics = Arc::new(SourceMetrics::default());
+                metrics.register(&mut registry);
+                let pods_dir = crate::sources::cgroups::pods_dir(
+                    capture.cgroup_root.as_deref(),
+                    &capture.pod_cgroup,
+                )
+                .unwrap_or_else(|reason| {
+                    tracing::warn!(%reason, "no pods' cgroup to attribute connects with: every caller is the node");
+                    None
+                });
+                match &pods_dir {
+                    Some(dir) => {
+                        tracing::info!(pods_cgroup = %dir.display(), exclude_sources = %config.sources.exclude, "attributing connects to pods")
+                    }
+                    None => tracing::warn!(
+                        "no pods' cgroup (kubepods.slice or kubepods) under the cgroup root: every caller is the node"
+                    ),
+                }
+                Some(Arc::new(KubeSources::new(
+                    config.sources.clone(),
+                    pods_dir,
+                    metrics,
+                )))
+            }
+            MapSource::File(_) => {
+                if !config.sources.exclude.is_empty() {
+                    tracing::warn!(
+                        "EXCLUDE_SOURCES is ignored with SERVICE_MAP: a static map has no pods, every caller is the node"
+                    );
+                }
+                None
+            }
+        };
+        let sources: Arc<dyn SourceBook> = match &kube_sources {
+            Some(book) => book.clone(),
+            None => Arc::new(NodeOnly),
+        };
+
         let (events_tx, events_rx) = mpsc::channel::<MapEvent>(1024);
         let (started_tx, started_rx) = oneshot::channel();
         let (done_tx, fast_path_done) = oneshot::channel();
@@ -110,6 +151,7 @@ impl Agent {
             health: health.clone(),
             clock,
             shutdown: stop.clone(),
+            sources,
         };
         std::thread::Builder::new()
             .name("itw-fast-path".to_owned())
@@ -140,7 +182,8 @@ impl Agent {
                     selector = %settings.selector_label(),
                     "watching Services and EndpointSlices"
                 );
-                tokio::spawn(kube::run(client, settings, events_tx, kube_metrics))
+                let pods = kube_sources.map(|book| PodFeed::new(&config.node_name, book));
+                tokio::spawn(kube::run(client, settings, events_tx, kube_metrics, pods))
             }
         };
 

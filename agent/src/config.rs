@@ -20,6 +20,7 @@ use crate::{
         kube::{KubeSettings, KubeSourceError},
         parse_hold_timeout,
     },
+    sources::{SourceSettings, cgroups::CgroupLimits, exclude::SourceRules},
 };
 
 /// How long shutdown waits for scaler replicas to acknowledge the last batches.
@@ -210,6 +211,23 @@ pub struct Args {
     /// below the scalers' MAX_EDGES: a snapshot with more is refused.
     #[arg(long, env = "MAX_EDGES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_edges: u32,
+    /// Callers whose attempts are not demand, for every Service (comma
+    /// list): a namespace (`monitoring`, or `monitoring/*`), a workload
+    /// (`default/uptime-checker`), or `node` for callers outside every pod.
+    /// Counted as filtered, never a wake. Kubernetes source only.
+    #[arg(long, env = "EXCLUDE_SOURCES", default_value = "")]
+    pub exclude_sources: SourceRules,
+
+    /// Pod cgroups indexed at most for source attribution; past it, the
+    /// rest are attributed to the node (counted in
+    /// itw_agent_sources_cgroups_left_out_total).
+    #[arg(long, env = "SOURCE_MAX_CGROUPS", default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub source_max_cgroups: u32,
+
+    /// A cgroup id not indexed yet rescans the pods' cgroups at most this
+    /// often (a fresh container's connects in between count as the node's).
+    #[arg(long, env = "SOURCE_RESCAN_INTERVAL", default_value = "1s", value_parser = parse_rescan_interval)]
+    pub source_rescan_interval: Duration,
 
     /// Log output: text or json.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t)]
@@ -265,6 +283,13 @@ impl Args {
             report,
             scaler_not_ready_after: self.scaler_not_ready_after,
             hold,
+            sources: SourceSettings {
+                exclude: self.exclude_sources.clone(),
+                limits: CgroupLimits {
+                    max_cgroups: self.source_max_cgroups as usize,
+                    min_rescan: self.source_rescan_interval,
+                },
+            },
         })
     }
 
@@ -334,6 +359,8 @@ pub struct Config {
     pub scaler_not_ready_after: Duration,
     /// `HOLD` and its settings; `None`: `HOLD=off`.
     pub hold: Option<HoldRequest>,
+    /// `EXCLUDE_SOURCES`, `SOURCE_MAX_CGROUPS`, `SOURCE_RESCAN_INTERVAL`.
+    pub sources: SourceSettings,
 }
 
 /// A setting that cannot be used.
@@ -402,6 +429,12 @@ fn parse_edge_max_age(s: &str) -> Result<Duration, String> {
         Duration::from_secs(600),
         Duration::from_secs(30 * 24 * 3600),
         "24h, 2h, 30m",
+fn parse_rescan_interval(s: &str) -> Result<Duration, String> {
+    bounded_duration(
+        s,
+        Duration::from_millis(10),
+        Duration::from_secs(60),
+        "1s, 200ms",
     )
 }
 
@@ -569,6 +602,37 @@ mod tests {
             })
         );
         assert_eq!(checked(&["--hold", "off"]).unwrap().hold, None);
+        assert!(config.sources.exclude.is_empty());
+        assert_eq!(
+            config.sources.limits,
+            CgroupLimits {
+                max_cgroups: 8192,
+                min_rescan: Duration::from_secs(1),
+            }
+        );
+    }
+
+    #[test]
+    fn exclude_sources_names_the_bad_entry() {
+        let config = checked(&["--exclude-sources", "monitoring,default/uptime-checker"]).unwrap();
+        assert_eq!(
+            config.sources.exclude.to_string(),
+            "monitoring,default/uptime-checker"
+        );
+        let err = parse(&["--exclude-sources", "monitoring,kube_system"]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("--exclude-sources"), "{msg}");
+        assert!(
+            msg.contains("\"kube_system\": namespace not a Kubernetes namespace name"),
+            "{msg}"
+        );
+        let err = parse(&["--source-rescan-interval", "5ms"]).unwrap_err();
+        assert!(
+            err.to_string().contains("--source-rescan-interval"),
+            "{err}"
+        );
+        let err = parse(&["--source-max-cgroups", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--source-max-cgroups"), "{err}");
     }
 
     #[test]

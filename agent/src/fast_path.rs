@@ -22,6 +22,7 @@ use crate::{
     metrics::{AttemptCounters, CountingMetrics},
     report::{ReportMetrics, ReportSettings, Reporter},
     resolve::MapEvent,
+    sources::SourceBook,
 };
 
 /// What runs on the fast-path thread.
@@ -39,6 +40,13 @@ pub struct FastPath {
     pub health: Arc<Health>,
     pub clock: AgentClock,
     pub shutdown: CancellationToken,
+    /// Who made each connect (issue #15): read by the counting loop, once
+    /// per new (destination, process, cgroup) key per collection.
+    #[expect(
+        dead_code,
+        reason = "the counting loop's reading side is #15's attribution part, joined at merge"
+    )]
+    pub sources: Arc<dyn SourceBook>,
 }
 
 impl FastPath {

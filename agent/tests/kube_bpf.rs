@@ -104,6 +104,7 @@ async fn a_connect_to_a_service_cluster_ip_is_counted_until_the_service_is_delet
         KubeSettings::default(),
         events_tx,
         Arc::new(KubeSourceMetrics::default()),
+        None,
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let counting = tokio::spawn(counting.run(events_rx, Duration::from_millis(50), async {

@@ -95,6 +95,7 @@ impl Agent {
             settings,
             tx,
             metrics.clone(),
+            None,
         ));
         let sink = downstream.clone();
         let consumer = tokio::spawn(async move {
@@ -636,6 +637,7 @@ async fn namespaces_and_the_selector_limit_what_is_watched_and_mapped() {
         match r.resource {
             Resource::Services => assert_eq!(selector, Some("scale-from-zero=true")),
             Resource::EndpointSlices => assert_eq!(selector, None),
+            Resource::Pods => panic!("no Pod watch without source attribution: {r:?}"),
         }
     }
 
@@ -725,6 +727,7 @@ async fn hold_annotations_and_ready_endpoints_make_the_service_state() {
         hold_timeout: Some(Duration::from_secs(45)),
         ready_endpoints: Some(0),
         wakes: Vec::new(),
+        exclude_sources: Default::default(),
     };
     let Some(MapEvent::Reset(first)) = agent.events().first().cloned() else {
         panic!("the first event must be the complete map");
@@ -793,6 +796,7 @@ async fn the_counting_loop_counts_under_the_services_labels() {
         KubeSettings::default(),
         tx,
         Arc::new(KubeSourceMetrics::default()),
+        None,
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(counting.run(rx, Duration::from_secs(3600), async {

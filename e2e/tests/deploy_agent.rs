@@ -20,7 +20,7 @@ use std::{
 
 use clap::{CommandFactory, Parser};
 use deploy_support::*;
-use itw_agent::{config::Args, resolve::kube::Kind};
+use itw_agent::{config::Args, resolve::kube::Kind, sources::pod_object::PodObject};
 use itw_e2e::system::free_port;
 use k8s_openapi::{
     Resource,
@@ -170,8 +170,9 @@ fn check_agent_workload(daemonset: &Value) -> Vec<String> {
 }
 
 /// The RBAC rules the Kubernetes source needs: get/list/watch on each kind
-/// it watches. The match is exhaustive, so a new kind in the source does not
-/// compile here until its rule is added.
+/// it watches, and on this node's Pods for source attribution. The match is
+/// exhaustive, so a new kind in the source does not compile here until its
+/// rule is added.
 fn rule_for(kind: Kind) -> (&'static str, &'static str) {
     match kind {
         Kind::Service => (Service::GROUP, Service::URL_PATH_SEGMENT),
@@ -188,8 +189,9 @@ fn check_agent_rbac(objects: &[Value]) -> Vec<String> {
         .to_owned();
     let namespace = namespace_of(daemonset).to_owned();
     let mut expected: Vec<(String, String, String)> = Vec::new();
-    for kind in [Kind::Service, Kind::EndpointSlice] {
-        let (group, resource) = rule_for(kind);
+    let watched = [Kind::Service, Kind::EndpointSlice].map(rule_for);
+    let pods = (PodObject::GROUP, PodObject::URL_PATH_SEGMENT);
+    for (group, resource) in watched.into_iter().chain([pods]) {
         for verb in ["get", "list", "watch"] {
             expected.push((group.to_owned(), resource.to_owned(), verb.to_owned()));
         }
@@ -340,11 +342,11 @@ fn broken_agent_manifests_fail_the_checks() {
         .iter_mut()
         .find(|o| kind_of(o) == "ClusterRole" && name_of(o) == "itw-agent")
         .expect("ClusterRole itw-agent");
-    role["rules"][0]["resources"] = json!(["services", "pods"]);
+    role["rules"][0]["resources"] = json!(["services", "pods", "nodes"]);
     assert!(
         check_agent_rbac(&extra)
             .iter()
-            .any(|p| p.contains("\"pods\"")),
+            .any(|p| p.contains("\"nodes\"")),
         "an extra resource passed"
     );
     let mut missing = objects.clone();

@@ -53,6 +53,7 @@ fn state(hold: bool, ready: Option<u32>) -> ServiceState {
         hold_timeout: None,
         ready_endpoints: ready,
         wakes: Vec::new(),
+        exclude_sources: Default::default(),
     }
 }
 

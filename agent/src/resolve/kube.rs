@@ -22,6 +22,10 @@
 //!     `conditions.ready` true or unset, as the EndpointSlice API defines
 //!     it. Always known: a Service without slices has 0.
 //!
+//!   - `exclude_sources`: the annotation
+//!     `internal-tcp-watcher.io/exclude-sources` (the `EXCLUDE_SOURCES`
+//!     syntax: `ns`, `ns/*`, `ns/workload`, `node`), absent: none.
+//!
 //!   Any other annotation value is warned about (Service, key and value) and
 //!   read as absent; the Service is mapped all the same.
 //! - SERVICE_SELECTOR filters Services on the apiserver; slices are watched
@@ -38,7 +42,9 @@
 //! purpose: only fields GA since Kubernetes 1.21 are read, a newer server's
 //! extra fields are ignored when decoding, and so the agent works against any
 //! supported cluster. RBAC: get/list/watch on `services` and
-//! `discovery.k8s.io/endpointslices`, nothing else.
+//! `discovery.k8s.io/endpointslices`, and on `pods` for the Pod watch of
+//! source attribution (`crate::sources::feed`), which runs in the same loop;
+//! nothing else.
 
 mod book;
 mod driver;

@@ -145,6 +145,9 @@ pub struct ServiceState {
     /// `internal-tcp-watcher.io/wakes`): edges the scalers pre-wake along
     /// even before traffic taught them.
     pub wakes: Vec<ServiceRef>,
+    /// Sources whose attempts to this Service are not demand (annotation
+    /// `internal-tcp-watcher.io/exclude-sources`); empty: none.
+    pub exclude_sources: crate::sources::exclude::SourceRules,
 }
 
 /// A hold timeout (`HOLD_TIMEOUT`, and a Service's own): between 1 s and 1 h.

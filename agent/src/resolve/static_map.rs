@@ -195,6 +195,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
             hold_timeout,
             ready_endpoints: Some(u32::try_from(ready.len()).unwrap_or(u32::MAX)),
             wakes: static_wakes(svc, &at("wakes")).map_err(&invalid)?,
+            exclude_sources: Default::default(),
         };
         if map.services.insert(service.clone(), state).is_some() {
             return Err(invalid(format!(
@@ -553,6 +554,7 @@ services:
                     ServiceRef::new("other", "api"),
                     ServiceRef::new("default", "warm")
                 ],
+                exclude_sources: Default::default(),
             }
         );
         assert_eq!(
@@ -562,6 +564,7 @@ services:
                 hold_timeout: None,
                 ready_endpoints: Some(1),
                 wakes: Vec::new(),
+                exclude_sources: Default::default(),
             }
         );
         // Not-ready endpoints are still watched: a connect to a starting pod counts.

@@ -4,6 +4,25 @@
 //! The counting side (deltas, metrics, edges) asks a [`SourceBook`]; the
 //! Kubernetes side (the pods' cgroups on this node and a watch of this node's
 //! Pods) answers it.
+//!
+//! - [`cgroups`]: cgroup id -> pod UID, from the pods' cgroup directories.
+//! - [`pods`]: this node's Pods (UID -> namespace, name, workload, IPs).
+//! - [`pod_object`]: the Pod as decoded from the apiserver's JSON.
+//! - [`exclude`]: EXCLUDE_SOURCES and the per-Service exclusion annotation.
+//! - [`book`]: [`KubeSources`], the book the agent builds from all of them.
+//! - [`feed`]: the Pod watch, run in the Kubernetes source's loop.
+//! - [`metrics`]: what attribution puts on `/metrics`.
+
+pub mod book;
+pub mod cgroups;
+pub mod exclude;
+pub mod feed;
+pub mod metrics;
+pub mod pod_object;
+pub mod pods;
+
+pub use book::{KubeSources, PodServices, SourceSettings};
+pub use feed::PodFeed;
 
 use std::sync::Arc;
 

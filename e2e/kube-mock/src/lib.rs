@@ -1,8 +1,9 @@
 //! A mock Kubernetes API server on 127.0.0.1, for the kube source's client
-//! tests, its benchmark and the node lab: Services and EndpointSlices, listed (paged, with
-//! a resourceVersion) and watched (`?watch=true`, JSON lines, replayed from
-//! the resourceVersion asked for), across all namespaces or one, with label
-//! selectors. Tests drive it: put and remove objects, end watches with a 410
+//! tests, its benchmark and the node lab: Services, EndpointSlices and Pods,
+//! listed (paged, with a resourceVersion) and watched (`?watch=true`, JSON
+//! lines, replayed from the resourceVersion asked for), across all
+//! namespaces or one, with label selectors and field selectors (`=`, `==`,
+//! `!=` on any dotted path, such as `spec.nodeName=worker-1`). Tests drive it: put and remove objects, end watches with a 410
 //! Gone ERROR event, answer the next requests with an error status, drop
 //! watch connections, or go down (every connection closed) and come back.
 //!
@@ -36,6 +37,7 @@ type Line = Result<Frame<Bytes>, io::Error>;
 pub enum Resource {
     Services,
     EndpointSlices,
+    Pods,
 }
 
 impl Resource {
@@ -43,12 +45,13 @@ impl Resource {
         match self {
             Self::Services => "Service",
             Self::EndpointSlices => "EndpointSlice",
+            Self::Pods => "Pod",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Self::Services => "v1",
+            Self::Services | Self::Pods => "v1",
             Self::EndpointSlices => "discovery.k8s.io/v1",
         }
     }
@@ -57,6 +60,7 @@ impl Resource {
         match kind {
             "Service" => Some(Self::Services),
             "EndpointSlice" => Some(Self::EndpointSlices),
+            "Pod" => Some(Self::Pods),
             _ => None,
         }
     }
@@ -88,6 +92,7 @@ struct Watch {
     resource: Resource,
     namespace: Option<String>,
     selector: Option<Vec<Requirement>>,
+    fields: Option<Vec<Requirement>>,
     tx: mpsc::UnboundedSender<Line>,
 }
 
@@ -382,6 +387,7 @@ struct WatchView<'a> {
     resource: Resource,
     namespace: Option<&'a str>,
     selector: Option<&'a [Requirement]>,
+    fields: Option<&'a [Requirement]>,
 }
 
 fn watch_view(w: &Watch) -> WatchView<'_> {
@@ -389,6 +395,7 @@ fn watch_view(w: &Watch) -> WatchView<'_> {
         resource: w.resource,
         namespace: w.namespace.as_deref(),
         selector: w.selector.as_deref(),
+        fields: w.fields.as_deref(),
     }
 }
 
@@ -399,7 +406,10 @@ fn event_for(watch: WatchView<'_>, change: &Change) -> Option<Bytes> {
     {
         return None;
     }
-    let matches = |obj: &Value| watch.selector.is_none_or(|s| selects(s, obj));
+    let matches = |obj: &Value| {
+        watch.selector.is_none_or(|s| selects(s, obj))
+            && watch.fields.is_none_or(|f| selects_fields(f, obj))
+    };
     let before = change.old.as_deref().is_some_and(matches);
     let after = !change.deleted && matches(&change.new);
     let kind = match (before, after) {
@@ -436,7 +446,7 @@ fn identify(object: &Value) -> (Resource, String, String) {
     let resource = object["kind"]
         .as_str()
         .and_then(Resource::of_kind)
-        .expect("a Service or EndpointSlice with its kind");
+        .expect("a Service, EndpointSlice or Pod with its kind");
     let namespace = object["metadata"]["namespace"]
         .as_str()
         .expect("metadata.namespace")
@@ -483,6 +493,8 @@ fn route(path: &str) -> Option<(Resource, Option<String>)> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match parts.as_slice() {
         ["api", "v1", "services"] => Some((Resource::Services, None)),
+        ["api", "v1", "pods"] => Some((Resource::Pods, None)),
+        ["api", "v1", "namespaces", ns, "pods"] => Some((Resource::Pods, Some((*ns).into()))),
         ["api", "v1", "namespaces", ns, "services"] => {
             Some((Resource::Services, Some((*ns).into())))
         }
@@ -533,12 +545,12 @@ async fn handle(shared: &Shared, req: HttpRequest<hyper::body::Incoming>) -> Res
             _ => status(
                 StatusCode::BAD_REQUEST,
                 "BadRequest",
-                "expected a Service or EndpointSlice",
+                "expected a Service, EndpointSlice or Pod",
             ),
         };
     }
     if req.uri().path() == EXPIRE_PATH && req.method() == hyper::Method::POST {
-        for resource in [Resource::Services, Resource::EndpointSlices] {
+        for resource in [Resource::Services, Resource::EndpointSlices, Resource::Pods] {
             shared.expire_watches(resource);
         }
         return json_response(StatusCode::OK, full(line(&json!({}))));
@@ -579,21 +591,21 @@ async fn handle(shared: &Shared, req: HttpRequest<hyper::body::Incoming>) -> Res
         };
         status(code, reason, "mock: injected failure")
     } else {
-        let selector = match query.get("labelSelector").map(|s| parse_selector(s)) {
+        let parsed = |key: &str| match query.get(key).map(|s| parse_selector(s)) {
             None => Ok(None),
             Some(Ok(s)) => Ok(Some(s)),
             Some(Err(e)) => Err(e),
         };
-        match selector {
-            Err(e) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
-            Ok(selector) if watch => start_watch(&mut state, resource, namespace, selector, &query),
-            Ok(selector) => list(
-                &state,
-                resource,
-                namespace.as_deref(),
-                selector.as_deref(),
-                &query,
-            ),
+        match (parsed("labelSelector"), parsed("fieldSelector")) {
+            (Err(e), _) | (_, Err(e)) => status(StatusCode::BAD_REQUEST, "BadRequest", &e),
+            (Ok(selector), Ok(fields)) => {
+                let filter = Filter { selector, fields };
+                if watch {
+                    start_watch(&mut state, resource, namespace, filter, &query)
+                } else {
+                    list(&state, resource, namespace.as_deref(), &filter, &query)
+                }
+            }
         }
     };
     drop(state);
@@ -601,11 +613,17 @@ async fn handle(shared: &Shared, req: HttpRequest<hyper::body::Incoming>) -> Res
     response
 }
 
+/// A request's label and field selectors.
+struct Filter {
+    selector: Option<Vec<Requirement>>,
+    fields: Option<Vec<Requirement>>,
+}
+
 fn list(
     state: &State,
     resource: Resource,
     namespace: Option<&str>,
-    selector: Option<&[Requirement]>,
+    filter: &Filter,
     query: &BTreeMap<String, String>,
 ) -> Response<Body> {
     let offset: usize = query
@@ -621,7 +639,14 @@ fn list(
     let matching = state.objects.iter().filter(|((r, ns, _), stored)| {
         *r == resource
             && namespace.is_none_or(|n| n == ns)
-            && selector.is_none_or(|s| selects(s, &stored.object))
+            && filter
+                .selector
+                .as_deref()
+                .is_none_or(|s| selects(s, &stored.object))
+            && filter
+                .fields
+                .as_deref()
+                .is_none_or(|f| selects_fields(f, &stored.object))
     });
     let mut items = Vec::new();
     let mut more = false;
@@ -657,9 +682,10 @@ fn start_watch(
     state: &mut State,
     resource: Resource,
     namespace: Option<String>,
-    selector: Option<Vec<Requirement>>,
+    filter: Filter,
     query: &BTreeMap<String, String>,
 ) -> Response<Body> {
+    let Filter { selector, fields } = filter;
     let from = query
         .get("resourceVersion")
         .and_then(|v| v.parse::<u64>().ok())
@@ -675,6 +701,7 @@ fn start_watch(
         resource,
         namespace: namespace.as_deref(),
         selector: selector.as_deref(),
+        fields: fields.as_deref(),
     };
     for change in state.history.iter().filter(|c| c.rv > from) {
         if let Some(line) = event_for(
@@ -682,6 +709,7 @@ fn start_watch(
                 resource: view.resource,
                 namespace: view.namespace,
                 selector: view.selector,
+                fields: view.fields,
             },
             change,
         ) {
@@ -692,6 +720,7 @@ fn start_watch(
         resource,
         namespace,
         selector,
+        fields,
         tx,
     });
     let body = StreamBody::new(UnboundedReceiverStream::new(rx)).boxed();
@@ -796,6 +825,24 @@ fn selects(selector: &[Requirement], object: &Value) -> bool {
         Requirement::NotEqual(k, v) => label(k).as_deref() != Some(v),
         Requirement::Exists(k) => label(k).is_some(),
         Requirement::DoesNotExist(k) => label(k).is_none(),
+    })
+}
+
+/// A field selector on an object: each key a dotted path to a string (a
+/// path that is absent reads as ""). Existence tests are not field selector
+/// syntax, so they never match.
+fn selects_fields(selector: &[Requirement], object: &Value) -> bool {
+    let field = |path: &str| {
+        path.split('.')
+            .try_fold(object, |v, key| v.get(key))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    selector.iter().all(|r| match r {
+        Requirement::Equal(k, v) => field(k) == *v,
+        Requirement::NotEqual(k, v) => field(k) != *v,
+        Requirement::Exists(_) | Requirement::DoesNotExist(_) => false,
     })
 }
 

@@ -142,7 +142,7 @@ impl PodCgroup {
 
     /// The directory to attach to, if any, under `root`. A configured path
     /// must exist; a detected one may not.
-    fn resolve(&self, root: &Path) -> Result<Option<PathBuf>, CaptureError> {
+    pub fn resolve(&self, root: &Path) -> Result<Option<PathBuf>, CaptureError> {
         match self {
             Self::None => Ok(None),
             Self::Detect => Ok(Self::KNOWN

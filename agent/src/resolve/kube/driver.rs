@@ -27,7 +27,10 @@ use super::{
     objects::{EndpointSliceObject, ServiceObject},
     resolver::{Outcome, Resolver, StreamSpec},
 };
-use crate::resolve::MapEvent;
+use crate::{
+    resolve::MapEvent,
+    sources::{PodFeed, pod_object::PodObject},
+};
 
 /// Objects per list page. Smaller than client-go's 500 on purpose: a page
 /// is decoded whole before its objects are applied, and with 10k slices a
@@ -39,10 +42,15 @@ const LIST_PAGE_SIZE: u32 = 100;
 enum Item {
     Service(watcher::Result<watcher::Event<ServiceObject>>),
     Slice(watcher::Result<watcher::Event<EndpointSliceObject>>),
+    Pod(watcher::Result<watcher::Event<PodObject>>),
 }
 
+/// The Pod watch's stream index: not one of the resolver's.
+const POD_STREAM: usize = usize::MAX;
+
 /// Watches the cluster and sends the map to `events` until `events` closes
-/// (the agent is shutting down). Never gives up on the apiserver: every
+/// (the agent is shutting down). With `pods`, this node's Pods are watched
+/// too, for source attribution. Never gives up on the apiserver: every
 /// error is retried with kube-runtime's default backoff (0.8 s doubling to
 /// 30 s, jittered).
 pub async fn run(
@@ -50,11 +58,20 @@ pub async fn run(
     settings: KubeSettings,
     events: mpsc::Sender<MapEvent>,
     metrics: Arc<KubeSourceMetrics>,
+    mut pods: Option<PodFeed>,
 ) {
     let specs = settings.streams();
     let mut streams = futures::stream::SelectAll::new();
     for (index, spec) in specs.iter().enumerate() {
         streams.push(watch(&client, &settings, spec, index));
+    }
+    if let Some(feed) = &pods {
+        tracing::info!(node = feed.node(), "watching this node's Pods");
+        streams.push(
+            feed.stream(&client)
+                .map(|item| (POD_STREAM, Item::Pod(item)))
+                .boxed(),
+        );
     }
     tracing::info!(
         namespaces = %settings.namespaces_label(),
@@ -71,6 +88,12 @@ pub async fn run(
                 None => return,
             },
         };
+        if let Item::Pod(item) = item {
+            if let Some(feed) = &mut pods {
+                feed.item(item, &resolver, &metrics);
+            }
+            continue;
+        }
         let spec = resolver.streams().nth(stream).cloned();
         let Some(spec) = spec else { continue };
         let outcome = match item {
@@ -80,8 +103,12 @@ pub async fn run(
                 watch_failed(&spec, &error, &metrics);
                 continue;
             }
+            Item::Pod(_) => continue,
         };
         record(&resolver, &spec, &outcome, &metrics);
+        if let (Some(feed), Some(event)) = (&pods, &outcome.event) {
+            feed.map_changed(event, &resolver);
+        }
         if let Some(event) = outcome.event {
             if let MapEvent::Reset(map) = &event {
                 tracing::info!(

@@ -22,6 +22,7 @@ use super::objects::{
     ServiceObject,
 };
 use crate::resolve::ServiceRef;
+use crate::sources::exclude::{EXCLUDE_SOURCES_ANNOTATION, SourceRules};
 
 /// The two kinds of object the resolver watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -116,6 +117,8 @@ pub struct ServiceSpec {
     pub hold_timeout: Option<Duration>,
     /// The Services the wakes annotation declares this one calls.
     pub wakes: Box<[ServiceRef]>,
+    /// [`EXCLUDE_SOURCES_ANNOTATION`](crate::sources::exclude::EXCLUDE_SOURCES_ANNOTATION).
+    pub exclude_sources: SourceRules,
 }
 
 /// What the resolver keeps of an EndpointSlice.
@@ -307,6 +310,7 @@ pub fn service(
         names,
         &mut report,
     );
+    let exclude_sources = exclude_annotation(meta.annotations.as_ref(), &mut report);
     let mut cluster_ips = Vec::new();
     let mut ports = Vec::new();
     match &svc.spec {
@@ -374,6 +378,7 @@ pub fn service(
             hold,
             hold_timeout,
             wakes,
+            exclude_sources,
         },
     })
 }
@@ -404,6 +409,24 @@ fn wakes_annotation(
         .into_iter()
         .map(|(ns, svc)| ServiceRef::from_names(names.get(ns), names.get(svc)))
         .collect()
+}
+
+/// Reads the exclusion annotation; a bad list is reported (naming the
+/// entry) and read as absent: the Service is mapped, nothing excluded.
+fn exclude_annotation(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    report: &mut Report<'_>,
+) -> SourceRules {
+    let Some(given) = annotations.and_then(|a| a.get(EXCLUDE_SOURCES_ANNOTATION)) else {
+        return SourceRules::default();
+    };
+    given.parse().unwrap_or_else(|bad| {
+        report.skip(
+            format!("metadata.annotations[\"{EXCLUDE_SOURCES_ANNOTATION}\"]"),
+            format!("{bad}; no source is excluded"),
+        );
+        SourceRules::default()
+    })
 }
 
 /// Reads the hold annotations; a bad value is reported and read as absent,

@@ -1,7 +1,7 @@
 //! The Service and EndpointSlice as the source decodes them: only the fields
 //! it maps, read straight from the apiserver's JSON. Everything else
 //! (managedFields, status, topology, every label but the Service name, every
-//! annotation but the hold and wakes ones) is skipped without being built, which makes a list of 10k
+//! annotation but the hold, wakes and exclusion ones) is skipped without being built, which makes a list of 10k
 //! slices several times cheaper to decode and leaves far less freed memory
 //! behind in the allocator than the full k8s-openapi types would.
 //!
@@ -194,6 +194,7 @@ impl Keys for AnnotationKeys {
         HOLD_ANNOTATION,
         HOLD_TIMEOUT_ANNOTATION,
         crate::resolve::wakes::WAKES_ANNOTATION,
+        crate::sources::exclude::EXCLUDE_SOURCES_ANNOTATION,
     ];
 }
 

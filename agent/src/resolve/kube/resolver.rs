@@ -113,6 +113,17 @@ impl Resolver {
         self.state.names().len()
     }
 
+    /// The Services with pod `pod` of `namespace` (by targetRef) or one of
+    /// `ips` among their endpoints, sorted.
+    pub fn pod_services(
+        &self,
+        namespace: &str,
+        pod: &str,
+        ips: &[std::net::IpAddr],
+    ) -> Vec<crate::resolve::ServiceRef> {
+        self.state.pod_services(namespace, pod, ips)
+    }
+
     /// The complete map as it stands (for tests and debugging).
     pub fn map(&self) -> crate::resolve::ServiceMap {
         self.state.map()

@@ -13,6 +13,8 @@
 //! them changes, so a [`MapChange::ServiceSet`] goes out exactly when a
 //! known Service's [`ServiceState`] changes.
 
+mod pod_services;
+
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
@@ -140,6 +142,7 @@ impl ServiceEntry {
             hold_timeout: spec.hold_timeout,
             ready_endpoints: Some(self.ready),
             wakes: spec.wakes.to_vec(),
+            exclude_sources: spec.exclude_sources.clone(),
         })
     }
 }
@@ -569,11 +572,12 @@ impl ClusterState {
         }
         let service = entry.service.clone();
         let new_spec = entry.spec.as_ref();
-        // New, or its hold or wakes annotations changed: its ready count is
-        // the entry's, and a change of that is sent by the slice that made it.
+        // New, or its annotations changed: its ready count is the entry's,
+        // and a change of that is sent by the slice that made it.
         let announce = match (&old, new_spec) {
             (Some(o), Some(n)) => {
-                (o.hold, o.hold_timeout, &o.wakes) != (n.hold, n.hold_timeout, &n.wakes)
+                (o.hold, o.hold_timeout, &o.wakes, &o.exclude_sources)
+                    != (n.hold, n.hold_timeout, &n.wakes, &n.exclude_sources)
             }
             _ => true,
         };

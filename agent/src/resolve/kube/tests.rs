@@ -10,6 +10,8 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 use kube::runtime::watcher::Event;
 use serde_json::{Value, json};
 
+mod sources;
+
 use super::{
     EndpointSliceObject as EndpointSlice, Kind, Resolver, ServiceObject as Service, StreamSpec,
 };
@@ -192,6 +194,7 @@ fn ready(n: u32) -> ServiceState {
         hold_timeout: None,
         ready_endpoints: Some(n),
         wakes: Vec::new(),
+        exclude_sources: Default::default(),
     }
 }
 
@@ -1446,6 +1449,7 @@ fn held(timeout: Option<u64>, n: u32) -> ServiceState {
         hold_timeout: timeout.map(std::time::Duration::from_secs),
         ready_endpoints: Some(n),
         wakes: Vec::new(),
+        exclude_sources: Default::default(),
     }
 }
 
@@ -1473,6 +1477,7 @@ fn hold_annotations_make_the_service_state() {
                     hold_timeout: Some(std::time::Duration::from_secs(120)),
                     ready_endpoints: Some(0),
                     wakes: Vec::new(),
+                    exclude_sources: Default::default(),
                 }
             ),
             (svc_ref("shop", "web"), held(Some(45), 0)),
