@@ -429,6 +429,9 @@ fn parse_edge_max_age(s: &str) -> Result<Duration, String> {
         Duration::from_secs(600),
         Duration::from_secs(30 * 24 * 3600),
         "24h, 2h, 30m",
+    )
+}
+
 fn parse_rescan_interval(s: &str) -> Result<Duration, String> {
     bounded_duration(
         s,
