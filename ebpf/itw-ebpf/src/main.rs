@@ -1,5 +1,5 @@
 //! internal-tcp-watcher's kernel side: counts TCP connect attempts to watched
-//! destinations, per destination and process name.
+//! destinations, per destination, caller's cgroup and process name.
 //!
 //! Three hooks see the same attempt at different points; the agent attaches
 //! the ones of one capture mode:
@@ -32,8 +32,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
-            bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_ktime_get_ns,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
+            bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf,
+            bpf_get_socket_cookie, bpf_ktime_get_ns,
         },
     },
     macros::{cgroup_sock_addr, kprobe, map, sock_ops, tracepoint},
@@ -699,16 +700,23 @@ fn on_attempt(dest: &Destination) {
     }
     // SAFETY: `watch` points to a live value of WATCHED (freed only after
     // this program's RCU read section if the agent deletes it meanwhile).
-    let (dest_id, armed) = unsafe { ((*watch).dest_id, (*watch).armed) };
+    let dest_id = unsafe { (*watch).dest_id };
+    // The caller's own cgroup: the agent maps it to the calling pod. Taken
+    // only for watched destinations, like the name.
+    // SAFETY: a helper without arguments, allowed in every program type here.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     let mut overflowed = 0;
-    if !increment(&ITW_ATTEMPTS, &AttemptKey { dest_id, comm }) {
+    if !increment(&ITW_ATTEMPTS, &AttemptKey::new(dest_id, cgroup_id, comm)) {
         add_stat(stat::ATTEMPTS_FULL);
         overflowed = 1;
         if !increment(&ITW_OVERFLOW, &dest_id) {
             add_stat(stat::OVERFLOW_FULL);
         }
     }
-    if armed != 0 {
+    // Read after counting rather than before: it would otherwise live
+    // across the helper calls above and be spilled to the stack.
+    // SAFETY: as above.
+    if unsafe { (*watch).armed } != 0 {
         // Two CPUs racing here may both send a wake; the agent takes a
         // duplicate as a no-op, and the common case costs no atomic.
         // SAFETY: as above.
@@ -720,6 +728,9 @@ fn on_attempt(dest: &Destination) {
                     dest_id,
                     overflowed,
                     comm,
+                    cgroup_id,
+                    dest: *dest,
+                    _pad: 0,
                 });
                 // Flags 0: the kernel wakes the reader when it has caught up,
                 // which is what a rare, latency-critical record wants.
