@@ -28,6 +28,7 @@ use crate::{
     metrics::{AttemptCounters, CountingMetrics, Exporter},
     report::ReportMetrics,
     resolve::{MapEvent, MapSource, kube, static_map},
+    sources::NodeOnly,
 };
 
 /// A liveness probe fails when no collection happened for this many ticks.
@@ -100,6 +101,8 @@ impl Agent {
             hold,
             exclude: config.exclude,
             max_comms: config.max_comms_per_destination,
+            sources: config.sources,
+            book: Arc::new(NodeOnly),
             interval: config.collect_interval,
             report,
             attempts: attempts.clone(),

@@ -12,6 +12,7 @@ use clap::Parser;
 use itw_telemetry::{flags::bounded_duration, logging::LogFormat};
 
 use crate::{
+    attribution::{DEFAULT_MAX_SOURCE_SERIES, SourceSettings},
     capture::{CaptureMode, CaptureSettings, CgroupOrder, ExcludeComms, PodCgroup},
     hold::{HoldPolicy, HoldRequest},
     report::{self, ReportError, ReportSettings, TokenSource, ledger::LogLimits},
@@ -21,6 +22,13 @@ use crate::{
         parse_hold_timeout,
     },
 };
+
+/// A feature setting that is on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
 
 /// How long shutdown waits for scaler replicas to acknowledge the last batches.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -122,6 +130,17 @@ pub struct Args {
     /// the overflow name, so no process can blow up label cardinality.
     #[arg(long, env = "MAX_COMMS_PER_DESTINATION", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_comms_per_destination: u32,
+
+    /// `internal_tcp_source_attempts_total` (attempts per destination
+    /// Service and calling workload): on, or off to keep only the seed's
+    /// counter. Exclusion by source works either way.
+    #[arg(long, env = "SOURCE_SERIES", value_enum, default_value_t = Switch::On)]
+    pub source_series: Switch,
+
+    /// Distinct (destination Service, source) series kept, and distinct
+    /// sources counted as filtered; more count under the overflow source.
+    #[arg(long, env = "MAX_SOURCE_SERIES", default_value_t = DEFAULT_MAX_SOURCE_SERIES as u32, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_source_series: u32,
 
     /// Kernel map size: destinations (IP:port) that can be watched.
     #[arg(long, env = "MAX_DESTINATIONS", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..))]
@@ -247,6 +266,10 @@ impl Args {
             },
             exclude: self.exclude_comms.clone(),
             max_comms_per_destination: self.max_comms_per_destination as usize,
+            sources: SourceSettings {
+                series: self.source_series == Switch::On,
+                max_series: self.max_source_series as usize,
+            },
             collect_interval: self.collect_interval,
             service_map,
             report,
@@ -307,6 +330,8 @@ pub struct Config {
     pub exclude: ExcludeComms,
     /// `MAX_COMMS_PER_DESTINATION`.
     pub max_comms_per_destination: usize,
+    /// `SOURCE_SERIES` and `MAX_SOURCE_SERIES`.
+    pub sources: SourceSettings,
     /// `COLLECT_INTERVAL`.
     pub collect_interval: Duration,
     /// `SERVICE_MAP`, or the Kubernetes API.
@@ -481,6 +506,8 @@ mod tests {
         assert_eq!(args.log_format, LogFormat::Text);
         assert_eq!(args.hold, HoldPolicy::Annotated);
         assert_eq!(args.hold_timeout, Duration::from_secs(60));
+        assert_eq!(args.source_series, Switch::On);
+        assert_eq!(args.max_source_series, 1024);
         assert_eq!(args.hold_mark, 0x2a7c);
     }
 
@@ -497,6 +524,27 @@ mod tests {
         let mut all = vec!["--node-name", "node-a"];
         all.extend_from_slice(args);
         parse(&all).unwrap().config()
+    }
+
+    #[test]
+    fn source_series_can_be_turned_off_and_capped() {
+        assert_eq!(checked(&[]).unwrap().sources, SourceSettings::default());
+        let config = checked(&["--source-series", "off", "--max-source-series", "10"]).unwrap();
+        assert_eq!(
+            config.sources,
+            SourceSettings {
+                series: false,
+                max_series: 10
+            }
+        );
+        let error = parse(&["--max-source-series", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--max-source-series"), "{error}");
+        let error = parse(&["--source-series", "maybe"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--source-series"), "{error}");
     }
 
     #[test]

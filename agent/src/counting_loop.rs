@@ -206,7 +206,8 @@ impl CountingLoop {
         }
         for service in &applied.services_removed {
             self.attempts.service_gone(service);
-            self.collector.forget_service(service);
+            let gone = self.collector.forget_service(service);
+            self.metrics.sources.forget(&gone);
         }
         if applied.failed > 0 {
             self.metrics
@@ -280,6 +281,19 @@ impl CountingLoop {
                 })
                 .inc_by(*n);
         }
+        for (source, n) in &collection.filtered_sources {
+            tracing::debug!(
+                source_namespace = %source.namespace,
+                source_workload = %source.workload,
+                attempts = n,
+                "filtered attempts (excluded source)"
+            );
+        }
+        self.metrics.sources.add(
+            &collection.sources,
+            &collection.filtered_sources,
+            collection.sources_capped,
+        );
         if collection.deltas.is_empty() {
             return;
         }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error,
+    attribution::{Attribution, SourceSettings},
     capture::{self, CaptureSettings, ExcludeComms, order::OrderWatch},
     counting_loop::{AgentClock, CollectionSink, CountingLoop, Health},
     deltas::Collector,
@@ -22,6 +23,7 @@ use crate::{
     metrics::{AttemptCounters, CountingMetrics},
     report::{ReportMetrics, ReportSettings, Reporter},
     resolve::MapEvent,
+    sources::SourceBook,
 };
 
 /// What runs on the fast-path thread.
@@ -32,6 +34,10 @@ pub struct FastPath {
     pub hold: Option<(HoldSettings, Arc<HoldMetrics>, tokio::runtime::Handle)>,
     pub exclude: ExcludeComms,
     pub max_comms: usize,
+    /// `SOURCE_SERIES` and `MAX_SOURCE_SERIES`.
+    pub sources: SourceSettings,
+    /// Who each caller is; [`crate::sources::NodeOnly`] without a Pod watch.
+    pub book: Arc<dyn SourceBook>,
     pub interval: Duration,
     pub report: Option<(ReportSettings, Arc<ReportMetrics>)>,
     pub attempts: Arc<AttemptCounters>,
@@ -101,7 +107,10 @@ impl FastPath {
             kernel,
             holder,
             table: DestinationTable::new(),
-            collector: Collector::new(self.max_comms),
+            collector: Collector::with_sources(
+                self.max_comms,
+                Attribution::new(self.book.clone(), self.sources),
+            ),
             attempts: self.attempts,
             metrics: self.metrics,
             health: self.health,

@@ -9,12 +9,15 @@
 //! - [`deltas`]: kernel counters turned into exact deltas per series.
 //! - [`counting_loop`]: the loop that owns the kernel side and collects on ticks and wakes.
 //! - [`sources`]: which pod and workload made a connect, from its cgroup.
+//! - [`attribution`]: each counter's caller turned into source series, exclusion and edges.
+//! - [`source_metrics`]: the source series and filtered-by-source counts on `/metrics`.
 //! - [`hold`]: connects to a Service without a ready endpoint parked until one is ready.
 //! - [`metrics`]: what `/metrics` serves.
 //! - [`report`]: the streams to every scaler replica.
 //! - [`process`]: process-wide setup: malloc arenas, the open-files limit, shutdown signals.
 
 pub mod agent;
+pub mod attribution;
 pub mod capture;
 pub mod config;
 pub mod counting_loop;
@@ -26,6 +29,7 @@ pub mod metrics;
 pub mod process;
 pub mod report;
 pub mod resolve;
+pub mod source_metrics;
 pub mod sources;
 
 pub use agent::Agent;

@@ -95,7 +95,10 @@ mod tests {
             namespace: "default".into(),
             workload: "node".into(),
         };
-        assert!(!pod.is_node(), "a workload named node in a namespace is a pod");
+        assert!(
+            !pod.is_node(),
+            "a workload named node in a namespace is a pod"
+        );
         assert_eq!(NodeOnly.caller(12345), Caller::node());
     }
 }
