@@ -149,11 +149,33 @@ async fn counts_each_destination_and_process_exactly(slot: Slot) {
 /// Each attempt is counted under its caller's own cgroup: a child process
 /// moved into a test cgroup under that cgroup's id (its directory's inode),
 /// this process under its own; the wake names the caller's cgroup and the
-/// destination.
+/// destination. Where the kernel has it, read through the BTF-typed task.
 async fn counts_under_the_callers_cgroup(slot: Slot) {
-    let Some(started) = support::start(slot.mode, |_| {}) else {
+    callers_cgroup_ids(slot, &[LeaderRead::Btf, LeaderRead::ProbeRead], "btf").await;
+}
+
+/// The same through `bpf_get_current_cgroup_id`, which the programs call
+/// when the process name is not read through the BTF-typed task.
+async fn counts_under_the_callers_cgroup_through_the_helper(slot: Slot) {
+    callers_cgroup_ids(slot, &[LeaderRead::ProbeRead], "helper").await;
+}
+
+async fn callers_cgroup_ids(slot: Slot, reads: &[LeaderRead], tag: &str) {
+    let reads = reads.to_vec();
+    let Some(started) = support::start(slot.mode, |s| s.leader_reads = reads) else {
         return;
     };
+    // The BTF read where the kernel has bpf_get_current_task_btf (5.11).
+    let read = if tag == "btf" && support::kernel_version() >= (5, 11) {
+        LeaderRead::Btf
+    } else {
+        LeaderRead::ProbeRead
+    };
+    assert!(
+        matches!(started.comm_source, CommSource::Leader { read: r, .. } if r == read),
+        "{:?}, expected a {read:?} leader read",
+        started.comm_source
+    );
     let mut kernel = started.kernel;
     let mut wakes = kernel.take_wakes().expect("the wake channel");
     let (dest, addr) = slot.v4_target(1, PORT);
@@ -162,7 +184,7 @@ async fn counts_under_the_callers_cgroup(slot: Slot) {
     };
     kernel.watch(&dest, 40).unwrap();
     let cgroup = support::TestCgroup::new(&format!(
-        "itw-test-caller-{}-{}",
+        "itw-test-caller-{}-{tag}-{}",
         slot.mode,
         std::process::id()
     ));
@@ -590,6 +612,7 @@ per_mode!(
     a_udp_connect_is_not_counted = 10,
     an_accepted_connect_counts_once = 11,
     counts_under_the_callers_cgroup = 12,
+    counts_under_the_callers_cgroup_through_the_helper = 13,
 );
 
 /// The tracepoint fires for every protocol that keeps TCP's states, MPTCP

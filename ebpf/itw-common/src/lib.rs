@@ -373,6 +373,14 @@ pub mod globals {
     pub const TASK_NSPROXY_OFFSET: &str = "ITW_TASK_NSPROXY_OFFSET";
     pub const NSPROXY_NET_OFFSET: &str = "ITW_NSPROXY_NET_OFFSET";
     pub const NET_INUM_OFFSET: &str = "ITW_NET_INUM_OFFSET";
+    /// Byte offsets (from the kernel's BTF) of `task_struct.cgroups`,
+    /// `css_set.dfl_cgrp`, `cgroup.kn` and `kernfs_node.id`: the caller's
+    /// cgroup v2 id read with the process name's BTF loads instead of a
+    /// `bpf_get_current_cgroup_id` call. `TASK_CGROUPS_OFFSET` 0: the call.
+    pub const TASK_CGROUPS_OFFSET: &str = "ITW_TASK_CGROUPS_OFFSET";
+    pub const CSS_SET_DFL_CGRP_OFFSET: &str = "ITW_CSS_SET_DFL_CGRP_OFFSET";
+    pub const CGROUP_KN_OFFSET: &str = "ITW_CGROUP_KN_OFFSET";
+    pub const KERNFS_NODE_ID_OFFSET: &str = "ITW_KERNFS_NODE_ID_OFFSET";
     /// The pods' cgroup id (inode of its directory); 0: no pods cgroup
     /// attachment, the root programs count everyone. Its level in the
     /// hierarchy is learned by the programs ([`super::maps::POD_LEVEL`]).
