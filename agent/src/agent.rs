@@ -144,6 +144,8 @@ impl Agent {
             hold,
             exclude: config.exclude,
             max_comms: config.max_comms_per_destination,
+            source_series: config.source_series,
+            book: sources,
             interval: config.collect_interval,
             report,
             attempts: attempts.clone(),
@@ -151,7 +153,6 @@ impl Agent {
             health: health.clone(),
             clock,
             shutdown: stop.clone(),
-            sources,
         };
         std::thread::Builder::new()
             .name("itw-fast-path".to_owned())

@@ -12,6 +12,7 @@ use clap::Parser;
 use itw_telemetry::{flags::bounded_duration, logging::LogFormat};
 
 use crate::{
+    attribution::{DEFAULT_MAX_SOURCE_SERIES, SeriesSettings},
     capture::{CaptureMode, CaptureSettings, CgroupOrder, ExcludeComms, PodCgroup},
     hold::{HoldPolicy, HoldRequest},
     report::{self, ReportError, ReportSettings, TokenSource, ledger::LogLimits},
@@ -22,6 +23,13 @@ use crate::{
     },
     sources::{SourceSettings, cgroups::CgroupLimits, exclude::SourceRules},
 };
+
+/// A feature setting that is on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
 
 /// How long shutdown waits for scaler replicas to acknowledge the last batches.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -123,6 +131,17 @@ pub struct Args {
     /// the overflow name, so no process can blow up label cardinality.
     #[arg(long, env = "MAX_COMMS_PER_DESTINATION", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_comms_per_destination: u32,
+
+    /// `internal_tcp_source_attempts_total` (attempts per destination
+    /// Service and calling workload): on, or off to keep only the seed's
+    /// counter. Exclusion by source works either way.
+    #[arg(long, env = "SOURCE_SERIES", value_enum, default_value_t = Switch::On)]
+    pub source_series: Switch,
+
+    /// Distinct (destination Service, source) series kept, and distinct
+    /// sources counted as filtered; more count under the overflow source.
+    #[arg(long, env = "MAX_SOURCE_SERIES", default_value_t = DEFAULT_MAX_SOURCE_SERIES as u32, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_source_series: u32,
 
     /// Kernel map size: destinations (IP:port) that can be watched.
     #[arg(long, env = "MAX_DESTINATIONS", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..))]
@@ -278,6 +297,10 @@ impl Args {
             },
             exclude: self.exclude_comms.clone(),
             max_comms_per_destination: self.max_comms_per_destination as usize,
+            source_series: SeriesSettings {
+                series: self.source_series == Switch::On,
+                max_series: self.max_source_series as usize,
+            },
             collect_interval: self.collect_interval,
             service_map,
             report,
@@ -349,6 +372,8 @@ pub struct Config {
     pub exclude: ExcludeComms,
     /// `MAX_COMMS_PER_DESTINATION`.
     pub max_comms_per_destination: usize,
+    /// `SOURCE_SERIES` and `MAX_SOURCE_SERIES`.
+    pub source_series: SeriesSettings,
     /// `COLLECT_INTERVAL`.
     pub collect_interval: Duration,
     /// `SERVICE_MAP`, or the Kubernetes API.
@@ -545,6 +570,8 @@ mod tests {
         assert_eq!(args.log_format, LogFormat::Text);
         assert_eq!(args.hold, HoldPolicy::Annotated);
         assert_eq!(args.hold_timeout, Duration::from_secs(60));
+        assert_eq!(args.source_series, Switch::On);
+        assert_eq!(args.max_source_series, 1024);
         assert_eq!(args.hold_mark, 0x2a7c);
         assert_eq!(args.edge_max_age, Duration::from_secs(24 * 3600));
         assert_eq!(args.max_edges, 10_000);
@@ -581,6 +608,30 @@ mod tests {
         let mut all = vec!["--node-name", "node-a"];
         all.extend_from_slice(args);
         parse(&all).unwrap().config()
+    }
+
+    #[test]
+    fn source_series_can_be_turned_off_and_capped() {
+        assert_eq!(
+            checked(&[]).unwrap().source_series,
+            SeriesSettings::default()
+        );
+        let config = checked(&["--source-series", "off", "--max-source-series", "10"]).unwrap();
+        assert_eq!(
+            config.source_series,
+            SeriesSettings {
+                series: false,
+                max_series: 10
+            }
+        );
+        let error = parse(&["--max-source-series", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--max-source-series"), "{error}");
+        let error = parse(&["--source-series", "maybe"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--source-series"), "{error}");
     }
 
     #[test]

@@ -222,7 +222,8 @@ impl CountingLoop {
         }
         for service in &applied.services_removed {
             self.attempts.service_gone(service);
-            self.collector.forget_service(service);
+            let gone = self.collector.forget_service(service);
+            self.metrics.sources.forget(&gone);
         }
         if applied.failed > 0 {
             self.metrics
@@ -299,6 +300,19 @@ impl CountingLoop {
                 })
                 .inc_by(*n);
         }
+        for (source, n) in &collection.filtered_sources {
+            tracing::debug!(
+                source_namespace = %source.namespace,
+                source_workload = %source.workload,
+                attempts = n,
+                "filtered attempts (excluded source)"
+            );
+        }
+        self.metrics.sources.add(
+            &collection.sources,
+            &collection.filtered_sources,
+            collection.sources_capped,
+        );
         if collection.deltas.is_empty() {
             return;
         }
@@ -418,6 +432,92 @@ mod tests {
         assert_eq!(last.woken, None);
         assert_eq!(last.deltas[0].1, 1);
         assert_eq!(attempts.get(&labels("web", "curl")), Some(2));
+    }
+
+    /// A prober excluded for the Service: its wake reaches neither the
+    /// reporter nor the seed's counter, only the filtered-by-source count;
+    /// the next real caller is reported at once, with its source series.
+    #[tokio::test(start_paused = true)]
+    async fn an_excluded_sources_wake_is_not_reported_and_a_real_caller_is() {
+        use crate::{
+            attribution::{Attribution, SeriesSettings, fixtures::FakeBook},
+            source_metrics::{FilteredSourceLabels, SourceLabels},
+        };
+        let book = FakeBook::default()
+            .pod(7, "monitoring", "prober", &[])
+            .pod(8, "default", "shop", &["shop"])
+            .exclude("monitoring", "prober", "web");
+        let kernel = FakeKernel::new(64);
+        let handle = kernel.handle();
+        let attempts = Arc::new(AttemptCounters::default());
+        let metrics = Arc::new(CountingMetrics::default());
+        let (report_tx, mut report_rx) = mpsc::unbounded_channel();
+        let counting = CountingLoop {
+            kernel: Box::new(kernel),
+            table: DestinationTable::new(),
+            collector: Collector::with_sources(
+                8,
+                Attribution::new(Arc::new(book), SeriesSettings::default()),
+            ),
+            attempts: attempts.clone(),
+            metrics: metrics.clone(),
+            health: Arc::default(),
+            clock: AgentClock::new(),
+            reporter: Some(Arc::new(ChannelSink(report_tx))),
+            holder: None,
+            declarations: Declarations::default(),
+        };
+        let addr = "127.1.0.1:80".parse().unwrap();
+        let mut map = ServiceMap::default();
+        map.services
+            .insert(ServiceRef::new("default", "web"), Default::default());
+        map.destinations.insert(
+            addr,
+            Target {
+                service: ServiceRef::new("default", "web"),
+                port: 80,
+                pod: None,
+            },
+        );
+        let (events_tx, events_rx) = mpsc::channel(4);
+        events_tx.send(MapEvent::Reset(map)).await.unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(counting.run(events_rx, Duration::from_secs(3600), async {
+            let _ = stop_rx.await;
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+
+        handle.connect_from(resolve::destination(addr), "curl", 7);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            report_rx.try_recv().is_err(),
+            "an excluded wake is not demand"
+        );
+        let prober = FilteredSourceLabels {
+            source_namespace: "monitoring".into(),
+            source_workload: "prober".into(),
+        };
+        assert_eq!(metrics.sources.filtered.get_or_create(&prober).get(), 1);
+
+        handle.connect_from(resolve::destination(addr), "java", 8);
+        let report = tokio::time::timeout(Duration::from_secs(1), report_rx.recv())
+            .await
+            .expect("re-armed: the real caller's wake is reported at once")
+            .unwrap();
+        assert!(report.woken.is_some());
+        assert_eq!(report.deltas.len(), 1);
+        assert_eq!((&*report.deltas[0].0.comm, report.deltas[0].1), ("java", 1));
+        assert_eq!(attempts.get(&labels("web", "java")), Some(1));
+        assert_eq!(attempts.get(&labels("web", "curl")), None);
+        let shop = SourceLabels {
+            destination_namespace: "default".into(),
+            destination_service: "web".into(),
+            source_namespace: "default".into(),
+            source_workload: "shop".into(),
+        };
+        assert_eq!(metrics.sources.attempts.get_or_create(&shop).get(), 1);
+        stop_tx.send(()).unwrap();
+        task.await.unwrap().unwrap();
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! (Service, Pod): names beyond the cap count under
 //! [`OVERFLOW_COMM`](itw_telemetry::exposition::OVERFLOW_COMM), as do attempts
 //! the kernel could not give a counter of their own (its map was full).
+//!
+//! Each counter also names the caller's cgroup; [`Attribution`] turns it into
+//! a source. Attempts from a source the book excludes are not demand: they
+//! leave the seed's series and the deltas to the scaler, and are counted
+//! apart. The seed's series sum over callers, so their labels and values
+//! are what they were before callers were noted.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -16,9 +22,11 @@ use itw_common::{AttemptKey, Comm};
 use itw_telemetry::exposition::OVERFLOW_COMM;
 
 use crate::{
+    attribution::{Attributed, Attribution, SourceKey},
     capture::{CaptureError, Kernel, KernelCounts, Wake, comm_name},
     destinations::DestinationTable,
     resolve::{ServiceRef, Target},
+    sources::Source,
 };
 
 /// One exported series, plus the Service port (windows are per port; the
@@ -39,6 +47,14 @@ pub struct Collection {
     pub deltas: Vec<(SeriesKey, u64)>,
     /// New filtered attempts per excluded process name.
     pub filtered: Vec<(Arc<str>, u64)>,
+    /// New attempts per destination Service and caller, for
+    /// `internal_tcp_source_attempts_total` (empty with `SOURCE_SERIES=off`).
+    pub sources: Vec<(SourceKey, u64)>,
+    /// New attempts from sources excluded for their destination: not demand.
+    pub filtered_sources: Vec<(Source, u64)>,
+    /// Attempts counted under the overflow source because of `MAX_SOURCE_SERIES`.
+    pub sources_capped: u64,
+
     /// Attempts counted under the overflow name because of the per-destination cap.
     pub capped: u64,
     /// Attempts counted under the overflow name because the kernel map was full.
@@ -61,12 +77,27 @@ pub struct Collector {
     /// Distinct process names admitted per (Service, Pod).
     admitted: HashMap<(ServiceRef, Arc<str>), HashSet<Arc<str>>>,
     max_comms: usize,
-    /// Ids that counted in the last collection.
+    /// Ids that counted in the last collection (attempts from excluded
+    /// sources left out: they do not keep a destination awake).
     active: HashSet<u32>,
+    /// Ids whose attempts in the last collection came from excluded sources.
+    excluded: HashSet<u32>,
+    /// Ids re-armed at once after a wake from an excluded source since the
+    /// last full collection: at most one each, so that a busy excluded
+    /// caller costs at most two wakes per tick, not one per connect.
+    rearmed_at_once: HashSet<u32>,
+    attribution: Attribution,
 }
 
 impl Collector {
+    /// A collector that takes every caller for the node ([`NodeOnly`]).
+    ///
+    /// [`NodeOnly`]: crate::sources::NodeOnly
     pub fn new(max_comms_per_destination: usize) -> Self {
+        Self::with_sources(max_comms_per_destination, Attribution::default())
+    }
+
+    pub fn with_sources(max_comms_per_destination: usize, attribution: Attribution) -> Self {
         Self {
             counts: KernelCounts::default(),
             last_attempts: HashMap::new(),
@@ -77,6 +108,9 @@ impl Collector {
             admitted: HashMap::new(),
             max_comms: max_comms_per_destination.max(1),
             active: HashSet::new(),
+            excluded: HashSet::new(),
+            rearmed_at_once: HashSet::new(),
+            attribution,
         }
     }
 
@@ -90,10 +124,13 @@ impl Collector {
     ) -> Result<Collection, CaptureError> {
         kernel.read(&mut self.counts)?;
         let out = self.fold(table);
-        for id in &self.active {
+        // An id counted only from excluded sources may have been disarmed by
+        // them: it is idle (not in `active`), so it is re-armed here.
+        for id in self.active.iter().chain(&self.excluded) {
             table.disarmed(*id);
         }
         table.rearm_idle(kernel, &self.active)?;
+        self.rearmed_at_once.clear();
         for id in table.after_read(kernel)? {
             self.last_overflow.remove(&id);
             self.last_attempts.retain(|k, _| k.dest_id != id);
@@ -113,7 +150,17 @@ impl Collector {
         kernel.read_woken(wakes, &mut self.counts)?;
         let out = self.fold(table);
         for wake in wakes {
-            table.disarmed(wake.key.dest_id);
+            let id = wake.key.dest_id;
+            // Woken only by excluded sources: not demand, and the next real
+            // caller must wake it at once, not at the next tick.
+            if !self.active.contains(&id)
+                && self.excluded.contains(&id)
+                && self.rearmed_at_once.insert(id)
+                && table.rearm(kernel, &wake.dest, id)?
+            {
+                continue;
+            }
+            table.disarmed(id);
         }
         Ok(out)
     }
@@ -122,7 +169,10 @@ impl Collector {
     fn fold(&mut self, table: &DestinationTable) -> Collection {
         let mut out = Collection::default();
         let mut deltas: HashMap<SeriesKey, u64> = HashMap::new();
+        let mut attributed = Attributed::default();
         self.active.clear();
+        self.excluded.clear();
+        self.attribution.begin();
 
         for i in 0..self.counts.attempts.len() {
             let (key, value) = self.counts.attempts[i];
@@ -130,11 +180,19 @@ impl Collector {
             if delta == 0 {
                 continue;
             }
-            self.active.insert(key.dest_id);
             let Some(target) = table.target(key.dest_id).cloned() else {
+                self.active.insert(key.dest_id);
                 out.unattributed += delta;
                 continue;
             };
+            if !self
+                .attribution
+                .attempts(&mut attributed, key.cgroup_id, &target.service, delta)
+            {
+                self.excluded.insert(key.dest_id);
+                continue;
+            }
+            self.active.insert(key.dest_id);
             let name = self.name(&key.comm);
             let comm = self.admit(&target, name);
             if Arc::ptr_eq(&comm, &self.overflow_name) {
@@ -155,6 +213,8 @@ impl Collector {
                 continue;
             };
             out.kernel_overflow += delta;
+            self.attribution
+                .unknown_caller(&mut attributed, &target.service, delta);
             *deltas
                 .entry(series(&target, self.overflow_name.clone()))
                 .or_default() += delta;
@@ -171,6 +231,12 @@ impl Collector {
         out.deltas = deltas.into_iter().collect();
         out.deltas.sort();
         out.filtered.sort();
+        out.sources = attributed.sources.into_iter().collect();
+        out.sources.sort();
+        out.filtered_sources = attributed.filtered.into_iter().collect();
+        out.filtered_sources.sort();
+        out.sources_capped = attributed.capped;
+        out.edges = attributed.edges.into_iter().collect();
         out
     }
 
@@ -199,10 +265,12 @@ impl Collector {
             .clone()
     }
 
-    /// Forgets the per-(Service, Pod) name sets of a Service that is gone, so
-    /// a churning cluster does not grow them forever.
-    pub fn forget_service(&mut self, service: &ServiceRef) {
+    /// Forgets the per-(Service, Pod) name sets and the source series of a
+    /// Service that is gone, so a churning cluster does not grow them
+    /// forever; returns the source series, for `/metrics` to drop.
+    pub fn forget_service(&mut self, service: &ServiceRef) -> Vec<SourceKey> {
         self.admitted.retain(|(s, _), _| s != service);
+        self.attribution.forget_service(service)
     }
 }
 
@@ -481,3 +549,6 @@ mod tests {
         assert_eq!(woken.kernel_overflow, 2);
     }
 }
+
+#[cfg(test)]
+mod source_tests;

@@ -207,6 +207,23 @@ impl DestinationTable {
         }
     }
 
+    /// Re-arms `dest` (watched under `id`) at once: the wake that disarmed
+    /// it was not demand. False when it is not watched under `id` any more.
+    pub fn rearm(
+        &mut self,
+        kernel: &mut dyn Kernel,
+        dest: &itw_common::Destination,
+        id: u32,
+    ) -> Result<bool, CaptureError> {
+        if self.by_addr.get(dest).copied() != Some(id) {
+            return Ok(false);
+        }
+        kernel.watch(dest, id)?;
+        self.ids.set_armed(id, true);
+        self.disarmed.remove(&id);
+        Ok(true)
+    }
+
     /// Re-arms watched destinations that saw no attempt in the last
     /// collection (`active` holds the ids that did) and are disarmed.
     /// Returns how many were re-armed.

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error,
+    attribution::{Attribution, SeriesSettings},
     capture::{self, CaptureSettings, ExcludeComms, order::OrderWatch},
     counting_loop::{AgentClock, CollectionSink, CountingLoop, Health},
     deltas::Collector,
@@ -33,6 +34,10 @@ pub struct FastPath {
     pub hold: Option<(HoldSettings, Arc<HoldMetrics>, tokio::runtime::Handle)>,
     pub exclude: ExcludeComms,
     pub max_comms: usize,
+    /// `SOURCE_SERIES` and `MAX_SOURCE_SERIES`.
+    pub source_series: SeriesSettings,
+    /// Who each caller is; [`crate::sources::NodeOnly`] without a Pod watch.
+    pub book: Arc<dyn SourceBook>,
     pub interval: Duration,
     pub report: Option<(ReportSettings, Arc<ReportMetrics>)>,
     pub attempts: Arc<AttemptCounters>,
@@ -40,13 +45,6 @@ pub struct FastPath {
     pub health: Arc<Health>,
     pub clock: AgentClock,
     pub shutdown: CancellationToken,
-    /// Who made each connect (issue #15): read by the counting loop, once
-    /// per new (destination, process, cgroup) key per collection.
-    #[expect(
-        dead_code,
-        reason = "the counting loop's reading side is #15's attribution part, joined at merge"
-    )]
-    pub sources: Arc<dyn SourceBook>,
 }
 
 impl FastPath {
@@ -110,7 +108,10 @@ impl FastPath {
             holder,
             declarations: crate::edges::declared::Declarations::default(),
             table: DestinationTable::new(),
-            collector: Collector::new(self.max_comms),
+            collector: Collector::with_sources(
+                self.max_comms,
+                Attribution::new(self.book.clone(), self.source_series),
+            ),
             attempts: self.attempts,
             metrics: self.metrics,
             health: self.health,

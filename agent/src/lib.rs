@@ -10,6 +10,8 @@
 //! - [`counting_loop`]: the loop that owns the kernel side and collects on ticks and wakes.
 //! - [`sources`]: which pod and workload made a connect, from its cgroup.
 //! - [`edges`]: the edges "Service A calls Service B" held and sent to the scalers.
+//! - [`attribution`]: each counter's caller turned into source series, exclusion and edges.
+//! - [`source_metrics`]: the source series and filtered-by-source counts on `/metrics`.
 //! - [`hold`]: connects to a Service without a ready endpoint parked until one is ready.
 //! - [`metrics`]: what `/metrics` serves.
 //! - [`report`]: the streams to every scaler replica.
@@ -17,6 +19,7 @@
 //! - [`process`]: process-wide setup: malloc arenas, the open-files limit, shutdown signals.
 
 pub mod agent;
+pub mod attribution;
 pub mod capture;
 pub mod coldstart;
 pub mod config;
@@ -30,6 +33,7 @@ pub mod metrics;
 pub mod process;
 pub mod report;
 pub mod resolve;
+pub mod source_metrics;
 pub mod sources;
 
 pub use agent::Agent;

@@ -1,5 +1,6 @@
 //! The agent's `/metrics`: `internal_tcp_attempts_total` as the seed names it,
-//! `internal_tcp_filtered_total`, and the agent's own figures.
+//! `internal_tcp_filtered_total`, the source series (`source_metrics`), and
+//! the agent's own figures.
 //!
 //! Each part of the agent registers its figures in one prometheus-client
 //! `Registry` at start; the attempts series live in [`AttemptCounters`]
@@ -24,6 +25,7 @@ use crate::{
     capture::{CaptureMode, KernelStats},
     deltas::SeriesKey,
     resolve::ServiceRef,
+    source_metrics::SourceMetrics,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -155,6 +157,8 @@ pub struct CountingMetrics {
     pub programs: Family<ProgramLabels, Gauge>,
     pub programs_before_ours: Family<HookLabels, Gauge>,
     pub holding_blocked: Gauge,
+    /// `internal_tcp_source_attempts_total` and the filtered-by-source counts.
+    pub sources: SourceMetrics,
     last_stats: Mutex<KernelStats>,
 }
 
@@ -165,6 +169,7 @@ impl CountingMetrics {
             "Attempts by processes in EXCLUDE_COMMS (health checks), not counted as traffic",
             self.filtered.clone(),
         );
+        self.sources.register(registry);
         let agent = registry.sub_registry_with_prefix("itw_agent");
         agent.register(
             "collections",

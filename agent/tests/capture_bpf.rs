@@ -146,6 +146,84 @@ async fn counts_each_destination_and_process_exactly(slot: Slot) {
     assert_eq!(kernel.stats().unwrap(), KernelStats::default());
 }
 
+/// Each attempt is counted under its caller's own cgroup: a child process
+/// moved into a test cgroup under that cgroup's id (its directory's inode),
+/// this process under its own; the wake names the caller's cgroup and the
+/// destination. Where the kernel has it, read through the BTF-typed task.
+async fn counts_under_the_callers_cgroup(slot: Slot) {
+    callers_cgroup_ids(slot, &[LeaderRead::Btf, LeaderRead::ProbeRead], "btf").await;
+}
+
+/// The same through `bpf_get_current_cgroup_id`, which the programs call
+/// when the process name is not read through the BTF-typed task.
+async fn counts_under_the_callers_cgroup_through_the_helper(slot: Slot) {
+    callers_cgroup_ids(slot, &[LeaderRead::ProbeRead], "helper").await;
+}
+
+async fn callers_cgroup_ids(slot: Slot, reads: &[LeaderRead], tag: &str) {
+    let reads = reads.to_vec();
+    let Some(started) = support::start(slot.mode, |s| s.leader_reads = reads) else {
+        return;
+    };
+    // The BTF read where the kernel has bpf_get_current_task_btf (5.11).
+    let read = if tag == "btf" && support::kernel_version() >= (5, 11) {
+        LeaderRead::Btf
+    } else {
+        LeaderRead::ProbeRead
+    };
+    assert!(
+        matches!(started.comm_source, CommSource::Leader { read: r, .. } if r == read),
+        "{:?}, expected a {read:?} leader read",
+        started.comm_source
+    );
+    let mut kernel = started.kernel;
+    let mut wakes = kernel.take_wakes().expect("the wake channel");
+    let (dest, addr) = slot.v4_target(1, PORT);
+    let SocketAddr::V4(target) = addr else {
+        unreachable!("an IPv4 target")
+    };
+    kernel.watch(&dest, 40).unwrap();
+    let cgroup = support::TestCgroup::new(&format!(
+        "itw-test-caller-{}-{tag}-{}",
+        slot.mode,
+        std::process::id()
+    ));
+    let (cgroup_id, procs) = (cgroup.id(), cgroup.procs());
+    let own = support::own_cgroup_id();
+    assert_ne!(cgroup_id, own);
+
+    let made =
+        blocking(move || support::connects_from_child(c"caller-child", target, 2, Some(&procs)))
+            .await;
+    assert_eq!(made, 0, "nothing listens on {target}");
+    let wake = next_wake_record(&mut wakes, Duration::from_secs(5))
+        .await
+        .expect("the first attempt wakes");
+    assert_eq!(
+        (
+            wake.key.dest_id,
+            wake.key.cgroup_id,
+            comm_name(&wake.key.comm)
+        ),
+        (40, cgroup_id, "caller-child".to_owned())
+    );
+    assert_eq!(wake.dest, dest);
+    blocking(move || support::connect_n(addr, 1)).await;
+
+    let mut counted: Vec<(u32, u64, String, u64)> = support::read(kernel.as_mut())
+        .attempts
+        .into_iter()
+        .map(|(k, n)| (k.dest_id, k.cgroup_id, comm_name(&k.comm), n))
+        .collect();
+    counted.sort();
+    let mut want = vec![
+        (40, cgroup_id, "caller-child".to_owned(), 2),
+        (40, own, support::process_comm(), 1),
+    ];
+    want.sort();
+    assert_eq!(counted, want);
+}
+
 async fn a_thread_with_its_own_name_counts_under_the_process_name(slot: Slot) {
     let Some(started) = support::start(slot.mode, |_| {}) else {
         return;
@@ -533,6 +611,8 @@ per_mode!(
     the_probe_read_fallback_counts_under_the_process_name_too = 9,
     a_udp_connect_is_not_counted = 10,
     an_accepted_connect_counts_once = 11,
+    counts_under_the_callers_cgroup = 12,
+    counts_under_the_callers_cgroup_through_the_helper = 13,
 );
 
 /// The tracepoint fires for every protocol that keeps TCP's states, MPTCP

@@ -17,7 +17,7 @@ use std::{
     time::Duration,
 };
 
-use capture_support as support;
+use capture_support::{self as support, TestCgroup};
 use itw_agent::{
     capture::{CaptureMode, CgroupOrder, KernelHold, PodCgroup, Started},
     hold::connect_marked,
@@ -149,30 +149,11 @@ async fn held_ipv6_and_v4_mapped_destinations_are_parked_in_their_family() {
 }
 
 /// A child cgroup of the root standing in for kubepods.slice; removed on drop.
-struct TestCgroup(PathBuf);
-
-impl TestCgroup {
-    fn new(name: &str) -> Self {
-        let root = itw_agent::capture::cgroup::find_root(None).expect("a cgroup v2 root");
-        let path = root.path.join(name);
-        let _ = std::fs::remove_dir(&path);
-        std::fs::create_dir(&path).expect("creating a test cgroup");
-        Self(path)
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// Connects once to `target` from a child process named `name` in `cgroup`;
 /// whether the connect succeeded.
 fn connect_from_cgroup(cgroup: &TestCgroup, name: &str, target: SocketAddrV4) -> bool {
-    let procs = CString::new(cgroup.0.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
     let name = CString::new(name).unwrap();
-    support::connects_from_child(&name, target, 1, Some(&procs)) == 1
+    support::connects_from_child(&name, target, 1, Some(&cgroup.procs())) == 1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

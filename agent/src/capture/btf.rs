@@ -1,7 +1,8 @@
 //! Offsets in the running kernel's `task_struct`, from its BTF
 //! (`/sys/kernel/btf/vmlinux`), for the programs to read the process name
-//! (`current->group_leader->comm`) and, for holding, the caller's network
-//! namespace (`current->nsproxy->net_ns->ns.inum`).
+//! (`current->group_leader->comm`), the caller's cgroup v2 id
+//! (`current->cgroups->dfl_cgrp->kn->id`) and, for holding, the caller's
+//! network namespace (`current->nsproxy->net_ns->ns.inum`).
 //!
 //! aya's Rust programs have no CO-RE relocations, and `task_struct`'s layout
 //! depends on the kernel's version and configuration, so the agent looks the
@@ -29,6 +30,18 @@ pub struct TaskOffsets {
     /// The way to the network namespace's inode number, when this kernel's
     /// BTF has it (holding needs it; counting does not).
     pub netns: Option<NetnsOffsets>,
+    /// The way to the cgroup v2 id; without it the programs call
+    /// `bpf_get_current_cgroup_id`, which gives the same id at a higher cost.
+    pub cgroup: Option<CgroupOffsets>,
+}
+
+/// `task_struct.cgroups`, `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupOffsets {
+    pub cgroups: u32,
+    pub dfl_cgrp: u32,
+    pub kn: u32,
+    pub id: u32,
 }
 
 /// `task_struct.nsproxy`, `nsproxy.net_ns`, and `net.ns` + `ns_common.inum`.
@@ -97,10 +110,58 @@ pub fn task_offsets_in(btf: &Btf) -> Result<TaskOffsets, String> {
             None
         }
     };
+    let cgroup = match cgroup_offsets(btf, &task) {
+        Ok(offsets) => Some(offsets),
+        Err(reason) => {
+            tracing::info!(%reason, "the kernel's BTF does not lead to a task's cgroup id: the programs call bpf_get_current_cgroup_id");
+            None
+        }
+    };
     Ok(TaskOffsets {
         group_leader,
         comm,
         netns,
+        cgroup,
+    })
+}
+
+/// `task->cgroups->dfl_cgrp->kn->id`, each step a pointer where it must be
+/// and the id a 64-bit integer (Linux 5.5 and later; a union before).
+fn cgroup_offsets(btf: &Btf, task: &btf_rs::Struct) -> Result<CgroupOffsets, String> {
+    let step = |parent: &btf_rs::Struct, parent_name: &str, name: &str| {
+        let (offset, ty) = member(btf, parent, name)?
+            .ok_or_else(|| format!("{parent_name} has no member {name}"))?;
+        match strip_qualifiers(btf, ty)? {
+            Type::Ptr(_) => Ok(offset),
+            other => Err(format!(
+                "{parent_name}.{name} is a {}, not a pointer",
+                other.name()
+            )),
+        }
+    };
+    let cgroups = step(task, "task_struct", "cgroups")?;
+    let dfl_cgrp = step(&named_struct(btf, "css_set")?, "css_set", "dfl_cgrp")?;
+    let kn = step(&named_struct(btf, "cgroup")?, "cgroup", "kn")?;
+    let (id, id_type) = member(btf, &named_struct(btf, "kernfs_node")?, "id")?
+        .ok_or("kernfs_node has no member id")?;
+    match strip_qualifiers(btf, id_type)? {
+        Type::Int(int) if int.size() == 8 => {}
+        other => {
+            return Err(format!(
+                "kernfs_node.id is not a 64-bit integer ({}, {} bytes)",
+                other.name(),
+                match &other {
+                    Type::Int(int) => int.size(),
+                    _ => 0,
+                }
+            ));
+        }
+    }
+    Ok(CgroupOffsets {
+        cgroups,
+        dfl_cgrp,
+        kn,
+        id,
     })
 }
 
@@ -329,7 +390,74 @@ pub(crate) mod tests {
                 group_leader: 24,
                 comm: 64,
                 netns: None,
+                cgroup: None,
             })
+        );
+    }
+
+    /// task_struct -> css_set -> cgroup -> kernfs_node, the id `id_size` bytes.
+    fn cgroup_chain_btf(id_size: u32) -> Vec<u8> {
+        let mut b = BtfBuilder::new();
+        let char_ty = b.int("char", 1);
+        let int_ty = b.int("int", 4);
+        let id_ty = b.int("unsigned long long", id_size);
+        let comm_arr = b.array(char_ty, int_ty, 16);
+        // Pointers first, to the records declared after them in this order.
+        let first = b.next_id() + 4;
+        let [task_ptr, css_ptr, cgroup_ptr, kn_ptr] = [0, 1, 2, 3].map(|i| b.ptr(first + i));
+        b.record(
+            "task_struct",
+            false,
+            64,
+            &[
+                ("group_leader", task_ptr, 8),
+                ("cgroups", css_ptr, 16),
+                ("comm", comm_arr, 32),
+            ],
+        );
+        b.record(
+            "css_set",
+            false,
+            16,
+            &[("refcount", int_ty, 0), ("dfl_cgrp", cgroup_ptr, 8)],
+        );
+        b.record(
+            "cgroup",
+            false,
+            32,
+            &[("self", int_ty, 0), ("kn", kn_ptr, 24)],
+        );
+        b.record(
+            "kernfs_node",
+            false,
+            64,
+            &[("count", int_ty, 0), ("id", id_ty, 40)],
+        );
+        b.build()
+    }
+
+    #[test]
+    fn finds_the_way_to_the_cgroup_id_and_does_without_it_on_old_kernels() {
+        let btf = Btf::from_bytes(&cgroup_chain_btf(8)).unwrap();
+        let offsets = task_offsets_in(&btf).unwrap();
+        assert_eq!(
+            offsets.cgroup,
+            Some(CgroupOffsets {
+                cgroups: 16,
+                dfl_cgrp: 8,
+                kn: 24,
+                id: 40,
+            })
+        );
+        assert_eq!((offsets.group_leader, offsets.comm), (8, 32));
+        // Before Linux 5.5 the id was a union of two u32 (not modelled here:
+        // any id that is not a 64-bit integer): the programs call the helper.
+        let btf = Btf::from_bytes(&cgroup_chain_btf(4)).unwrap();
+        assert_eq!(task_offsets_in(&btf).unwrap().cgroup, None);
+        let task = named_struct(&btf, "task_struct").unwrap();
+        assert_eq!(
+            cgroup_offsets(&btf, &task),
+            Err("kernfs_node.id is not a 64-bit integer (int, 4 bytes)".to_owned())
         );
     }
 
@@ -380,5 +508,9 @@ pub(crate) mod tests {
             offsets.group_leader.abs_diff(offsets.comm) >= 8,
             "{offsets:?}"
         );
+        let cgroup = offsets
+            .cgroup
+            .expect("this kernel's BTF leads to kernfs_node.id");
+        assert!(cgroup.cgroups > 0 && cgroup.kn > 0, "{cgroup:?}");
     }
 }

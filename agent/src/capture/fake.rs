@@ -33,6 +33,10 @@ struct Maps {
     finished: HashMap<u16, u64>,
 }
 
+/// The cgroup v2 root's id (the inode number of its directory), what
+/// [`FakeKernelHandle::connect`] calls from.
+pub const ROOT_CGROUP_ID: u64 = 1;
+
 /// The test's handle on a [`FakeKernel`]: makes attempts and inspects maps
 /// after the kernel itself has been handed to the agent.
 #[derive(Clone, Debug)]
@@ -69,8 +73,14 @@ impl FakeKernel {
 }
 
 impl FakeKernelHandle {
-    /// A connect attempt by a process named `comm` to `dest`, as the programs see it.
+    /// A connect attempt by a process named `comm` in the node's root
+    /// cgroup ([`ROOT_CGROUP_ID`]) to `dest`, as the programs see it.
     pub fn connect(&self, dest: Destination, comm: &str) {
+        self.connect_from(dest, comm, ROOT_CGROUP_ID);
+    }
+
+    /// A connect attempt by a process named `comm` in cgroup `cgroup_id`.
+    pub fn connect_from(&self, dest: Destination, comm: &str, cgroup_id: u64) {
         let comm = super::comm_bytes(comm);
         let mut maps = self.maps.lock();
         let Some((dest_id, armed)) = maps.watched.get(&dest).copied() else {
@@ -80,7 +90,7 @@ impl FakeKernelHandle {
             *maps.filtered.entry(comm).or_default() += 1;
             return;
         }
-        let key = AttemptKey { dest_id, comm };
+        let key = AttemptKey::new(dest_id, cgroup_id, comm);
         let mut overflowed = false;
         if maps.attempts.contains_key(&key) || maps.attempts.len() < self.attempts_capacity {
             *maps.attempts.entry(key).or_default() += 1;
@@ -93,6 +103,7 @@ impl FakeKernelHandle {
             maps.watched.insert(dest, (dest_id, false));
             let wake = Wake {
                 key,
+                dest,
                 overflowed,
                 read_at_us: itw_telemetry::timeline::monotonic_us(),
             };

@@ -65,7 +65,7 @@ impl std::fmt::Display for CaptureMode {
 /// Cumulative kernel counters, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounts {
-    /// Attempts per (destination id, process name).
+    /// Attempts per (destination id, caller's cgroup id, process name).
     pub attempts: Vec<(AttemptKey, u64)>,
     /// Attempts per destination id that found the attempts map full.
     pub overflow: Vec<(u32, u64)>,
@@ -81,10 +81,13 @@ impl KernelCounts {
     }
 }
 
-/// A destination went from idle to active: the counter its attempt went to.
+/// A destination went from idle to active: the counter its attempt went to
+/// (which names the caller's cgroup) and the destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Wake {
     pub key: AttemptKey,
+    /// The watched destination `key.dest_id` stands for, as the kernel keys it.
+    pub dest: Destination,
     /// The attempt found the attempts map full and was counted in the
     /// overflow counter of `key.dest_id`.
     pub overflowed: bool,

@@ -356,6 +356,56 @@ pub fn connects_from_child(
     }
 }
 
+/// A cgroup of its own under the cgroup v2 root, removed when dropped (once
+/// every process in it has exited).
+pub struct TestCgroup(pub std::path::PathBuf);
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        let root = capture::cgroup::find_root(None).expect("a cgroup v2 root");
+        let path = root.path.join(name);
+        let _ = std::fs::remove_dir(&path);
+        std::fs::create_dir(&path).expect("creating a test cgroup");
+        Self(path)
+    }
+
+    /// Its cgroup id, as `bpf_get_current_cgroup_id` gives it for a task in
+    /// it: the inode number of its directory.
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.0).expect("the test cgroup").ino()
+    }
+
+    /// `cgroup.procs`, for [`connects_from_child`].
+    pub fn procs(&self) -> std::ffi::CString {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::CString::new(self.0.join("cgroup.procs").as_os_str().as_bytes())
+            .expect("a path without NUL")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// This process's own cgroup v2 id: the inode of its cgroup's directory
+/// (`0::/path` in /proc/self/cgroup, under the cgroup v2 root).
+pub fn own_cgroup_id() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let root = capture::cgroup::find_root(None).expect("a cgroup v2 root");
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let path = cgroups
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .expect("a cgroup v2 line in /proc/self/cgroup");
+    let dir = root.path.join(path.trim_start_matches('/'));
+    std::fs::metadata(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .ino()
+}
+
 /// Sets the calling thread's name (its own comm, not the process's).
 pub fn name_this_thread(name: &CStr) {
     // SAFETY: PR_SET_NAME reads a NUL-terminated string.

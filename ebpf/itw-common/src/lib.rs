@@ -95,14 +95,33 @@ pub struct Watch {
     pub armed: u32,
 }
 
-/// Key of [`maps::ATTEMPTS`]: one counter per destination and process name.
+/// Key of [`maps::ATTEMPTS`]: one counter per destination, caller's cgroup
+/// and process name.
+///
+/// The kernel hashes and compares keys bytewise, so the padding is a named
+/// field, always zero: two attempts of one caller must land on one counter.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AttemptKey {
     pub dest_id: u32,
+    pub _pad: u32,
+    /// The caller's cgroup v2 id (`bpf_get_current_cgroup_id`: the inode
+    /// number of its cgroup's directory), which the agent maps to a pod.
+    pub cgroup_id: u64,
     /// The calling process's name (thread-group leader's comm, see
     /// [`globals::COMM_FROM_LEADER`]).
     pub comm: Comm,
+}
+
+impl AttemptKey {
+    pub const fn new(dest_id: u32, cgroup_id: u64, comm: Comm) -> Self {
+        Self {
+            dest_id,
+            _pad: 0,
+            cgroup_id,
+            comm,
+        }
+    }
 }
 
 /// Record of [`maps::WAKES`]: a watched destination went from idle to active.
@@ -117,6 +136,12 @@ pub struct WakeEvent {
     pub overflowed: u32,
     /// The process name the attempt was counted under.
     pub comm: Comm,
+    /// The caller's cgroup v2 id the attempt was counted under.
+    pub cgroup_id: u64,
+    /// The destination itself: a wake that turns out not to be demand (its
+    /// caller is excluded) is re-armed by this key at once.
+    pub dest: Destination,
+    pub _pad: u32,
 }
 
 /// The bit of [`maps::EXCLUDED_HINT`] a process name sets: a one-word Bloom
@@ -257,9 +282,9 @@ pub mod capacity {
     /// this the oldest go, and their connections are reset as unknown).
     pub const HOLD_CONNS: u32 = 65_536;
     /// Default byte size of [`maps::WAKES`] (the agent raises it to the page
-    /// size where pages are larger). One wake takes 32 bytes with its header,
-    /// so 2048 destinations can wake before the agent reads one.
-    pub const WAKES_BYTES: u32 = 64 * 1024;
+    /// size where pages are larger). One wake takes 64 bytes with its header,
+    /// so 2,048 destinations can wake before the agent reads one.
+    pub const WAKES_BYTES: u32 = 128 * 1024;
 }
 
 /// Indices of [`maps::STATS`].
@@ -348,6 +373,14 @@ pub mod globals {
     pub const TASK_NSPROXY_OFFSET: &str = "ITW_TASK_NSPROXY_OFFSET";
     pub const NSPROXY_NET_OFFSET: &str = "ITW_NSPROXY_NET_OFFSET";
     pub const NET_INUM_OFFSET: &str = "ITW_NET_INUM_OFFSET";
+    /// Byte offsets (from the kernel's BTF) of `task_struct.cgroups`,
+    /// `css_set.dfl_cgrp`, `cgroup.kn` and `kernfs_node.id`: the caller's
+    /// cgroup v2 id read with the process name's BTF loads instead of a
+    /// `bpf_get_current_cgroup_id` call. `TASK_CGROUPS_OFFSET` 0: the call.
+    pub const TASK_CGROUPS_OFFSET: &str = "ITW_TASK_CGROUPS_OFFSET";
+    pub const CSS_SET_DFL_CGRP_OFFSET: &str = "ITW_CSS_SET_DFL_CGRP_OFFSET";
+    pub const CGROUP_KN_OFFSET: &str = "ITW_CGROUP_KN_OFFSET";
+    pub const KERNFS_NODE_ID_OFFSET: &str = "ITW_KERNFS_NODE_ID_OFFSET";
     /// The pods' cgroup id (inode of its directory); 0: no pods cgroup
     /// attachment, the root programs count everyone. Its level in the
     /// hierarchy is learned by the programs ([`super::maps::POD_LEVEL`]).
@@ -443,8 +476,14 @@ mod tests {
         assert_eq!(core::mem::offset_of!(lab::LbService, backends), 8);
         assert_eq!(core::mem::offset_of!(Redirect, netns), 20);
         assert_eq!(core::mem::size_of::<Watch>(), 8);
-        assert_eq!(core::mem::size_of::<AttemptKey>(), 20);
-        assert_eq!(core::mem::size_of::<WakeEvent>(), 24);
+        assert_eq!(core::mem::size_of::<AttemptKey>(), 32);
+        assert_eq!(core::mem::align_of::<AttemptKey>(), 8);
+        assert_eq!(core::mem::offset_of!(AttemptKey, cgroup_id), 8);
+        assert_eq!(core::mem::offset_of!(AttemptKey, comm), 16);
+        assert_eq!(core::mem::size_of::<WakeEvent>(), 56);
+        assert_eq!(core::mem::offset_of!(WakeEvent, dest), 32);
+        assert_eq!(core::mem::offset_of!(WakeEvent, comm), 8);
+        assert_eq!(core::mem::offset_of!(WakeEvent, cgroup_id), 24);
         assert_eq!(core::mem::size_of::<Park>(), 4);
         assert_eq!(core::mem::size_of::<ParkKey>(), 4);
         assert_eq!(core::mem::size_of::<lab::LbService>(), 168);

@@ -1,5 +1,5 @@
 //! internal-tcp-watcher's kernel side: counts TCP connect attempts to watched
-//! destinations, per destination and process name.
+//! destinations, per destination, caller's cgroup and process name.
 //!
 //! Three hooks see the same attempt at different points; the agent attaches
 //! the ones of one capture mode:
@@ -32,8 +32,9 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
-            bpf_get_current_task_btf, bpf_get_socket_cookie, bpf_ktime_get_ns,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id,
+            bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf,
+            bpf_get_socket_cookie, bpf_ktime_get_ns,
         },
     },
     macros::{cgroup_sock_addr, kprobe, map, sock_ops, tracepoint},
@@ -172,6 +173,14 @@ static ITW_TASK_NSPROXY_OFFSET: Global<u32> = Global::new(0);
 static ITW_NSPROXY_NET_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static ITW_NET_INUM_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_TASK_CGROUPS_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_CSS_SET_DFL_CGRP_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_CGROUP_KN_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static ITW_KERNFS_NODE_ID_OFFSET: Global<u32> = Global::new(0);
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -688,7 +697,14 @@ fn on_attempt(dest: &Destination) {
     let Some(watch) = ITW_WATCHED.get_ptr_mut(dest) else {
         return;
     };
-    let comm = process_comm();
+    // One call for the task, shared by the name and the cgroup id below.
+    let task = if ITW_COMM_FROM_LEADER.load() == comm_source::LEADER_BTF {
+        // SAFETY: a helper without arguments.
+        unsafe { bpf_get_current_task_btf() as *const u8 }
+    } else {
+        core::ptr::null()
+    };
+    let comm = process_comm(task);
     // SAFETY: reading the value of a present key; the map is only written by
     // the agent (whole-value updates) and by the armed flag below.
     if maybe_excluded(&comm) && unsafe { ITW_EXCLUDED.get(comm) }.is_some() {
@@ -699,16 +715,22 @@ fn on_attempt(dest: &Destination) {
     }
     // SAFETY: `watch` points to a live value of WATCHED (freed only after
     // this program's RCU read section if the agent deletes it meanwhile).
-    let (dest_id, armed) = unsafe { ((*watch).dest_id, (*watch).armed) };
+    let dest_id = unsafe { (*watch).dest_id };
+    // The caller's own cgroup: the agent maps it to the calling pod. Taken
+    // only for watched destinations, like the name.
+    let cgroup_id = caller_cgroup_id(task);
     let mut overflowed = 0;
-    if !increment(&ITW_ATTEMPTS, &AttemptKey { dest_id, comm }) {
+    if !increment(&ITW_ATTEMPTS, &AttemptKey::new(dest_id, cgroup_id, comm)) {
         add_stat(stat::ATTEMPTS_FULL);
         overflowed = 1;
         if !increment(&ITW_OVERFLOW, &dest_id) {
             add_stat(stat::OVERFLOW_FULL);
         }
     }
-    if armed != 0 {
+    // Read after counting rather than before: it would otherwise live
+    // across the helper calls above and be spilled to the stack.
+    // SAFETY: as above.
+    if unsafe { (*watch).armed } != 0 {
         // Two CPUs racing here may both send a wake; the agent takes a
         // duplicate as a no-op, and the common case costs no atomic.
         // SAFETY: as above.
@@ -720,6 +742,9 @@ fn on_attempt(dest: &Destination) {
                     dest_id,
                     overflowed,
                     comm,
+                    cgroup_id,
+                    dest: *dest,
+                    _pad: 0,
                 });
                 // Flags 0: the kernel wakes the reader when it has caught up,
                 // which is what a rare, latency-critical record wants.
@@ -781,14 +806,47 @@ fn atomic_inc(value: *mut u64) {
     }
 }
 
+/// The caller's cgroup v2 id, `current->cgroups->dfl_cgrp->kn->id`: what
+/// `bpf_get_current_cgroup_id` returns. Through `task` (the BTF-typed
+/// current task, null when the name is not read that way) with plain loads
+/// where the agent found the offsets, else the helper: a call costs more
+/// than the four loads, the more so where every return from the kernel is
+/// mitigated (SRSO's safe RET).
+#[inline(always)]
+fn caller_cgroup_id(task: *const u8) -> u64 {
+    let cgroups_at = ITW_TASK_CGROUPS_OFFSET.load() as usize;
+    if !task.is_null() && cgroups_at != 0 {
+        // SAFETY: as in leader_comm_btf: loads the verifier checks against
+        // the kernel's BTF, fault-safe; each pointer is tested before use.
+        unsafe {
+            let cgroups = core::ptr::read_volatile(task.add(cgroups_at).cast::<*const u8>());
+            if !cgroups.is_null() {
+                let dfl = ITW_CSS_SET_DFL_CGRP_OFFSET.load() as usize;
+                let cgroup = core::ptr::read_volatile(cgroups.add(dfl).cast::<*const u8>());
+                if !cgroup.is_null() {
+                    let kn_at = ITW_CGROUP_KN_OFFSET.load() as usize;
+                    let kn = core::ptr::read_volatile(cgroup.add(kn_at).cast::<*const u8>());
+                    if !kn.is_null() {
+                        let id_at = ITW_KERNFS_NODE_ID_OFFSET.load() as usize;
+                        return core::ptr::read_volatile(kn.add(id_at).cast::<u64>());
+                    }
+                }
+            }
+        }
+    }
+    // SAFETY: a helper without arguments, allowed in every program type here.
+    unsafe { bpf_get_current_cgroup_id() }
+}
+
 /// The calling process's name: the thread-group leader's `comm` (a JVM
 /// thread `pool-3-thread-7` counts under `java`), or the thread's own name
-/// when the agent switched that off or the read fails.
+/// when the agent switched that off or the read fails. `task` is the
+/// BTF-typed current task when the name is read through it.
 #[inline(always)]
-fn process_comm() -> Comm {
+fn process_comm(task: *const u8) -> Comm {
     let source = ITW_COMM_FROM_LEADER.load();
     let leader = if source == comm_source::LEADER_BTF {
-        Some(leader_comm_btf())
+        Some(leader_comm_btf(task))
     } else if source == comm_source::LEADER_PROBE_READ {
         leader_comm_probe_read()
     } else {
@@ -813,11 +871,10 @@ fn process_comm() -> Comm {
 /// sees them as constants) and turns into fault-safe loads. A quarter of what
 /// two `bpf_probe_read_kernel` calls cost on every counted connect.
 #[inline(always)]
-fn leader_comm_btf() -> Comm {
+fn leader_comm_btf(task: *const u8) -> Comm {
     // SAFETY: the verifier allows only loads of fields the kernel's BTF has
     // at these offsets; a faulting load yields zero instead of an oops.
     unsafe {
-        let task = bpf_get_current_task_btf() as *const u8;
         let leader = core::ptr::read_volatile(
             task.add(ITW_TASK_GROUP_LEADER_OFFSET.load() as usize)
                 .cast::<*const u8>(),

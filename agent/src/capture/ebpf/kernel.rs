@@ -260,7 +260,7 @@ impl Kernel for EbpfKernel {
         // A hash map walk restarts from the first bucket when the key it
         // stood on is deleted under it, so a key can come twice: keep the
         // larger (later) of the cumulative values.
-        dedup_max(&mut out.attempts, |k| (k.dest_id, k.comm));
+        dedup_max(&mut out.attempts, |k| (k.dest_id, k.cgroup_id, k.comm));
         dedup_max(&mut out.overflow, |k| *k);
         dedup_max(&mut out.filtered, |k| *k);
         Ok(())

@@ -9,7 +9,7 @@ use aya::{Ebpf, EbpfLoader};
 use itw_common::{capacity, globals, maps, programs};
 
 use super::{
-    CommSource, LoadedObjects,
+    CommSource, LeaderRead, LoadedObjects,
     attach::{Attachment, Hooks, program_error},
     settings::CaptureSettings,
 };
@@ -93,6 +93,7 @@ impl Attached {
                 group_leader: 0,
                 comm: 0,
                 netns: None,
+                cgroup: None,
             },
         };
         let tp = match hooks {
@@ -123,6 +124,20 @@ impl Attached {
         let netns = leader
             .netns
             .map_or((0, 0, 0), |n| (n.nsproxy, n.net_ns, n.inum));
+        // Read through the BTF-typed task only where the name is (the
+        // programs then have that pointer at hand); else the helper call.
+        let cgroup = leader
+            .cgroup
+            .filter(|_| {
+                matches!(
+                    comm,
+                    CommSource::Leader {
+                        read: LeaderRead::Btf,
+                        ..
+                    }
+                )
+            })
+            .map_or((0, 0, 0, 0), |c| (c.cgroups, c.dfl_cgrp, c.kn, c.id));
         let park_ip4 = hold
             .and_then(|h| h.park_ip4)
             .map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
@@ -164,7 +179,11 @@ impl Attached {
             .override_global(globals::HOLD_MAX_PER_NODE, &max_per_node, true)
             .override_global(globals::TASK_NSPROXY_OFFSET, &netns.0, true)
             .override_global(globals::NSPROXY_NET_OFFSET, &netns.1, true)
-            .override_global(globals::NET_INUM_OFFSET, &netns.2, true);
+            .override_global(globals::NET_INUM_OFFSET, &netns.2, true)
+            .override_global(globals::TASK_CGROUPS_OFFSET, &cgroup.0, true)
+            .override_global(globals::CSS_SET_DFL_CGRP_OFFSET, &cgroup.1, true)
+            .override_global(globals::CGROUP_KN_OFFSET, &cgroup.2, true)
+            .override_global(globals::KERNFS_NODE_ID_OFFSET, &cgroup.3, true);
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| CaptureError::Load(Box::new(e)))?;

@@ -5,7 +5,7 @@
 //! so a burst of wakes costs the kernel side nothing more than the records.
 
 use aya::maps::{MapData, RingBuf};
-use itw_common::{AttemptKey, WakeEvent, maps};
+use itw_common::{AttemptKey, Destination, WakeEvent, maps};
 use itw_telemetry::timeline::{TARGET as TIMELINE, monotonic_us};
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -60,10 +60,8 @@ async fn forward_wakes(mut ring: AsyncFd<RingBuf<MapData>>, tx: mpsc::Sender<Wak
         while let Some(item) = ring.next() {
             match parse_wake(&item) {
                 Some(wake) => ids.push(Wake {
-                    key: AttemptKey {
-                        dest_id: wake.dest_id,
-                        comm: wake.comm,
-                    },
+                    key: AttemptKey::new(wake.dest_id, wake.cgroup_id, wake.comm),
+                    dest: wake.dest,
                     overflowed: wake.overflowed != 0,
                     // Stamped below, once the ring is drained.
                     read_at_us: 0,
@@ -100,10 +98,18 @@ fn parse_wake(record: &[u8]) -> Option<WakeEvent> {
     let word = |at: usize| -> Option<u32> {
         Some(u32::from_ne_bytes(record.get(at..at + 4)?.try_into().ok()?))
     };
+    let dest = Destination {
+        addr: record.get(32..48)?.try_into().ok()?,
+        port: u16::from_ne_bytes(record.get(48..50)?.try_into().ok()?),
+        _pad: 0,
+    };
     Some(WakeEvent {
         dest_id: word(0)?,
         overflowed: word(4)?,
         comm: record.get(8..24)?.try_into().ok()?,
+        cgroup_id: u64::from_ne_bytes(record.get(24..32)?.try_into().ok()?),
+        dest,
+        _pad: 0,
     })
 }
 
@@ -116,12 +122,20 @@ mod tests {
         let mut record = 7u32.to_ne_bytes().to_vec();
         record.extend_from_slice(&1u32.to_ne_bytes());
         record.extend_from_slice(b"java\0\0\0\0\0\0\0\0\0\0\0\0");
+        record.extend_from_slice(&0x1234_5678_9abc_u64.to_ne_bytes());
+        let dest = Destination::v4([10, 96, 0, 1], 8080);
+        record.extend_from_slice(&dest.addr);
+        record.extend_from_slice(&dest.port.to_ne_bytes());
+        record.extend_from_slice(&[0; 6]);
         assert_eq!(
             parse_wake(&record),
             Some(WakeEvent {
                 dest_id: 7,
                 overflowed: 1,
                 comm: *b"java\0\0\0\0\0\0\0\0\0\0\0\0",
+                cgroup_id: 0x1234_5678_9abc,
+                dest,
+                _pad: 0,
             })
         );
         assert_eq!(parse_wake(&record[..8]), None);
