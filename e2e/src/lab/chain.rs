@@ -255,9 +255,10 @@ pub(super) async fn warm(
     if !reply.starts_with("front -> api -> db saw ") {
         bail!("the warm run's call got {reply:?}");
     }
+    // Sorted, as `observe::edges` returns them.
     let want = vec![
-        (format!("{NAMESPACE}/front"), format!("{NAMESPACE}/api")),
         (format!("{NAMESPACE}/api"), format!("{NAMESPACE}/db")),
+        (format!("{NAMESPACE}/front"), format!("{NAMESPACE}/api")),
     ];
     let deadline = Instant::now() + SETTLE;
     loop {
