@@ -51,6 +51,7 @@ mod driver;
 mod extract;
 mod metrics;
 mod objects;
+pub(crate) use objects::watched_as;
 mod resolver;
 mod selector;
 mod state;

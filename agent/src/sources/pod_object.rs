@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    NamespaceResourceScope,
     api::core::v1::Pod,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
@@ -54,26 +53,7 @@ pub struct PodIpFields {
     pub ip: Option<String>,
 }
 
-impl k8s_openapi::Resource for PodObject {
-    const API_VERSION: &'static str = <Pod as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <Pod as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <Pod as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <Pod as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str = <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for PodObject {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+crate::resolve::kube::watched_as!(PodObject, Pod);
 
 /// An owner reference with every field optional: k8s-openapi's requires
 /// them all, and one bad reference must not fail the whole watch.

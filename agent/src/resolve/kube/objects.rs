@@ -14,7 +14,6 @@
 use std::{borrow::Cow, collections::BTreeMap, fmt, marker::PhantomData};
 
 use k8s_openapi::{
-    NamespaceResourceScope,
     api::{core::v1::Service, discovery::v1::EndpointSlice},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -104,48 +103,37 @@ pub struct TargetRefFields {
     pub name: Option<String>,
 }
 
-impl k8s_openapi::Resource for ServiceObject {
-    const API_VERSION: &'static str = <Service as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <Service as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <Service as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <Service as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str = <Service as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = NamespaceResourceScope;
+/// Makes `$object`, a partial decoding of `$kind` with a `metadata:
+/// ObjectMeta` field, a resource kube-rs can list and watch as `$kind`.
+macro_rules! watched_as {
+    ($object:ty, $kind:ty) => {
+        impl k8s_openapi::Resource for $object {
+            const API_VERSION: &'static str = <$kind as k8s_openapi::Resource>::API_VERSION;
+            const GROUP: &'static str = <$kind as k8s_openapi::Resource>::GROUP;
+            const KIND: &'static str = <$kind as k8s_openapi::Resource>::KIND;
+            const VERSION: &'static str = <$kind as k8s_openapi::Resource>::VERSION;
+            const URL_PATH_SEGMENT: &'static str =
+                <$kind as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+            type Scope = k8s_openapi::NamespaceResourceScope;
+        }
+
+        impl k8s_openapi::Metadata for $object {
+            type Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+            fn metadata(&self) -> &Self::Ty {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut Self::Ty {
+                &mut self.metadata
+            }
+        }
+    };
 }
+pub(crate) use watched_as;
 
-impl k8s_openapi::Metadata for ServiceObject {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-impl k8s_openapi::Resource for EndpointSliceObject {
-    const API_VERSION: &'static str = <EndpointSlice as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <EndpointSlice as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <EndpointSlice as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <EndpointSlice as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str =
-        <EndpointSlice as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for EndpointSliceObject {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+watched_as!(ServiceObject, Service);
+watched_as!(EndpointSliceObject, EndpointSlice);
 
 /// The metadata the resolver and the watcher use: name, namespace,
 /// resourceVersion, of the labels only the Service name, and of the
