@@ -281,6 +281,18 @@ impl CountingLoop {
                 })
                 .inc_by(*n);
         }
+        if !collection.deltas.is_empty() {
+            self.attempts.add(&collection.deltas);
+            if let Some(reporter) = &self.reporter {
+                reporter.record(Collected {
+                    collected_at_unix_ms: self.clock.now_ms(),
+                    woken_at,
+                    deltas: collection.deltas,
+                });
+            }
+        }
+        // After the hand-off: a wake's way to the scaler does not wait on
+        // the source series (label strings, the family's lock).
         for (source, n) in &collection.filtered_sources {
             tracing::debug!(
                 source_namespace = %source.namespace,
@@ -294,17 +306,6 @@ impl CountingLoop {
             &collection.filtered_sources,
             collection.sources_capped,
         );
-        if collection.deltas.is_empty() {
-            return;
-        }
-        self.attempts.add(&collection.deltas);
-        if let Some(reporter) = &self.reporter {
-            reporter.record(Collected {
-                collected_at_unix_ms: self.clock.now_ms(),
-                woken_at,
-                deltas: collection.deltas,
-            });
-        }
     }
 }
 
