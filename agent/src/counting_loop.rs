@@ -300,6 +300,24 @@ impl CountingLoop {
                 })
                 .inc_by(*n);
         }
+        if !collection.deltas.is_empty() {
+            self.attempts.add(&collection.deltas);
+            if let Some(reporter) = &self.reporter {
+                let woken = woken.map(|(at, read_at_us)| Woken {
+                    at,
+                    read_at_us,
+                    services: woken_services(&collection.deltas),
+                });
+                reporter.record(Collected {
+                    collected_at_unix_ms: self.clock.now_ms(),
+                    woken,
+                    deltas: collection.deltas,
+                    edges: collection.edges,
+                });
+            }
+        }
+        // After the hand-off: a wake's way to the scaler does not wait on
+        // the source series (label strings, the family's lock).
         for (source, n) in &collection.filtered_sources {
             tracing::debug!(
                 source_namespace = %source.namespace,
@@ -313,23 +331,6 @@ impl CountingLoop {
             &collection.filtered_sources,
             collection.sources_capped,
         );
-        if collection.deltas.is_empty() {
-            return;
-        }
-        self.attempts.add(&collection.deltas);
-        if let Some(reporter) = &self.reporter {
-            let woken = woken.map(|(at, read_at_us)| Woken {
-                at,
-                read_at_us,
-                services: woken_services(&collection.deltas),
-            });
-            reporter.record(Collected {
-                collected_at_unix_ms: self.clock.now_ms(),
-                woken,
-                deltas: collection.deltas,
-                edges: collection.edges,
-            });
-        }
     }
 }
 
