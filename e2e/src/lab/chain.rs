@@ -11,7 +11,7 @@ use tokio::{sync::mpsc, time::Instant};
 
 use super::{
     Check, Settings,
-    cell::{CLIENT_COMM, Running, SCALER_GRPC, SETTLE, client, expect},
+    cell::{AGENT_METRICS, CLIENT_COMM, Running, SCALER_GRPC, SETTLE, client, expect},
     observe,
     procs::{self, Placement},
     scenario::{self, CHAIN, CLIENT, NAMESPACE, PORT, TARGET_PORT},
@@ -239,8 +239,9 @@ pub(super) async fn round(running: &Running, settings: &Settings) -> anyhow::Res
     Ok(Round { serial, prewake })
 }
 
-/// The warm run: the chain scaled up, one call through it; the scaler then
-/// knows front -> api -> db. Returns the links' processes (kept running).
+/// The warm run: the chain scaled up, one call through it, each link's call
+/// attributed to its caller's workload; the scaler then knows front -> api
+/// -> db. Returns the links' processes (kept running).
 pub(super) async fn warm(
     running: &Running,
     settings: &Settings,
@@ -254,6 +255,36 @@ pub(super) async fn warm(
         .unwrap_or_default();
     if !reply.starts_with("front -> api -> db saw ") {
         bail!("the warm run's call got {reply:?}");
+    }
+    // Each link's one call attributed to the workload that made it.
+    let from = |m: &[observe::Sample], to: &str, workload: &str| {
+        observe::sum(
+            m,
+            "internal_tcp_source_attempts_total",
+            &[
+                ("destination_service", to),
+                ("source_namespace", NAMESPACE),
+                ("source_workload", workload),
+            ],
+        )
+    };
+    let calls = |m: &[observe::Sample]| {
+        (
+            from(m, "front", scenario::workload(CLIENT)),
+            from(m, "api", "front"),
+            from(m, "db", "api"),
+        )
+    };
+    observe::settle(AGENT_METRICS, SETTLE, 3, |m| {
+        let (a, b, c) = calls(m);
+        a + b + c
+    })
+    .await;
+    let attributed = calls(&observe::metrics(AGENT_METRICS).await?);
+    if attributed != (1, 1, 1) {
+        bail!(
+            "the warm call attributed (checkout -> front, front -> api, api -> db) {attributed:?}, want (1, 1, 1)"
+        );
     }
     // Sorted, as `observe::edges` returns them.
     let want = vec![
