@@ -370,19 +370,33 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_wake_is_collected_and_reported_at_once() {
+    /// A counting loop on a fake kernel whose map holds `default/web` at
+    /// 127.1.0.1:80, reporting into a channel, with a tick long enough that
+    /// anything reported before it comes from the wake path.
+    struct WakeRig {
+        handle: crate::capture::fake::FakeKernelHandle,
+        addr: std::net::SocketAddr,
+        attempts: Arc<AttemptCounters>,
+        metrics: Arc<CountingMetrics>,
+        health: Arc<Health>,
+        report_rx: mpsc::UnboundedReceiver<Collected>,
+        stop_tx: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<Result<(), CaptureError>>,
+    }
+
+    async fn wake_rig(collector: Collector) -> WakeRig {
         let kernel = FakeKernel::new(64);
         let handle = kernel.handle();
         let attempts = Arc::new(AttemptCounters::default());
+        let metrics = Arc::new(CountingMetrics::default());
         let health = Arc::new(Health::default());
-        let (report_tx, mut report_rx) = mpsc::unbounded_channel();
+        let (report_tx, report_rx) = mpsc::unbounded_channel();
         let counting = CountingLoop {
             kernel: Box::new(kernel),
             table: DestinationTable::new(),
-            collector: Collector::new(8),
+            collector,
             attempts: attempts.clone(),
-            metrics: Arc::default(),
+            metrics: metrics.clone(),
             health: health.clone(),
             clock: AgentClock::new(),
             reporter: Some(Arc::new(ChannelSink(report_tx))),
@@ -404,10 +418,33 @@ mod tests {
         let (events_tx, events_rx) = mpsc::channel(4);
         events_tx.send(MapEvent::Reset(map)).await.unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        // A long tick: anything reported before it comes from the wake path.
         let task = tokio::spawn(counting.run(events_rx, Duration::from_secs(3600), async {
             let _ = stop_rx.await;
         }));
+        WakeRig {
+            handle,
+            addr,
+            attempts,
+            metrics,
+            health,
+            report_rx,
+            stop_tx,
+            task,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_is_collected_and_reported_at_once() {
+        let WakeRig {
+            handle,
+            addr,
+            attempts,
+            health,
+            mut report_rx,
+            stop_tx,
+            task,
+            ..
+        } = wake_rig(Collector::new(8)).await;
         // The first tick fires at once; let it and the map through.
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(health.ready());
@@ -448,44 +485,20 @@ mod tests {
             .pod(7, "monitoring", "prober", &[])
             .pod(8, "default", "shop", &["shop"])
             .exclude("monitoring", "prober", "web");
-        let kernel = FakeKernel::new(64);
-        let handle = kernel.handle();
-        let attempts = Arc::new(AttemptCounters::default());
-        let metrics = Arc::new(CountingMetrics::default());
-        let (report_tx, mut report_rx) = mpsc::unbounded_channel();
-        let counting = CountingLoop {
-            kernel: Box::new(kernel),
-            table: DestinationTable::new(),
-            collector: Collector::with_sources(
-                8,
-                Attribution::new(Arc::new(book), SeriesSettings::default()),
-            ),
-            attempts: attempts.clone(),
-            metrics: metrics.clone(),
-            health: Arc::default(),
-            clock: AgentClock::new(),
-            reporter: Some(Arc::new(ChannelSink(report_tx))),
-            holder: None,
-            declarations: Declarations::default(),
-        };
-        let addr = "127.1.0.1:80".parse().unwrap();
-        let mut map = ServiceMap::default();
-        map.services
-            .insert(ServiceRef::new("default", "web"), Default::default());
-        map.destinations.insert(
+        let WakeRig {
+            handle,
             addr,
-            Target {
-                service: ServiceRef::new("default", "web"),
-                port: 80,
-                pod: None,
-            },
-        );
-        let (events_tx, events_rx) = mpsc::channel(4);
-        events_tx.send(MapEvent::Reset(map)).await.unwrap();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(counting.run(events_rx, Duration::from_secs(3600), async {
-            let _ = stop_rx.await;
-        }));
+            attempts,
+            metrics,
+            mut report_rx,
+            stop_tx,
+            task,
+            ..
+        } = wake_rig(Collector::with_sources(
+            8,
+            Attribution::new(Arc::new(book), SeriesSettings::default()),
+        ))
+        .await;
         tokio::time::sleep(Duration::from_millis(10)).await;
 
         handle.connect_from(resolve::destination(addr), "curl", 7);
