@@ -6,15 +6,12 @@
 //! window is locked only for the moment it is added to. Checking a message
 //! is [`crate::ingest`]'s job: what reaches here holds only valid names.
 
-use std::{collections::HashMap, sync::Arc};
-
 use itw_telemetry::logging::LogBudget;
 
 use super::{
-    CapRefusal, Connection, SeriesCache, SeriesSlot, Store, Wakeups, destination_key,
-    destination_key_into,
+    CapRefusal, Connection, SeriesCache, Store, Wakeups, destination_key, destination_key_into,
     series::{AgentServices, Resolved},
-    series_id,
+    totals::SeriesTotals,
 };
 use crate::window;
 
@@ -117,8 +114,7 @@ impl Store {
         // stream's cache starts over so each is admitted again.
         *cache = SeriesCache::default();
         let mut services = AgentServices::new();
-        let mut totals: HashMap<usize, (Arc<SeriesSlot>, u64)> =
-            HashMap::with_capacity(snapshot.totals.len());
+        let mut totals = SeriesTotals::with_capacity(snapshot.totals.len());
         for (i, (name, attempts)) in snapshot.totals.iter().enumerate() {
             let Some(resolved) = self.admit(cache, name, &mut services, || {
                 format!("snapshot.totals[{i}]")
@@ -128,11 +124,7 @@ impl Store {
             if resolved.folded {
                 self.metrics.series_overflow.inc();
             }
-            let series = &resolved.series;
-            let entry = totals
-                .entry(series_id(series))
-                .or_insert_with(|| (Arc::clone(series), 0));
-            entry.1 = entry.1.saturating_add(*attempts);
+            totals.add(&resolved.series, *attempts);
         }
         let mut history = Vec::with_capacity(snapshot.history.len());
         for (i, h) in snapshot.history.iter().enumerate() {
@@ -148,17 +140,17 @@ impl Store {
         }
         state.services = services;
         let previous = std::mem::replace(&mut state.totals, totals);
-        for (id, (series, new)) in &state.totals {
-            let old = previous.get(id).map_or(0, |(_, old)| *old);
-            if *new > old {
+        for (series, new) in state.totals.iter() {
+            let old = previous.get(series).unwrap_or(0);
+            if new > old {
                 series.add_live(new - old);
-            } else if old > *new {
+            } else if old > new {
                 series.sub_live(old - new);
             }
         }
-        for (id, (series, old)) in &previous {
-            if !state.totals.contains_key(id) {
-                series.sub_live(*old);
+        for (series, old) in previous.iter() {
+            if state.totals.get(series).is_none() {
+                series.sub_live(old);
             }
         }
 
@@ -279,15 +271,7 @@ impl Store {
             if resolved.folded {
                 self.metrics.series_overflow.inc();
             }
-            let id = series_id(&resolved.series);
-            match state.totals.get_mut(&id) {
-                Some((_, total)) => *total = total.saturating_add(attempts),
-                None => {
-                    state
-                        .totals
-                        .insert(id, (Arc::clone(&resolved.series), attempts));
-                }
-            }
+            state.totals.add(&resolved.series, attempts);
             resolved.series.add_live(attempts);
             if in_last_second {
                 // Written per delta into one buffer rather than kept in every

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use super::{ApplyError, SeriesSlot, Store, gauge_value, series::AgentServices};
+use super::{ApplyError, Store, gauge_value, series::AgentServices, totals::SeriesTotals};
 
 /// Characters of an instance id shown in logs and statuses.
 const SHOWN_ID_CHARS: usize = 8;
@@ -50,7 +50,7 @@ pub(super) struct Instance {
     /// Counts applied within `last_second`, per destination.
     pub(super) applied_in_last_second: HashMap<Arc<str>, u64>,
     /// Cumulative attempts per series, keyed by the series' address.
-    pub(super) totals: HashMap<usize, (Arc<SeriesSlot>, u64)>,
+    pub(super) totals: SeriesTotals,
     /// The Services it reported (MAX_SERVICES_PER_AGENT).
     pub(super) services: AgentServices,
 }
@@ -168,7 +168,7 @@ impl Store {
                         offset_ms: None,
                         last_second: None,
                         applied_in_last_second: HashMap::new(),
-                        totals: HashMap::new(),
+                        totals: SeriesTotals::default(),
                         services: AgentServices::new(),
                     })),
                 },
@@ -252,8 +252,8 @@ impl Store {
         };
         {
             let state = slot.state.lock();
-            for (series, total) in state.totals.values() {
-                series.retire(*total);
+            for (series, total) in state.totals.iter() {
+                series.retire(total);
             }
         }
         if self.limits.max_folded_instances == 0 {
@@ -290,8 +290,8 @@ impl Store {
     /// only see too little (ignored by the max), never the counts twice.
     fn unfold(&self, state: &Mutex<Instance>) {
         let state = state.lock();
-        for (series, total) in state.totals.values() {
-            series.unretire(*total);
+        for (series, total) in state.totals.iter() {
+            series.unretire(total);
         }
     }
 

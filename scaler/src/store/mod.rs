@@ -19,6 +19,7 @@
 //! - `instances.rs`: the agent instance table (hello, disconnect, sweep).
 //! - `series.rs`: the exported series, MAX_SERIES, MAX_SERVICES and
 //!   MAX_SERVICES_PER_AGENT, each stream's cache.
+//! - `totals.rs`: an instance's cumulative attempts per series.
 //! - `services.rs`: per-service windows, subscriptions, wakeups, activity.
 //! - `apply.rs`: the checked snapshot and batch views and how they apply.
 //! - `cold_start.rs`: what the cold start histograms learn from the store
@@ -51,12 +52,12 @@ mod edges;
 mod instances;
 mod series;
 mod services;
+mod totals;
 
 pub use apply::{ApplyError, BatchOutcome, BatchView, HistoryView, SeriesName, SnapshotView};
 pub use instances::Connection;
 use instances::Instances;
 pub use instances::short_id;
-use series::series_id;
 pub use series::{CapRefusal, SeriesCache, SeriesSlot};
 pub use services::{Activity, ServiceEntry, Subscription};
 use services::{Wakeups, destination_key, destination_key_into};

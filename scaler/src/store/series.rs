@@ -8,7 +8,7 @@
 //! may ever lower an exported value.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     hash::{BuildHasher, RandomState},
     sync::{
         Arc,
@@ -16,6 +16,7 @@ use std::{
     },
 };
 
+use hashbrown::HashTable;
 use itw_telemetry::exposition::{AttemptLabels, OVERFLOW_COMM};
 use tokio::time::Instant;
 
@@ -39,7 +40,7 @@ pub struct SeriesSlot {
 }
 
 impl SeriesSlot {
-    fn new(labels: AttemptLabels) -> Self {
+    pub(super) fn new(labels: AttemptLabels) -> Self {
         Self {
             labels,
             created: Instant::now(),
@@ -111,16 +112,17 @@ fn saturating_sub(value: &AtomicU64, n: u64) {
 /// What one ingest stream has resolved (series, window), so a steady agent
 /// costs one local hash lookup per delta.
 ///
-/// Every agent stream holds one, so it stores no names: the index maps a
-/// keyed hash of (namespace, service, pod, port, process) to an entry, and a
-/// hit counts only once the entry's own series labels and port equal the
-/// name (a collision is a miss, never another series' count). An entry
+/// Every agent stream holds one, so it stores no names and no hashes: the
+/// index holds entry numbers under a keyed hash of (namespace, service, pod,
+/// port, process), recomputed from an entry's own series labels when the
+/// index grows, and a hit counts only once the entry's labels and port equal
+/// the name (a collision is a miss, never another series' count). An entry
 /// folded into the overflow series by MAX_SERIES does not carry the name it
 /// was asked for, so it is never cached: past MAX_SERIES a new series costs
 /// a lookup in the store per delta, and is still counted.
 #[derive(Default)]
 pub struct SeriesCache {
-    index: HashMap<u64, u32>,
+    index: HashTable<u32>,
     entries: Vec<Resolved>,
     /// The last folded entry resolved (not cached, see above).
     uncached: Option<Resolved>,
@@ -164,7 +166,31 @@ pub(super) struct Resolved {
     pub(super) port: u16,
 }
 
+/// The cache's keyed hash of a series name.
+fn name_hash(hasher: &RandomState, name: &SeriesName<'_>) -> u64 {
+    hasher.hash_one((
+        name.namespace,
+        name.service,
+        name.pod,
+        name.port,
+        name.process_comm,
+    ))
+}
+
 impl Resolved {
+    /// The name this entry answers to (the one it was cached under: only
+    /// entries whose labels and port are that name are ever hits).
+    fn name(&self) -> SeriesName<'_> {
+        let labels = self.series.labels();
+        SeriesName {
+            namespace: &labels.destination_namespace,
+            service: &labels.destination_service,
+            port: self.port,
+            pod: &labels.destination_pod,
+            process_comm: &labels.process_comm,
+        }
+    }
+
     /// Whether this entry is the one `name` resolves to.
     fn is(&self, name: &SeriesName<'_>) -> bool {
         let labels = self.series.labels();
@@ -189,18 +215,13 @@ impl Store {
         name: &SeriesName<'_>,
         services: &mut AgentServices,
     ) -> Result<&'c mut Resolved, CapRefusal> {
-        let hash = cache.hasher.hash_one((
-            name.namespace,
-            name.service,
-            name.pod,
-            name.port,
-            name.process_comm,
-        ));
+        let hash = name_hash(&cache.hasher, name);
         let cached = cache
             .index
-            .get(&hash)
-            .map(|&i| i as usize)
-            .filter(|&i| cache.entries.get(i).is_some_and(|e| e.is(name)));
+            .find(hash, |&i| {
+                cache.entries.get(i as usize).is_some_and(|e| e.is(name))
+            })
+            .map(|&i| i as usize);
         if let Some(i) = cached {
             return Ok(&mut cache.entries[i]);
         }
@@ -223,7 +244,12 @@ impl Store {
         let i = cache.entries.len();
         cache.entries.push(resolved);
         // STREAM_CACHE_LIMIT keeps the index within u32.
-        cache.index.insert(hash, i as u32);
+        let (index, entries, hasher) = (&mut cache.index, &cache.entries, &cache.hasher);
+        index.insert_unique(hash, i as u32, |&j| {
+            entries
+                .get(j as usize)
+                .map_or(0, |e| name_hash(hasher, &e.name()))
+        });
         Ok(&mut cache.entries[i])
     }
 
@@ -361,10 +387,6 @@ impl Store {
         all.sort_unstable_by(|a, b| a.labels.cmp(&b.labels));
         all
     }
-}
-
-pub(super) fn series_id(series: &Arc<SeriesSlot>) -> usize {
-    Arc::as_ptr(series) as usize
 }
 
 /// Key of an exported series. Namespace, service and pod are Kubernetes
@@ -595,14 +617,8 @@ mod tests {
             .apply_batch(&conn, &batch(1, START_MS, vec![(curl, 1)]), &mut cache)
             .unwrap();
         // Make wget's hash find curl's entry, as a 64-bit collision would.
-        let wget_hash = cache.hasher.hash_one((
-            wget.namespace,
-            wget.service,
-            wget.pod,
-            wget.port,
-            wget.process_comm,
-        ));
-        cache.index.insert(wget_hash, 0);
+        let wget_hash = name_hash(&cache.hasher, &wget);
+        cache.index.insert_unique(wget_hash, 0, |_| wget_hash);
         store
             .apply_batch(&conn, &batch(2, START_MS, vec![(wget, 5)]), &mut cache)
             .unwrap();
@@ -628,6 +644,32 @@ mod tests {
         assert_eq!(cache.entries.len(), 3);
         assert_eq!(store.attempts("apps", "web", Some(80), 60), 6);
         assert_eq!(store.attempts("apps", "web", Some(81), 60), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grown_cache_still_finds_every_entry() {
+        // 1,000 series grow the index through several rehashes, each
+        // entry's hash recomputed from its labels: a second pass over the
+        // same names must hit every entry (no new entry) and count exactly.
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let services: Vec<String> = (0..250).map(|i| format!("s{i}")).collect();
+        let comms = ["curl", "wget", "java", ""];
+        let names: Vec<_> = services
+            .iter()
+            .flat_map(|s| comms.map(|c| name(s, 80, "", c)))
+            .collect();
+        for sequence in 1..=2 {
+            let deltas = names.iter().map(|n| (*n, 1)).collect();
+            store
+                .apply_batch(&conn, &batch(sequence, START_MS, deltas), &mut cache)
+                .unwrap();
+            assert_eq!(cache.entries.len(), 1_000);
+            assert_eq!(cache.index.len(), 1_000);
+        }
+        assert_eq!(store.attempts("apps", "s0", Some(80), 60), 8);
+        assert_eq!(store.attempts("apps", "s249", Some(80), 60), 8);
     }
 
     #[tokio::test(start_paused = true)]
