@@ -133,6 +133,14 @@ pub fn addr(s: &str) -> SocketAddr {
     s.parse().expect("address")
 }
 
+/// A static service map (`SERVICE_MAP`) of one Service with one ClusterIP
+/// and one port.
+pub fn static_map(namespace: &str, service: &str, cluster_ip: &str, port: u16) -> String {
+    format!(
+        "services:\n  - namespace: {namespace}\n    name: {service}\n    clusterIPs: [{cluster_ip}]\n    ports: [{port}]\n"
+    )
+}
+
 /// A child process whose output goes to a log file, killed when dropped.
 pub struct Proc {
     pub name: String,

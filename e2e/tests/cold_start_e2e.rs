@@ -78,9 +78,7 @@ async fn one_activation_is_one_observation_in_every_phase_and_the_dashboard_read
     let scaler = Scaler::start("cold-scaler").await;
     let agent = Agent::start(
         "cold-agent",
-        &format!(
-            "services:\n  - namespace: {NS}\n    name: web\n    clusterIPs: [127.103.0.1]\n    ports: [8080]\n"
-        ),
+        &static_map(NS, "web", "127.103.0.1", 8080),
         &[scaler.grpc],
         &[],
     )

@@ -21,7 +21,7 @@ use std::{
 use clap::{CommandFactory, Parser};
 use deploy_support::*;
 use itw_agent::{config::Args, resolve::kube::Kind, sources::pod_object::PodObject};
-use itw_e2e::system::free_port;
+use itw_e2e::system::{free_port, static_map};
 use k8s_openapi::{
     Resource,
     api::{core::v1::Service, discovery::v1::EndpointSlice},
@@ -449,10 +449,11 @@ fn run_agent_with(
     let map = work.join("services.yaml");
     std::fs::write(
         &map,
-        format!(
-            "services:\n  - namespace: deploy-test\n    name: caps\n    clusterIPs: [{}]\n    ports: [{}]\n",
-            stand_in.ip(),
-            stand_in.port()
+        static_map(
+            "deploy-test",
+            "caps",
+            &stand_in.ip().to_string(),
+            stand_in.port(),
         ),
     )
     .expect("writing the service map");

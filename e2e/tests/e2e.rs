@@ -10,9 +10,7 @@ use itw_e2e::system::*;
 const NS: &str = "e2e";
 
 fn map(service: &str, cluster_ip: &str, port: u16) -> String {
-    format!(
-        "services:\n  - namespace: {NS}\n    name: {service}\n    clusterIPs: [{cluster_ip}]\n    ports: [{port}]\n"
-    )
+    static_map(NS, service, cluster_ip, port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,9 +26,7 @@ const B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 101, 9, 3));
 const C: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 101, 9, 4));
 
 fn map() -> String {
-    format!(
-        "services:\n  - namespace: {NS}\n    name: {SERVICE}\n    clusterIPs: [{CLUSTER_IP}]\n    ports: [8080]\n"
-    )
+    static_map(NS, SERVICE, CLUSTER_IP, 8080)
 }
 
 /// A port free on every one of `ips` right now.

@@ -75,9 +75,7 @@ impl Pki {
 }
 
 fn map(service: &str, cluster_ip: &str) -> String {
-    format!(
-        "services:\n  - namespace: {NS}\n    name: {service}\n    clusterIPs: [{cluster_ip}]\n    ports: [8080]\n"
-    )
+    static_map(NS, service, cluster_ip, 8080)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
