@@ -77,7 +77,7 @@ impl FromIterator<(SocketAddr, Target)> for MapDestinations {
     fn from_iter<I: IntoIterator<Item = (SocketAddr, Target)>>(iter: I) -> Self {
         let mut entries: Vec<(SocketAddr, Target)> = iter.into_iter().collect();
         // Stable: equal addresses stay in the order given.
-        entries.sort_by(|(a, _), (b, _)| a.cmp(b));
+        entries.sort_by_key(|(a, _)| *a);
         // `later` is removed when it repeats `kept`'s address; it is the
         // newer of the two, so it takes `kept`'s place first.
         entries.dedup_by(|later, kept| {
