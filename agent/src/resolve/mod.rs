@@ -6,6 +6,7 @@
 //! knows which one is running.
 
 pub mod kube;
+mod map_destinations;
 pub mod static_map;
 pub mod wakes;
 
@@ -18,6 +19,7 @@ use std::{
 };
 
 use itw_common::Destination;
+pub use map_destinations::MapDestinations;
 
 /// Where the service map comes from.
 #[derive(Clone, Debug)]
@@ -120,7 +122,7 @@ pub struct Target {
 /// Service with no endpoints and no ClusterIP still gets its zero series).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceMap {
-    pub destinations: BTreeMap<SocketAddr, Target>,
+    pub destinations: MapDestinations,
     /// Every known Service (one with no endpoints and no ClusterIP still
     /// gets its zero series) and what the hold logic needs to know of it.
     pub services: BTreeMap<ServiceRef, ServiceState>,

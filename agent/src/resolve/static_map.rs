@@ -157,6 +157,8 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
     let mut map = ServiceMap::default();
     // Who claimed each IP:port first, to name both sides of a conflict.
     let mut claimed: BTreeMap<SocketAddr, (String, u64)> = BTreeMap::new();
+    // Sorted once at the end (conflicts are refused, so no address repeats).
+    let mut destinations = Vec::new();
     let mut claim = |addr: SocketAddr, target: Target, field: String, line: u64| {
         let addr = canonical(addr);
         if let Some((first, first_line)) = claimed.get(&addr) {
@@ -165,7 +167,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
             )));
         }
         claimed.insert(addr, (field, line));
-        map.destinations.insert(addr, target);
+        destinations.push((addr, target));
         Ok(())
     };
 
@@ -293,6 +295,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
             }
         }
     }
+    map.destinations = destinations.into_iter().collect();
     Ok(map)
 }
 
@@ -478,7 +481,7 @@ services:
     #[test]
     fn parses_every_destination_exactly() {
         let map = parse_ok(EXAMPLE);
-        let expected: BTreeMap<SocketAddr, Target> = [
+        let expected: crate::resolve::MapDestinations = [
             ("127.10.0.1:8429", target("default", "my-svc", 8429, None)),
             ("127.10.0.1:80", target("default", "my-svc", 80, None)),
             ("[::1]:8429", target("default", "my-svc", 8429, None)),

@@ -829,6 +829,8 @@ impl ClusterState {
     /// The complete map as the book has it.
     pub fn map(&self) -> ServiceMap {
         let mut map = ServiceMap::default();
+        // The book has one winner per destination: exactly this many.
+        let mut destinations = Vec::with_capacity(self.book.len());
         for (slot, entry) in self.services.iter() {
             let (Some(spec), Some(state)) = (&entry.spec, entry.state()) else {
                 continue;
@@ -836,19 +838,18 @@ impl ClusterState {
             map.services.insert(entry.service.clone(), state);
             for claim in cluster_claims(&entry.service, spec) {
                 if self.book.winner(&claim.dest) == Some(Claimant::service(slot)) {
-                    map.destinations
-                        .insert(socket_addr(&claim.dest), claim.target);
+                    destinations.push((socket_addr(&claim.dest), claim.target));
                 }
             }
         }
         for (slot, _) in self.slices.iter() {
             for claim in self.slice_claims_of(slot) {
                 if self.book.winner(&claim.dest) == Some(Claimant::slice(slot)) {
-                    map.destinations
-                        .insert(socket_addr(&claim.dest), claim.target);
+                    destinations.push((socket_addr(&claim.dest), claim.target));
                 }
             }
         }
+        map.destinations = destinations.into_iter().collect();
         map
     }
 }

@@ -211,7 +211,7 @@ fn map_of(
         destinations: destinations
             .iter()
             .map(|(a, ns, svc, port, pod)| (addr(a), target(ns, svc, *port, *pod)))
-            .collect::<BTreeMap<_, _>>(),
+            .collect(),
         services: services
             .iter()
             .map(|(ns, n, r)| (svc_ref(ns, n), ready(*r)))

@@ -184,7 +184,7 @@ fn exclusion_comes_from_the_setting_and_from_the_destinations_annotation() {
         ..ServiceState::default()
     };
     let reset = MapEvent::Reset(ServiceMap {
-        destinations: BTreeMap::new(),
+        destinations: Default::default(),
         services: BTreeMap::from([
             (front.clone(), annotated.clone()),
             (api.clone(), ServiceState::default()),
