@@ -39,6 +39,8 @@
 //! loopback ones. Every loop is bounded in time.
 
 mod bench_support;
+#[path = "bench_support/fleet.rs"]
+mod fleet;
 
 use std::{
     collections::HashMap,
@@ -57,15 +59,16 @@ use itw_proto::{
         GetMetricsRequest, ScaledObjectRef, external_scaler_client::ExternalScalerClient,
     },
     itw::v1::{
-        Batch, Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, Series, SeriesCount,
-        Snapshot, ingest_client::IngestClient, report_request, report_response,
+        Batch, Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, SeriesCount, Snapshot,
+        ingest_client::IngestClient, report_request, report_response,
     },
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use bench_support::{ScalerTarget, connect, memory, now_ms};
+use bench_support::{ScalerTarget, connect, load_average, memory, now_ms};
+use fleet::{COMMS, NAMESPACE, series, service_name};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -97,23 +100,6 @@ struct Args {
     /// Length of the throughput phase, seconds.
     #[arg(long, default_value_t = 10)]
     throughput_secs: u64,
-}
-
-const NAMESPACE: &str = "bench";
-const COMMS: [&str; 4] = ["java", "curl", "python3", "envoy"];
-
-fn service_name(i: usize) -> String {
-    format!("svc-{i:05}")
-}
-
-fn series(service: usize, comm: &str) -> Series {
-    Series {
-        namespace: NAMESPACE.into(),
-        service: service_name(service),
-        port: 8080,
-        pod: String::new(),
-        process_comm: comm.into(),
-    }
 }
 
 /// An open Report stream after hello and the snapshot.
@@ -530,12 +516,6 @@ fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
             .parse::<f64>()?)
     };
     Ok((ticks(11)? + ticks(12)?) / 100.0)
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 fn ms(d: Duration) -> String {

@@ -31,7 +31,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use bench_support::{ScalerTarget, connect, memory, now_ms};
+use bench_support::{ScalerTarget, connect, load_average, memory, now_ms};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Flood {
@@ -94,7 +94,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let channel = connect(args.scaler.grpc).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    println!("scaler at start: {}", memory(args.scaler.pid)?);
+    println!(
+        "scaler at start: {} (machine load average {})",
+        memory(args.scaler.pid)?,
+        load_average()
+    );
 
     if let Flood::History = args.flood {
         let mut keda = ExternalScalerClient::new(channel.clone());

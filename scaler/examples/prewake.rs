@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use bench_support::{ScalerTarget, connect, now_ms};
+use bench_support::{ScalerTarget, connect, load_average, now_ms};
 use clap::Parser;
 use itw_proto::{
     externalscaler::{ScaledObjectRef, external_scaler_client::ExternalScalerClient},
@@ -268,12 +268,7 @@ async fn main() -> anyhow::Result<()> {
         "prewake: {} rounds, chains of {} Services, one wake batch each (load average {})",
         args.rounds,
         args.chain,
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split(' ')
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        load_average()
     );
     line(
         "first Service, plain stream",

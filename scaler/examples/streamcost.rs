@@ -26,6 +26,8 @@
 //! It only connects to the address it is given (hack/bench gives loopback).
 
 mod bench_support;
+#[path = "bench_support/fleet.rs"]
+mod fleet;
 
 use std::time::Duration;
 
@@ -33,14 +35,15 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use futures::{StreamExt, stream};
 use itw_proto::itw::v1::{
-    Batch, Hello, PROTOCOL_VERSION, ReportRequest, Series, SeriesCount, Snapshot,
+    Batch, Hello, PROTOCOL_VERSION, ReportRequest, SeriesCount, Snapshot,
     ingest_client::IngestClient, report_request, report_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use bench_support::{ScalerTarget, connect, memory, now_ms};
+use bench_support::{ScalerTarget, connect, load_average, memory, now_ms};
+use fleet::{COMMS, series};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -63,20 +66,8 @@ struct Args {
     settle_secs: u64,
 }
 
-const NAMESPACE: &str = "bench";
-const COMMS: [&str; 4] = ["java", "curl", "python3", "envoy"];
 /// Agents opening at once, as a rollout would bring them.
 const CONCURRENCY: usize = 64;
-
-fn series(service: usize, comm: &str) -> Series {
-    Series {
-        namespace: NAMESPACE.into(),
-        service: format!("svc-{service:05}"),
-        port: 8080,
-        pod: String::new(),
-        process_comm: comm.into(),
-    }
-}
 
 fn request(message: report_request::Message) -> ReportRequest {
     ReportRequest {
@@ -186,15 +177,11 @@ impl Readings {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let grpc = args.scaler.grpc;
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "stream cost: {} agents, {} Services x 4 series each (machine load average {})",
         args.streams,
         args.services_per_agent,
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        load_average()
     );
 
     let mut seed = Call::open(connect(grpc).await?, "seed").await?;

@@ -1,6 +1,7 @@
-//! What the scaler's load examples (`loadgen`, `memflood`) share: the flags
-//! naming the scaler they drive, a channel to a scaler that may still be
-//! starting, and the figures read about it.
+//! What the scaler's load examples (`loadgen`, `memflood`, `prewake`,
+//! `streamcost`) share: the flags naming the scaler they drive, a channel to
+//! a scaler that may still be starting, and the figures read about it and
+//! the machine.
 
 use std::{
     net::SocketAddr,
@@ -43,6 +44,14 @@ pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
             Err(e) => return Err(e).context(format!("connecting to {addr}")),
         }
     }
+}
+
+/// The machine's load averages over 1, 5 and 15 minutes, printed beside
+/// every timing and memory figure: the cores are shared.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }
 
 /// A process's resident memory now and at its peak, as /proc reports them.
