@@ -18,8 +18,8 @@ use std::{net::SocketAddr, sync::Arc};
 
 use itw_proto::{
     itw::v1::{
-        Batch, Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, Series, Snapshot,
-        ingest_server::Ingest, report_request, report_response,
+        Batch, Hello, PROTOCOL_VERSION, RelayRequest, RelayResponse, ReportRequest, ReportResponse,
+        Series, Snapshot, ingest_server::Ingest, report_request, report_response,
     },
     names::{self, NameProblem},
 };
@@ -32,12 +32,13 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::{
     ingest_runtime::IngestRuntime,
     metrics::ScalerMetrics,
+    relay::{RELAY_RESPONSE_BUFFER, RelayStream},
     store::{ApplyError, BatchView, HistoryView, SeriesName, SnapshotView, Store},
 };
 
 mod session;
 
-pub(crate) use session::Session;
+pub use session::Session;
 
 /// Longest process name accepted: the kernel keeps 15 bytes, the agent's
 /// overflow name is a little longer.
@@ -259,16 +260,23 @@ impl Ingest for IngestService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    type RelayStream = ReceiverStream<Result<itw_proto::itw::v1::RelayResponse, Status>>;
+    type RelayStream = ReceiverStream<Result<RelayResponse, Status>>;
 
     async fn relay(
         &self,
-        _request: Request<Streaming<itw_proto::itw::v1::RelayRequest>>,
+        request: Request<Streaming<RelayRequest>>,
     ) -> Result<Response<Self::RelayStream>, Status> {
-        // Interim, until the next commit serves relays.
-        Err(Status::unimplemented(
-            "itw.v1.Ingest/Relay is not served by this scaler yet",
-        ))
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(RELAY_RESPONSE_BUFFER);
+        let stream = RelayStream {
+            store: Arc::clone(&self.store),
+            metrics: Arc::clone(&self.metrics),
+            tx,
+            peer,
+        };
+        IngestRuntime::spawn(&self.streams, stream.run(inbound, self.shutdown.clone()));
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
+pub mod relay;
+
 use std::{
     collections::HashMap,
     future::Future,
@@ -95,6 +97,21 @@ impl TestScaler {
     /// Opens an agent stream (with a bearer token if given).
     pub async fn agent(&self, token: Option<&str>) -> Result<Agent, Status> {
         Agent::open(self.channel().await, token).await
+    }
+
+    /// Opens a relay's stream (with a bearer token if given).
+    pub async fn relay(&self, token: Option<&str>) -> Result<relay::Relay, Status> {
+        relay::Relay::open(self.channel().await, token).await
+    }
+
+    /// Waits until the `/metrics` sample `name` (no labels) reads `value`.
+    pub async fn until_gauge(&self, name: &str, value: f64) {
+        within(&format!("{name} to read {value}"), async {
+            while sample(&self.metrics_body().await, name, &[]) != Some(value) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
     }
 
     pub async fn metrics_body(&self) -> String {
