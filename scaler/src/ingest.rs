@@ -13,6 +13,9 @@
 //!
 //! This module never blocks a stream on another: all shared state is behind
 //! [`crate::store`]'s short locks.
+//!
+//! - `session.rs`: one agent's rules, message by message ([`Session`]); a
+//!   Report stream here and a relayed stream in [`crate::relay`] both run it.
 
 use std::{net::SocketAddr, sync::Arc};
 
