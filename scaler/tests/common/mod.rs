@@ -331,11 +331,12 @@ impl Agent {
 }
 
 /// One of each long-lived stream a shutdown must end: KEDA's StreamIsActive
-/// and StreamMetricSpec, and an agent's Report.
+/// and StreamMetricSpec, an agent's Report and a relay's Relay.
 pub struct EveryStream {
     active: Streaming<IsActiveResponse>,
     specs: Streaming<GetMetricSpecResponse>,
     agent: Agent,
+    relay: relay::Relay,
 }
 
 impl EveryStream {
@@ -361,13 +362,17 @@ impl EveryStream {
             .unwrap()
             .into_inner();
         within("the spec", specs.message()).await.unwrap().unwrap();
-        let mut agent = Agent::open(channel, None).await.unwrap();
+        let mut agent = Agent::open(channel.clone(), None).await.unwrap();
         agent.hello("node-1", "i").await;
         agent.snapshot(0, vec![], vec![]).await;
+        let mut relay = relay::Relay::open(channel, None).await.unwrap();
+        relay.hello(1, "node-2", "relayed").await;
+        relay.snapshot(1, 0, vec![], vec![]).await;
         Self {
             active,
             specs,
             agent,
+            relay,
         }
     }
 
@@ -386,6 +391,7 @@ impl EveryStream {
             None
         );
         self.agent.expect_end().await;
+        self.relay.expect_end().await;
     }
 }
 
