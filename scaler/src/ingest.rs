@@ -41,7 +41,7 @@ use crate::{
 
 mod session;
 
-pub use session::Session;
+pub use session::{Origin, Session};
 
 /// Longest process name accepted: the kernel keeps 15 bytes, the agent's
 /// overflow name is a little longer.
@@ -328,7 +328,12 @@ impl ReportStream {
         let Some(first) = next(inbound).await? else {
             return Ok(End::Agent);
         };
-        let (mut session, welcome) = Session::open(&self.store, &self.metrics, first, self.peer)?;
+        let (mut session, welcome) = Session::open(
+            &self.store,
+            &self.metrics,
+            first,
+            Origin::Report { peer: self.peer },
+        )?;
         if !self.send(report_response::Message::Welcome(welcome)).await {
             return Ok(End::Agent);
         }

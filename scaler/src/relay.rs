@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, Streaming};
 
 use crate::{
-    ingest::{IngestError, REFUSAL_LOG, Session},
+    ingest::{IngestError, Origin, REFUSAL_LOG, Session},
     metrics::ScalerMetrics,
     store::Store,
 };
@@ -138,7 +138,11 @@ impl RelayStream {
                 }
                 Envelope::Open(report) => {
                     let opened = agent_message(report, max_report_bytes).and_then(|first| {
-                        Session::open(&self.store, &self.metrics, first, self.peer)
+                        let origin = Origin::Relayed {
+                            relay: self.peer,
+                            stream,
+                        };
+                        Session::open(&self.store, &self.metrics, first, origin)
                     });
                     match opened {
                         Ok((session, welcome)) => {
@@ -181,7 +185,9 @@ impl RelayStream {
 }
 
 /// The agent's message out of its relayed request, held to the limit a
-/// Report stream's decoder would have held it to.
+/// Report stream's decoder would have held it to, and refused in the words
+/// of that decoder (tonic's), so that the agent reads the same status
+/// whether it reached the replica directly or through a relay.
 fn agent_message(
     report: ReportRequest,
     max_report_bytes: usize,
@@ -189,7 +195,7 @@ fn agent_message(
     let len = report.encoded_len();
     if len > max_report_bytes {
         return Err(IngestError::Oversized(format!(
-            "the relayed message is {len} bytes, the limit is {max_report_bytes} bytes"
+            "Error, decoded message length too large: found {len} bytes, the limit is: {max_report_bytes} bytes"
         )));
     }
     report.message.ok_or(IngestError::Empty)

@@ -358,7 +358,7 @@ async fn a_wake_batch_through_a_relay_activates_stream_is_active() {
 }
 
 /// A relayed agent message is held to MAX_REPORT_BYTES as on a Report
-/// stream (its stream alone ends); only an envelope past that plus its own
+/// stream, with the very status (its stream alone ends); only an envelope past that plus its own
 /// few bytes, which cannot be told apart from garbage, ends the Relay stream.
 #[tokio::test]
 async fn an_oversized_relayed_message_ends_its_stream_alone() {
@@ -403,7 +403,7 @@ async fn an_oversized_relayed_message_ends_its_stream_alone() {
         (
             Code::ResourceExhausted,
             format!(
-                "report message too large (MAX_REPORT_BYTES): the relayed message is {} bytes, the limit is {max} bytes",
+                "report message too large (MAX_REPORT_BYTES): Error, decoded message length too large: found {} bytes, the limit is: {max} bytes",
                 max + 1
             )
         )

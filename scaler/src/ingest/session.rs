@@ -21,6 +21,18 @@ use crate::{
     store::{BatchOutcome, Connection, SeriesCache, Store, short_id},
 };
 
+/// Where an agent's messages come from, for its logs.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin {
+    /// Its own Report stream, from `peer`.
+    Report { peer: Option<SocketAddr> },
+    /// Relayed stream `stream` of the Relay stream from `relay`.
+    Relayed {
+        relay: Option<SocketAddr>,
+        stream: u64,
+    },
+}
+
 /// A connected agent instance.
 pub struct Session {
     conn: Connection,
@@ -39,7 +51,7 @@ impl Session {
         store: &std::sync::Arc<Store>,
         metrics: &ScalerMetrics,
         first: report_request::Message,
-        peer: Option<SocketAddr>,
+        origin: Origin,
     ) -> Result<(Self, Welcome), IngestError> {
         let hello = match first {
             report_request::Message::Hello(hello) => hello,
@@ -54,7 +66,12 @@ impl Session {
             instance = %short_id(&hello.instance_id)
         );
         let connected = metrics.agent_connected();
-        span.in_scope(|| tracing::info!(peer = ?peer, applied, "agent connected"));
+        span.in_scope(|| match origin {
+            Origin::Report { peer } => tracing::info!(peer = ?peer, applied, "agent connected"),
+            Origin::Relayed { relay, stream } => {
+                tracing::info!(relay = ?relay, stream, applied, "agent connected through a relay")
+            }
+        });
         let welcome = Welcome {
             applied_sequence: applied,
             history_seconds: u32::try_from(store.history_secs()).unwrap_or(u32::MAX),
