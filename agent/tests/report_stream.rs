@@ -16,7 +16,7 @@ use itw_agent::{
     resolve::ServiceRef,
 };
 use itw_proto::itw::v1::{
-    Ack, ReportRequest, ReportResponse, Welcome,
+    Ack, RelayRequest, RelayResponse, ReportRequest, ReportResponse, Welcome,
     ingest_server::{Ingest, IngestServer},
     report_request, report_response,
 };
@@ -115,6 +115,16 @@ impl Ingest for FakeIngest {
             script.changed.notify_waiters();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type RelayStream = Pin<Box<dyn Stream<Item = Result<RelayResponse, Status>> + Send>>;
+
+    // This fake stands for a replica an agent talks to; agents never call Relay.
+    async fn relay(
+        &self,
+        _request: Request<Streaming<RelayRequest>>,
+    ) -> Result<Response<Self::RelayStream>, Status> {
+        Err(Status::unimplemented("the agent tests' fake scaler serves Report only"))
     }
 }
 
