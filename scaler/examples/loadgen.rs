@@ -124,7 +124,7 @@ enum Via<'a> {
 
 /// The replica's answers on a direct or relayed stream.
 enum Acks {
-    Direct(tonic::Streaming<ReportResponse>),
+    Direct(Box<tonic::Streaming<ReportResponse>>),
     Relayed(Relayed),
 }
 
@@ -167,7 +167,7 @@ async fn open_stream(
             let (tx, rx) = mpsc::channel(64);
             tx.send(hello).await?;
             let acks = client.report(ReceiverStream::new(rx)).await?.into_inner();
-            (tx, Acks::Direct(acks))
+            (tx, Acks::Direct(Box::new(acks)))
         }
         Via::Relay(relays, lane) => {
             let (tx, acks) = relays.open(lane).await?;
