@@ -56,6 +56,9 @@ struct Args {
     deltas_per_batch: usize,
 }
 
+/// Agents opening their stream at once.
+const OPENING_AT_ONCE: usize = 100;
+
 /// Replica-side tallies.
 #[derive(Default)]
 struct Tally {
@@ -173,7 +176,9 @@ async fn agent(
     n: usize,
     up: mpsc::Sender<()>,
     until: Arc<tokio::sync::Notify>,
+    opening: Arc<tokio::sync::Semaphore>,
 ) -> anyhow::Result<u64> {
+    let opening = opening.acquire_owned().await?;
     let mut client = IngestClient::connect(format!("http://{}", args.relay)).await?;
     let (tx, rx) = mpsc::channel(8);
     let mut request = Request::new(ReceiverStream::new(rx));
@@ -210,6 +215,7 @@ async fn agent(
         })),
     })
     .await?;
+    drop(opening);
     let _ = up.send(()).await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut sequence = 0;
@@ -285,20 +291,36 @@ async fn main() -> anyhow::Result<()> {
 
     let (up_tx, mut up_rx) = mpsc::channel(args.agents);
     let until = Arc::new(tokio::sync::Notify::new());
-    let mut agents = Vec::with_capacity(args.agents);
+    let mut agents = tokio::task::JoinSet::new();
     let started = Instant::now();
+    // Agents come up a batch at a time, as a DaemonSet's do, rather than
+    // 2,000 SYNs at once overflowing the relay's listen backlog.
+    let opening = Arc::new(tokio::sync::Semaphore::new(OPENING_AT_ONCE));
     for n in 0..args.agents {
-        agents.push(tokio::spawn(agent(
+        let (args, up, until, opening) = (
             Arc::clone(&args),
-            n,
             up_tx.clone(),
             Arc::clone(&until),
-        )));
+            Arc::clone(&opening),
+        );
+        agents.spawn(async move {
+            agent(args, n, up, until, opening)
+                .await
+                .with_context(|| format!("agent {n}"))
+        });
     }
     drop(up_tx);
-    for _ in 0..args.agents {
-        if up_rx.recv().await.is_none() {
-            bail!("an agent failed before its stream was up");
+    let mut up = 0;
+    while up < args.agents {
+        tokio::select! {
+            ready = up_rx.recv() => match ready {
+                Some(()) => up += 1,
+                None => bail!("an agent ended before its stream was up"),
+            },
+            Some(done) = agents.join_next() => {
+                done??;
+                bail!("an agent ended before the steady phase");
+            }
         }
     }
     println!(
@@ -319,8 +341,8 @@ async fn main() -> anyhow::Result<()> {
     let per_stream = (with.saturating_sub(base)) as f64 / args.agents as f64;
     until.notify_waiters();
     let mut sent = 0;
-    for task in agents {
-        sent += task.await??;
+    while let Some(done) = agents.join_next().await {
+        sent += done??;
     }
     let load = load_average();
     println!(
