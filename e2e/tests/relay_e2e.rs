@@ -269,3 +269,55 @@ async fn two_agents_through_a_relay_count_exactly_across_relay_restarts() {
     }
     assert_eq!(want, 165 + 2 * 1177);
 }
+
+/// The real agent with RELAY_ADDR: its connects reach the scaler through the
+/// relay, exactly, and on both replicas (one Relay stream each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_agent_counts_exactly_through_a_relay() {
+    if !bpf_available("the_real_agent_counts_exactly_through_a_relay") {
+        return;
+    }
+    let target = addr("127.101.18.1:8080");
+    let a = Scaler::start("scaler-a").await;
+    let b = Scaler::start("scaler-b").await;
+    let relay = Relay::start_on(
+        "relay",
+        loopback(free_port()),
+        loopback(free_port()),
+        &[a.grpc, b.grpc],
+        &[],
+    )
+    .await;
+    let agent = Agent::start(
+        "agent",
+        &static_map(NS, "real", "127.101.18.1", 8080),
+        &[a.grpc, b.grpc],
+        &[("RELAY_ADDR", relay.grpc.to_string())],
+    )
+    .await;
+    for _ in 0..300 {
+        connect_refused(target);
+    }
+    eventually(
+        "300 attempts on both replicas",
+        Duration::from_secs(20),
+        || async {
+            let (x, y) = (a.attempts(NS, "real").await, b.attempts(NS, "real").await);
+            (x == 300.0 && y == 300.0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(agent.attempts(NS, "real").await, 300.0);
+    let samples = scrape(relay.metrics).await;
+    assert_eq!(exact(&samples, "itw_relay_agent_streams", &[]), Some(2.0));
+    for replica in [a.grpc, b.grpc] {
+        assert_eq!(
+            exact(
+                &samples,
+                "itw_relay_relay_streams_up",
+                &[("replica", &replica.to_string())]
+            ),
+            Some(1.0)
+        );
+    }
+}
