@@ -190,3 +190,72 @@ impl Replicas {
             .set(i64::try_from(known.len()).unwrap_or(i64::MAX));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{auth::AgentToken, config::Limits, config::TokenSource, metrics::RelayMetrics};
+
+    use super::*;
+
+    fn replicas(scalers: &str) -> Arc<Replicas> {
+        Replicas::new(
+            HostPort::parse_list(scalers, "x:1").unwrap(),
+            Duration::from_secs(3600),
+            Arc::new(UpstreamContext {
+                token: Arc::new(AgentToken::load(&TokenSource::None).unwrap()),
+                tls: None,
+                limits: Limits::default(),
+                metrics: Arc::new(RelayMetrics::default()),
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn only_resolved_replicas_are_found_and_a_miss_resolves_at_most_once_a_second() {
+        // Nothing listens on port 9 of these: the Relay streams just retry.
+        let replicas = replicas("127.0.0.1:9,127.0.0.2:9");
+        let stop = CancellationToken::new();
+        let mut resolved = replicas.resolved.subscribe();
+        let run = tokio::spawn(Arc::clone(&replicas).run(stop.clone()));
+        resolved.wait_for(|n| *n == 1).await.unwrap();
+        let mut addrs = replicas.addrs();
+        addrs.sort();
+        assert_eq!(
+            addrs,
+            [
+                "127.0.0.1:9".parse().unwrap(),
+                "127.0.0.2:9".parse().unwrap()
+            ] as [SocketAddr; 2]
+        );
+        assert!(
+            replicas
+                .find("127.0.0.1:9".parse().unwrap())
+                .await
+                .is_some()
+        );
+        assert_eq!(*resolved.borrow(), 1, "a hit resolves nothing");
+        // A miss asks for one resolution and waits for it...
+        assert!(
+            replicas
+                .find("127.0.0.3:9".parse().unwrap())
+                .await
+                .is_none()
+        );
+        assert_eq!(*resolved.borrow(), 2);
+        // ...but not again within MISS_RESOLVE_GAP, however many agents miss.
+        assert!(
+            replicas
+                .find("127.0.0.4:9".parse().unwrap())
+                .await
+                .is_none()
+        );
+        assert_eq!(*resolved.borrow(), 2);
+        assert_eq!(replicas.ctx.metrics.replicas.get(), 2);
+        stop.cancel();
+        run.await.unwrap();
+        assert!(
+            replicas.addrs().is_empty(),
+            "stopping ends every Relay stream"
+        );
+    }
+}

@@ -201,3 +201,31 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn the_replicas_own_status_passes_on_and_a_broken_stream_is_unavailable() {
+        let replica: SocketAddr = "10.0.0.5:9090".parse().unwrap();
+        let sent = relayed_status(replica, Status::unauthenticated("bad token"));
+        assert_eq!(
+            (sent.code(), sent.message()),
+            (Code::Unauthenticated, "bad token")
+        );
+        let broken = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "connection reset",
+        )));
+        let sent = relayed_status(replica, broken);
+        assert_eq!(sent.code(), Code::Unavailable);
+        assert!(
+            sent.message()
+                .starts_with("the relay's stream to scaler replica 10.0.0.5:9090 broke: "),
+            "{sent:?}"
+        );
+    }
+}
