@@ -95,6 +95,18 @@ pub struct Args {
     #[arg(long, env = "UPSTREAM_BUFFER", default_value_t = 1_024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub upstream_buffer: u32,
 
+    /// Most agent connections open at once; past it a new connection is
+    /// closed as it arrives. Keep it below the open-files limit (the relay
+    /// raises its soft limit to the hard one at start).
+    #[arg(long, env = "GRPC_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub grpc_max_connections: u32,
+
+    /// An agent connection that sends nothing for this long is closed (an
+    /// idle socket, a stalled TLS handshake). Live agents answer the
+    /// relay's HTTP/2 pings (every 30s), so keep it above 40s.
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "90s", value_parser = parse_idle_timeout)]
+    pub idle_timeout: Duration,
+
     /// Log output: text or json (filter with RUST_LOG).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -136,6 +148,8 @@ impl Args {
                 max_agent_streams: self.max_agent_streams as usize,
                 agent_response_buffer: self.agent_response_buffer as usize,
                 upstream_buffer: self.upstream_buffer as usize,
+                grpc_max_connections: self.grpc_max_connections as usize,
+                idle_timeout: self.idle_timeout,
             },
         }
     }
@@ -177,6 +191,8 @@ pub struct Limits {
     pub max_agent_streams: usize,
     pub agent_response_buffer: usize,
     pub upstream_buffer: usize,
+    pub grpc_max_connections: usize,
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -186,6 +202,8 @@ impl Default for Limits {
             max_agent_streams: 8_192,
             agent_response_buffer: 64,
             upstream_buffer: 1_024,
+            grpc_max_connections: 16_384,
+            idle_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -259,6 +277,15 @@ fn parse_resolve_interval(s: &str) -> Result<Duration, String> {
     )
 }
 
+fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
+    bounded_duration(
+        s,
+        Duration::from_millis(100),
+        Duration::from_secs(24 * 3600),
+        "90s, 5m",
+    )
+}
+
 fn parse_report_bytes(s: &str) -> Result<usize, String> {
     let n = flags::bytes(s)?;
     if !(64 << 10..=256 << 20).contains(&n) {
@@ -291,6 +318,8 @@ mod tests {
                 max_agent_streams: 8192,
                 agent_response_buffer: 64,
                 upstream_buffer: 1024,
+                grpc_max_connections: 16_384,
+                idle_timeout: Duration::from_secs(90),
             }
         );
     }
@@ -303,6 +332,8 @@ mod tests {
             "--max-agent-streams=3",
             "--agent-response-buffer=2",
             "--upstream-buffer=5",
+            "--grpc-max-connections=7",
+            "--idle-timeout=45s",
             "--resolve-interval=2s",
             "--token=s3cret",
             "--scaler-ca-file=/ca.pem",
@@ -324,6 +355,8 @@ mod tests {
                 max_agent_streams: 3,
                 agent_response_buffer: 2,
                 upstream_buffer: 5,
+                grpc_max_connections: 7,
+                idle_timeout: Duration::from_secs(45),
             }
         );
         assert_eq!(config.resolve_interval, Duration::from_secs(2));
@@ -341,6 +374,8 @@ mod tests {
             "--max-agent-streams=0",
             "--agent-response-buffer=0",
             "--resolve-interval=10ms",
+            "--idle-timeout=1ms",
+            "--grpc-max-connections=0",
             "--token=two words",
             "--scaler-cert-file=/c.pem",
         ] {

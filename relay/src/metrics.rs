@@ -22,6 +22,12 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    pub listener: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReplicaLabel {
     pub replica: String,
 }
@@ -83,6 +89,7 @@ pub struct RelayMetrics {
     reconnects: Family<ReplicaLabel, Counter>,
     pub upstream_buffer_full: Counter,
     pub unrouted: Counter,
+    connections_closed: Family<ClosedLabels, Counter>,
 }
 
 impl Default for RelayMetrics {
@@ -136,6 +143,12 @@ impl Default for RelayMetrics {
             "Replica messages for a relayed stream that had already ended (dropped)",
             unrouted.clone(),
         );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "itw_relay_connections_closed",
+            "Connections the relay closed unasked, by listener (grpc, metrics) and reason: connection_cap (GRPC_MAX_CONNECTIONS, or 256 on /metrics), idle (IDLE_TIMEOUT on gRPC, 60s on /metrics)",
+            connections_closed.clone(),
+        );
         Self {
             registry,
             agent_streams,
@@ -146,6 +159,7 @@ impl Default for RelayMetrics {
             reconnects,
             upstream_buffer_full,
             unrouted,
+            connections_closed,
         }
     }
 }
@@ -200,6 +214,13 @@ impl RelayMetrics {
     pub fn replica_gone(&self, replica: SocketAddr) {
         self.relay_streams_up.remove(&label(replica));
         self.reconnects.remove(&label(replica));
+    }
+
+    /// A connection the guarded listener closed.
+    pub fn connection_closed(&self, listener: &'static str, reason: &'static str) {
+        self.connections_closed
+            .get_or_create(&ClosedLabels { listener, reason })
+            .inc();
     }
 
     pub fn reconnect(&self, replica: SocketAddr) {

@@ -12,6 +12,7 @@ use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use itw_proto::itw::v1::ingest_server::IngestServer;
+use itw_telemetry::listener::{Guard, GuardedListener, OnClose};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -181,9 +182,15 @@ impl Relay {
                 replicas: Arc::clone(&self.replicas),
                 metrics: Arc::clone(&self.metrics),
             });
+        let closed = |listener: &'static str| -> OnClose {
+            let metrics = Arc::clone(&self.metrics);
+            Arc::new(move |reason| metrics.connection_closed(listener, reason))
+        };
         let http_stop = CancellationToken::new();
-        let metrics_http = tokio::spawn(itw_telemetry::http::serve(
+        let metrics_http = tokio::spawn(itw_telemetry::http::serve_guarded(
             self.metrics_listener,
+            Guard::default(),
+            closed("metrics"),
             itw_telemetry::http::metrics_router(self.metrics.clone()).merge(probes),
             http_stop.clone().cancelled_owned(),
         ));
@@ -195,10 +202,15 @@ impl Relay {
             "serving"
         );
 
-        let grpc = router.serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(self.grpc),
-            stop.clone().cancelled_owned(),
-        );
+        let incoming = itw_telemetry::grpc_listener::incoming(GuardedListener::new(
+            self.grpc,
+            Guard {
+                max_connections: limits.grpc_max_connections,
+                idle_timeout: limits.idle_timeout,
+            },
+            closed("grpc"),
+        ));
+        let grpc = router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
         tokio::pin!(grpc);
         let result = tokio::select! {
             result = &mut grpc => result.map_err(Error::Grpc),

@@ -405,3 +405,39 @@ async fn stopping_the_relay_ends_agents_with_ok() {
     relay.stop().await;
     assert_eq!(a.next().await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn idle_and_excess_agent_connections_are_closed_and_counted() {
+    use tokio::io::AsyncReadExt;
+
+    let limits = Limits {
+        grpc_max_connections: 2,
+        idle_timeout: std::time::Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (_replica, _call, relay, _header) = setup(None, limits).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(relay.grpc).await.unwrap());
+    }
+    // The third is closed at once, the first two after the idle timeout
+    // (the server's HTTP/2 settings may come first).
+    for socket in &mut idle {
+        let mut bytes = Vec::new();
+        let _ = within(
+            "the relay closing an idle socket",
+            socket.read_to_end(&mut bytes),
+        )
+        .await;
+    }
+    let page = relay.scrape().await;
+    for (reason, n) in [("connection_cap", 1), ("idle", 2)] {
+        assert!(
+            page.contains(&format!(
+                "itw_relay_connections_closed_total{{listener=\"grpc\",reason=\"{reason}\"}} {n}\n"
+            )),
+            "{page}"
+        );
+    }
+    relay.stop().await;
+}
