@@ -96,6 +96,14 @@ pub struct Args {
     #[arg(long, env = "SCALER_ADDR")]
     pub scaler_addr: Option<String>,
 
+    /// A relay (itw-relay, host:port, e.g. its Service) to reach the scaler
+    /// replicas through: each replica resolved from SCALER_ADDR still gets a
+    /// stream of its own, sent to the relay naming the replica. Unset: the
+    /// agent connects to every replica itself. TLS and the token apply to
+    /// the relay as they would to the scaler.
+    #[arg(long, env = "RELAY_ADDR", requires = "scaler_addr", value_parser = parse_relay_addr)]
+    pub relay_addr: Option<report::ScalerAddr>,
+
     /// File holding the bearer token the scaler expects from agents (a mounted Secret).
     #[arg(long, env = "SCALER_TOKEN_FILE", conflicts_with = "scaler_token")]
     pub scaler_token_file: Option<PathBuf>,
@@ -338,6 +346,7 @@ impl Args {
         };
         let settings = ReportSettings {
             scalers,
+            relay: self.relay_addr.clone(),
             node_name: node_name.to_owned(),
             instance_id: uuid::Uuid::new_v4().to_string(),
             instance_secret: report::InstanceSecret::random(),
@@ -432,6 +441,10 @@ fn parse_mark(s: &str) -> Result<u32, String> {
         Ok(mark) => Ok(mark),
         Err(e) => Err(format!("{s:?}: {e}")),
     }
+}
+
+fn parse_relay_addr(s: &str) -> Result<report::ScalerAddr, String> {
+    report::ScalerAddr::parse(s, "itw-relay.itw-system:9090")
 }
 
 fn parse_not_ready_after(s: &str) -> Result<Duration, String> {
@@ -737,6 +750,39 @@ mod tests {
             .unwrap();
         assert_eq!(report.scalers[0].to_string(), "itw-scaler:9090");
         assert_eq!(report.node_name, "node-a");
+    }
+
+    #[test]
+    fn a_relay_is_taken_only_with_a_scaler_and_a_port() {
+        let report = checked(&[
+            "--scaler-addr",
+            "itw-scaler-headless:9090",
+            "--relay-addr",
+            "itw-relay.itw-system:9090",
+        ])
+        .unwrap()
+        .report
+        .unwrap();
+        assert_eq!(
+            report.relay.map(|r| r.to_string()).as_deref(),
+            Some("itw-relay.itw-system:9090")
+        );
+        assert_eq!(report.scalers[0].to_string(), "itw-scaler-headless:9090");
+
+        let err = parse(&["--scaler-addr", "s:1", "--relay-addr", "itw-relay"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "\"itw-relay\" has no port; use host:port, e.g. itw-relay.itw-system:9090"
+            ),
+            "{err}"
+        );
+        // A relay without replicas to name would relay nothing.
+        let err = parse(&["--relay-addr", "itw-relay:9090"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--scaler-addr <SCALER_ADDR>"), "{err}");
     }
 
     #[test]

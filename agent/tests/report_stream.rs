@@ -11,12 +11,12 @@ use itw_agent::{
     deltas::SeriesKey,
     report::{
         InstanceSecret, ReportMetrics, ReportSettings, Reporter, ScalerAddr, TokenSource,
-        ledger::LogLimits,
+        ledger::LogLimits, parse_scaler_addrs,
     },
     resolve::ServiceRef,
 };
 use itw_proto::itw::v1::{
-    Ack, RelayRequest, RelayResponse, ReportRequest, ReportResponse, Welcome,
+    Ack, REPLICA_HEADER, RelayRequest, RelayResponse, ReportRequest, ReportResponse, Welcome,
     ingest_server::{Ingest, IngestServer},
     report_request, report_response,
 };
@@ -33,6 +33,8 @@ struct Script {
     sessions: Mutex<Vec<Vec<report_request::Message>>>,
     /// Authorization header of each session.
     auth: Mutex<Vec<Option<String>>>,
+    /// The itw-replica header of each session (set when sent to a relay).
+    replica: Mutex<Vec<Option<String>>>,
     /// Welcome.applied_sequence to answer (per session, then the last one).
     applied: Mutex<Vec<u64>>,
     /// Fail the current session after this many batches in it.
@@ -60,6 +62,12 @@ impl Ingest for FakeIngest {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         script.auth.lock().push(auth);
+        let replica = request
+            .metadata()
+            .get(REPLICA_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        script.replica.lock().push(replica);
         let session = {
             let mut sessions = script.sessions.lock();
             sessions.push(Vec::new());
@@ -124,7 +132,9 @@ impl Ingest for FakeIngest {
         &self,
         _request: Request<Streaming<RelayRequest>>,
     ) -> Result<Response<Self::RelayStream>, Status> {
-        Err(Status::unimplemented("the agent tests' fake scaler serves Report only"))
+        Err(Status::unimplemented(
+            "the agent tests' fake scaler serves Report only",
+        ))
     }
 }
 
@@ -145,6 +155,7 @@ fn settings(addr: SocketAddr, token: TokenSource) -> ReportSettings {
             host: addr.ip().to_string(),
             port: addr.port(),
         }],
+        relay: None,
         node_name: "node-a".into(),
         instance_id: "instance-1".into(),
         instance_secret: InstanceSecret::random(),
@@ -251,6 +262,55 @@ async fn a_fresh_replica_gets_a_full_snapshot_then_live_batches() {
     task.await.unwrap();
     until(&script, "stream closed", |s| *s.closed.lock() == 1).await;
     assert!(!metrics.health().any_up());
+}
+
+#[tokio::test]
+async fn through_a_relay_each_replica_stream_names_its_replica() {
+    // The fake stands for the relay; the replicas are only resolved (two
+    // loopback addresses nothing listens on), never connected to.
+    let script = Arc::new(Script::default());
+    let relay = start_server(script.clone()).await;
+    let mut settings = settings(relay, TokenSource::Value("s3cret".into()));
+    settings.scalers = parse_scaler_addrs("127.0.0.2:9090,[::1]:9091").unwrap();
+    settings.relay = Some(ScalerAddr {
+        host: relay.ip().to_string(),
+        port: relay.port(),
+    });
+    let reporter = Reporter::new(
+        settings,
+        Arc::new(ReportMetrics::default()),
+        AgentClock::new(),
+    );
+    reporter.record(collected(1_000, 2));
+    let stop = CancellationToken::new();
+    let task = reporter.spawn(stop.clone());
+
+    until(&script, "a snapshot on both streams", |s| {
+        let sessions = s.sessions.lock();
+        sessions.len() == 2 && sessions.iter().all(|m| m.len() >= 2)
+    })
+    .await;
+    let mut replicas = script.replica.lock().clone();
+    replicas.sort();
+    assert_eq!(
+        replicas,
+        [
+            Some("127.0.0.2:9090".to_owned()),
+            Some("[::1]:9091".to_owned())
+        ]
+    );
+    for session in script.sessions.lock().iter() {
+        assert_eq!(view(session), ["H(node-a,instance-1,v1)", "S(1,2)"]);
+    }
+    assert_eq!(
+        *script.auth.lock(),
+        [
+            Some("Bearer s3cret".to_owned()),
+            Some("Bearer s3cret".to_owned())
+        ]
+    );
+    stop.cancel();
+    task.await.unwrap();
 }
 
 #[tokio::test]

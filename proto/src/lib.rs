@@ -27,6 +27,11 @@ pub mod itw {
 
         /// The ingest protocol version this build speaks (`Hello.protocol_version`).
         pub const PROTOCOL_VERSION: u32 = 1;
+
+        /// The request header of a Report stream sent to a relay: the scaler
+        /// replica it is for, as the agent resolved it (`SocketAddr` text:
+        /// `10.244.1.5:9090`, `[fd00::5]:9090`).
+        pub const REPLICA_HEADER: &str = "itw-replica";
     }
 }
 

@@ -35,12 +35,20 @@
 //! 5. One `sizing:` line with the figures of the README's sizing table
 //!    (`hack/bench scaler_sizing` collects it from each run).
 //!
+//! With `--relay-streams R` the steady agents' streams reach the scaler as
+//! relays carry them (#18): over R `Ingest.Relay` streams, each standing for
+//! one itw-relay (`bench_support/relay_mux.rs`), instead of one connection
+//! each. The relays' own cost is not the scaler's and is not measured here.
+//! The firehoses stay direct streams.
+//!
 //! It only ever connects to the addresses it is given; hack/bench gives it
 //! loopback ones. Every loop is bounded in time.
 
 mod bench_support;
 #[path = "bench_support/fleet.rs"]
 mod fleet;
+#[path = "bench_support/relay_mux.rs"]
+mod relay_mux;
 
 use std::{
     collections::HashMap,
@@ -69,6 +77,7 @@ use tonic::transport::Channel;
 
 use bench_support::{ScalerTarget, connect, load_average, memory, now_ms};
 use fleet::{COMMS, NAMESPACE, series, service_name};
+use relay_mux::{RelayMux, Relayed};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -100,12 +109,38 @@ struct Args {
     /// Length of the throughput phase, seconds.
     #[arg(long, default_value_t = 10)]
     throughput_secs: u64,
+    /// Carry the steady agents' streams over this many Relay streams, as
+    /// relays would; 0: one connection per agent.
+    #[arg(long, default_value_t = 0)]
+    relay_streams: usize,
+}
+
+/// How a stream reaches the scaler.
+enum Via<'a> {
+    Direct(Channel),
+    /// Relayed on lane `.1` of the relays.
+    Relay(&'a RelayMux, usize),
+}
+
+/// The replica's answers on a direct or relayed stream.
+enum Acks {
+    Direct(Box<tonic::Streaming<ReportResponse>>),
+    Relayed(Relayed),
+}
+
+impl Acks {
+    async fn message(&mut self) -> Result<Option<ReportResponse>, tonic::Status> {
+        match self {
+            Self::Direct(acks) => acks.message().await,
+            Self::Relayed(acks) => acks.message().await,
+        }
+    }
 }
 
 /// An open Report stream after hello and the snapshot.
 struct Stream {
     tx: mpsc::Sender<ReportRequest>,
-    acks: tonic::Streaming<itw_proto::itw::v1::ReportResponse>,
+    acks: Acks,
 }
 
 /// Opens a Report stream as an agent does: Hello as `instance` (its secret
@@ -113,23 +148,33 @@ struct Stream {
 /// snapshot of the instance's cumulative `totals` through `through_sequence`,
 /// which replaces whatever the scaler held for the instance.
 async fn open_stream(
-    channel: Channel,
+    via: Via<'_>,
     node: &str,
     instance: &str,
     through_sequence: u64,
     totals: Vec<SeriesCount>,
 ) -> anyhow::Result<Stream> {
-    let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
-    let (tx, rx) = mpsc::channel(64);
     let message = |m| ReportRequest { message: Some(m) };
-    tx.send(message(report_request::Message::Hello(Hello {
+    let hello = message(report_request::Message::Hello(Hello {
         node_name: node.into(),
         instance_id: instance.into(),
         protocol_version: PROTOCOL_VERSION,
         instance_secret: format!("loadgen-secret-{instance}"),
-    })))
-    .await?;
-    let mut acks = client.report(ReceiverStream::new(rx)).await?.into_inner();
+    }));
+    let (tx, mut acks) = match via {
+        Via::Direct(channel) => {
+            let mut client = IngestClient::new(channel).max_decoding_message_size(64 << 20);
+            let (tx, rx) = mpsc::channel(64);
+            tx.send(hello).await?;
+            let acks = client.report(ReceiverStream::new(rx)).await?.into_inner();
+            (tx, Acks::Direct(Box::new(acks)))
+        }
+        Via::Relay(relays, lane) => {
+            let (tx, acks) = relays.open(lane).await?;
+            tx.send(hello).await?;
+            (tx, Acks::Relayed(acks))
+        }
+    };
     match acks.message().await?.and_then(|r| r.message) {
         Some(report_response::Message::Welcome(_)) => {}
         other => bail!("expected welcome, got {other:?}"),
@@ -213,13 +258,22 @@ struct Session {
 
 /// Opens (or reopens) `ledger`'s stream with a snapshot of its totals,
 /// trying for 30 s as an agent would keep trying.
-async fn open_session(args: &Args, ledger: &Ledger, opened: &Opened) -> anyhow::Result<Session> {
+async fn open_session(
+    args: &Args,
+    relays: Option<&RelayMux>,
+    index: usize,
+    ledger: &Ledger,
+    opened: &Opened,
+) -> anyhow::Result<Session> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let stream = loop {
         let attempt = async {
-            let channel = connect(args.scaler.grpc).await?;
+            let via = match relays {
+                Some(relays) => Via::Relay(relays, index),
+                None => Via::Direct(connect(args.scaler.grpc).await?),
+            };
             open_stream(
-                channel,
+                via,
                 &ledger.node,
                 &ledger.instance,
                 ledger.sequence,
@@ -264,8 +318,10 @@ async fn open_session(args: &Args, ledger: &Ledger, opened: &Opened) -> anyhow::
 /// When its stream fails it reopens it as the agent does (same instance,
 /// a snapshot of its totals) and goes on. Once `stop` is set it waits for
 /// its last batch's ack, then returns the attempts it generated.
+#[allow(clippy::too_many_arguments)]
 async fn steady_agent(
     args: Arc<Args>,
+    relays: Option<Arc<RelayMux>>,
     index: usize,
     paused: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -279,7 +335,8 @@ async fn steady_agent(
         sequence: 0,
         totals: HashMap::new(),
     };
-    let mut session = open_session(&args, &ledger, &opened).await?;
+    let relays = relays.as_deref();
+    let mut session = open_session(&args, relays, index, &ledger, &opened).await?;
     opened.streams.fetch_add(1, Relaxed);
     let offset = Duration::from_micros((index as u64 * 1_000_000) / args.agents as u64);
     let mut tick =
@@ -298,7 +355,7 @@ async fn steady_agent(
                 let reason = reason.unwrap_or_else(|e| format!("ack reader: {e}"));
                 opened.resets.fetch_add(1, Relaxed);
                 let _ = opened.first_reset.set(format!("{}: {reason}", ledger.node));
-                session = open_session(&args, &ledger, &opened)
+                session = open_session(&args, relays, index, &ledger, &opened)
                     .await
                     .with_context(|| format!("resuming after {reason}"))?;
                 opened.resumed.fetch_add(1, Relaxed);
@@ -427,8 +484,14 @@ async fn firehose(
 ) -> anyhow::Result<()> {
     let channel = connect(args.scaler.grpc).await?;
     let node = format!("firehose-{index}");
-    let Stream { tx, mut acks } =
-        open_stream(channel, &node, &format!("{node}-bench"), 0, vec![]).await?;
+    let Stream { tx, mut acks } = open_stream(
+        Via::Direct(channel),
+        &node,
+        &format!("{node}-bench"),
+        0,
+        vec![],
+    )
+    .await?;
     let deltas: Vec<SeriesCount> = (0..args.firehose_batch)
         .map(|k| SeriesCount {
             series: Some(series(
@@ -542,6 +605,13 @@ async fn main() -> anyhow::Result<()> {
         "scaler bench: {} services, {} agent streams x 1 batch/s x {} deltas, GetMetrics at {}/s for {} s",
         args.services, args.agents, args.deltas_per_batch, args.keda_rps, args.steady_secs
     );
+    let relays = (args.relay_streams > 0).then(|| {
+        println!(
+            "  the agent streams reach the scaler over {} Relay streams (as {} relays carry them)",
+            args.relay_streams, args.relay_streams
+        );
+        Arc::new(RelayMux::new(args.scaler.grpc, args.relay_streams))
+    });
 
     let paused = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -555,6 +625,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|i| {
             tokio::spawn(steady_agent(
                 Arc::clone(&args),
+                relays.clone(),
                 i,
                 Arc::clone(&paused),
                 Arc::clone(&stop),
@@ -683,9 +754,13 @@ async fn main() -> anyhow::Result<()> {
     // One line per run for the README's sizing table; hack/bench
     // scaler_sizing collects them. Goals: design.md section 5, issue #18.
     println!(
-        "sizing: {} agents x {} Services: RSS {:.0} MiB after the steady phase (goal <= 200 MiB), {:.1} KiB per agent stream (goal <= 30), peak {:.0} MiB; CPU {:.1}% of a core; GetMetrics p50 {} p99 {} (goal <= 1 ms); stream resets {}",
+        "sizing: {} agents x {} Services{}: RSS {:.0} MiB after the steady phase (goal <= 200 MiB), {:.1} KiB per agent stream (goal <= 30), peak {:.0} MiB; CPU {:.1}% of a core; GetMetrics p50 {} p99 {} (goal <= 1 ms); stream resets {}",
         args.agents,
         args.services,
+        match args.relay_streams {
+            0 => String::new(),
+            n => format!(" over {n} Relay streams"),
+        },
         mib(after_steady.rss_kib),
         per_stream_kib,
         mib(after_throughput.hwm_kib.max(after_steady.hwm_kib)),

@@ -23,11 +23,19 @@
 //!    connection's (the instances stay held: the scaler keeps a
 //!    disconnected instance for INSTANCE_RETENTION).
 //!
+//! With `--relays R` the same agents arrive the way relays bring them
+//! (#18): R Relay streams, each carrying its share of the agents as relayed
+//! streams, so that layers 1 and 2 are R connections and calls plus the
+//! agents' sessions, and what a relayed agent costs a replica can be put
+//! beside what an agent's own connection costs ([`relayed`]).
+//!
 //! It only connects to the address it is given (hack/bench gives loopback).
 
 mod bench_support;
 #[path = "bench_support/fleet.rs"]
 mod fleet;
+#[path = "streamcost/relayed.rs"]
+mod relayed;
 
 use std::time::Duration;
 
@@ -64,6 +72,10 @@ struct Args {
     /// Wait before each reading, for the scaler to finish the layer's work.
     #[arg(long, default_value_t = 3)]
     settle_secs: u64,
+    /// Bring the agents over this many Relay streams instead of a
+    /// connection each (0: a connection each).
+    #[arg(long, default_value_t = 0)]
+    relays: usize,
 }
 
 /// Agents opening at once, as a rollout would bring them.
@@ -86,13 +98,7 @@ impl Call {
     async fn open(channel: Channel, node: &str) -> anyhow::Result<Self> {
         let mut client = IngestClient::new(channel);
         let (tx, rx) = mpsc::channel(4);
-        tx.send(request(report_request::Message::Hello(Hello {
-            node_name: node.into(),
-            instance_id: format!("{node}-cost"),
-            protocol_version: PROTOCOL_VERSION,
-            instance_secret: format!("streamcost-secret-{node}"),
-        })))
-        .await?;
+        tx.send(request(hello(node))).await?;
         let mut acks = client.report(ReceiverStream::new(rx)).await?.into_inner();
         match acks.message().await?.and_then(|r| r.message) {
             Some(report_response::Message::Welcome(_)) => Ok(Self { tx, acks }),
@@ -114,24 +120,68 @@ impl Call {
     }
 
     async fn snapshot(&mut self, services: impl Iterator<Item = usize>) -> anyhow::Result<()> {
-        let totals = services
-            .flat_map(|s| {
-                COMMS.map(|comm| SeriesCount {
-                    series: Some(series(s, comm)),
-                    attempts: 1,
-                })
-            })
-            .collect();
-        let snapshot = Snapshot {
-            through_sequence: 0,
-            taken_at_unix_ms: now_ms(),
-            totals,
-            history: vec![],
-            edges: vec![],
-        };
-        self.acked(report_request::Message::Snapshot(snapshot), 0)
-            .await
+        self.acked(snapshot(services), 0).await
     }
+}
+
+fn hello(node: &str) -> report_request::Message {
+    report_request::Message::Hello(Hello {
+        node_name: node.into(),
+        instance_id: format!("{node}-cost"),
+        protocol_version: PROTOCOL_VERSION,
+        instance_secret: format!("streamcost-secret-{node}"),
+    })
+}
+
+/// A snapshot through 0 naming every comm of each of `services`.
+fn snapshot(services: impl Iterator<Item = usize>) -> report_request::Message {
+    let totals = services
+        .flat_map(|s| {
+            COMMS.map(|comm| SeriesCount {
+                series: Some(series(s, comm)),
+                attempts: 1,
+            })
+        })
+        .collect();
+    report_request::Message::Snapshot(Snapshot {
+        through_sequence: 0,
+        taken_at_unix_ms: now_ms(),
+        totals,
+        history: vec![],
+        edges: vec![],
+    })
+}
+
+/// Agent `i`'s share of the fleet: the first of its Services.
+fn first_service(args: &Args, i: usize) -> usize {
+    i * args.services / args.streams
+}
+
+/// Agent `i`'s snapshot.
+fn agent_snapshot(args: &Args, i: usize) -> report_request::Message {
+    let first = first_service(args, i);
+    snapshot((0..args.services_per_agent).map(|k| (first + k) % args.services))
+}
+
+/// Agent `i`'s steady batch `sequence`.
+fn agent_batch(args: &Args, i: usize, sequence: u64) -> report_request::Message {
+    let first = first_service(args, i);
+    let deltas = (0..args.deltas_per_batch)
+        .map(|k| SeriesCount {
+            series: Some(series(
+                (first + (k * 7) % args.services_per_agent) % args.services,
+                COMMS[k % COMMS.len()],
+            )),
+            attempts: 1,
+        })
+        .collect();
+    report_request::Message::Batch(Batch {
+        sequence,
+        collected_at_unix_ms: now_ms(),
+        wake: false,
+        deltas,
+        edges: vec![],
+    })
 }
 
 /// Runs `each` on every item, `CONCURRENCY` at a time, results in order.
@@ -200,6 +250,35 @@ async fn main() -> anyhow::Result<()> {
         .read("0. seed (every Service's 4 series, one agent)")
         .await?;
 
+    if args.relays > 0 {
+        relayed::layers(&args, &mut readings).await?;
+    } else {
+        connections(&args, &mut readings).await?;
+    }
+    drop(seed);
+
+    let total: i64 = readings
+        .rows
+        .iter()
+        .skip(1)
+        .take(4)
+        .map(|(_, kib)| kib)
+        .sum();
+    let over = if args.relays > 0 {
+        format!("{} Relay streams", args.relays)
+    } else {
+        "a connection each".to_owned()
+    };
+    println!(
+        "per agent stream (layers 1-4, {over}): {:.1} KiB (goal <= 30)",
+        total as f64 / args.streams as f64
+    );
+    Ok(())
+}
+
+/// The layers with a connection and a Report call per agent.
+async fn connections(args: &Args, readings: &mut Readings) -> anyhow::Result<()> {
+    let grpc = args.scaler.grpc;
     let channels = for_each((0..args.streams).collect(), |_, _| connect(grpc)).await?;
     readings.read("1. HTTP/2 connections").await?;
 
@@ -210,41 +289,17 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     readings.read("2. Report calls (hello, welcome)").await?;
 
-    let per_agent = args.services_per_agent;
-    let services = args.services;
-    let streams = args.streams;
     let calls = for_each(calls, |i, (channel, mut call)| async move {
-        let first = i * services / streams;
-        call.snapshot((0..per_agent).map(|k| (first + k) % services))
-            .await?;
+        call.acked(agent_snapshot(args, i), 0).await?;
         Ok((channel, call))
     })
     .await?;
     readings.read("3. snapshots").await?;
 
-    let deltas = args.deltas_per_batch;
     let mut calls = calls;
     for sequence in 1..=args.batches {
         calls = for_each(calls, |i, (channel, mut call)| async move {
-            let first = i * services / streams;
-            let deltas = (0..deltas)
-                .map(|k| SeriesCount {
-                    series: Some(series(
-                        (first + (k * 7) % per_agent) % services,
-                        COMMS[k % COMMS.len()],
-                    )),
-                    attempts: 1,
-                })
-                .collect();
-            let batch = Batch {
-                sequence,
-                collected_at_unix_ms: now_ms(),
-                wake: false,
-                deltas,
-                edges: vec![],
-            };
-            call.acked(report_request::Message::Batch(batch), sequence)
-                .await?;
+            call.acked(agent_batch(args, i, sequence), sequence).await?;
             Ok((channel, call))
         })
         .await?;
@@ -255,18 +310,5 @@ async fn main() -> anyhow::Result<()> {
     readings.read("5. calls ended (connections kept)").await?;
     drop(channels);
     readings.read("6. connections closed").await?;
-    drop(seed);
-
-    let total: i64 = readings
-        .rows
-        .iter()
-        .skip(1)
-        .take(4)
-        .map(|(_, kib)| kib)
-        .sum();
-    println!(
-        "per agent stream (layers 1-4): {:.1} KiB (goal <= 30)",
-        total as f64 / args.streams as f64
-    );
     Ok(())
 }

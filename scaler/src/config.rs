@@ -133,6 +133,12 @@ pub struct Args {
     #[arg(long, env = "GRPC_WINDOW", default_value = "64Ki", value_parser = parse_grpc_window)]
     pub grpc_window: u32,
 
+    /// Most agent streams live at once on one Relay stream (from one relay);
+    /// past it a new relayed stream alone ends RESOURCE_EXHAUSTED, counted in
+    /// itw_scaler_relayed_streams_refused_total{reason="max_relayed_streams"}.
+    #[arg(long, env = "MAX_RELAYED_STREAMS", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_relayed_streams: u32,
+
     /// Most deltas in one batch from an agent; a larger batch ends its stream.
     #[arg(long, env = "MAX_BATCH_DELTAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_batch_deltas: u32,
@@ -203,6 +209,7 @@ impl Args {
                 idle_timeout: self.idle_timeout,
                 grpc_window: self.grpc_window,
                 max_batch_deltas: self.max_batch_deltas as usize,
+                max_relayed_streams: self.max_relayed_streams as usize,
                 edge_max_age: self.edge_max_age,
                 max_edges: self.max_edges as usize,
             },
@@ -255,6 +262,7 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub grpc_window: u32,
     pub max_batch_deltas: usize,
+    pub max_relayed_streams: usize,
     pub edge_max_age: Duration,
     pub max_edges: usize,
 }
@@ -278,6 +286,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(90),
             grpc_window: 64 << 10,
             max_batch_deltas: 10_000,
+            max_relayed_streams: 4_096,
             edge_max_age: Duration::from_secs(24 * 3600),
             max_edges: 50_000,
         }
@@ -425,6 +434,7 @@ mod tests {
             "--idle-timeout=45s",
             "--grpc-window=20Ki",
             "--max-batch-deltas=7",
+            "--max-relayed-streams=15",
             "--edge-max-age=2h",
             "--max-edges=14",
             "--ingest-threads=3",
@@ -460,6 +470,7 @@ mod tests {
                     idle_timeout: Duration::from_secs(45),
                     grpc_window: 20 << 10,
                     max_batch_deltas: 7,
+                    max_relayed_streams: 15,
                     edge_max_age: Duration::from_secs(2 * 3600),
                     max_edges: 14,
                 },

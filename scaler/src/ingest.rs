@@ -13,36 +13,35 @@
 //!
 //! This module never blocks a stream on another: all shared state is behind
 //! [`crate::store`]'s short locks.
+//!
+//! - `session.rs`: one agent's rules, message by message ([`Session`]); a
+//!   Report stream here and a relayed stream in [`crate::relay`] both run it.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use itw_proto::{
     itw::v1::{
-        Ack, Batch, Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, Series, Snapshot,
-        Welcome, ingest_server::Ingest, report_request, report_response,
+        Batch, Hello, PROTOCOL_VERSION, RelayRequest, RelayResponse, ReportRequest, ReportResponse,
+        Series, Snapshot, ingest_server::Ingest, report_request, report_response,
     },
     names::{self, NameProblem},
 };
-use itw_telemetry::{
-    logging::LogBudget,
-    timeline::{TARGET as TIMELINE, monotonic_us},
-};
+use itw_telemetry::logging::LogBudget;
 use tokio::{runtime::Handle, sync::mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
-use tracing::Instrument;
 
 use crate::{
-    coldstart::WakeReceipt,
-    graph::check::check_edges,
     ingest_runtime::IngestRuntime,
-    metrics::{BatchResult, ScalerMetrics},
-    store::{
-        ApplyError, BatchOutcome, BatchView, Connection, HistoryView, SeriesCache, SeriesName,
-        SnapshotView, Store, short_id,
-    },
+    metrics::ScalerMetrics,
+    relay::{RELAY_RESPONSE_BUFFER, RelayStream},
+    store::{ApplyError, BatchView, HistoryView, SeriesName, SnapshotView, Store},
 };
+
+mod session;
+
+pub use session::{Origin, Session};
 
 /// Longest process name accepted: the kernel keeps 15 bytes, the agent's
 /// overflow name is a little longer.
@@ -263,6 +262,25 @@ impl Ingest for IngestService {
         IngestRuntime::spawn(&self.streams, stream.run(inbound, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    type RelayStream = ReceiverStream<Result<RelayResponse, Status>>;
+
+    async fn relay(
+        &self,
+        request: Request<Streaming<RelayRequest>>,
+    ) -> Result<Response<Self::RelayStream>, Status> {
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(RELAY_RESPONSE_BUFFER);
+        let stream = RelayStream {
+            store: Arc::clone(&self.store),
+            metrics: Arc::clone(&self.metrics),
+            tx,
+            peer,
+        };
+        IngestRuntime::spawn(&self.streams, stream.run(inbound, self.shutdown.clone()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 }
 
 /// One agent stream, owned by its own task.
@@ -279,31 +297,6 @@ enum End {
     Agent,
     /// The scaler is stopping: the stream ends with status OK.
     Shutdown,
-}
-
-/// The refused entries of one stream: each is counted; the first is logged
-/// as a warning, the rest at debug, so a node reporting a bad name on every
-/// batch does not flood the log.
-#[derive(Default)]
-struct Refusals {
-    warned: bool,
-}
-
-impl Refusals {
-    fn note(&mut self, metrics: &ScalerMetrics, refused: &[RefusedEntry]) {
-        for entry in refused {
-            metrics.refused_entry(entry.metric_label());
-            if self.warned {
-                tracing::debug!(%entry, "report entry refused");
-            } else {
-                self.warned = true;
-                tracing::warn!(
-                    %entry,
-                    "report entry refused, the rest of its message applied; further refusals on this stream are counted in itw_scaler_refused_entries_total and logged at debug"
-                );
-            }
-        }
-    }
 }
 
 impl ReportStream {
@@ -332,145 +325,25 @@ impl ReportStream {
     }
 
     async fn serve(&self, inbound: &mut Streaming<ReportRequest>) -> Result<End, IngestError> {
-        let hello = match next(inbound).await? {
-            None => return Ok(End::Agent),
-            Some(report_request::Message::Hello(hello)) => hello,
-            Some(other) => return Err(IngestError::HelloMissing { got: kind(&other) }),
+        let Some(first) = next(inbound).await? else {
+            return Ok(End::Agent);
         };
-        check_hello(&hello)?;
-        let (conn, applied) =
-            self.store
-                .hello(&hello.node_name, &hello.instance_id, &hello.instance_secret)?;
-        let span = tracing::info_span!(
-            "agent",
-            node = %hello.node_name,
-            instance = %short_id(&hello.instance_id)
-        );
-        self.serve_agent(inbound, conn, applied)
-            .instrument(span)
-            .await
-    }
-
-    async fn serve_agent(
-        &self,
-        inbound: &mut Streaming<ReportRequest>,
-        conn: Connection,
-        applied: u64,
-    ) -> Result<End, IngestError> {
-        let _connected = self.metrics.agent_connected();
-        tracing::info!(peer = ?self.peer, applied, "agent connected");
-        let history_seconds = u32::try_from(self.store.history_secs()).unwrap_or(u32::MAX);
-        if !self
-            .send(report_response::Message::Welcome(Welcome {
-                applied_sequence: applied,
-                history_seconds,
-            }))
-            .await
-        {
+        let (mut session, welcome) = Session::open(
+            &self.store,
+            &self.metrics,
+            first,
+            Origin::Report { peer: self.peer },
+        )?;
+        if !self.send(report_response::Message::Welcome(welcome)).await {
             return Ok(End::Agent);
         }
-
-        let mut cache = SeriesCache::default();
-        let mut snapshot_applied = false;
-        let mut refusals = Refusals::default();
-        let limits = *self.store.limits();
         while let Some(message) = next(inbound).await? {
-            let ack = match message {
-                report_request::Message::Hello(_) => return Err(IngestError::HelloAgain),
-                report_request::Message::Snapshot(snapshot) => {
-                    let Checked { view, refused } =
-                        check_snapshot(&snapshot, limits.max_window.as_secs())?;
-                    let edges = check_edges("snapshot.edges", &snapshot.edges, limits.max_edges)?;
-                    let ack = self.store.apply_snapshot(&conn, &view, &mut cache)?;
-                    self.store.learn_edges(&conn, "snapshot.edges", &edges.view);
-                    self.metrics.snapshots.inc();
-                    refusals.note(&self.metrics, &refused);
-                    refusals.note(&self.metrics, &edges.refused);
-                    snapshot_applied = true;
-                    tracing::info!(
-                        through = snapshot.through_sequence,
-                        series = view.totals.len(),
-                        destinations = view.history.len(),
-                        "snapshot applied"
-                    );
-                    ack
-                }
-                report_request::Message::Batch(batch) => {
-                    let receipt = batch.wake.then(|| {
-                        let receipt = WakeReceipt {
-                            at_us: monotonic_us(),
-                            at_ms: self.store.clock().now_ms(),
-                        };
-                        tracing::trace!(
-                            target: TIMELINE,
-                            t_us = receipt.at_us,
-                            sequence = batch.sequence,
-                            "wake batch received"
-                        );
-                        receipt
-                    });
-                    if !snapshot_applied {
-                        self.metrics.batch(BatchResult::Rejected);
-                        return Err(IngestError::SnapshotMissing {
-                            sequence: batch.sequence,
-                        });
-                    }
-                    let outcome = check_batch(&batch, limits.max_batch_deltas).and_then(
-                        |Checked { view, mut refused }| {
-                            let edges = check_edges("batch.edges", &batch.edges, limits.max_edges)?;
-                            // Before the batch rings the doorbell: the
-                            // stream it activates looks for the record.
-                            if let Some(receipt) = receipt {
-                                self.store.note_wake_batch(&conn, receipt, &view);
-                            }
-                            let outcome = self.store.apply_batch(&conn, &view, &mut cache)?;
-                            if let BatchOutcome::Applied { .. } = outcome {
-                                self.store.learn_edges(&conn, "batch.edges", &edges.view);
-                                refused.extend(edges.refused);
-                            }
-                            Ok((outcome, view.deltas.len(), refused))
-                        },
-                    );
-                    match outcome {
-                        Ok((BatchOutcome::Applied { ack }, applied, refused)) => {
-                            if batch.wake {
-                                tracing::trace!(
-                                    target: TIMELINE,
-                                    t_us = monotonic_us(),
-                                    sequence = batch.sequence,
-                                    "wake batch applied"
-                                );
-                            }
-                            self.metrics.batch(BatchResult::Applied);
-                            self.metrics.deltas.inc_by(applied as u64);
-                            refusals.note(&self.metrics, &refused);
-                            ack
-                        }
-                        // A resend's refusals were counted when it was first applied.
-                        Ok((BatchOutcome::Duplicate { ack }, _, _)) => {
-                            self.metrics.batch(BatchResult::Duplicate);
-                            tracing::debug!(
-                                sequence = batch.sequence,
-                                ack,
-                                "resent batch acknowledged again"
-                            );
-                            ack
-                        }
-                        Err(error) => {
-                            self.metrics.batch(BatchResult::Rejected);
-                            return Err(error);
-                        }
-                    }
-                }
-            };
-            if !self
-                .send(report_response::Message::Ack(Ack { sequence: ack }))
-                .await
-            {
+            let ack = session.handle(&self.store, &self.metrics, message)?;
+            if !self.send(report_response::Message::Ack(ack)).await {
                 return Ok(End::Agent);
             }
         }
-        tracing::info!("agent disconnected");
+        session.leave();
         Ok(End::Agent)
     }
 
@@ -506,7 +379,7 @@ async fn next(
     }
 }
 
-fn kind(message: &report_request::Message) -> &'static str {
+pub(crate) fn kind(message: &report_request::Message) -> &'static str {
     match message {
         report_request::Message::Hello(_) => "hello",
         report_request::Message::Snapshot(_) => "snapshot",

@@ -6,6 +6,8 @@
 //! - [`window`]: per-second windows, the scaler clock, the default window.
 //! - [`store`]: instances, series, windows, subscribers and the activity rule.
 //! - [`ingest`]: the agents' `itw.v1.Ingest/Report` stream.
+//! - [`relay`]: `itw.v1.Ingest/Relay`, many agents' streams carried by a
+//!   relay on one stream, each run by the same rules as a Report stream.
 //! - [`graph`]: the dependency graph (Service A calls Service B) and its
 //!   read-only `itw.v1.Graph` service.
 //! - [`prewake`]: StreamIsActive and IsActive for `prewake: "true"`
@@ -29,6 +31,7 @@ pub mod ingest_runtime;
 pub mod keda;
 pub mod metrics;
 pub mod prewake;
+pub mod relay;
 pub mod server;
 pub mod store;
 pub mod trigger;

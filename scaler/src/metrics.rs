@@ -72,6 +72,8 @@ pub struct ScalerMetrics {
     connections_closed: Family<ClosedLabels, Counter>,
     pub keda_streams: Gauge,
     pub keda_streams_refused: Counter,
+    pub relay_streams: Gauge,
+    relayed_streams_refused: Family<ReasonLabel, Counter>,
     pub ingest_lag: Histogram,
     pub series_overflow: Counter,
     pub window_overflow: Counter,
@@ -160,6 +162,18 @@ impl Default for ScalerMetrics {
             "KEDA streams refused because MAX_KEDA_STREAMS were open",
             keda_streams_refused.clone(),
         );
+        let relay_streams = Gauge::default();
+        registry.register(
+            "itw_scaler_relay_streams",
+            "Open Relay streams, each carrying many agents' streams from a relay (their agents count in itw_scaler_agents_connected)",
+            relay_streams.clone(),
+        );
+        let relayed_streams_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "itw_scaler_relayed_streams_refused",
+            "Relayed agent streams refused before their hello was read, by reason: max_relayed_streams (MAX_RELAYED_STREAMS live on their Relay stream)",
+            relayed_streams_refused.clone(),
+        );
         let ingest_lag = Histogram::new(LAG_BUCKETS);
         registry.register(
             "itw_scaler_ingest_lag_seconds",
@@ -230,6 +244,8 @@ impl Default for ScalerMetrics {
             connections_closed,
             keda_streams,
             keda_streams_refused,
+            relay_streams,
+            relayed_streams_refused,
             ingest_lag,
             series_overflow,
             window_overflow,
@@ -298,6 +314,19 @@ impl ScalerMetrics {
             return None;
         }
         Some(GaugeGuard(self.keda_streams.clone()))
+    }
+
+    /// Counts a relayed stream refused for `reason` ([`crate::relay::Refusal`]).
+    pub fn relayed_refused(&self, reason: &'static str) {
+        self.relayed_streams_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Keeps `itw_scaler_relay_streams` up while the returned guard lives.
+    pub fn relay_connected(&self) -> GaugeGuard {
+        self.relay_streams.inc();
+        GaugeGuard(self.relay_streams.clone())
     }
 
     /// Keeps `itw_scaler_agents_connected` up while the returned guard lives.

@@ -41,6 +41,7 @@ use crate::{
     ingest_runtime::IngestRuntime,
     keda::KedaService,
     metrics::ScalerMetrics,
+    relay::IngestRoutes,
     store::Store,
     window::Clock,
 };
@@ -172,13 +173,15 @@ impl Scaler {
             Arc::clone(&self.metrics),
             stop.clone(),
         ));
-        let ingest = IngestServer::new(IngestService::new(
-            Arc::clone(&self.store),
-            Arc::clone(&self.metrics),
-            stop.clone(),
-            self.ingest_runtime.handle(),
-        ))
-        .max_decoding_message_size(self.store.limits().max_report_bytes);
+        let ingest = IngestRoutes::new(
+            IngestService::new(
+                Arc::clone(&self.store),
+                Arc::clone(&self.metrics),
+                stop.clone(),
+                self.ingest_runtime.handle(),
+            ),
+            self.store.limits().max_report_bytes,
+        );
         let ingest = InterceptedService::new(ingest, self.token.interceptor(&self.metrics));
 
         let mut builder = Server::builder()

@@ -1,6 +1,7 @@
 //! The real `itw-scaler` binary: it starts from env vars, serves on loopback,
-//! and on SIGTERM ends KEDA's and the agents' streams with status OK and
-//! exits 0. Bad settings stop it at start with a message naming them.
+//! and on SIGTERM ends KEDA's, the agents' and the relays' streams with
+//! status OK and exits 0. Bad settings stop it at start with a message
+//! naming them.
 
 mod common;
 

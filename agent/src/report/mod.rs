@@ -131,6 +131,9 @@ impl std::fmt::Debug for InstanceSecret {
 pub struct ReportSettings {
     /// Every scaler address; each is resolved to all the replicas behind it.
     pub scalers: Vec<ScalerAddr>,
+    /// `RELAY_ADDR`: every replica's stream goes through this relay, naming
+    /// the replica in [`itw_proto::itw::v1::REPLICA_HEADER`].
+    pub relay: Option<ScalerAddr>,
     pub node_name: String,
     /// New on every agent start.
     pub instance_id: String,

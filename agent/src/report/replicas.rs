@@ -37,14 +37,21 @@ impl FromStr for ScalerAddr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s, "itw-scaler-headless.itw-system:9090")
+    }
+}
+
+impl ScalerAddr {
+    /// Parses host:port; `example` is what the error suggests instead.
+    pub fn parse(s: &str, example: &str) -> Result<Self, String> {
         let s = s.trim();
         let s = s
             .strip_prefix("http://")
             .or_else(|| s.strip_prefix("https://"))
             .unwrap_or(s);
-        let (host, port) = s.rsplit_once(':').ok_or_else(|| {
-            format!("{s:?} has no port; use host:port, e.g. itw-scaler-headless.itw-system:9090")
-        })?;
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} has no port; use host:port, e.g. {example}"))?;
         let bracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
         let host = match bracketed {
             Some(h) if h.parse::<std::net::Ipv6Addr>().is_ok() => h,

@@ -11,20 +11,20 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use itw_proto::itw::v1::{
-    Hello, PROTOCOL_VERSION, ReportRequest, ReportResponse, ingest_client::IngestClient,
-    report_request, report_response,
+    Hello, PROTOCOL_VERSION, REPLICA_HEADER, ReportRequest, ReportResponse,
+    ingest_client::IngestClient, report_request, report_response,
 };
 use rand::Rng;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
-    metadata::MetadataValue,
+    metadata::{Ascii, MetadataValue},
     transport::{Channel, Endpoint},
 };
 
 use super::{
-    ReportContext, ReportError,
+    ReportContext, ReportError, ScalerAddr,
     ledger::{FellBehind, Outgoing},
 };
 
@@ -94,11 +94,22 @@ async fn session(
     domain: &str,
     stop: &CancellationToken,
 ) -> Result<SessionEnd, ReportError> {
-    let channel = connect(ctx, addr, domain).await?;
+    let channel = match &ctx.settings.relay {
+        Some(relay) => connect_relay(ctx, relay).await?,
+        None => connect(ctx, addr, domain).await?,
+    };
     let token = ctx.settings.token()?;
+    // Through a relay, the header says which replica the stream is for.
+    let replica = match ctx.settings.relay {
+        Some(_) => Some(replica_header(addr)?),
+        None => None,
+    };
     let mut client = IngestClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
         if let Some(token) = &token {
             req.metadata_mut().insert("authorization", token.clone());
+        }
+        if let Some(replica) = &replica {
+            req.metadata_mut().insert(REPLICA_HEADER, replica.clone());
         }
         Ok(req)
     })
@@ -282,13 +293,34 @@ async fn connect(
     addr: SocketAddr,
     domain: &str,
 ) -> Result<Channel, ReportError> {
+    let endpoint = endpoint(ctx, &addr.to_string(), domain)
+        .map_err(|e| ReportError::Config(format!("SCALER_ADDR {addr}: {e}")))?;
+    Ok(endpoint.connect().await?)
+}
+
+/// A connection to the relay, resolved anew on every session: a relay
+/// Service's address may change, and a relay that went away is replaced.
+async fn connect_relay(ctx: &ReportContext, relay: &ScalerAddr) -> Result<Channel, ReportError> {
+    let endpoint = endpoint(ctx, &relay.to_string(), relay.domain())
+        .map_err(|e| ReportError::Config(format!("RELAY_ADDR {relay}: {e}")))?;
+    Ok(endpoint.connect().await?)
+}
+
+/// The `itw-replica` header value naming `addr`.
+fn replica_header(addr: SocketAddr) -> Result<MetadataValue<Ascii>, ReportError> {
+    addr.to_string()
+        .parse()
+        .map_err(|_| ReportError::Config(format!("{REPLICA_HEADER}: {addr} cannot be a header")))
+}
+
+fn endpoint(ctx: &ReportContext, authority: &str, domain: &str) -> Result<Endpoint, String> {
     let scheme = if ctx.settings.tls.is_some() {
         "https"
     } else {
         "http"
     };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .map_err(|e| ReportError::Config(format!("SCALER_ADDR {addr}: {e}")))?
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{authority}"))
+        .map_err(|e| e.to_string())?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(20))
@@ -297,9 +329,9 @@ async fn connect(
     if let Some(tls) = &ctx.settings.tls {
         endpoint = endpoint
             .tls_config(tls.config(domain))
-            .map_err(|e| ReportError::Config(format!("scaler TLS: {e}")))?;
+            .map_err(|e| format!("TLS: {e}"))?;
     }
-    Ok(endpoint.connect().await?)
+    Ok(endpoint)
 }
 
 /// The `authorization` header value for a token.

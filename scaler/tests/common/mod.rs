@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
+pub mod relay;
+
 use std::{
     collections::HashMap,
     future::Future,
@@ -95,6 +97,21 @@ impl TestScaler {
     /// Opens an agent stream (with a bearer token if given).
     pub async fn agent(&self, token: Option<&str>) -> Result<Agent, Status> {
         Agent::open(self.channel().await, token).await
+    }
+
+    /// Opens a relay's stream (with a bearer token if given).
+    pub async fn relay(&self, token: Option<&str>) -> Result<relay::Relay, Status> {
+        relay::Relay::open(self.channel().await, token).await
+    }
+
+    /// Waits until the `/metrics` sample `name` (no labels) reads `value`.
+    pub async fn until_gauge(&self, name: &str, value: f64) {
+        within(&format!("{name} to read {value}"), async {
+            while sample(&self.metrics_body().await, name, &[]) != Some(value) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
     }
 
     pub async fn metrics_body(&self) -> String {
@@ -314,11 +331,12 @@ impl Agent {
 }
 
 /// One of each long-lived stream a shutdown must end: KEDA's StreamIsActive
-/// and StreamMetricSpec, and an agent's Report.
+/// and StreamMetricSpec, an agent's Report and a relay's Relay.
 pub struct EveryStream {
     active: Streaming<IsActiveResponse>,
     specs: Streaming<GetMetricSpecResponse>,
     agent: Agent,
+    relay: relay::Relay,
 }
 
 impl EveryStream {
@@ -344,13 +362,17 @@ impl EveryStream {
             .unwrap()
             .into_inner();
         within("the spec", specs.message()).await.unwrap().unwrap();
-        let mut agent = Agent::open(channel, None).await.unwrap();
+        let mut agent = Agent::open(channel.clone(), None).await.unwrap();
         agent.hello("node-1", "i").await;
         agent.snapshot(0, vec![], vec![]).await;
+        let mut relay = relay::Relay::open(channel, None).await.unwrap();
+        relay.hello(1, "node-2", "relayed").await;
+        relay.snapshot(1, 0, vec![], vec![]).await;
         Self {
             active,
             specs,
             agent,
+            relay,
         }
     }
 
@@ -369,6 +391,7 @@ impl EveryStream {
             None
         );
         self.agent.expect_end().await;
+        self.relay.expect_end().await;
     }
 }
 
