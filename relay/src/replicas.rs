@@ -23,9 +23,9 @@ use crate::{
     upstream::{self, UpstreamContext},
 };
 
-/// The request header naming the replica an agent's stream is for
-/// (`SocketAddr` text, as the agent resolved it: `10.244.1.5:9090`).
-pub const REPLICA_HEADER: &str = "itw-replica";
+/// The request header naming the replica an agent's stream is for: the
+/// contract's, one copy for the agent and the relay.
+pub use itw_proto::itw::v1::REPLICA_HEADER;
 /// Least time between two resolutions asked for by unknown replicas.
 pub const MISS_RESOLVE_GAP: Duration = Duration::from_secs(1);
 /// Longest an agent's stream waits for a resolution it asked for.
