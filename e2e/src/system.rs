@@ -60,10 +60,11 @@ pub const BINARIES: [(&str, &str); 3] = [
     ("itw-relay", "itw-relay"),
 ];
 
-/// Path of `itw-agent` or `itw-scaler`, built in the same profile and target
-/// directory as the running test or bench. The first call in a process runs
-/// `cargo build -p itw-agent -p itw-scaler` (both at once, so a test that
-/// starts both waits for one build); later calls reuse that build. This is a
+/// Path of `itw-agent`, `itw-scaler` or `itw-relay`, built in the same
+/// profile and target directory as the running test or bench. The first call
+/// in a process runs `cargo build -p itw-agent -p itw-scaler -p itw-relay`
+/// (all at once, so a test that starts several waits for one build); later
+/// calls reuse that build. This is a
 /// build from inside a test, said here because cargo offers no other way to
 /// get another package's binary into a test (artifact dependencies are
 /// unstable); with `cargo test --workspace` it only checks that they are
