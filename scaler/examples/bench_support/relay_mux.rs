@@ -1,7 +1,8 @@
 //! Relays, as the scaler sees them, for the load examples (#18): many agents'
 //! Report streams carried over a few `Ingest.Relay` streams ("lanes"), each
 //! standing for one itw-relay. Each relayed stream gets the next id on its
-//! lane, its messages go out untouched, and the replica's answers come back
+//! lane as its hello goes out (ids must reach the replica in order), its
+//! messages go out untouched, and the replica's answers come back
 //! to it by id. The examples run the agents' side of the protocol over it
 //! exactly as over a Report stream of their own.
 //!
@@ -39,8 +40,10 @@ pub struct RelayMux {
 struct Lane {
     tx: mpsc::Sender<RelayRequest>,
     routes: Routes,
-    /// The last id given out on this Relay stream.
-    last: u64,
+    /// The last id given out on this Relay stream. Held while a relayed
+    /// stream's first message is queued: ids must reach the replica in the
+    /// order they are given out, or it ignores the late ones.
+    last: Arc<tokio::sync::Mutex<u64>>,
 }
 
 /// The answers of one relayed stream.
@@ -80,28 +83,39 @@ impl RelayMux {
             Some(lane) if lane.routes.lock().is_some() => lane,
             _ => slot.insert(Lane::open(self.addr).await?),
         };
-        lane.last += 1;
-        let id = lane.last;
         let (route, rx) = mpsc::unbounded_channel();
-        match lane.routes.lock().as_mut() {
-            Some(routes) => {
-                routes.insert(id, route);
-            }
-            // Ended since the check: the stream reads as ended at once.
-            None => {
-                let _ = route.send(Err(Status::unavailable("the Relay stream ended")));
-            }
-        }
         let (tx, mut agent) = mpsc::channel::<ReportRequest>(64);
-        let upstream = lane.tx.clone();
-        // Forwards until the agent drops its sender, then says so.
+        let (upstream, routes, last) = (
+            lane.tx.clone(),
+            Arc::clone(&lane.routes),
+            Arc::clone(&lane.last),
+        );
+        // Numbers the stream when its first message (the hello) goes out,
+        // forwards until the agent drops its sender, then says so.
         tokio::spawn(async move {
-            while let Some(report) = agent.recv().await {
-                let request = RelayRequest {
-                    stream: id,
-                    message: Some(relay_request::Message::Report(report)),
-                };
-                if upstream.send(request).await.is_err() {
+            let Some(first) = agent.recv().await else {
+                return;
+            };
+            let id = {
+                let mut last = last.lock().await;
+                *last += 1;
+                let id = *last;
+                match routes.lock().as_mut() {
+                    Some(routes) => {
+                        routes.insert(id, route);
+                    }
+                    None => {
+                        let _ = route.send(Err(Status::unavailable("the Relay stream ended")));
+                        return;
+                    }
+                }
+                if upstream.send(report(id, first)).await.is_err() {
+                    return;
+                }
+                id
+            };
+            while let Some(message) = agent.recv().await {
+                if upstream.send(report(id, message)).await.is_err() {
                     return;
                 }
             }
@@ -162,7 +176,14 @@ impl Lane {
         Ok(Self {
             tx,
             routes,
-            last: 0,
+            last: Arc::default(),
         })
+    }
+}
+
+fn report(stream: u64, report: ReportRequest) -> RelayRequest {
+    RelayRequest {
+        stream,
+        message: Some(relay_request::Message::Report(report)),
     }
 }
