@@ -17,7 +17,11 @@ use itw_relay::{
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming, metadata::MetadataMap, transport::Server};
+use tonic::{
+    Request, Response, Status, Streaming,
+    metadata::MetadataMap,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Server, ServerTlsConfig},
+};
 
 /// Every wait of a test is bounded by this, so a bug fails instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -94,6 +98,11 @@ pub struct FakeReplica {
 
 impl FakeReplica {
     pub fn start(addr: SocketAddr) -> Self {
+        Self::start_with(addr, None)
+    }
+
+    /// A replica serving `tls` (certificate, key, and the CA clients' certificates must carry).
+    pub fn start_with(addr: SocketAddr, tls: Option<ServerTlsConfig>) -> Self {
         let (calls_tx, calls) = mpsc::channel(8);
         let (kill, killed) = oneshot::channel::<()>();
         let (bound_tx, bound) = std::sync::mpsc::channel();
@@ -105,7 +114,11 @@ impl FakeReplica {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
                 bound_tx.send(listener.local_addr().unwrap()).unwrap();
-                let server = Server::builder()
+                let mut builder = Server::builder();
+                if let Some(tls) = tls {
+                    builder = builder.tls_config(tls).unwrap();
+                }
+                let server = builder
                     .add_service(IngestServer::new(FakeService { calls: calls_tx }))
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
                 tokio::select! {
@@ -162,6 +175,16 @@ pub struct RelayUnderTest {
 
 impl RelayUnderTest {
     pub async fn start(replica: SocketAddr, token: Option<&str>, limits: Limits) -> Self {
+        Self::start_with(replica, token, limits, |_| {}).await
+    }
+
+    /// A relay whose config `adjust` changes last (TLS, say).
+    pub async fn start_with(
+        replica: SocketAddr,
+        token: Option<&str>,
+        limits: Limits,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config::new(vec![format!("{replica}").parse().unwrap()]);
         config.listen_addr = "127.0.0.1:0".parse().unwrap();
         config.metrics_addr = "127.0.0.1:0".parse().unwrap();
@@ -170,6 +193,7 @@ impl RelayUnderTest {
             None => TokenSource::None,
         };
         config.limits = limits;
+        adjust(&mut config);
         let relay = Relay::bind(config).await.unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let grpc = relay.grpc_addr();
@@ -223,9 +247,29 @@ impl Agent {
         replica: &str,
         token: Option<&str>,
     ) -> Result<Self, Status> {
-        let mut client = IngestClient::connect(format!("http://{relay}"))
+        let client = IngestClient::connect(format!("http://{relay}"))
             .await
             .expect("the relay's port");
+        Self::open(client, replica, token).await
+    }
+
+    /// Connects over TLS, verifying the relay with `ca` (PEM).
+    pub async fn connect_tls(relay: SocketAddr, replica: &str, ca: &[u8]) -> Result<Self, Status> {
+        let channel = Endpoint::from_shared(format!("https://{relay}"))
+            .unwrap()
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+            .unwrap()
+            .connect()
+            .await
+            .expect("a TLS connection to the relay");
+        Self::open(IngestClient::new(channel), replica, None).await
+    }
+
+    async fn open(
+        mut client: IngestClient<Channel>,
+        replica: &str,
+        token: Option<&str>,
+    ) -> Result<Self, Status> {
         let (tx, rx) = mpsc::channel(16);
         let mut request = Request::new(ReceiverStream::new(rx));
         request
