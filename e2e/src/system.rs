@@ -52,14 +52,19 @@ pub fn tool_available(test: &str, path: &str) -> bool {
     false
 }
 
-/// The binaries this harness starts. Both live in other packages, where
+/// The binaries this harness starts. They live in other packages, where
 /// cargo's `CARGO_BIN_EXE_<name>` cannot name them from here.
-pub const BINARIES: [(&str, &str); 2] = [("itw-agent", "itw-agent"), ("itw-scaler", "itw-scaler")];
+pub const BINARIES: [(&str, &str); 3] = [
+    ("itw-agent", "itw-agent"),
+    ("itw-scaler", "itw-scaler"),
+    ("itw-relay", "itw-relay"),
+];
 
-/// Path of `itw-agent` or `itw-scaler`, built in the same profile and target
-/// directory as the running test or bench. The first call in a process runs
-/// `cargo build -p itw-agent -p itw-scaler` (both at once, so a test that
-/// starts both waits for one build); later calls reuse that build. This is a
+/// Path of `itw-agent`, `itw-scaler` or `itw-relay`, built in the same
+/// profile and target directory as the running test or bench. The first call
+/// in a process runs `cargo build -p itw-agent -p itw-scaler -p itw-relay`
+/// (all at once, so a test that starts several waits for one build); later
+/// calls reuse that build. This is a
 /// build from inside a test, said here because cargo offers no other way to
 /// get another package's binary into a test (artifact dependencies are
 /// unstable); with `cargo test --workspace` it only checks that they are
@@ -378,6 +383,50 @@ impl Scaler {
     /// Attempts of one service on this scaler's /metrics.
     pub async fn attempts(&self, namespace: &str, service: &str) -> f64 {
         service_attempts(&scrape(self.metrics).await, namespace, service)
+    }
+}
+
+/// The running relay binary.
+pub struct Relay {
+    pub proc: Proc,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl Relay {
+    /// Starts a relay in front of `scalers` (its SCALER_ADDR) on the given
+    /// ports; returns once it is ready (a Relay stream to a replica is up).
+    pub async fn start_on(
+        name: &str,
+        grpc: SocketAddr,
+        metrics: SocketAddr,
+        scalers: &[SocketAddr],
+        env: &[(&str, String)],
+    ) -> Relay {
+        let list: Vec<String> = scalers.iter().map(ToString::to_string).collect();
+        let mut all = vec![
+            ("LISTEN_ADDR", grpc.to_string()),
+            ("METRICS_ADDR", metrics.to_string()),
+            ("SCALER_ADDR", list.join(",")),
+        ];
+        all.extend(env.iter().cloned());
+        let mut proc = Proc::spawn(name, &binary("itw-relay"), &all);
+        let ready = format!("http://{metrics}/readyz");
+        eventually(
+            &format!("{name} to be ready"),
+            Duration::from_secs(20),
+            || {
+                proc.assert_running();
+                let ready = ready.clone();
+                async move { get(&ready).await }
+            },
+        )
+        .await;
+        Relay {
+            proc,
+            grpc,
+            metrics,
+        }
     }
 }
 

@@ -7,7 +7,9 @@
 //!   `itw.v1.Graph` service (`proto/itw/v1/graph.proto`).
 //! - [`names`]: the Kubernetes name rules of what the agent reports and the
 //!   scaler accepts, one copy for both.
-//! - [`token`]: the bearer token rule, one copy for both.
+//! - [`token`]: the bearer token rule and the check of a presented token,
+//!   one copy for every binary.
+//! - [`addr`]: `host:port` settings (`SCALER_ADDR`), one parsing rule.
 //! - [`codec`]: the protobuf codec every generated client and server uses
 //!   (prost's, with small per-call buffers).
 //!
@@ -33,6 +35,7 @@ pub mod itw {
     }
 }
 
+pub mod addr;
 pub mod codec;
 pub mod names;
 pub mod token;

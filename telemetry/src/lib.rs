@@ -2,7 +2,7 @@
 //! ([`logging`]), the `/metrics` endpoint ([`http`], [`exposition`]), the
 //! cold start histograms' labels and buckets ([`cold_start`]), and
 //! reading duration flags ([`flags`]), and the guarded listener every server
-//! of both binaries accepts on ([`listener`]).
+//! of both binaries accepts on ([`listener`], and [`grpc_listener`] for tonic).
 //!
 //! Both binaries export `internal_tcp_attempts_total`, and Prometheus must see
 //! the same thing from either, so the exposition rules live here once.
@@ -10,6 +10,7 @@
 pub mod cold_start;
 pub mod exposition;
 pub mod flags;
+pub mod grpc_listener;
 pub mod http;
 pub mod listener;
 pub mod logging;

@@ -1,8 +1,8 @@
 //! Reading the rendered deploy manifests (`kubectl kustomize`) in tests, and
 //! checking a container's settings against a binary's clap definition.
 //!
-//! Shared by `deploy_agent.rs` and `deploy_scaler.rs`, so both binaries are
-//! held to the same rules.
+//! Shared by `deploy_agent.rs`, `deploy_scaler.rs` and `deploy_relay.rs`, so
+//! every binary is held to the same rules.
 
 #![allow(dead_code)]
 

@@ -1,0 +1,155 @@
+//! The relay Deployment and Service of deploy/ against the relay itself:
+//! every env var is a setting of `itw-relay` with a value it accepts, the
+//! ports and probes are the ones it serves, its Service leads to them, its
+//! SCALER_ADDR is the scaler's headless Service (so it reaches every
+//! replica), and the token it checks and presents is the Secret the scaler
+//! expects.
+//!
+//! Each check returns the problems it found, so the negative test can feed
+//! it a broken copy and see it fail.
+
+mod deploy_support;
+
+use std::path::Path;
+
+use clap::{CommandFactory, Parser};
+use deploy_support::*;
+use itw_relay::config::Args;
+use serde_json::{Value, json};
+
+fn parse_relay(deployment: &Value) -> Result<Args, Vec<String>> {
+    let argv = argv_of(&Args::command(), container(deployment, "itw-relay"))?;
+    Args::try_parse_from(&argv).map_err(|e| vec![format!("itw-relay refuses {argv:?}: {e}")])
+}
+
+fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?["value"]
+        .as_str()
+}
+
+fn check_relay(objects: &[Value]) -> Vec<String> {
+    let deployment = find(objects, "Deployment", "itw-relay");
+    let args = match parse_relay(deployment) {
+        Ok(args) => args,
+        Err(problems) => return problems,
+    };
+    let mut problems = Vec::new();
+    let c = container(deployment, "itw-relay");
+    let pod = pod_spec(deployment);
+    let (grpc, metrics) = (args.listen_addr.port(), args.metrics_addr.port());
+    for (name, port, setting) in [
+        ("grpc", grpc, "LISTEN_ADDR"),
+        ("metrics", metrics, "METRICS_ADDR"),
+    ] {
+        if container_port(c, &json!(name)) != Some(port) {
+            problems.push(format!(
+                "containerPort {name:?} does not match {setting}'s port {port}"
+            ));
+        }
+    }
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        let p = &c[probe]["httpGet"];
+        if p["path"] != path || container_port(c, &p["port"]) != Some(metrics) {
+            problems.push(format!(
+                "{probe} is not GET {path} on METRICS_ADDR's port {metrics}"
+            ));
+        }
+    }
+    match args.token_file.as_deref() {
+        None => problems.push("TOKEN_FILE is not set: any pod could relay counts".to_owned()),
+        Some(file) => {
+            let relay_secret = volume_of_file(deployment, c, file)
+                .map(|(v, key)| (v["secret"]["secretName"].clone(), key.to_owned()));
+            let scaler = find(objects, "Deployment", "itw-scaler");
+            let scaler_c = container(scaler, "itw-scaler");
+            let scaler_secret = env_value(scaler_c, "AGENT_TOKEN_FILE")
+                .and_then(|f| volume_of_file(scaler, scaler_c, Path::new(f)))
+                .map(|(v, key)| (v["secret"]["secretName"].clone(), key.to_owned()));
+            if relay_secret.is_none() || relay_secret != scaler_secret {
+                problems.push(format!(
+                    "the relay's TOKEN_FILE is Secret {relay_secret:?}, the scaler's AGENT_TOKEN_FILE {scaler_secret:?}: they must be the same Secret key"
+                ));
+            }
+        }
+    }
+    let scalers: Vec<String> = args.scaler_addr.0.iter().map(ToString::to_string).collect();
+    if scalers != ["itw-scaler-ingest.itw-system.svc:9090"] {
+        problems.push(format!(
+            "SCALER_ADDR is {scalers:?}, not the headless itw-scaler-ingest Service (every replica)"
+        ));
+    }
+    let security = &c["securityContext"];
+    if pod["securityContext"]["runAsNonRoot"] != true
+        || security["readOnlyRootFilesystem"] != true
+        || security["allowPrivilegeEscalation"] != false
+        || security["capabilities"]["drop"] != json!(["ALL"])
+        || !security["capabilities"]["add"].is_null()
+    {
+        problems.push("the relay must run as non-root, read-only, without privilege escalation or any capability".to_owned());
+    }
+    if pod["automountServiceAccountToken"] != false {
+        problems.push(
+            "automountServiceAccountToken is not false: the relay never calls the API".to_owned(),
+        );
+    }
+    let service = find(objects, "Service", "itw-relay");
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let selects = service["spec"]["selector"]
+        .as_object()
+        .is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| &labels[k] == v));
+    let leads = service["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|p| {
+            p["port"].as_u64() == Some(u64::from(grpc))
+                && container_port(c, &p["targetPort"]) == Some(grpc)
+        });
+    if service["spec"]["clusterIP"] == "None" || !selects || !leads {
+        problems.push(format!(
+            "Service itw-relay must be a ClusterIP Service selecting the relay's pods, port {grpc} to its gRPC port"
+        ));
+    }
+    problems
+}
+
+#[test]
+fn the_relay_deployment_matches_the_relay() {
+    let Some(objects) = render("the_relay_deployment_matches_the_relay", "") else {
+        return;
+    };
+    assert_eq!(check_relay(&objects), Vec::<String>::new());
+}
+
+#[test]
+fn a_broken_relay_deployment_is_caught() {
+    let Some(objects) = render("a_broken_relay_deployment_is_caught", "") else {
+        return;
+    };
+    let broken = |name: &str, value: &str| -> Vec<Value> {
+        objects
+            .iter()
+            .map(|o| {
+                if kind_of(o) == "Deployment" && name_of(o) == "itw-relay" {
+                    with_env(o, "itw-relay", name, value)
+                } else {
+                    o.clone()
+                }
+            })
+            .collect()
+    };
+    let problems = check_relay(&broken("MAX_AGENT_STREAMS", "0"));
+    assert!(problems[0].starts_with("itw-relay refuses"), "{problems:?}");
+    let problems = check_relay(&broken("SCALER_ADDR", "itw-scaler.itw-system.svc:9090"));
+    assert_eq!(
+        problems,
+        [
+            "SCALER_ADDR is [\"itw-scaler.itw-system.svc:9090\"], not the headless itw-scaler-ingest Service (every replica)"
+        ]
+    );
+    let problems = check_relay(&broken("METRICS_ADDR", "0.0.0.0:9103"));
+    assert_eq!(problems.len(), 3, "{problems:?}");
+}
