@@ -1,9 +1,10 @@
-//! The relay Deployment and Service of deploy/ against the relay itself:
+//! The relay Deployment and Service of deploy/examples/relays (the install
+//! for large clusters) against the relay itself:
 //! every env var is a setting of `itw-relay` with a value it accepts, the
 //! ports and probes are the ones it serves, its Service leads to them, its
 //! SCALER_ADDR is the scaler's headless Service (so it reaches every
-//! replica), and the token it checks and presents is the Secret the scaler
-//! expects.
+//! replica), the token it checks and presents is the Secret the scaler
+//! expects, and the agents' RELAY_ADDR is the relay Service.
 //!
 //! Each check returns the problems it found, so the negative test can feed
 //! it a broken copy and see it fail.
@@ -16,6 +17,9 @@ use clap::{CommandFactory, Parser};
 use deploy_support::*;
 use itw_relay::config::Args;
 use serde_json::{Value, json};
+
+/// The overlay that installs the relays, under deploy/.
+const RELAYS: &str = "examples/relays";
 
 fn parse_relay(deployment: &Value) -> Result<Args, Vec<String>> {
     let argv = argv_of(&Args::command(), container(deployment, "itw-relay"))?;
@@ -113,12 +117,21 @@ fn check_relay(objects: &[Value]) -> Vec<String> {
             "Service itw-relay must be a ClusterIP Service selecting the relay's pods, port {grpc} to its gRPC port"
         ));
     }
+    let namespace = service["metadata"]["namespace"].as_str().unwrap_or("default");
+    let expected = format!("itw-relay.{namespace}.svc:{grpc}");
+    let agent = find(objects, "DaemonSet", "itw-agent");
+    let relay_addr = env_value(container(agent, "itw-agent"), "RELAY_ADDR");
+    if relay_addr != Some(expected.as_str()) {
+        problems.push(format!(
+            "the agents' RELAY_ADDR is {relay_addr:?}, not the relay Service {expected:?}"
+        ));
+    }
     problems
 }
 
 #[test]
 fn the_relay_deployment_matches_the_relay() {
-    let Some(objects) = render("the_relay_deployment_matches_the_relay", "") else {
+    let Some(objects) = render("the_relay_deployment_matches_the_relay", RELAYS) else {
         return;
     };
     assert_eq!(check_relay(&objects), Vec::<String>::new());
@@ -126,7 +139,7 @@ fn the_relay_deployment_matches_the_relay() {
 
 #[test]
 fn a_broken_relay_deployment_is_caught() {
-    let Some(objects) = render("a_broken_relay_deployment_is_caught", "") else {
+    let Some(objects) = render("a_broken_relay_deployment_is_caught", RELAYS) else {
         return;
     };
     let broken = |name: &str, value: &str| -> Vec<Value> {
@@ -152,4 +165,37 @@ fn a_broken_relay_deployment_is_caught() {
     );
     let problems = check_relay(&broken("METRICS_ADDR", "0.0.0.0:9103"));
     assert_eq!(problems.len(), 3, "{problems:?}");
+
+    let agents_elsewhere: Vec<Value> = objects
+        .iter()
+        .map(|o| {
+            if kind_of(o) == "DaemonSet" && name_of(o) == "itw-agent" {
+                with_env(o, "itw-agent", "RELAY_ADDR", "itw-relay.default.svc:9090")
+            } else {
+                o.clone()
+            }
+        })
+        .collect();
+    assert_eq!(
+        check_relay(&agents_elsewhere),
+        [
+            "the agents' RELAY_ADDR is Some(\"itw-relay.default.svc:9090\"), not the relay Service \"itw-relay.itw-system.svc:9090\""
+        ]
+    );
+}
+
+/// The base install runs no relay: below about 1,000 nodes agents connect
+/// to the replicas themselves.
+#[test]
+fn the_base_install_has_no_relay() {
+    let Some(objects) = render("the_base_install_has_no_relay", "") else {
+        return;
+    };
+    assert!(
+        objects.iter().all(|o| !name_of(o).contains("relay")),
+        "{:?}",
+        objects.iter().map(name_of).collect::<Vec<_>>()
+    );
+    let agent = find(&objects, "DaemonSet", "itw-agent");
+    assert_eq!(env_value(container(agent, "itw-agent"), "RELAY_ADDR"), None);
 }
