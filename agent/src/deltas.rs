@@ -25,7 +25,7 @@ use crate::{
     attribution::{Attributed, Attribution, SourceKey},
     capture::{CaptureError, Kernel, KernelCounts, Wake, comm_name},
     destinations::DestinationTable,
-    resolve::{ServiceRef, Target},
+    resolve::{PodName, ServiceRef, Target},
     sources::Source,
 };
 
@@ -295,8 +295,8 @@ fn series(target: &Target, comm: Arc<str>) -> SeriesKey {
 fn pod_label(target: &Target) -> Arc<str> {
     target
         .pod
-        .as_deref()
-        .map_or_else(itw_telemetry::exposition::empty_label, Arc::from)
+        .as_ref()
+        .map_or_else(itw_telemetry::exposition::empty_label, PodName::to_label)
 }
 
 #[cfg(test)]

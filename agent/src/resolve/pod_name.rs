@@ -4,37 +4,45 @@
 //! as an `Arc<str>` each was an allocation of its own: 4.4 MiB at 100k, and
 //! scattered among the freed buffers of the list that brought them, so the
 //! allocator could give little of that list back. Here the names of one
-//! EndpointSlice share one text ([`PodNames`]), and a [`PodName`] is a
-//! handle to one of them: as wide as the `Arc<str>` it replaces, and it
-//! reads, compares, orders and hashes as the name's text, so callers see a
-//! `&str`.
+//! EndpointSlice share one text ([`PodNames`]), their common prefix stored
+//! once, and a [`PodName`] is a handle to one of them: as wide as the
+//! `Arc<str>` it replaces, and it compares, orders, hashes and displays as
+//! the name's text.
 //!
 //! A handle keeps its whole block alive. A source that replaces a slice's
 //! block re-sends the targets that point into the old one, so the agent's
 //! table moves to the new block and the old one is freed (see
 //! [`PodName::same_block`]).
 
-use std::{fmt, hash::Hash, sync::Arc};
+use std::{cmp::Ordering, fmt, hash::Hash, sync::Arc};
 
 /// The pod names of one EndpointSlice, one per address (an address with no
-/// pod has an empty name), in one text.
+/// pod has none), in one text. The prefix every name shares (a
+/// Deployment's pods are `<deployment>-<replica set hash>-<5 characters>`,
+/// so most of each name) is stored once.
 #[derive(PartialEq, Eq)]
 pub struct PodNames {
+    /// The shared prefix, then the rest of each name in address order.
     text: Box<str>,
-    /// Where each address's name ends in `text`; it starts where the
-    /// previous one ends.
+    /// The shared prefix's length.
+    shared: u32,
+    /// Where each address's rest ends in `text`; it starts where the
+    /// previous one ends. An empty rest: no pod (a pod's rest is never
+    /// empty, see [`PodNamesBuilder::build`]).
     ends: Box<[u32]>,
 }
 
 impl PodNames {
-    /// The name of address `i`; `None` when it has no pod (or is out of range).
-    pub fn get(&self, i: usize) -> Option<&str> {
+    /// Address `i`'s name as (shared prefix, rest); `None` when it has no
+    /// pod (or is out of range).
+    pub fn get(&self, i: usize) -> Option<(&str, &str)> {
         let end = *self.ends.get(i)? as usize;
         let start = match i.checked_sub(1) {
             Some(before) => self.ends[before] as usize,
-            None => 0,
+            None => self.shared as usize,
         };
-        self.text.get(start..end).filter(|name| !name.is_empty())
+        let rest = self.text.get(start..end).filter(|rest| !rest.is_empty())?;
+        Some((self.text.get(..self.shared as usize)?, rest))
     }
 
     pub fn len(&self) -> usize {
@@ -45,21 +53,28 @@ impl PodNames {
         self.ends.is_empty()
     }
 
-    /// Every address's name (`None`: no pod), in order.
-    pub fn iter(&self) -> impl Iterator<Item = Option<&str>> {
-        (0..self.len()).map(|i| self.get(i))
+    /// Whether address `i`'s pod is `name`.
+    pub fn is(&self, i: usize, name: &str) -> bool {
+        self.get(i).is_some_and(|(prefix, rest)| {
+            name.len() == prefix.len() + rest.len()
+                && name.starts_with(prefix)
+                && name.ends_with(rest)
+        })
     }
 }
 
 impl fmt::Debug for PodNames {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
+        f.debug_list()
+            .entries((0..self.len()).map(|i| self.get(i).map(|(p, r)| format!("{p}{r}"))))
+            .finish()
     }
 }
 
 /// Collects a slice's pod names, one per address.
 #[derive(Debug, Default)]
 pub struct PodNamesBuilder {
+    /// Every name whole, in address order.
     text: String,
     ends: Vec<u32>,
 }
@@ -77,33 +92,68 @@ impl PodNamesBuilder {
     /// holds at most 1,000 endpoints of at most 253 characters each.
     pub fn push(&mut self, pod: Option<&str>) {
         let pod = pod.unwrap_or("");
-        let fits = u32::try_from(self.text.len() + pod.len()).is_ok();
-        if fits {
+        if u32::try_from(self.text.len() + pod.len()).is_ok() {
             self.text.push_str(pod);
         }
         let end = u32::try_from(self.text.len()).unwrap_or(u32::MAX);
         self.ends.push(end);
     }
 
+    fn names(&self) -> impl Iterator<Item = &str> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let name = self.text.get(start..end as usize).unwrap_or("");
+            start = end as usize;
+            name
+        })
+    }
+
     /// The block; `previous` instead when it holds exactly these names, so
     /// an update that changes no pod name keeps the handles already given
     /// out valid and allocates nothing.
     pub fn build(self, previous: Option<&Arc<PodNames>>) -> Arc<PodNames> {
+        // The longest prefix of every name, shortened so that no name is
+        // all prefix (an empty rest means no pod), on a character boundary.
+        let mut pods = self.names().filter(|n| !n.is_empty());
+        let mut shared = pods.next().map_or(0, |first| first.len() - 1);
+        let first = self.names().find(|n| !n.is_empty()).unwrap_or("");
+        for name in pods {
+            let common = first
+                .bytes()
+                .zip(name.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            shared = shared.min(common).min(name.len() - 1);
+        }
+        while !first.is_char_boundary(shared) {
+            shared -= 1;
+        }
+        let mut text = String::with_capacity(self.text.len());
+        text.push_str(&first[..shared]);
+        let mut ends = Vec::with_capacity(self.ends.len());
+        for name in self.names() {
+            text.push_str(name.get(shared..).unwrap_or(""));
+            ends.push(u32::try_from(text.len()).unwrap_or(u32::MAX));
+        }
+        let shared = u32::try_from(shared).unwrap_or(0);
         if let Some(previous) = previous
-            && *previous.ends == *self.ends
-            && *previous.text == *self.text
+            && previous.shared == shared
+            && *previous.ends == *ends
+            && *previous.text == *text
         {
             return previous.clone();
         }
         Arc::new(PodNames {
-            text: self.text.into_boxed_str(),
-            ends: self.ends.into_boxed_slice(),
+            text: text.into_boxed_str(),
+            shared,
+            ends: ends.into_boxed_slice(),
         })
     }
 }
 
 /// One pod's name: a handle into its slice's [`PodNames`] (or a block of
-/// its own, see [`From<&str>`](#impl-From<%26str>-for-PodName)).
+/// its own, see [`From<&str>`](#impl-From<%26str>-for-PodName)). It
+/// compares, orders, hashes and displays as its text.
 #[derive(Clone)]
 pub struct PodName {
     block: Arc<PodNames>,
@@ -120,9 +170,29 @@ impl PodName {
         })
     }
 
-    pub fn as_str(&self) -> &str {
+    /// (shared prefix, rest): the name is the two together.
+    fn parts(&self) -> (&str, &str) {
         // `at` and `from` only make handles to names that exist.
-        self.block.get(self.index as usize).unwrap_or("")
+        self.block.get(self.index as usize).unwrap_or(("", ""))
+    }
+
+    fn bytes(&self) -> impl Iterator<Item = u8> + '_ {
+        let (prefix, rest) = self.parts();
+        prefix.bytes().chain(rest.bytes())
+    }
+
+    pub fn len(&self) -> usize {
+        let (prefix, rest) = self.parts();
+        prefix.len() + rest.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The name as a label value.
+    pub fn to_label(&self) -> Arc<str> {
+        Arc::from(self.to_string())
     }
 
     /// Whether both handles point into one block (not only equal names):
@@ -146,23 +216,10 @@ impl From<&str> for PodName {
     }
 }
 
-impl std::ops::Deref for PodName {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        self.as_str()
-    }
-}
-
-impl AsRef<str> for PodName {
-    fn as_ref(&self) -> &str {
-        self.as_str()
-    }
-}
-
 impl PartialEq for PodName {
     fn eq(&self, other: &Self) -> bool {
-        (self.same_block(other) && self.index == other.index) || self.as_str() == other.as_str()
+        (self.same_block(other) && self.index == other.index)
+            || (self.len() == other.len() && self.bytes().eq(other.bytes()))
     }
 }
 
@@ -170,37 +227,44 @@ impl Eq for PodName {}
 
 impl PartialEq<str> for PodName {
     fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
+        self.len() == other.len() && self.bytes().eq(other.bytes())
     }
 }
 
 impl PartialOrd for PodName {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
+/// As the names' `str`s order (bytewise).
 impl Ord for PodName {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_str().cmp(other.as_str())
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.bytes().cmp(other.bytes())
     }
 }
 
+/// As the name's `str` hashes, whatever its split into prefix and rest.
 impl Hash for PodName {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state);
+        for byte in self.bytes() {
+            state.write_u8(byte);
+        }
+        state.write_u8(0xff);
     }
 }
 
 impl fmt::Debug for PodName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
+        fmt::Debug::fmt(&self.to_string(), f)
     }
 }
 
 impl fmt::Display for PodName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        let (prefix, rest) = self.parts();
+        f.write_str(prefix)?;
+        f.write_str(rest)
     }
 }
 
@@ -216,21 +280,57 @@ mod tests {
         builder.build(None)
     }
 
+    fn name(block: &Arc<PodNames>, i: usize) -> Option<String> {
+        PodName::at(block, i).map(|p| p.to_string())
+    }
+
     #[test]
     fn a_block_gives_each_address_its_name() {
         let names = block(&[Some("web-0"), None, Some("web-12"), Some(""), Some("w")]);
-        assert_eq!(
-            names.iter().collect::<Vec<_>>(),
-            vec![Some("web-0"), None, Some("web-12"), None, Some("w")]
-        );
         assert_eq!(names.len(), 5);
         assert_eq!(names.get(5), None);
-        assert_eq!(PodName::at(&names, 0).as_deref(), Some("web-0"));
-        assert_eq!(PodName::at(&names, 1), None);
-        assert_eq!(PodName::at(&names, 2).as_deref(), Some("web-12"));
-        assert_eq!(PodName::at(&names, 4).as_deref(), Some("w"));
-        assert_eq!(PodName::at(&names, 9), None);
+        assert_eq!(name(&names, 0).as_deref(), Some("web-0"));
+        assert_eq!(name(&names, 1), None);
+        assert_eq!(name(&names, 2).as_deref(), Some("web-12"));
+        assert_eq!(name(&names, 3), None);
+        assert_eq!(name(&names, 4).as_deref(), Some("w"));
+        assert_eq!(name(&names, 9), None);
+        assert!(names.is(2, "web-12"));
+        assert!(!names.is(2, "web-1"));
+        assert!(!names.is(1, ""));
         assert_eq!(std::mem::size_of::<Option<PodName>>(), 16);
+    }
+
+    #[test]
+    fn the_shared_prefix_is_stored_once_and_no_name_is_all_prefix() {
+        let deployment = block(&[
+            Some("web-7d9f8b6c5d-x2x7q"),
+            None,
+            Some("web-7d9f8b6c5d-b4k9z"),
+            Some("web-7d9f8b6c5d-bb"),
+        ]);
+        assert_eq!(deployment.shared, 15);
+        assert_eq!(&*deployment.text, "web-7d9f8b6c5d-x2x7qb4k9zbb");
+        assert_eq!(name(&deployment, 3).as_deref(), Some("web-7d9f8b6c5d-bb"));
+        assert_eq!(deployment.get(3), Some(("web-7d9f8b6c5d-", "bb")));
+
+        // One name is a prefix of the others: it keeps one byte of its own.
+        let nested = block(&[Some("db-1"), Some("db-10"), Some("db-11")]);
+        assert_eq!(nested.shared, 3);
+        assert_eq!(
+            (0..3).map(|i| name(&nested, i)).collect::<Vec<_>>(),
+            vec![
+                Some("db-1".into()),
+                Some("db-10".into()),
+                Some("db-11".into())
+            ]
+        );
+        // Multi-byte characters are not split.
+        let wide = block(&[Some("été-a"), Some("été-b"), Some("éa")]);
+        assert_eq!(wide.shared, 2);
+        assert_eq!(name(&wide, 2).as_deref(), Some("éa"));
+        assert_eq!(block(&[None, None]).shared, 0);
+        assert_eq!(block(&[Some("solo")]).get(0), Some(("sol", "o")));
     }
 
     #[test]
@@ -247,6 +347,20 @@ mod tests {
         assert_eq!(b_elsewhere, PodName::from("b-2"));
         assert_eq!(a.to_string(), "a-1");
         assert_eq!(format!("{b:?}"), "\"b-2\"");
+        assert!(b == *"b-2");
+        assert_eq!(&*b.to_label(), "b-2");
+        // Order and hash follow the text, not the split.
+        let split = block(&[Some("ab-x"), Some("ab-y")]);
+        let whole = PodName::from("ab-x");
+        assert_eq!(PodName::at(&split, 0).unwrap(), whole);
+        assert!(PodName::at(&split, 0).unwrap() < PodName::from("ab-xa"));
+        assert!(PodName::from("ab-") < PodName::at(&split, 0).unwrap());
+        use std::hash::{BuildHasher, RandomState};
+        let hasher = RandomState::new();
+        assert_eq!(
+            hasher.hash_one(PodName::at(&split, 0).unwrap()),
+            hasher.hash_one(&whole)
+        );
         let set: std::collections::HashSet<PodName> = [b.clone(), b_elsewhere].into();
         assert_eq!(set.len(), 1);
     }
@@ -268,8 +382,8 @@ mod tests {
         let moved = moved.build(Some(&previous));
         assert!(!Arc::ptr_eq(&moved, &previous));
         assert_eq!(
-            moved.iter().collect::<Vec<_>>(),
-            vec![Some("web-0"), Some("web-1"), None]
+            (0..3).map(|i| name(&moved, i)).collect::<Vec<_>>(),
+            vec![Some("web-0".into()), Some("web-1".into()), None]
         );
     }
 }

@@ -175,7 +175,6 @@ impl Default for Endpoints {
 #[derive(Clone, Copy, Debug)]
 pub struct Endpoint<'a> {
     pub ip: IpAddr,
-    pub pod: Option<&'a str>,
     /// `conditions.ready`, unknown read as ready (as the API asks). Picks
     /// the winner when two objects claim one IP:port, and makes the
     /// Service's ready count.
@@ -188,6 +187,11 @@ impl Endpoint<'_> {
     /// The pod's name as a target holds it.
     pub fn pod_name(&self) -> Option<PodName> {
         PodName::at(self.pods, self.index)
+    }
+
+    /// Whether the endpoint's pod is `name`.
+    pub fn pod_is(&self, name: &str) -> bool {
+        self.pods.is(self.index, name)
     }
 }
 
@@ -210,7 +214,6 @@ impl Endpoints {
         }
         Some(Endpoint {
             ip,
-            pod: self.pods.get(i),
             ready: !not_ready,
             pods: &self.pods,
             index: i,

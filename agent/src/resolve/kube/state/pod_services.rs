@@ -17,24 +17,25 @@ impl ClusterState {
         let Some(slots) = self.service_slots.get(namespace) else {
             return Vec::new();
         };
-        let mut found: Vec<ServiceRef> =
-            slots
-                .values()
-                .filter_map(|slot| self.services.get(*slot))
-                .filter(|entry| entry.spec.is_some())
-                .filter(|entry| {
-                    entry
-                        .slices
-                        .iter()
-                        .filter_map(|slot| self.slices.get(*slot))
-                        .any(|slice| {
-                            slice.spec.endpoints.iter().any(|endpoint| {
-                                endpoint.pod == Some(pod) || ips.contains(&endpoint.ip)
-                            })
-                        })
-                })
-                .map(|entry| entry.service.clone())
-                .collect();
+        let mut found: Vec<ServiceRef> = slots
+            .values()
+            .filter_map(|slot| self.services.get(*slot))
+            .filter(|entry| entry.spec.is_some())
+            .filter(|entry| {
+                entry
+                    .slices
+                    .iter()
+                    .filter_map(|slot| self.slices.get(*slot))
+                    .any(|slice| {
+                        slice
+                            .spec
+                            .endpoints
+                            .iter()
+                            .any(|endpoint| endpoint.pod_is(pod) || ips.contains(&endpoint.ip))
+                    })
+            })
+            .map(|entry| entry.service.clone())
+            .collect();
         found.sort();
         found
     }
