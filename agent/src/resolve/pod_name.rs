@@ -401,8 +401,9 @@ mod tests {
         let split = block(&[Some("ab-x"), Some("ab-y")]);
         let whole = PodName::from("ab-x");
         assert_eq!(PodName::at(&split, 0).unwrap(), whole);
-        assert!(PodName::at(&split, 0).unwrap() < PodName::from("ab-xa"));
-        assert!(PodName::from("ab-") < PodName::at(&split, 0).unwrap());
+        let (longer, shorter) = (PodName::from("ab-xa"), PodName::from("ab-"));
+        assert!(PodName::at(&split, 0).unwrap() < longer);
+        assert!(shorter < PodName::at(&split, 0).unwrap());
         use std::hash::{BuildHasher, RandomState};
         let hasher = RandomState::new();
         assert_eq!(
