@@ -25,7 +25,7 @@ use crate::{
     attribution::{Attributed, Attribution, SourceKey},
     capture::{CaptureError, Kernel, KernelCounts, Wake, comm_name},
     destinations::DestinationTable,
-    resolve::{ServiceRef, Target},
+    resolve::{PodName, ServiceRef, Target},
     sources::Source,
 };
 
@@ -243,7 +243,7 @@ impl Collector {
     /// The label a process name gets for this target: itself while the
     /// target has room, the overflow name after.
     fn admit(&mut self, target: &Target, name: Arc<str>) -> Arc<str> {
-        let pod = target.pod.clone().unwrap_or_else(|| "".into());
+        let pod = pod_label(target);
         let admitted = self
             .admitted
             .entry((target.service.clone(), pod))
@@ -286,9 +286,17 @@ fn series(target: &Target, comm: Arc<str>) -> SeriesKey {
     SeriesKey {
         service: target.service.clone(),
         port: target.port,
-        pod: target.pod.clone().unwrap_or_else(|| "".into()),
+        pod: pod_label(target),
         comm,
     }
+}
+
+/// The `destination_pod` label of a target: empty for a ClusterIP.
+fn pod_label(target: &Target) -> Arc<str> {
+    target
+        .pod
+        .as_ref()
+        .map_or_else(itw_telemetry::exposition::empty_label, PodName::to_label)
 }
 
 #[cfg(test)]

@@ -150,6 +150,9 @@ impl DestinationTable {
         if let Some(id) = old
             && self.target(id) == Some(&target)
         {
+            // The same target, its pod name perhaps in a new block of names:
+            // hold that one, so the old block can be freed.
+            self.ids.replace_target(id, target);
             return Ok(());
         }
         let id = self.allocate_id();
@@ -350,6 +353,16 @@ impl IdPages {
         page.armed[i] = true;
     }
 
+    /// Puts an equal `target` in place of the one under `id`, armed or not.
+    fn replace_target(&mut self, id: u32, target: Target) {
+        let (page, i) = Self::locate(id);
+        if let Some(slot) = self.pages.get_mut(page).and_then(|p| p.targets.get_mut(i))
+            && slot.is_some()
+        {
+            *slot = Some(target);
+        }
+    }
+
     fn set_armed(&mut self, id: u32, armed: bool) {
         let (page, i) = Self::locate(id);
         if let Some(page) = self.pages.get_mut(page)
@@ -450,6 +463,32 @@ mod tests {
         );
         assert_eq!(table.id_of(addr("127.1.0.1:80")), Some(id_a));
         assert_eq!(handle.watched().len(), 1);
+    }
+
+    #[test]
+    fn an_equal_target_from_a_new_block_of_names_takes_the_held_ones_place() {
+        let mut kernel = FakeKernel::new(16);
+        let handle = kernel.handle();
+        let mut table = DestinationTable::new();
+        let web_0 = addr("10.244.1.5:8080");
+        let first = target("web", Some("web-0"));
+        table.apply(
+            &mut kernel,
+            MapEvent::Changes(vec![MapChange::Set(web_0, first.clone())]),
+        );
+        let id = table.id_of(web_0).unwrap();
+        // `From<&str>` makes a block of its own: equal names, other blocks.
+        let again = target("web", Some("web-0"));
+        let applied = table.apply(
+            &mut kernel,
+            MapEvent::Changes(vec![MapChange::Set(web_0, again.clone())]),
+        );
+        assert_eq!((applied.watched, applied.unwatched), (0, 0));
+        assert_eq!(table.id_of(web_0), Some(id));
+        assert_eq!(handle.watched()[&resolve::destination(web_0)], (id, true));
+        let held = table.target(id).unwrap().pod.clone().unwrap();
+        assert!(held.same_block(again.pod.as_ref().unwrap()));
+        assert!(!held.same_block(first.pod.as_ref().unwrap()));
     }
 
     #[test]

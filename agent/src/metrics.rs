@@ -7,104 +7,24 @@
 //! because their exposition depends on the scraper (see
 //! `itw_telemetry::exposition`).
 
-use std::{collections::BTreeMap, sync::Arc};
+mod attempts;
 
-use itw_telemetry::{
-    exposition::{AttemptLabels, AttemptSeries, ScrapeView, encode_attempts},
-    http::MetricsSource,
-};
+use std::sync::Arc;
+
+use itw_telemetry::{exposition::ScrapeView, http::MetricsSource};
 use parking_lot::Mutex;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tokio::time::Instant;
+
+pub use attempts::AttemptCounters;
 
 use crate::{
     capture::{CaptureMode, KernelStats},
-    deltas::SeriesKey,
-    resolve::ServiceRef,
     source_metrics::SourceMetrics,
 };
-
-#[derive(Clone, Copy, Debug)]
-struct SeriesState {
-    attempts: u64,
-    created: Instant,
-}
-
-/// The `internal_tcp_attempts_total` series: cumulative, summed over ports.
-#[derive(Debug, Default)]
-pub struct AttemptCounters {
-    series: Mutex<BTreeMap<AttemptLabels, SeriesState>>,
-}
-
-impl AttemptCounters {
-    /// Adds a collection's deltas.
-    pub fn add(&self, deltas: &[(SeriesKey, u64)]) {
-        let now = Instant::now();
-        let mut series = self.series.lock();
-        for (key, delta) in deltas {
-            let labels = AttemptLabels {
-                destination_namespace: key.service.namespace.clone(),
-                destination_service: key.service.name.clone(),
-                destination_pod: key.pod.clone(),
-                process_comm: key.comm.clone(),
-            };
-            series
-                .entry(labels)
-                .or_insert(SeriesState {
-                    attempts: 0,
-                    created: now,
-                })
-                .attempts += delta;
-        }
-    }
-
-    /// Creates a Service's zero series (no pod, no process) when the Service
-    /// is first seen, so a query for it answers 0 rather than nothing.
-    pub fn service_seen(&self, service: &ServiceRef) {
-        self.series
-            .lock()
-            .entry(AttemptLabels::shared_service(
-                &service.namespace,
-                &service.name,
-            ))
-            .or_insert(SeriesState {
-                attempts: 0,
-                created: Instant::now(),
-            });
-    }
-
-    /// Drops a departed Service's zero series. Series with attempts stay: a
-    /// counter that vanished would read as a reset.
-    pub fn service_gone(&self, service: &ServiceRef) {
-        let labels = AttemptLabels::shared_service(&service.namespace, &service.name);
-        let mut series = self.series.lock();
-        if series.get(&labels).is_some_and(|s| s.attempts == 0) {
-            series.remove(&labels);
-        }
-    }
-
-    /// The count of one series (for tests and the demo).
-    pub fn get(&self, labels: &AttemptLabels) -> Option<u64> {
-        self.series.lock().get(labels).map(|s| s.attempts)
-    }
-
-    fn encode(&self, out: &mut String, view: &ScrapeView) -> std::fmt::Result {
-        let series = self.series.lock();
-        encode_attempts(
-            out,
-            view,
-            series.iter().map(|(labels, state)| AttemptSeries {
-                labels,
-                attempts: state.attempts,
-                created: state.created,
-            }),
-        )
-    }
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommLabels {
@@ -335,37 +255,7 @@ mod tests {
     use itw_telemetry::exposition::{OVERFLOW_COMM, parse_samples};
 
     use super::*;
-
-    #[test]
-    fn series_share_the_names_they_are_given() {
-        let counters = AttemptCounters::default();
-        let service = ServiceRef::new("shop", "web");
-        counters.service_seen(&service);
-        counters.service_seen(&ServiceRef::new("shop", "cart"));
-        let attempt = key("web", 80, "web-0", "curl");
-        counters.add(&[(attempt.clone(), 2)]);
-        let series = counters.series.lock();
-        let zero = series
-            .keys()
-            .find(|l| &*l.destination_service == "web" && l.process_comm.is_empty())
-            .expect("the zero series");
-        assert!(Arc::ptr_eq(&zero.destination_namespace, &service.namespace));
-        assert!(Arc::ptr_eq(&zero.destination_service, &service.name));
-        // Every empty label is one allocation.
-        let cart = series
-            .keys()
-            .find(|l| &*l.destination_service == "cart")
-            .expect("the other zero series");
-        assert!(Arc::ptr_eq(&zero.destination_pod, &cart.process_comm));
-        let counted = series
-            .iter()
-            .find(|(l, _)| &*l.process_comm == "curl")
-            .expect("the counted series");
-        assert_eq!(counted.1.attempts, 2);
-        assert!(Arc::ptr_eq(&counted.0.destination_pod, &attempt.pod));
-        assert!(Arc::ptr_eq(&counted.0.process_comm, &attempt.comm));
-        assert_eq!(series.len(), 3);
-    }
+    use crate::{deltas::SeriesKey, resolve::ServiceRef};
 
     fn key(svc: &str, port: u16, pod: &str, comm: &str) -> SeriesKey {
         SeriesKey {

@@ -7,6 +7,7 @@
 
 pub mod kube;
 mod map_destinations;
+pub mod pod_name;
 pub mod static_map;
 pub mod wakes;
 
@@ -20,6 +21,7 @@ use std::{
 
 use itw_common::Destination;
 pub use map_destinations::MapDestinations;
+pub use pod_name::PodName;
 
 /// Where the service map comes from.
 #[derive(Clone, Debug)]
@@ -115,7 +117,7 @@ pub struct Target {
     /// whichever way the caller came in.
     pub port: u16,
     /// Set for pod IPs, `None` for ClusterIPs.
-    pub pod: Option<Arc<str>>,
+    pub pod: Option<PodName>,
 }
 
 /// A complete map: every watched destination and every known Service (a

@@ -253,7 +253,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceMap, StaticMapError> {
         for (k, ep) in svc.endpoints.iter().enumerate() {
             let ep_at = |field: &str| at(&format!("endpoints[{k}].{field}"));
             check_name(&ep.pod, &ep_at("pod"), names::pod).map_err(&invalid)?;
-            let pod: std::sync::Arc<str> = ep.pod.value.as_str().into();
+            let pod = crate::resolve::PodName::from(ep.pod.value.as_str());
             // (service port, port on the pod)
             let pairs: Vec<(u16, u16)> = match &ep.ports {
                 None => ports.clone(),

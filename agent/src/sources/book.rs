@@ -165,7 +165,7 @@ impl KubeSources {
                                     tracker
                                         .pods()
                                         .filter(|p| {
-                                            p.name == *name
+                                            *name == *p.name
                                                 && p.namespace == target.service.namespace
                                         })
                                         .map(|p| p.cgroup_uid.clone()),

@@ -83,7 +83,8 @@ pub trait Claimants {
 pub struct Renewed<'a> {
     pub target: Target,
     pub rank: Rank<'a>,
-    /// Whether the target changed (else only the rank did).
+    /// Whether the target must be sent again: it changed, or its pod name
+    /// moved to another block of names (else only the rank changed).
     pub target_changed: bool,
 }
 

@@ -10,7 +10,7 @@
 //! reported the same way and read as absent.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
@@ -21,7 +21,10 @@ use super::objects::{
     EndpointSliceObject, HOLD_ANNOTATION, HOLD_TIMEOUT_ANNOTATION, SERVICE_NAME_LABEL,
     ServiceObject,
 };
-use crate::resolve::ServiceRef;
+use crate::resolve::{
+    ServiceRef,
+    pod_name::{PodName, PodNames, PodNamesBuilder},
+};
 use crate::sources::exclude::{EXCLUDE_SOURCES_ANNOTATION, SourceRules};
 
 /// The two kinds of object the resolver watches.
@@ -133,13 +136,13 @@ pub struct SliceSpec {
 
 /// A slice's endpoint addresses, stored by column because they are most of
 /// what the resolver holds: a slice has one address family (its
-/// addressType), so an IPv4 address takes 4 bytes, a pod name a pointer,
-/// readiness a bit.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// addressType), so an IPv4 address takes 4 bytes, a pod name its text
+/// and an offset in the slice's one block of names, readiness a bit.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoints {
     addresses: Addresses,
-    /// Set when the endpoint's `targetRef` is a Pod.
-    pods: Box<[Option<Arc<str>>]>,
+    /// A name where the endpoint's `targetRef` is a Pod.
+    pods: Arc<PodNames>,
     /// Bit `i` set: address `i` is not ready.
     not_ready: Box<[u64]>,
 }
@@ -158,15 +161,38 @@ impl Default for Addresses {
     }
 }
 
+impl Default for Endpoints {
+    fn default() -> Self {
+        Self {
+            addresses: Addresses::default(),
+            pods: PodNamesBuilder::default().build(None),
+            not_ready: Box::default(),
+        }
+    }
+}
+
 /// One endpoint address.
 #[derive(Clone, Copy, Debug)]
 pub struct Endpoint<'a> {
     pub ip: IpAddr,
-    pub pod: Option<&'a Arc<str>>,
     /// `conditions.ready`, unknown read as ready (as the API asks). Picks
     /// the winner when two objects claim one IP:port, and makes the
     /// Service's ready count.
     pub ready: bool,
+    pods: &'a Arc<PodNames>,
+    index: usize,
+}
+
+impl Endpoint<'_> {
+    /// The pod's name as a target holds it.
+    pub fn pod_name(&self) -> Option<PodName> {
+        PodName::at(self.pods, self.index)
+    }
+
+    /// Whether the endpoint's pod is `name`.
+    pub fn pod_is(&self, name: &str) -> bool {
+        self.pods.is(self.index, name)
+    }
 }
 
 impl Endpoints {
@@ -183,10 +209,14 @@ impl Endpoints {
             .not_ready
             .get(i / 64)
             .is_some_and(|word| word & (1 << (i % 64)) != 0);
+        if i >= self.pods.len() {
+            return None;
+        }
         Some(Endpoint {
             ip,
-            pod: self.pods.get(i)?.as_ref(),
             ready: !not_ready,
+            pods: &self.pods,
+            index: i,
         })
     }
 }
@@ -195,7 +225,9 @@ impl Endpoints {
 struct EndpointsBuilder {
     v4: Option<Vec<Ipv4Addr>>,
     v6: Vec<Ipv6Addr>,
-    pods: Vec<Option<Arc<str>>>,
+    /// Addresses pushed.
+    addresses: usize,
+    pods: PodNamesBuilder,
     not_ready: Vec<u64>,
 }
 
@@ -204,13 +236,14 @@ impl EndpointsBuilder {
         Self {
             v4: (!ipv6).then(|| Vec::with_capacity(capacity)),
             v6: Vec::with_capacity(if ipv6 { capacity } else { 0 }),
-            pods: Vec::with_capacity(capacity),
+            addresses: 0,
+            pods: PodNamesBuilder::with_capacity(capacity),
             not_ready: Vec::new(),
         }
     }
 
     /// Adds an address; `Err` names the family it should have been.
-    fn push(&mut self, ip: IpAddr, pod: Option<Arc<str>>, ready: bool) -> Result<(), &'static str> {
+    fn push(&mut self, ip: IpAddr, pod: Option<&str>, ready: bool) -> Result<(), &'static str> {
         match (&mut self.v4, ip) {
             (Some(v4), IpAddr::V4(ip)) => v4.push(ip),
             (Some(v4), IpAddr::V6(ip)) => match ip.to_ipv4_mapped() {
@@ -220,7 +253,8 @@ impl EndpointsBuilder {
             (None, IpAddr::V6(ip)) => self.v6.push(ip),
             (None, IpAddr::V4(_)) => return Err("IPv6"),
         }
-        let i = self.pods.len();
+        let i = self.addresses;
+        self.addresses += 1;
         self.pods.push(pod);
         if !ready {
             self.not_ready.resize(i / 64 + 1, 0);
@@ -229,13 +263,15 @@ impl EndpointsBuilder {
         Ok(())
     }
 
-    fn build(self) -> Endpoints {
+    /// The endpoints; the pod names are `previous`'s block when they are
+    /// the same.
+    fn build(self, previous: Option<&Endpoints>) -> Endpoints {
         Endpoints {
             addresses: match self.v4 {
                 Some(v4) => Addresses::V4(v4.into()),
                 None => Addresses::V6(self.v6.into()),
             },
-            pods: self.pods.into(),
+            pods: self.pods.build(previous.map(|p| &p.pods)),
             not_ready: self.not_ready.into(),
         }
     }
@@ -463,8 +499,8 @@ fn hold_annotations(
 
 /// Reads an EndpointSlice. `None` (with a report) when the slice cannot be
 /// mapped at all: no namespace/name, no Service label, or an address type
-/// other than IPv4/IPv6. `previous` is the slice as held before, whose pod
-/// names are reused so an update allocates none for pods it already had.
+/// other than IPv4/IPv6. `previous` is the slice as held before, whose block
+/// of pod names is kept when the names are the same.
 pub fn slice(
     slice: &EndpointSliceObject,
     previous: Option<&SliceSpec>,
@@ -535,12 +571,6 @@ pub fn slice(
         });
     }
 
-    // Pod names the slice had, to share rather than copy.
-    let known_pods: HashMap<&str, &Arc<str>> = previous
-        .into_iter()
-        .flat_map(|p| p.endpoints.pods.iter().flatten())
-        .map(|pod| (&**pod, pod))
-        .collect();
     let listed = slice.endpoints.as_deref().unwrap_or_default();
     let addresses = listed.iter().map(|e| e.addresses.len()).sum();
     let mut endpoints = EndpointsBuilder::new(ipv6, addresses);
@@ -550,11 +580,7 @@ pub fn slice(
             .as_ref()
             .filter(|r| r.kind.as_deref() == Some("Pod"))
             .and_then(|r| r.name.as_deref())
-            .filter(|n| !n.is_empty())
-            .map(|n| match known_pods.get(n) {
-                Some(known) => Arc::clone(known),
-                None => Arc::from(n),
-            });
+            .filter(|n| !n.is_empty());
         let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
         for (j, address) in ep.addresses.iter().enumerate() {
             let Some(ip) = parse_endpoint_ip(address) else {
@@ -564,7 +590,7 @@ pub fn slice(
                 );
                 continue;
             };
-            if let Err(family) = endpoints.push(ip, pod.clone(), ready) {
+            if let Err(family) = endpoints.push(ip, pod, ready) {
                 report.skip(
                     format!("endpoints[{i}].addresses[{j}]"),
                     format!(
@@ -583,7 +609,7 @@ pub fn slice(
         spec: SliceSpec {
             service: names.get(service),
             ports: ports.into(),
-            endpoints: endpoints.build(),
+            endpoints: endpoints.build(previous.map(|p| &p.endpoints)),
         },
     })
 }

@@ -250,6 +250,17 @@ impl Claimants for Objects<'_> {
     }
 }
 
+/// Whether a claim that stands must be sent again: its target changed, or
+/// its pod name moved to the slice's new block of names (the old block is
+/// freed once nothing downstream points into it).
+fn resend(was: &Target, now: &Target) -> bool {
+    was != now
+        || match (&was.pod, &now.pod) {
+            (Some(was), Some(now)) => !was.same_block(now),
+            _ => false,
+        }
+}
+
 fn cluster_rank(service: &ServiceRef) -> Rank<'_> {
     Rank {
         class: Rank::CLUSTER_IP,
@@ -348,7 +359,7 @@ fn slice_claims_at(
                 target: Target {
                     service: service.clone(),
                     port: served,
-                    pod: ep.pod.cloned(),
+                    pod: ep.pod_name(),
                 },
                 ready: ep.ready,
             });
@@ -532,7 +543,7 @@ impl ClusterState {
                 }
                 std::cmp::Ordering::Equal => {
                     if let (Some(was), Some(now)) = (old.next(), new.next()) {
-                        let target_changed = was.target != now.target;
+                        let target_changed = resend(&was.target, &now.target);
                         if (target_changed || was.ready != now.ready)
                             && let Some(r) = rank(&now)
                         {

@@ -365,6 +365,9 @@ impl Harness {
                 "the events sent must add up to the resolver's map"
             );
             assert_eq!(self.resolver.destinations(), own.destinations.len());
+            if let Some(downstream) = &self.downstream {
+                assert_pods_in_the_same_blocks(downstream, &own);
+            }
             // A relist of the same objects, in another order, rebuilds it.
             let (_, relisted) =
                 Self::start_with(false, self.services.reversed(), self.slices.reversed());
@@ -375,6 +378,19 @@ impl Harness {
 
     fn map(&self) -> ServiceMap {
         self.resolver.map()
+    }
+}
+
+/// Downstream holds every pod name in the block the resolver holds it in,
+/// so no block outlives its slice's update (`maps` are equal).
+fn assert_pods_in_the_same_blocks(downstream: &ServiceMap, own: &ServiceMap) {
+    for ((at, held), (_, now)) in downstream.destinations.iter().zip(own.destinations.iter()) {
+        if let (Some(held), Some(now)) = (&held.pod, &now.pod) {
+            assert!(
+                held.same_block(now),
+                "{at}: downstream holds {held} in a block the resolver no longer uses"
+            );
+        }
     }
 }
 
@@ -609,13 +625,15 @@ fn a_relist_swaps_the_map_whole_and_drops_what_is_gone() {
         ))),
         None
     );
-    // Meanwhile the other stream keeps working on the current map.
+    // Meanwhile the other stream keeps working on the current map (web-0
+    // is re-sent: its name is in the slice's new block of names).
     assert_eq!(
         changes(h.slice(Event::Apply(web_slice(&[
             ("10.244.1.5", Some("web-0"), true),
             ("10.244.1.6", Some("web-1"), true),
         ])))),
         vec![
+            set("10.244.1.5:8080", "shop", "web", 80, Some("web-0")),
             set("10.244.1.6:8080", "shop", "web", 80, Some("web-1")),
             service_set("shop", "web", ready(2)),
         ]
@@ -1240,25 +1258,44 @@ fn namespaced_streams_sync_and_relist_independently() {
 }
 
 #[test]
-fn updates_share_pod_names_instead_of_copying_them() {
+fn updates_keep_a_slices_block_of_pod_names_or_move_every_target_to_the_new_one() {
     let (mut h, first) = Harness::start(
         vec![web()],
         vec![web_slice(&[("10.244.1.5", Some("web-0"), true)])],
     );
-    let pod_before = first.destinations[&addr("10.244.1.5:8080")]
-        .pod
-        .clone()
-        .expect("pod");
-    h.slice(Event::Apply(web_slice(&[
-        ("10.244.1.5", Some("web-0"), false),
-        ("10.244.1.6", Some("web-1"), true),
-    ])));
+    let web_0 = addr("10.244.1.5:8080");
+    let pod = |map: &ServiceMap, at: SocketAddr| map.destinations[&at].pod.clone().expect("pod");
+    let pod_before = pod(&first, web_0);
+
+    // Readiness alone: the same names, the same block, nothing re-sent.
+    assert_eq!(
+        changes(h.slice(Event::Apply(web_slice(&[(
+            "10.244.1.5",
+            Some("web-0"),
+            false
+        )])))),
+        vec![service_set("shop", "web", ready(0))]
+    );
+    assert!(pod(&h.map(), web_0).same_block(&pod_before));
+
+    // A new pod: a new block, and web-0's target is sent again in it (the
+    // harness checks downstream holds the resolver's blocks after each step).
+    assert_eq!(
+        changes(h.slice(Event::Apply(web_slice(&[
+            ("10.244.1.5", Some("web-0"), false),
+            ("10.244.1.6", Some("web-1"), true),
+        ])))),
+        vec![
+            set("10.244.1.5:8080", "shop", "web", 80, Some("web-0")),
+            set("10.244.1.6:8080", "shop", "web", 80, Some("web-1")),
+            service_set("shop", "web", ready(1)),
+        ]
+    );
     let after = h.map();
-    let pod_after = after.destinations[&addr("10.244.1.5:8080")]
-        .pod
-        .clone()
-        .expect("pod");
-    assert!(Arc::ptr_eq(&pod_before, &pod_after));
+    let pod_after = pod(&after, web_0);
+    assert_eq!(pod_after, pod_before);
+    assert!(!pod_after.same_block(&pod_before));
+    assert!(pod_after.same_block(&pod(&after, addr("10.244.1.6:8080"))));
     // And Services are interned: every target of web shares one name.
     let names: Vec<_> = after
         .destinations
@@ -1655,7 +1692,8 @@ fn ready_endpoints_count_distinct_ready_addresses() {
         ]
     );
     // The same address twice in one slice is one too; an address that goes
-    // not ready here is still ready in the first slice.
+    // not ready here is still ready in the first slice. (The names are
+    // listed anew, so the slice's targets are re-sent in its new block.)
     assert_eq!(
         changes(h.slice(Event::Apply(second(&[
             ("10.244.1.1", Some("web-1"), false),
@@ -1663,7 +1701,11 @@ fn ready_endpoints_count_distinct_ready_addresses() {
             ("10.244.2.1", Some("web-5"), true),
             ("10.244.2.2", Some("web-6"), true),
         ])))),
-        vec![service_set("shop", "web", ready(5))]
+        vec![
+            set("10.244.2.1:8080", "shop", "web", 80, Some("web-5")),
+            set("10.244.2.2:8080", "shop", "web", 80, Some("web-6")),
+            service_set("shop", "web", ready(5)),
+        ]
     );
 
     // A slice of another Service leaves web alone.

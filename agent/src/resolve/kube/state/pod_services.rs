@@ -27,10 +27,11 @@ impl ClusterState {
                     .iter()
                     .filter_map(|slot| self.slices.get(*slot))
                     .any(|slice| {
-                        slice.spec.endpoints.iter().any(|endpoint| {
-                            endpoint.pod.is_some_and(|name| &**name == pod)
-                                || ips.contains(&endpoint.ip)
-                        })
+                        slice
+                            .spec
+                            .endpoints
+                            .iter()
+                            .any(|endpoint| endpoint.pod_is(pod) || ips.contains(&endpoint.ip))
                     })
             })
             .map(|entry| entry.service.clone())
