@@ -117,7 +117,9 @@ fn check_relay(objects: &[Value]) -> Vec<String> {
             "Service itw-relay must be a ClusterIP Service selecting the relay's pods, port {grpc} to its gRPC port"
         ));
     }
-    let namespace = service["metadata"]["namespace"].as_str().unwrap_or("default");
+    let namespace = service["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default");
     let expected = format!("itw-relay.{namespace}.svc:{grpc}");
     let agent = find(objects, "DaemonSet", "itw-agent");
     let relay_addr = env_value(container(agent, "itw-agent"), "RELAY_ADDR");
