@@ -168,8 +168,13 @@ pub struct PodName {
 }
 
 // SAFETY: a PodName is an `Arc<PodNames>` (which is Send and Sync: the
-// block is never changed after it is built) and an index.
+// block is never changed after it is built) and an index. The assertion
+// below stops the build if a change to PodNames ever makes that untrue.
 unsafe impl Send for PodName {}
+const _: () = {
+    const fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<Arc<PodNames>>();
+};
 // SAFETY: as for Send.
 unsafe impl Sync for PodName {}
 
