@@ -9,6 +9,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
+use itw_proto::addr::HostPort;
 use itw_telemetry::{flags::bounded_duration, logging::LogFormat};
 
 use crate::{
@@ -102,7 +103,7 @@ pub struct Args {
     /// agent connects to every replica itself. TLS and the token apply to
     /// the relay as they would to the scaler.
     #[arg(long, env = "RELAY_ADDR", requires = "scaler_addr", value_parser = parse_relay_addr)]
-    pub relay_addr: Option<report::ScalerAddr>,
+    pub relay_addr: Option<HostPort>,
 
     /// File holding the bearer token the scaler expects from agents (a mounted Secret).
     #[arg(long, env = "SCALER_TOKEN_FILE", conflicts_with = "scaler_token")]
@@ -329,7 +330,8 @@ impl Args {
         scalers: &str,
         node_name: &str,
     ) -> Result<ReportSettings, ConfigError> {
-        let scalers = report::parse_scaler_addrs(scalers).map_err(ConfigError::ScalerAddr)?;
+        let scalers = HostPort::parse_list(scalers, "itw-scaler-ingest.itw-system:9090")
+            .map_err(ConfigError::ScalerAddr)?;
         let token = match (&self.scaler_token_file, &self.scaler_token) {
             (Some(path), _) => TokenSource::File(path.clone()),
             (None, Some(token)) => TokenSource::Value(token.clone()),
@@ -443,8 +445,8 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     }
 }
 
-fn parse_relay_addr(s: &str) -> Result<report::ScalerAddr, String> {
-    report::ScalerAddr::parse(s, "itw-relay.itw-system:9090")
+fn parse_relay_addr(s: &str) -> Result<HostPort, String> {
+    HostPort::parse(s, "itw-relay.itw-system:9090")
 }
 
 fn parse_not_ready_after(s: &str) -> Result<Duration, String> {
@@ -742,7 +744,7 @@ mod tests {
         let err = checked(&["--scaler-addr", "itw-scaler"]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "SCALER_ADDR: \"itw-scaler\" has no port; use host:port, e.g. itw-scaler-headless.itw-system:9090"
+            "SCALER_ADDR: \"itw-scaler\" has no port; use host:port, e.g. itw-scaler-ingest.itw-system:9090"
         );
         let report = checked(&["--scaler-addr", "itw-scaler:9090"])
             .unwrap()

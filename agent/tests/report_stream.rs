@@ -10,15 +10,17 @@ use itw_agent::{
     counting_loop::{AgentClock, Collected, CollectionSink},
     deltas::SeriesKey,
     report::{
-        InstanceSecret, ReportMetrics, ReportSettings, Reporter, ScalerAddr, TokenSource,
-        ledger::LogLimits, parse_scaler_addrs,
+        InstanceSecret, ReportMetrics, ReportSettings, Reporter, TokenSource, ledger::LogLimits,
     },
     resolve::ServiceRef,
 };
-use itw_proto::itw::v1::{
-    Ack, REPLICA_HEADER, RelayRequest, RelayResponse, ReportRequest, ReportResponse, Welcome,
-    ingest_server::{Ingest, IngestServer},
-    report_request, report_response,
+use itw_proto::{
+    addr::HostPort,
+    itw::v1::{
+        Ack, REPLICA_HEADER, RelayRequest, RelayResponse, ReportRequest, ReportResponse, Welcome,
+        ingest_server::{Ingest, IngestServer},
+        report_request, report_response,
+    },
 };
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
@@ -151,7 +153,7 @@ async fn start_server(script: Arc<Script>) -> SocketAddr {
 
 fn settings(addr: SocketAddr, token: TokenSource) -> ReportSettings {
     ReportSettings {
-        scalers: vec![ScalerAddr {
+        scalers: vec![HostPort {
             host: addr.ip().to_string(),
             port: addr.port(),
         }],
@@ -271,8 +273,8 @@ async fn through_a_relay_each_replica_stream_names_its_replica() {
     let script = Arc::new(Script::default());
     let relay = start_server(script.clone()).await;
     let mut settings = settings(relay, TokenSource::Value("s3cret".into()));
-    settings.scalers = parse_scaler_addrs("127.0.0.2:9090,[::1]:9091").unwrap();
-    settings.relay = Some(ScalerAddr {
+    settings.scalers = HostPort::parse_list("127.0.0.2:9090,[::1]:9091", "").unwrap();
+    settings.relay = Some(HostPort {
         host: relay.ip().to_string(),
         port: relay.port(),
     });

@@ -26,7 +26,7 @@ use tonic::{
     transport::{Certificate, ClientTlsConfig, Identity},
 };
 
-use itw_proto::token::bearer_token;
+use itw_proto::{addr::HostPort, token::bearer_token};
 use itw_telemetry::timeline::{TARGET as TIMELINE, monotonic_us};
 
 use crate::{
@@ -37,8 +37,6 @@ use crate::{
 use ledger::{Ledger, LogLimits};
 
 pub use health::ReportHealth;
-
-pub use replicas::{ScalerAddr, parse_scaler_addrs};
 
 /// An error with each of its causes (`a: b: c`), a cause left out when the
 /// text before already says it.
@@ -130,10 +128,10 @@ impl std::fmt::Debug for InstanceSecret {
 #[derive(Clone, Debug)]
 pub struct ReportSettings {
     /// Every scaler address; each is resolved to all the replicas behind it.
-    pub scalers: Vec<ScalerAddr>,
+    pub scalers: Vec<HostPort>,
     /// `RELAY_ADDR`: every replica's stream goes through this relay, naming
     /// the replica in [`itw_proto::itw::v1::REPLICA_HEADER`].
-    pub relay: Option<ScalerAddr>,
+    pub relay: Option<HostPort>,
     pub node_name: String,
     /// New on every agent start.
     pub instance_id: String,

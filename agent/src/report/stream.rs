@@ -10,9 +10,12 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use itw_proto::itw::v1::{
-    Hello, PROTOCOL_VERSION, REPLICA_HEADER, ReportRequest, ReportResponse,
-    ingest_client::IngestClient, report_request, report_response,
+use itw_proto::{
+    addr::HostPort,
+    itw::v1::{
+        Hello, PROTOCOL_VERSION, REPLICA_HEADER, ReportRequest, ReportResponse,
+        ingest_client::IngestClient, report_request, report_response,
+    },
 };
 use rand::Rng;
 use tokio::{sync::mpsc, time::Instant};
@@ -24,7 +27,7 @@ use tonic::{
 };
 
 use super::{
-    ReportContext, ReportError, ScalerAddr,
+    ReportContext, ReportError,
     ledger::{FellBehind, Outgoing},
 };
 
@@ -300,7 +303,7 @@ async fn connect(
 
 /// A connection to the relay, resolved anew on every session: a relay
 /// Service's address may change, and a relay that went away is replaced.
-async fn connect_relay(ctx: &ReportContext, relay: &ScalerAddr) -> Result<Channel, ReportError> {
+async fn connect_relay(ctx: &ReportContext, relay: &HostPort) -> Result<Channel, ReportError> {
     let endpoint = endpoint(ctx, &relay.to_string(), relay.domain())
         .map_err(|e| ReportError::Config(format!("RELAY_ADDR {relay}: {e}")))?;
     Ok(endpoint.connect().await?)
