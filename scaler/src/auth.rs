@@ -6,10 +6,9 @@
 //! unreadable or empty keeps the last good token rather than locking every
 //! agent out or letting everyone in.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use parking_lot::RwLock;
-use subtle::ConstantTimeEq;
+use itw_proto::token::{ExpectedToken, Refusal};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status, metadata::MetadataMap};
 
@@ -19,72 +18,51 @@ use crate::{Error, config::TokenSource, metrics::ScalerMetrics};
 /// mounted Secret within a minute or so; a few seconds more do not matter.
 pub const TOKEN_FILE_POLL: Duration = Duration::from_secs(2);
 
-/// The token agents must send, if any.
-pub struct AgentToken {
-    file: Option<PathBuf>,
-    current: RwLock<Option<Arc<[u8]>>>,
-}
+/// The token agents must send, if any: the rule and file handling the
+/// relay shares ([`ExpectedToken`]), phrased for the scaler's operator.
+pub struct AgentToken(ExpectedToken);
 
 impl AgentToken {
     /// Reads the token from its source; a file must exist and hold a token.
     pub fn load(source: &TokenSource) -> Result<Self, Error> {
-        let (file, token) = match source {
-            TokenSource::None => (None, None),
-            TokenSource::Value(secret) => (None, Some(secret.0.as_bytes().into())),
-            TokenSource::File(path) => (Some(path.clone()), Some(read_token(path)?)),
-        };
-        Ok(Self {
-            file,
-            current: RwLock::new(token),
-        })
+        Ok(Self(match source {
+            TokenSource::None => ExpectedToken::none(),
+            TokenSource::Value(secret) => ExpectedToken::value(&secret.0),
+            TokenSource::File(path) => {
+                ExpectedToken::file(path).map_err(|source| Error::TokenFile {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+        }))
     }
 
     /// Whether agents must send a token.
     pub fn required(&self) -> bool {
-        self.current.read().is_some()
+        self.0.required()
     }
 
     /// Checks a request's `authorization: Bearer <token>` header.
     pub fn check(&self, metadata: &MetadataMap) -> Result<(), Status> {
-        let Some(expected) = self.current.read().clone() else {
-            return Ok(());
-        };
-        let header = metadata
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("agent streams need an `authorization: Bearer <token>` header (AGENT_TOKEN on the scaler)"))?;
-        let presented = header
-            .to_str()
-            .ok()
-            .and_then(|value| {
-                let (scheme, token) = value.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        self.0.check(metadata).map_err(|refusal| {
+            Status::unauthenticated(match refusal {
+                Refusal::Missing => {
+                    "agent streams need an `authorization: Bearer <token>` header (AGENT_TOKEN on the scaler)"
+                }
+                Refusal::NotBearer => "the authorization header is not `Bearer <token>`",
+                Refusal::Mismatch => "the bearer token is not the one this scaler expects",
             })
-            .ok_or_else(|| {
-                Status::unauthenticated("the authorization header is not `Bearer <token>`")
-            })?;
-        if bool::from(presented.as_bytes().ct_eq(&expected)) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated(
-                "the bearer token is not the one this scaler expects",
-            ))
-        }
+        })
     }
 
     /// Re-reads the token file; true when the token changed.
     pub fn reload(&self) -> bool {
-        let Some(path) = &self.file else {
-            return false;
-        };
-        match read_token(path) {
-            Ok(token) => {
-                let mut current = self.current.write();
-                if current.as_deref() == Some(&*token) {
-                    return false;
+        match self.0.reload() {
+            Ok(changed) => {
+                if changed && let Some(path) = self.0.path() {
+                    tracing::info!(file = %path.display(), "agent token reloaded");
                 }
-                *current = Some(token);
-                tracing::info!(file = %path.display(), "agent token reloaded");
-                true
+                changed
             }
             Err(error) => {
                 tracing::warn!(%error, "keeping the previous agent token");
@@ -97,7 +75,7 @@ impl AgentToken {
     /// Polling rather than inotify: Kubernetes swaps a Secret's files
     /// through symlinks, which file watches follow badly.
     pub async fn watch_file(self: Arc<Self>, shutdown: CancellationToken) {
-        if self.file.is_none() {
+        if self.0.path().is_none() {
             return;
         }
         // The file was read at load: the first check is one period later.
@@ -136,18 +114,6 @@ impl AgentToken {
             }
         }
     }
-}
-
-fn read_token(path: &PathBuf) -> Result<Arc<[u8]>, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::TokenFile {
-        path: path.clone(),
-        source,
-    })?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(Error::EmptyTokenFile { path: path.clone() });
-    }
-    Ok(token.as_bytes().into())
 }
 
 #[cfg(test)]
@@ -246,7 +212,22 @@ mod tests {
             .unwrap();
         assert_eq!(
             error.to_string(),
-            format!("AGENT_TOKEN_FILE {}: the file is empty", path.display())
+            format!(
+                "AGENT_TOKEN_FILE {}: the token is empty; put the token in it",
+                path.display()
+            )
+        );
+        // One no agent could send (a header carries printable ASCII only).
+        std::fs::write(&path, "caf\u{e9}\n").unwrap();
+        let error = AgentToken::load(&TokenSource::File(path.clone()))
+            .err()
+            .unwrap();
+        assert!(
+            error.to_string().starts_with(&format!(
+                "AGENT_TOKEN_FILE {}: the token holds '\u{e9}'",
+                path.display()
+            )),
+            "{error}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

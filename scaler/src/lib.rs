@@ -47,10 +47,8 @@ pub enum Error {
     TokenFile {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: itw_proto::token::FileProblem,
     },
-    #[error("AGENT_TOKEN_FILE {}: the file is empty", path.display())]
-    EmptyTokenFile { path: PathBuf },
     #[error("{setting} {}: {source}", path.display())]
     TlsFile {
         setting: &'static str,
