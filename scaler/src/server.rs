@@ -13,21 +13,13 @@ use itw_proto::{
     externalscaler::external_scaler_server::ExternalScalerServer,
     itw::v1::{graph_server::GraphServer, ingest_server::IngestServer},
 };
-use itw_telemetry::listener::{Guard, GuardedListener, GuardedStream, OnClose};
-use std::{
-    pin::Pin,
-    task::{Context, Poll},
-};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use itw_telemetry::listener::{Guard, GuardedListener, OnClose};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     server::NamedService,
     service::interceptor::InterceptedService,
-    transport::{
-        Certificate, Identity, Server, ServerTlsConfig,
-        server::{Connected, TcpConnectInfo},
-    },
+    transport::{Certificate, Identity, Server, ServerTlsConfig},
 };
 use tonic_health::ServingStatus;
 
@@ -207,7 +199,7 @@ impl Scaler {
             let metrics = Arc::clone(&self.metrics);
             Arc::new(move |reason| metrics.connection_closed(listener, reason))
         };
-        let incoming = guarded_incoming(GuardedListener::new(
+        let incoming = itw_telemetry::grpc_listener::incoming(GuardedListener::new(
             self.grpc,
             Guard {
                 max_connections: limits.grpc_max_connections,
@@ -266,74 +258,6 @@ impl Scaler {
         let _ = sweeper.await;
         let _ = token_watch.await;
         result.and(metrics_result)
-    }
-}
-
-/// The gRPC server's connections, each under the listener's guard.
-/// The accept task ends when the server drops the stream.
-fn guarded_incoming(
-    mut listener: GuardedListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<GrpcConnection>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept_guarded().await;
-            if tx.send(Ok(GrpcConnection(stream))).await.is_err() {
-                return;
-            }
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
-/// A guarded connection as tonic's server takes it.
-struct GrpcConnection(GuardedStream);
-
-impl Connected for GrpcConnection {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().connect_info()
-    }
-}
-
-impl AsyncRead for GrpcConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for GrpcConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
     }
 }
 
