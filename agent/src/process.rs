@@ -7,8 +7,6 @@
 
 use std::future::Future;
 
-use tokio::signal::unix::{SignalKind, signal};
-
 /// glibc gives each thread that allocates an arena of its own, and memory a
 /// relist decode freed on one thread is not reused by another: one arena
 /// takes the agent from 52 to 38 MiB RSS with 110k destinations mapped. The
@@ -79,28 +77,18 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
 }
 
-/// Resolves on SIGTERM or SIGINT. The handlers are installed at once (call
-/// it inside the runtime, before starting anything), so a signal during the
-/// start stops the agent once started rather than killing it mid-attach.
-/// Without handlers the agent runs on, and only SIGKILL stops it.
+/// Resolves on SIGTERM or SIGINT ([`itw_telemetry::signals::stop_signal`]:
+/// the handlers are installed at once, so a signal during the start stops
+/// the agent once started rather than killing it mid-attach). Without
+/// handlers the agent runs on, and only SIGKILL stops it.
 pub fn shutdown_signal() -> impl Future<Output = ()> {
-    let handlers = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => Some((term, int)),
-        _ => {
-            tracing::error!("cannot listen for SIGTERM/SIGINT; stop the agent with SIGKILL");
-            None
-        }
-    };
+    let stop = itw_telemetry::signals::stop_signal().map_err(|error| {
+        tracing::error!(%error, "cannot listen for SIGTERM/SIGINT; stop the agent with SIGKILL");
+    });
     async move {
-        let Some((mut term, mut int)) = handlers else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        match stop {
+            Ok(stop) => stop.await,
+            Err(()) => std::future::pending().await,
         }
     }
 }

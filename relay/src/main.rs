@@ -1,7 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
 use itw_relay::{Relay, config::Args};
-use tokio::signal::unix::{SignalKind, signal};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -14,19 +13,11 @@ async fn main() -> anyhow::Result<()> {
     let open_files = itw_telemetry::listener::raise_open_files_limit();
     tracing::info!(open_files, "open-files limit");
     tracing::info!(?config, "itw-relay starting");
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let stop = itw_telemetry::signals::stop_signal()
+        .context("installing the SIGTERM and SIGINT handlers")?;
     let relay = Relay::bind(config).await?;
     tracing::info!(grpc = %relay.grpc_addr(), metrics = %relay.metrics_addr(), "listening");
-    relay
-        .serve(async move {
-            tokio::select! {
-                _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
-            }
-        })
-        .await?;
+    relay.serve(stop).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,7 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
 use itw_scaler::{Scaler, config::Args};
-use tokio::signal::unix::{SignalKind, signal};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -14,19 +13,11 @@ async fn main() -> anyhow::Result<()> {
     let open_files = itw_telemetry::listener::raise_open_files_limit();
     tracing::info!(open_files, "open-files limit");
     tracing::info!(?config, "itw-scaler starting");
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let stop = itw_telemetry::signals::stop_signal()
+        .context("installing the SIGTERM and SIGINT handlers")?;
     let scaler = Scaler::bind(config).await?;
     tracing::info!(grpc = %scaler.grpc_addr(), metrics = %scaler.metrics_addr(), "listening");
-    scaler
-        .serve(async move {
-            tokio::select! {
-                _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
-                _ = interrupt.recv() => tracing::info!("SIGINT: stopping"),
-            }
-        })
-        .await?;
+    scaler.serve(stop).await?;
     tracing::info!("stopped");
     Ok(())
 }

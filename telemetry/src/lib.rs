@@ -14,6 +14,7 @@ pub mod grpc_listener;
 pub mod http;
 pub mod listener;
 pub mod logging;
+pub mod signals;
 pub mod timeline;
 
 #[derive(Debug, thiserror::Error)]
