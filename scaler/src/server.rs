@@ -34,6 +34,7 @@ use tonic_health::ServingStatus;
 use crate::{
     Error,
     auth::AgentToken,
+    call_timing::TimedGetMetrics,
     config::{Config, TlsFiles},
     export::Exporter,
     graph::service::GraphService,
@@ -168,11 +169,14 @@ impl Scaler {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let keda = ExternalScalerServer::new(KedaService::new(
-            Arc::clone(&self.store),
+        let keda = TimedGetMetrics::new(
+            ExternalScalerServer::new(KedaService::new(
+                Arc::clone(&self.store),
+                Arc::clone(&self.metrics),
+                stop.clone(),
+            )),
             Arc::clone(&self.metrics),
-            stop.clone(),
-        ));
+        );
         let ingest = IngestRoutes::new(
             IngestService::new(
                 Arc::clone(&self.store),
