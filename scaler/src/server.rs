@@ -347,7 +347,16 @@ async fn sweep(store: Arc<Store>, stop: CancellationToken) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = tick.tick() => store.sweep(),
+            _ = tick.tick() => {
+                // A sweep walks every Service and instance: 1-5 ms at 10,000
+                // Services, up to 25 ms on a busy machine. On a serving thread
+                // it held back the KEDA calls queued behind it; on a thread of
+                // the blocking pool the kernel preempts it instead.
+                let store = Arc::clone(&store);
+                if let Err(error) = tokio::task::spawn_blocking(move || store.sweep()).await {
+                    tracing::error!(%error, "sweep failed");
+                }
+            }
         }
     }
 }
