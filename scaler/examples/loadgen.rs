@@ -50,6 +50,8 @@ mod bench_support;
 mod fleet;
 #[path = "bench_support/relay_mux.rs"]
 mod relay_mux;
+#[path = "bench_support/scaler_side.rs"]
+mod scaler_side;
 
 use std::{
     collections::HashMap,
@@ -649,6 +651,7 @@ async fn main() -> anyhow::Result<()> {
 
     let sent_before = sent.load(Relaxed);
     let applied_before = scaler_deltas_total(args.scaler.metrics).await?;
+    let side_before = scaler_side::ScalerSide::scrape(args.scaler.metrics).await?;
     let steady_started = Instant::now();
     let cpu_before = cpu_secs(args.scaler.pid)?;
     // KEDA runs elsewhere in a cluster: its calls get a thread of their own
@@ -665,6 +668,7 @@ async fn main() -> anyhow::Result<()> {
     let steady_secs = steady_started.elapsed().as_secs_f64();
     let cpu_after = cpu_secs(args.scaler.pid)?;
     let applied = scaler_deltas_total(args.scaler.metrics).await? - applied_before;
+    let side_after = scaler_side::ScalerSide::scrape(args.scaler.metrics).await?;
     let queued = sent.load(Relaxed) - sent_before;
     let steady_cpu = (cpu_after - cpu_before) / steady_secs;
     let summary = |sorted: &[Duration]| {
@@ -686,6 +690,7 @@ async fn main() -> anyhow::Result<()> {
         latencies.held_back,
         summary(&latencies.uncorrected)
     );
+    println!("  {}", side_after.summary_since(&side_before));
     println!(
         "  ingest: the scaler applied {applied:.0} deltas in {steady_secs:.1} s; the agents queued {queued} ({:.0}/s)",
         queued as f64 / steady_secs

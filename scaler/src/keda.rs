@@ -9,7 +9,7 @@
 //! A trigger with `prewake: "true"` is answered by [`crate::prewake`]
 //! instead (IsActive and StreamIsActive); its GetMetrics is the same.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use itw_proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricValue,
@@ -152,6 +152,7 @@ impl ExternalScaler for KedaService {
         &self,
         request: Request<GetMetricsRequest>,
     ) -> Result<Response<GetMetricsResponse>, Status> {
+        let started = Instant::now();
         let request = request.into_inner();
         let trigger = self.trigger(request.scaled_object_ref.as_ref())?;
         let rate = self.attempts(&trigger) as f64 / trigger.window.as_secs_f64();
@@ -160,14 +161,20 @@ impl ExternalScaler for KedaService {
         } else {
             request.metric_name
         };
-        Ok(Response::new(GetMetricsResponse {
+        let response = GetMetricsResponse {
             metric_values: vec![MetricValue {
                 metric_name,
                 // `as` saturates; a rate is finite and non-negative.
                 metric_value: rate.round() as i64,
                 metric_value_float: rate,
             }],
-        }))
+        };
+        // Set beside the latency KEDA sees, this tells the handler's share
+        // from the time a call waits for a thread.
+        self.metrics
+            .get_metrics_time
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Response::new(response))
     }
 
     type StreamMetricSpecStream = ReceiverStream<Result<GetMetricSpecResponse, Status>>;

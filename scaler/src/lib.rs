@@ -14,6 +14,8 @@
 //!   triggers: active while anything upstream in the graph is.
 //! - [`ingest_runtime`]: the threads those streams run on (INGEST_THREADS).
 //! - [`keda`]: KEDA's `externalscaler.ExternalScaler` service.
+//! - [`call_timing`]: GetMetrics timed from its request's hand-over to its
+//!   answer, the serving runtime's queue included.
 //! - [`coldstart`]: cold start by phase per Service, once per activation.
 //! - [`auth`]: the agents' bearer token.
 //! - [`metrics`]: the scaler's own figures (streams, batches, overflows, lag).
@@ -22,6 +24,7 @@
 //!   the metrics endpoint, started and stopped together.
 
 pub mod auth;
+pub mod call_timing;
 pub mod coldstart;
 pub mod config;
 pub mod export;

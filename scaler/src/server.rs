@@ -26,6 +26,7 @@ use tonic_health::ServingStatus;
 use crate::{
     Error,
     auth::AgentToken,
+    call_timing::TimedGetMetrics,
     config::{Config, TlsFiles},
     export::Exporter,
     graph::service::GraphService,
@@ -160,11 +161,14 @@ impl Scaler {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let keda = ExternalScalerServer::new(KedaService::new(
-            Arc::clone(&self.store),
+        let keda = TimedGetMetrics::new(
+            ExternalScalerServer::new(KedaService::new(
+                Arc::clone(&self.store),
+                Arc::clone(&self.metrics),
+                stop.clone(),
+            )),
             Arc::clone(&self.metrics),
-            stop.clone(),
-        ));
+        );
         let ingest = IngestRoutes::new(
             IngestService::new(
                 Arc::clone(&self.store),
@@ -267,7 +271,16 @@ async fn sweep(store: Arc<Store>, stop: CancellationToken) {
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = tick.tick() => store.sweep(),
+            _ = tick.tick() => {
+                // A sweep walks every Service and instance: 1-5 ms at 10,000
+                // Services, up to 25 ms on a busy machine. On a serving thread
+                // it held back the KEDA calls queued behind it; on a thread of
+                // the blocking pool the kernel preempts it instead.
+                let store = Arc::clone(&store);
+                if let Err(error) = tokio::task::spawn_blocking(move || store.sweep()).await {
+                    tracing::error!(%error, "sweep failed");
+                }
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{TestScaler, attempts, count, loopback, object, row, sample, series};
+use itw_proto::externalscaler::GetMetricsRequest;
 use itw_scaler::config::{Config, Limits};
 use itw_telemetry::exposition::{OVERFLOW_COMM, parse_samples};
 
@@ -146,4 +147,50 @@ async fn metrics_show_summed_attempts_and_the_scaler_figures() {
     })
     .await;
     scaler.stop().await;
+}
+
+#[tokio::test]
+async fn get_metrics_calls_and_sweeps_are_timed() {
+    let scaler = TestScaler::start(loopback()).await;
+    let mut keda = scaler.keda().await;
+    for _ in 0..3 {
+        keda.get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(object(&[("service", "web")])),
+            metric_name: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    // A call KEDA gets an error for never reached the store: not timed.
+    let refused = keda
+        .get_metrics(GetMetricsRequest {
+            scaled_object_ref: Some(object(&[("window", "90")])),
+            metric_name: String::new(),
+        })
+        .await;
+    assert!(refused.is_err());
+    keda.is_active(object(&[("service", "web")])).await.unwrap();
+    let body = scaler.metrics_body().await;
+    // The handler times the three it answered; the call timing all four
+    // (an error is an answer too), and nothing else on the KEDA service.
+    assert_eq!(
+        sample(&body, "itw_scaler_get_metrics_handler_seconds_count", &[]),
+        Some(3.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "itw_scaler_get_metrics_seconds_count", &[]),
+        Some(4.0),
+        "{body}"
+    );
+    for family in [
+        "itw_scaler_get_metrics_handler_seconds histogram",
+        "itw_scaler_get_metrics_seconds histogram",
+        "itw_scaler_sweep_seconds histogram",
+    ] {
+        assert!(
+            body.contains(&format!("# TYPE {family}\n")),
+            "{family}\n{body}"
+        );
+    }
 }

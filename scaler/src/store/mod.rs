@@ -32,7 +32,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use dashmap::DashMap;
@@ -136,9 +136,13 @@ impl Store {
     /// drops window seconds older than the history and entries left empty,
     /// and updates the gauges.
     pub fn sweep(&self) {
+        let started = Instant::now();
         self.sweep_instances();
         self.sweep_services();
         self.sweep_edges();
+        self.metrics
+            .sweep_time
+            .observe(started.elapsed().as_secs_f64());
     }
 }
 
