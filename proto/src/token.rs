@@ -51,6 +51,43 @@ pub enum Refusal {
     Mismatch,
 }
 
+/// A token that must not reach logs (`AGENT_TOKEN`, the relay's `TOKEN`):
+/// its Debug form hides it. Parsed by the bearer token rule.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        bearer_token(s)
+            .map(|token| Self(token.to_owned()))
+            .map_err(|problem| {
+                problem.message(
+                    "unset it to accept agents without a token",
+                    ", so no agent could ever match it",
+                )
+            })
+    }
+}
+
+/// Where the token clients must present comes from (the scaler's and the
+/// relay's settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// No token: clients are not asked for one.
+    None,
+    Value(Secret),
+    /// Read at start and whenever the file changes.
+    File(std::path::PathBuf),
+}
+
 /// Why a token file gave no token.
 #[derive(Debug)]
 pub enum FileProblem {

@@ -1,9 +1,10 @@
 //! Every setting of `itw-relay`: a flag, with the env var the deploy manifests set.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use itw_proto::{addr::HostPort, token::bearer_token};
+use itw_proto::addr::HostPort;
+pub use itw_proto::token::{Secret, TokenSource};
 use itw_telemetry::{
     flags::{self, bounded_duration},
     logging::LogFormat,
@@ -216,16 +217,6 @@ fn parse_scalers(s: &str) -> Result<Scalers, String> {
     HostPort::parse_list(s, SCALER_EXAMPLE).map(Scalers)
 }
 
-/// Where the agents' bearer token comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSource {
-    /// No token: agents are not asked for one.
-    None,
-    Value(Secret),
-    /// Read at start and whenever the file changes.
-    File(PathBuf),
-}
-
 /// PEM files of the agents' port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerTlsFiles {
@@ -241,31 +232,6 @@ pub struct ClientTlsFiles {
     pub ca: PathBuf,
     /// Certificate and key for mutual TLS.
     pub client: Option<(PathBuf, PathBuf)>,
-}
-
-/// A value that must not reach logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl FromStr for Secret {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        bearer_token(s)
-            .map(|token| Self(token.to_owned()))
-            .map_err(|problem| {
-                problem.message(
-                    "unset it to accept agents without a token",
-                    ", so no agent could ever match it",
-                )
-            })
-    }
 }
 
 fn parse_resolve_interval(s: &str) -> Result<Duration, String> {

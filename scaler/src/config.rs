@@ -1,9 +1,9 @@
 //! Every setting of `itw-scaler`: a flag, with the env var the deploy manifests set.
 
-use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use itw_proto::token::bearer_token;
+pub use itw_proto::token::{Secret, TokenSource};
 use itw_telemetry::{
     flags::{self, bounded_duration},
     logging::LogFormat,
@@ -293,16 +293,6 @@ impl Default for Limits {
     }
 }
 
-/// Where the agents' bearer token comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenSource {
-    /// No token: agents are not asked for one.
-    None,
-    Value(Secret),
-    /// Read at start and whenever the file changes.
-    File(PathBuf),
-}
-
 /// PEM files of the gRPC port's TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -310,31 +300,6 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// Set: clients must present a certificate signed by this CA.
     pub client_ca: Option<PathBuf>,
-}
-
-/// A value that must not reach logs.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-impl FromStr for Secret {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        bearer_token(s)
-            .map(|token| Self(token.to_owned()))
-            .map_err(|problem| {
-                problem.message(
-                    "unset it to accept agents without a token",
-                    ", so no agent could ever match it",
-                )
-            })
-    }
 }
 
 /// What a duration flag's error suggests.
