@@ -186,6 +186,30 @@ pub fn history(
     }
 }
 
+/// Sends `authorization: Bearer <token>` on every call, if given one.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(header) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type IngestWithToken =
+    IngestClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// An Ingest client presenting `token`, if given.
+pub fn ingest_client(channel: Channel, token: Option<&str>) -> IngestWithToken {
+    let header = token.map(|t| MetadataValue::try_from(format!("Bearer {t}")).unwrap());
+    IngestClient::with_interceptor(channel, Bearer(header))
+}
+
 /// An agent-role client of `itw.v1.Ingest/Report`.
 pub struct Agent {
     tx: mpsc::Sender<ReportRequest>,
@@ -194,15 +218,7 @@ pub struct Agent {
 
 impl Agent {
     pub async fn open(channel: Channel, token: Option<&str>) -> Result<Self, Status> {
-        let header = token.map(|t| MetadataValue::try_from(format!("Bearer {t}")).unwrap());
-        let mut client = IngestClient::with_interceptor(channel, move |mut request: Request<()>| {
-            if let Some(header) = &header {
-                request
-                    .metadata_mut()
-                    .insert("authorization", header.clone());
-            }
-            Ok(request)
-        });
+        let mut client = ingest_client(channel, token);
         let (tx, rx) = mpsc::channel(16);
         let response = within(
             "the report stream to open",

@@ -3,14 +3,14 @@
 
 use itw_proto::itw::v1::{
     Batch, DestinationHistory, Hello, PROTOCOL_VERSION, RelayClosed, RelayEnded, RelayRequest,
-    RelayResponse, ReportRequest, SeriesCount, Snapshot, Welcome, ingest_client::IngestClient,
-    relay_request, relay_response, report_request, report_response,
+    RelayResponse, ReportRequest, SeriesCount, Snapshot, Welcome, relay_request, relay_response,
+    report_request, report_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Status, Streaming, metadata::MetadataValue, transport::Channel};
+use tonic::{Status, Streaming, transport::Channel};
 
-use super::{now_ms, secret_of, within};
+use super::{ingest_client, now_ms, secret_of, within};
 
 pub struct Relay {
     tx: mpsc::Sender<RelayRequest>,
@@ -20,15 +20,7 @@ pub struct Relay {
 impl Relay {
     /// Opens a Relay stream (with a bearer token if given).
     pub async fn open(channel: Channel, token: Option<&str>) -> Result<Self, Status> {
-        let header = token.map(|t| MetadataValue::try_from(format!("Bearer {t}")).unwrap());
-        let mut client = IngestClient::with_interceptor(channel, move |mut request: Request<()>| {
-            if let Some(header) = &header {
-                request
-                    .metadata_mut()
-                    .insert("authorization", header.clone());
-            }
-            Ok(request)
-        });
+        let mut client = ingest_client(channel, token);
         let (tx, rx) = mpsc::channel(16);
         let response = within(
             "the relay stream to open",
