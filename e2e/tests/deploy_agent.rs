@@ -28,8 +28,13 @@ use k8s_openapi::{
 };
 use serde_json::{Value, json};
 
-/// The renders that configure the agent: the install and its TLS overlay.
-const AGENT_RENDERS: [&str; 2] = ["", "examples/tls/install"];
+/// The renders that configure the agent: the install, with TLS, with relays, with both.
+const AGENT_RENDERS: [&str; 4] = [
+    "",
+    "examples/tls/install",
+    "examples/relays",
+    "examples/relays/tls",
+];
 
 /// The HTTP routes the agent (agent.rs) serves on METRICS_ADDR.
 const LIVENESS_PATH: &str = "/healthz";

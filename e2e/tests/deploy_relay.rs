@@ -1,10 +1,12 @@
 //! The relay Deployment and Service of deploy/examples/relays (the install
-//! for large clusters) against the relay itself:
+//! for large clusters) and deploy/examples/relays/tls (the same with TLS)
+//! against the relay itself:
 //! every env var is a setting of `itw-relay` with a value it accepts, the
 //! ports and probes are the ones it serves, its Service leads to them, its
 //! SCALER_ADDR is the scaler's headless Service (so it reaches every
 //! replica), the token it checks and presents is the Secret the scaler
-//! expects, and the agents' RELAY_ADDR is the relay Service.
+//! expects, the agents' RELAY_ADDR is the relay Service, and TLS agrees on
+//! both of the relay's hops (agents -> relay, relay -> replicas).
 //!
 //! Each check returns the problems it found, so the negative test can feed
 //! it a broken copy and see it fail.
@@ -20,6 +22,9 @@ use serde_json::{Value, json};
 
 /// The overlay that installs the relays, under deploy/.
 const RELAYS: &str = "examples/relays";
+
+/// The overlays that install the relays: plain and with TLS.
+const RELAY_RENDERS: [&str; 2] = [RELAYS, "examples/relays/tls"];
 
 fn parse_relay(deployment: &Value) -> Result<Args, Vec<String>> {
     let argv = argv_of(&Args::command(), container(deployment, "itw-relay"))?;
@@ -128,15 +133,191 @@ fn check_relay(objects: &[Value]) -> Vec<String> {
             "the agents' RELAY_ADDR is {relay_addr:?}, not the relay Service {expected:?}"
         ));
     }
+    problems.extend(check_relay_tls(objects, &args));
+    problems
+}
+
+/// TLS on the relay's two hops. Agents speak to RELAY_ADDR with the TLS
+/// settings they would use for SCALER_ADDR, so the relay must serve TLS
+/// exactly when they use it, and check the client certificate they present;
+/// towards the replicas it must speak TLS exactly when the scaler serves it,
+/// and present a certificate when the scaler asks for one.
+fn check_relay_tls(objects: &[Value], args: &Args) -> Vec<String> {
+    let mut problems = Vec::new();
+    let agent = container(find(objects, "DaemonSet", "itw-agent"), "itw-agent");
+    let scaler = container(find(objects, "Deployment", "itw-scaler"), "itw-scaler");
+    let agents_tls = env_value(agent, "SCALER_CA_FILE").is_some();
+    let agents_cert = env_value(agent, "SCALER_CERT_FILE").is_some();
+    if agents_tls != args.tls_cert_file.is_some() {
+        problems.push(format!(
+            "the agents {} TLS to RELAY_ADDR (SCALER_CA_FILE) but the relay {} (TLS_CERT_FILE)",
+            if agents_tls { "speak" } else { "do not speak" },
+            if agents_tls {
+                "does not serve it"
+            } else {
+                "serves it"
+            },
+        ));
+    }
+    if agents_cert != args.tls_client_ca_file.is_some() {
+        problems.push(format!(
+            "the agents {} a client certificate (SCALER_CERT_FILE) but the relay {} (TLS_CLIENT_CA_FILE)",
+            if agents_cert { "present" } else { "present no" },
+            if agents_cert { "does not check it" } else { "asks for one" },
+        ));
+    }
+    let replicas_tls = env_value(scaler, "TLS_CERT_FILE").is_some();
+    if replicas_tls != args.scaler_ca_file.is_some() {
+        problems.push(format!(
+            "the scaler {} TLS (TLS_CERT_FILE) but the relay {} (SCALER_CA_FILE)",
+            if replicas_tls {
+                "serves"
+            } else {
+                "does not serve"
+            },
+            if replicas_tls {
+                "does not speak it to the replicas"
+            } else {
+                "speaks it to the replicas"
+            },
+        ));
+    }
+    if env_value(scaler, "TLS_CLIENT_CA_FILE").is_some() && args.scaler_cert_file.is_none() {
+        problems.push(
+            "the scaler asks for a client certificate (TLS_CLIENT_CA_FILE) and the relay presents none (SCALER_CERT_FILE)".to_owned(),
+        );
+    }
+    let deployment = find(objects, "Deployment", "itw-relay");
+    let c = container(deployment, "itw-relay");
+    for (file, setting) in [
+        (&args.tls_cert_file, "TLS_CERT_FILE"),
+        (&args.tls_key_file, "TLS_KEY_FILE"),
+        (&args.tls_client_ca_file, "TLS_CLIENT_CA_FILE"),
+        (&args.scaler_ca_file, "SCALER_CA_FILE"),
+        (&args.scaler_cert_file, "SCALER_CERT_FILE"),
+        (&args.scaler_key_file, "SCALER_KEY_FILE"),
+    ] {
+        if let Some(file) = file
+            && volume_of_file(deployment, c, file).is_none_or(|(v, _)| v["secret"].is_null())
+        {
+            problems.push(format!(
+                "{setting} {} is not a file of a mounted Secret",
+                file.display()
+            ));
+        }
+    }
     problems
 }
 
 #[test]
 fn the_relay_deployment_matches_the_relay() {
-    let Some(objects) = render("the_relay_deployment_matches_the_relay", RELAYS) else {
+    for dir in RELAY_RENDERS {
+        let Some(objects) = render("the_relay_deployment_matches_the_relay", dir) else {
+            return;
+        };
+        assert_eq!(check_relay(&objects), Vec::<String>::new(), "deploy/{dir}");
+    }
+}
+
+/// The TLS render sets TLS up on both hops; the plain one on neither.
+#[test]
+fn the_tls_relays_speak_tls_both_ways() {
+    for (dir, tls) in [(RELAYS, false), ("examples/relays/tls", true)] {
+        let Some(objects) = render("the_tls_relays_speak_tls_both_ways", dir) else {
+            return;
+        };
+        let args = parse_relay(find(&objects, "Deployment", "itw-relay")).expect("relay settings");
+        assert_eq!(
+            [
+                args.tls_cert_file.is_some(),
+                args.tls_client_ca_file.is_some(),
+                args.scaler_ca_file.is_some(),
+                args.scaler_cert_file.is_some(),
+            ],
+            [tls; 4],
+            "deploy/{dir}"
+        );
+    }
+}
+
+/// Each half-configured hop is named.
+#[test]
+fn a_relay_tls_mismatch_is_caught() {
+    let Some(plain) = render("a_relay_tls_mismatch_is_caught", RELAYS) else {
         return;
     };
-    assert_eq!(check_relay(&objects), Vec::<String>::new());
+    let Some(tls) = render("a_relay_tls_mismatch_is_caught", "examples/relays/tls") else {
+        return;
+    };
+    let edit = |objects: &[Value], kind: &str, name: &str, env: &str, value: &str| -> Vec<Value> {
+        objects
+            .iter()
+            .map(|o| {
+                if kind_of(o) == kind && name_of(o) == name {
+                    with_env(o, name, env, value)
+                } else {
+                    o.clone()
+                }
+            })
+            .collect()
+    };
+    let agents_tls = edit(
+        &plain,
+        "DaemonSet",
+        "itw-agent",
+        "SCALER_CA_FILE",
+        "/etc/ca.crt",
+    );
+    assert_eq!(
+        check_relay(&agents_tls),
+        [
+            "the agents speak TLS to RELAY_ADDR (SCALER_CA_FILE) but the relay does not serve it (TLS_CERT_FILE)"
+        ]
+    );
+    let scaler_tls = edit(
+        &plain,
+        "Deployment",
+        "itw-scaler",
+        "TLS_CERT_FILE",
+        "/etc/tls.crt",
+    );
+    assert_eq!(
+        check_relay(&scaler_tls),
+        [
+            "the scaler serves TLS (TLS_CERT_FILE) but the relay does not speak it to the replicas (SCALER_CA_FILE)"
+        ]
+    );
+    let unmounted = edit(
+        &tls,
+        "Deployment",
+        "itw-relay",
+        "SCALER_CA_FILE",
+        "/etc/elsewhere/ca.crt",
+    );
+    assert_eq!(
+        check_relay(&unmounted),
+        ["SCALER_CA_FILE /etc/elsewhere/ca.crt is not a file of a mounted Secret"]
+    );
+    let scaler_mtls = edit(
+        &scaler_tls,
+        "Deployment",
+        "itw-scaler",
+        "TLS_CLIENT_CA_FILE",
+        "/etc/ca.crt",
+    );
+    let relay_to_tls = edit(
+        &scaler_mtls,
+        "Deployment",
+        "itw-relay",
+        "SCALER_CA_FILE",
+        "/etc/itw/agent-token/token",
+    );
+    assert_eq!(
+        check_relay(&relay_to_tls),
+        [
+            "the scaler asks for a client certificate (TLS_CLIENT_CA_FILE) and the relay presents none (SCALER_CERT_FILE)"
+        ]
+    );
 }
 
 #[test]

@@ -21,8 +21,13 @@ use itw_scaler::{config::Args, keda::KedaService, trigger::Trigger};
 use serde_json::{Value, json};
 use tonic::server::NamedService;
 
-/// The renders that configure the scaler: the install and its TLS overlay.
-const SCALER_RENDERS: [&str; 2] = ["", "examples/tls/install"];
+/// The renders that configure the scaler: the install, with TLS, with relays, with both.
+const SCALER_RENDERS: [&str; 4] = [
+    "",
+    "examples/tls/install",
+    "examples/relays",
+    "examples/relays/tls",
+];
 
 /// Trigger metadata keys KEDA reads itself for external and external-push
 /// triggers (kedacore/keda pkg/scalers/external_scaler.go); the scaler sees
