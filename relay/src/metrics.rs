@@ -49,6 +49,9 @@ pub enum EndReason {
     ResponseBufferFull,
     /// The relay is stopping.
     Stopping,
+    /// Its replica is no longer resolved from SCALER_ADDR (scaled down,
+    /// or not ready), so its Relay stream was ended.
+    ReplicaGone,
     /// Refused: no `authorization` header with the expected token.
     Unauthenticated,
     /// Refused: the `itw-replica` header is missing, malformed or names a
@@ -70,6 +73,7 @@ impl EndReason {
             Self::RelayStreamEnded => "relay_stream_ended",
             Self::ResponseBufferFull => "response_buffer_full",
             Self::Stopping => "stopping",
+            Self::ReplicaGone => "replica_gone",
             Self::Unauthenticated => "unauthenticated",
             Self::UnknownReplica => "unknown_replica",
             Self::ReplicaUnreachable => "replica_unreachable",
@@ -122,7 +126,7 @@ impl Default for RelayMetrics {
         let ended = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "itw_relay_agent_streams_ended",
-            "Agent streams ended or refused, by reason: agent_closed, agent_gone, agent_error, replica_ended, relay_stream_ended, response_buffer_full (AGENT_RESPONSE_BUFFER), stopping, unauthenticated, unknown_replica, replica_unreachable, max_agent_streams (MAX_AGENT_STREAMS)",
+            "Agent streams ended or refused, by reason: agent_closed, agent_gone, agent_error, replica_ended, relay_stream_ended, response_buffer_full (AGENT_RESPONSE_BUFFER), stopping, replica_gone, unauthenticated, unknown_replica, replica_unreachable, max_agent_streams (MAX_AGENT_STREAMS)",
             ended.clone(),
         );
         let reconnects = Family::<ReplicaLabel, Counter>::default();

@@ -174,6 +174,7 @@ impl Replicas {
                 domain.clone(),
                 link_tx,
                 token.clone(),
+                stop.clone(),
             ));
             known.insert(
                 *addr,

@@ -38,13 +38,15 @@ pub struct UpstreamContext {
 
 /// Keeps the Relay stream to `replica` open until `stop`; `link` shows the
 /// current one (`None` while there is none). `domain` is the name the
-/// replica was resolved from (what its certificate must carry).
+/// replica was resolved from (what its certificate must carry). `stop` is a
+/// child of `shutdown`, the relay's own: cancelled alone, the replica is gone.
 pub async fn run(
     ctx: Arc<UpstreamContext>,
     replica: SocketAddr,
     domain: String,
     link: watch::Sender<Option<Arc<Link>>>,
     stop: CancellationToken,
+    shutdown: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut first = true;
@@ -54,7 +56,7 @@ pub async fn run(
         }
         first = false;
         let started = Instant::now();
-        let outcome = session(&ctx, replica, &domain, &link, &stop).await;
+        let outcome = session(&ctx, replica, &domain, &link, &stop, &shutdown).await;
         link.send_replace(None);
         ctx.metrics.relay_stream_up(replica, false);
         match outcome {
@@ -95,6 +97,7 @@ async fn session(
     domain: &str,
     current: &watch::Sender<Option<Arc<Link>>>,
     stop: &CancellationToken,
+    shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let channel = tokio::select! {
         () = stop.cancelled() => return Ok(()),
@@ -131,7 +134,8 @@ async fn session(
     loop {
         let message = tokio::select! {
             () = stop.cancelled() => {
-                link.end_all(&Status::ok("the relay is stopping"), EndReason::Stopping);
+                let (status, reason) = stopped(replica, shutdown.is_cancelled());
+                link.end_all(&status, reason);
                 return Ok(());
             }
             message = inbound.message() => message,
@@ -152,6 +156,22 @@ async fn session(
                 return Err(SessionError::Status(status));
             }
         }
+    }
+}
+
+/// How the agents' streams end when the Relay stream is stopped: with OK when
+/// the relay stops (as a replica stopping ends its own), UNAVAILABLE when only
+/// the replica went out of SCALER_ADDR's answer, so agents look again.
+fn stopped(replica: SocketAddr, relay_stopping: bool) -> (Status, EndReason) {
+    if relay_stopping {
+        (Status::ok("the relay is stopping"), EndReason::Stopping)
+    } else {
+        (
+            Status::unavailable(format!(
+                "scaler replica {replica} is no longer resolved from the relay's SCALER_ADDR; resolve the replicas again"
+            )),
+            EndReason::ReplicaGone,
+        )
     }
 }
 
@@ -227,5 +247,25 @@ mod tests {
                 .starts_with("the relay's stream to scaler replica 10.0.0.5:9090 broke: "),
             "{sent:?}"
         );
+    }
+
+    #[test]
+    fn a_gone_replica_ends_its_agents_unavailable_and_a_stopping_relay_with_ok() {
+        let replica: SocketAddr = "10.0.0.5:9090".parse().unwrap();
+        let (status, reason) = stopped(replica, true);
+        assert_eq!(
+            (status.code(), status.message(), reason),
+            (Code::Ok, "the relay is stopping", EndReason::Stopping)
+        );
+        let (status, reason) = stopped(replica, false);
+        assert_eq!(
+            (status.code(), status.message(), reason),
+            (
+                Code::Unavailable,
+                "scaler replica 10.0.0.5:9090 is no longer resolved from the relay's SCALER_ADDR; resolve the replicas again",
+                EndReason::ReplicaGone
+            )
+        );
+        assert_eq!(reason.label(), "replica_gone");
     }
 }
