@@ -34,6 +34,11 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
 enum Subject {
     Empty,
     Counter,
+    /// The counter, then the task helper (cgroup mode only).
+    CounterTask,
+    /// The counter, then a per-CPU hash lookup of an `AttemptKey` (cgroup
+    /// mode only).
+    CounterSecondLookup,
     /// The agent's program, connects to the watched destination.
     Agent,
     /// The agent's program, connects to another destination (lookup miss).
@@ -41,7 +46,20 @@ enum Subject {
 }
 
 impl Subject {
-    const ALL: [Self; 4] = [Self::Empty, Self::Counter, Self::Agent, Self::AgentMiss];
+    /// The subjects measured on `mode`'s hook.
+    fn all(mode: CaptureMode) -> &'static [Self] {
+        match mode {
+            CaptureMode::Tracepoint => &[Self::Empty, Self::Counter, Self::Agent, Self::AgentMiss],
+            _ => &[
+                Self::Empty,
+                Self::Counter,
+                Self::CounterTask,
+                Self::CounterSecondLookup,
+                Self::Agent,
+                Self::AgentMiss,
+            ],
+        }
+    }
 
     fn label(self, mode: CaptureMode) -> String {
         let agent = match mode {
@@ -51,6 +69,8 @@ impl Subject {
         match self {
             Self::Empty => "empty program".to_owned(),
             Self::Counter => "minimal counter (the floor)".to_owned(),
+            Self::CounterTask => "  counter + task helper".to_owned(),
+            Self::CounterSecondLookup => "  counter + second hash lookup".to_owned(),
             Self::Agent => format!("{agent}, watched"),
             Self::AgentMiss => format!("{agent}, other destination"),
         }
@@ -89,6 +109,7 @@ impl FloorObject {
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .map_max_entries(floor::WATCHED, settings.max_destinations)
+            .map_max_entries(floor::ATTEMPTS, settings.max_attempt_counters)
             .override_global(floor::TP_NEWSTATE_OFFSET, &tp.newstate, true)
             .override_global(floor::TP_DPORT_OFFSET, &tp.dport, true)
             .override_global(floor::TP_FAMILY_OFFSET, &tp.family, true)
@@ -107,7 +128,12 @@ impl FloorObject {
             },
             0,
         )?;
-        for name in [floor::CONNECT4_EMPTY, floor::CONNECT4_COUNTER] {
+        for name in [
+            floor::CONNECT4_EMPTY,
+            floor::CONNECT4_COUNTER,
+            floor::CONNECT4_TASK,
+            floor::CONNECT4_SECOND_LOOKUP,
+        ] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
         }
@@ -172,23 +198,28 @@ pub fn measure(
     };
     let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics")?;
+    let subjects = Subject::all(mode);
     let mut ns_per_run: Vec<(Subject, Vec<f64>)> =
-        Subject::ALL.iter().map(|s| (*s, Vec::new())).collect();
+        subjects.iter().map(|s| (*s, Vec::new())).collect();
     for round in 0..rounds {
-        for k in 0..Subject::ALL.len() {
-            let i = (k + round) % Subject::ALL.len();
-            let subject = Subject::ALL[i];
+        for k in 0..subjects.len() {
+            let i = (k + round) % subjects.len();
+            let subject = subjects[i];
             let target = if subject == Subject::AgentMiss {
                 other
             } else {
                 watched
             };
             let (runs, ns) = match subject {
-                Subject::Empty | Subject::Counter => {
-                    let name = if subject == Subject::Empty {
-                        empty
-                    } else {
-                        counter
+                Subject::Empty
+                | Subject::Counter
+                | Subject::CounterTask
+                | Subject::CounterSecondLookup => {
+                    let name = match subject {
+                        Subject::Empty => empty,
+                        Subject::CounterTask => floor::CONNECT4_TASK,
+                        Subject::CounterSecondLookup => floor::CONNECT4_SECOND_LOOKUP,
+                        _ => counter,
                     };
                     let id = object.id(name)?;
                     let hits_before = object.hits(index)?;
@@ -198,7 +229,7 @@ pub fn measure(
                     })?;
                     let after = program_run_time(&[id])?;
                     let hits = object.hits(index)? - hits_before;
-                    if subject == Subject::Counter && hits != made {
+                    if subject != Subject::Empty && hits != made {
                         bail!("{name}: {hits} hits for {made} connects to the watched destination");
                     }
                     (after.0 - before.0, after.1 - before.1)

@@ -423,11 +423,17 @@ pub mod lab {
 pub mod floor {
     /// `HashMap<Destination, Watch>`, shaped like [`super::maps::WATCHED`].
     pub const WATCHED: &str = "FLOOR_WATCHED";
-    /// `PerCpuArray<u64>` of 2: the cgroup counter's hits (0), the
+    /// `PerCpuArray<u64>` of 2: the cgroup counters' hits (0), the
     /// tracepoint counter's (1).
     pub const COUNTS: &str = "FLOOR_COUNTS";
     pub const CONNECT4_EMPTY: &str = "floor_connect4_empty";
     pub const CONNECT4_COUNTER: &str = "floor_connect4_counter";
+    /// The counter, then `bpf_get_current_task_btf`.
+    pub const CONNECT4_TASK: &str = "floor_connect4_task";
+    /// The counter, then a per-CPU hash lookup of an `AttemptKey`.
+    pub const CONNECT4_SECOND_LOOKUP: &str = "floor_connect4_second_lookup";
+    /// `PerCpuHashMap<AttemptKey, u64>`, shaped like [`super::maps::ATTEMPTS`].
+    pub const ATTEMPTS: &str = "FLOOR_ATTEMPTS";
     pub const SET_STATE_EMPTY: &str = "floor_set_state_empty";
     pub const SET_STATE_COUNTER: &str = "floor_set_state_counter";
     /// Offsets in the `sock:inet_sock_set_state` record (format file).
