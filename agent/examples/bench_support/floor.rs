@@ -125,6 +125,7 @@ impl FloorObject {
             Watch {
                 dest_id: 1,
                 armed: 0,
+                generation: 1,
             },
             0,
         )?;
