@@ -306,3 +306,44 @@ impl RedirectBook for FakeKernelHandle {
         Ok(self.maps.lock().conns.remove(&conn_key(peer, park_port)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(last: u8) -> Destination {
+        Destination::v4([10, 96, 0, last], 80)
+    }
+
+    fn read(kernel: &mut FakeKernel) -> KernelCounts {
+        let mut counts = KernelCounts::default();
+        kernel.read(&mut counts).unwrap();
+        counts
+    }
+
+    /// As the programs' counters: a forgotten key's counter is taken until
+    /// the agent's next read gives it back (the kernel's quarantine).
+    #[test]
+    fn a_forgotten_keys_counter_is_free_only_after_the_next_read() {
+        let mut kernel = FakeKernel::new(1);
+        let handle = kernel.handle();
+        kernel.watch(&dest(1), 1).unwrap();
+        kernel.watch(&dest(2), 2).unwrap();
+        handle.connect(dest(1), "a");
+        kernel.unwatch(&dest(1)).unwrap();
+        kernel.forget(&[1]).unwrap();
+        handle.connect(dest(2), "b");
+        assert_eq!(read(&mut kernel).overflow, vec![(2, 1)]);
+        handle.connect(dest(2), "b");
+        let counts = read(&mut kernel);
+        assert_eq!(
+            counts.attempts,
+            vec![(
+                AttemptKey::new(2, ROOT_CGROUP_ID, super::super::comm_bytes("b")),
+                1
+            )]
+        );
+        assert_eq!(counts.overflow, vec![(2, 1)]);
+        assert_eq!(handle.maps.lock().stats.attempts_map_full, 1);
+    }
+}
