@@ -3,7 +3,7 @@
 //! minimal counter per hook, and the rounds that measure them beside the
 //! agent's programs by the kernel's per-program run-time statistics.
 
-use std::{fs::File, net::Ipv4Addr};
+use std::{fs::File, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, bail};
 use aya::{
@@ -12,7 +12,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, TracePoint},
 };
 use itw_agent::capture::{
-    self, CaptureMode, CaptureSettings, Kernel, KernelCounts, cgroup, tracefs,
+    self, CaptureMode, CaptureSettings, Kernel, KernelCounts, btf, cgroup, tracefs,
 };
 use itw_common::{Destination, Watch, floor, programs};
 
@@ -39,6 +39,9 @@ enum Subject {
     /// The counter, then a per-CPU hash lookup of an `AttemptKey` (cgroup
     /// mode only).
     CounterSecondLookup,
+    /// The counter, then the caller's identity as itw.o reads it (cgroup
+    /// mode only).
+    CounterIdentity,
     /// The agent's program, connects to the watched destination.
     Agent,
     /// The agent's program, connects to another destination (lookup miss).
@@ -55,6 +58,7 @@ impl Subject {
                 Self::Counter,
                 Self::CounterTask,
                 Self::CounterSecondLookup,
+                Self::CounterIdentity,
                 Self::Agent,
                 Self::AgentMiss,
             ],
@@ -71,6 +75,7 @@ impl Subject {
             Self::Counter => "minimal counter (the floor)".to_owned(),
             Self::CounterTask => "  counter + task helper".to_owned(),
             Self::CounterSecondLookup => "  counter + second hash lookup".to_owned(),
+            Self::CounterIdentity => "  counter + task, leader comm, cgroup id".to_owned(),
             Self::Agent => format!("{agent}, watched"),
             Self::AgentMiss => format!("{agent}, other destination"),
         }
@@ -106,6 +111,12 @@ impl FloorObject {
             // The tracepoint programs are loaded, never attached.
             tracefs::SetStateOffsets::UNATTACHED
         };
+        let task = btf::task_offsets(Path::new(btf::VMLINUX_BTF))
+            .map_err(anyhow::Error::msg)
+            .context("task_struct offsets from the kernel's BTF")?;
+        let cgroup = task
+            .cgroup
+            .context("the kernel's BTF has no cgroup id path for the identity variant")?;
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .map_max_entries(floor::WATCHED, settings.max_destinations)
@@ -114,6 +125,12 @@ impl FloorObject {
             .override_global(floor::TP_DPORT_OFFSET, &tp.dport, true)
             .override_global(floor::TP_FAMILY_OFFSET, &tp.family, true)
             .override_global(floor::TP_DADDR_OFFSET, &tp.daddr, true)
+            .override_global(floor::TASK_GROUP_LEADER_OFFSET, &task.group_leader, true)
+            .override_global(floor::TASK_COMM_OFFSET, &task.comm, true)
+            .override_global(floor::TASK_CGROUPS_OFFSET, &cgroup.cgroups, true)
+            .override_global(floor::CSS_SET_DFL_CGRP_OFFSET, &cgroup.dfl_cgrp, true)
+            .override_global(floor::CGROUP_KN_OFFSET, &cgroup.kn, true)
+            .override_global(floor::KERNFS_NODE_ID_OFFSET, &cgroup.id, true)
             .load(OBJECT)
             .context("loading capture-floor.o")?;
         let mut map: HashMap<_, Destination, Watch> = HashMap::try_from(
@@ -134,6 +151,7 @@ impl FloorObject {
             floor::CONNECT4_COUNTER,
             floor::CONNECT4_TASK,
             floor::CONNECT4_SECOND_LOOKUP,
+            floor::CONNECT4_IDENTITY,
         ] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
@@ -215,11 +233,13 @@ pub fn measure(
                 Subject::Empty
                 | Subject::Counter
                 | Subject::CounterTask
-                | Subject::CounterSecondLookup => {
+                | Subject::CounterSecondLookup
+                | Subject::CounterIdentity => {
                     let name = match subject {
                         Subject::Empty => empty,
                         Subject::CounterTask => floor::CONNECT4_TASK,
                         Subject::CounterSecondLookup => floor::CONNECT4_SECOND_LOOKUP,
+                        Subject::CounterIdentity => floor::CONNECT4_IDENTITY,
                         _ => counter,
                     };
                     let id = object.id(name)?;

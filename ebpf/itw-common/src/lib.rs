@@ -474,8 +474,8 @@ pub mod lab {
 pub mod floor {
     /// `HashMap<Destination, Watch>`, shaped like [`super::maps::WATCHED`].
     pub const WATCHED: &str = "FLOOR_WATCHED";
-    /// `PerCpuArray<u64>` of 2: the cgroup counters' hits (0), the
-    /// tracepoint counter's (1).
+    /// `PerCpuArray<u64>` of 3: the cgroup counters' hits (0), the
+    /// tracepoint counter's (1), what the identity variant read (2).
     pub const COUNTS: &str = "FLOOR_COUNTS";
     pub const CONNECT4_EMPTY: &str = "floor_connect4_empty";
     pub const CONNECT4_COUNTER: &str = "floor_connect4_counter";
@@ -483,6 +483,8 @@ pub mod floor {
     pub const CONNECT4_TASK: &str = "floor_connect4_task";
     /// The counter, then a per-CPU hash lookup of an `AttemptKey`.
     pub const CONNECT4_SECOND_LOOKUP: &str = "floor_connect4_second_lookup";
+    /// The counter, then the caller's identity read as `itw.o` reads it.
+    pub const CONNECT4_IDENTITY: &str = "floor_connect4_identity";
     /// `PerCpuHashMap<AttemptKey, u64>`, shaped like [`super::maps::ATTEMPTS`].
     pub const ATTEMPTS: &str = "FLOOR_ATTEMPTS";
     pub const SET_STATE_EMPTY: &str = "floor_set_state_empty";
@@ -492,6 +494,13 @@ pub mod floor {
     pub const TP_DPORT_OFFSET: &str = "FLOOR_TP_DPORT_OFFSET";
     pub const TP_FAMILY_OFFSET: &str = "FLOOR_TP_FAMILY_OFFSET";
     pub const TP_DADDR_OFFSET: &str = "FLOOR_TP_DADDR_OFFSET";
+    /// task_struct and cgroup offsets from the kernel's BTF.
+    pub const TASK_GROUP_LEADER_OFFSET: &str = "FLOOR_TASK_GROUP_LEADER_OFFSET";
+    pub const TASK_COMM_OFFSET: &str = "FLOOR_TASK_COMM_OFFSET";
+    pub const TASK_CGROUPS_OFFSET: &str = "FLOOR_TASK_CGROUPS_OFFSET";
+    pub const CSS_SET_DFL_CGRP_OFFSET: &str = "FLOOR_CSS_SET_DFL_CGRP_OFFSET";
+    pub const CGROUP_KN_OFFSET: &str = "FLOOR_CGROUP_KN_OFFSET";
+    pub const KERNFS_NODE_ID_OFFSET: &str = "FLOOR_KERNFS_NODE_ID_OFFSET";
 }
 
 #[cfg(feature = "user")]

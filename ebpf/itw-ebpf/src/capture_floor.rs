@@ -18,7 +18,11 @@
 //! interleaved run:
 //! - `+task`: the counter, then `bpf_get_current_task_btf` (a helper call);
 //! - `+second lookup`: the counter, then a per-CPU hash lookup (insert on
-//!   the first miss) of a 32-byte key shaped like `AttemptKey`, and an add.
+//!   the first miss) of a 32-byte key shaped like `AttemptKey`, and an add;
+//! - `+identity`: the counter, then the caller's identity as `itw.o` reads
+//!   it: the task helper, `current->group_leader->comm` and
+//!   `current->cgroups->dfl_cgrp->kn->id` by BTF loads (offsets from the
+//!   kernel's BTF, set by the bench), folded into a per-CPU word.
 //!
 //! Like the agent's, the cgroup programs return 1 (allow) on every path.
 
@@ -27,7 +31,10 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr::read_volatile,
+};
 
 use aya_ebpf::{
     Global,
@@ -46,9 +53,9 @@ static FLOOR_WATCHED: HashMap<Destination, Watch> =
     HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
 
 /// Index 0: the cgroup counters' hits (each variant runs alone); 1: the
-/// tracepoint counter's.
+/// tracepoint counter's; 2: where `+identity` folds what it read.
 #[map(name = "FLOOR_COUNTS")]
-static FLOOR_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+static FLOOR_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
 /// Shaped like `ITW_ATTEMPTS`, for the `+second lookup` variant.
 #[map(name = "FLOOR_ATTEMPTS")]
@@ -65,6 +72,21 @@ static FLOOR_TP_DPORT_OFFSET: Global<u32> = Global::new(0);
 static FLOOR_TP_FAMILY_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static FLOOR_TP_DADDR_OFFSET: Global<u32> = Global::new(0);
+
+// task_struct and cgroup offsets, from this kernel's BTF (as the agent sets
+// itw.o's).
+#[unsafe(no_mangle)]
+static FLOOR_TASK_GROUP_LEADER_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_TASK_COMM_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_TASK_CGROUPS_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_CSS_SET_DFL_CGRP_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_CGROUP_KN_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_KERNFS_NODE_ID_OFFSET: Global<u32> = Global::new(0);
 
 const SOCK_STREAM: u32 = 1;
 const AF_INET: u16 = 2;
@@ -110,6 +132,40 @@ pub fn floor_connect4_second_lookup(ctx: SockAddrContext) -> i32 {
         }
     }
     ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn floor_connect4_identity(ctx: SockAddrContext) -> i32 {
+    if let Some(dest) = tcp_destination(&ctx)
+        && count(&dest, 0)
+    {
+        let folded = identity();
+        if let Some(sink) = FLOOR_COUNTS.get_ptr_mut(2) {
+            // SAFETY: this CPU's value of a per-CPU array, live for the run.
+            unsafe { *sink = folded };
+        }
+    }
+    ALLOW
+}
+
+/// The leader's comm and the caller's cgroup id, read as `itw.o` reads them
+/// (BTF loads the verifier checks and makes fault-safe), folded into a word.
+#[inline(always)]
+fn identity() -> u64 {
+    let load = |ptr: *const u8, at: &Global<u32>| {
+        // SAFETY: loads of fields the kernel's BTF has at these offsets.
+        unsafe { read_volatile(ptr.add(at.load() as usize).cast::<u64>()) }
+    };
+    // SAFETY: a helper without arguments.
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    let leader = load(task, &FLOOR_TASK_GROUP_LEADER_OFFSET) as *const u8;
+    // SAFETY: as in `load`; the second word of the 16-byte name.
+    let comm = load(leader, &FLOOR_TASK_COMM_OFFSET)
+        ^ unsafe { read_volatile(leader.add(FLOOR_TASK_COMM_OFFSET.load() as usize + 8).cast::<u64>()) };
+    let cgroups = load(task, &FLOOR_TASK_CGROUPS_OFFSET) as *const u8;
+    let cgroup = load(cgroups, &FLOOR_CSS_SET_DFL_CGRP_OFFSET) as *const u8;
+    let kn = load(cgroup, &FLOOR_CGROUP_KN_OFFSET) as *const u8;
+    comm ^ load(kn, &FLOOR_KERNFS_NODE_ID_OFFSET)
 }
 
 /// The destination of a TCP connect (None for the UDP connects this hook
