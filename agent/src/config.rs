@@ -156,8 +156,9 @@ pub struct Args {
     #[arg(long, env = "MAX_DESTINATIONS", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_destinations: u32,
 
-    /// Kernel map size: (destination, process) counters. When full, attempts
-    /// are still counted per destination under the overflow name.
+    /// Kernel counters of (destination, caller's cgroup, process), each
+    /// preallocated on every CPU (8 bytes per CPU). When all are taken,
+    /// attempts are still counted per destination under the overflow name.
     #[arg(long, env = "MAX_ATTEMPT_COUNTERS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempt_counters: u32,
 

@@ -26,13 +26,16 @@ fn the_floor_object_has_the_benchs_programs_and_maps_and_no_agent_program() {
             [
                 floor::CONNECT4_COUNTER,
                 floor::CONNECT4_EMPTY,
+                floor::CONNECT4_IDENTITY,
+                floor::CONNECT4_SECOND_LOOKUP,
+                floor::CONNECT4_TASK,
                 floor::SET_STATE_COUNTER,
                 floor::SET_STATE_EMPTY,
             ],
             "{arch}"
         );
         assert!(!names.contains(&programs::CONNECT4), "{arch}");
-        for map in [floor::WATCHED, floor::COUNTS] {
+        for map in [floor::WATCHED, floor::COUNTS, floor::ATTEMPTS] {
             assert!(obj.maps.contains_key(map), "{arch}: no map {map}");
         }
     }

@@ -3,7 +3,7 @@
 //! minimal counter per hook, and the rounds that measure them beside the
 //! agent's programs by the kernel's per-program run-time statistics.
 
-use std::{fs::File, net::Ipv4Addr};
+use std::{fs::File, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, bail};
 use aya::{
@@ -12,7 +12,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, TracePoint},
 };
 use itw_agent::capture::{
-    self, CaptureMode, CaptureSettings, Kernel, KernelCounts, cgroup, tracefs,
+    self, CaptureMode, CaptureSettings, Kernel, KernelCounts, btf, cgroup, tracefs,
 };
 use itw_common::{Destination, Watch, floor, programs};
 
@@ -34,6 +34,14 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
 enum Subject {
     Empty,
     Counter,
+    /// The counter, then the task helper (cgroup mode only).
+    CounterTask,
+    /// The counter, then a per-CPU hash lookup of an `AttemptKey` (cgroup
+    /// mode only).
+    CounterSecondLookup,
+    /// The counter, then the caller's identity as itw.o reads it (cgroup
+    /// mode only).
+    CounterIdentity,
     /// The agent's program, connects to the watched destination.
     Agent,
     /// The agent's program, connects to another destination (lookup miss).
@@ -41,7 +49,21 @@ enum Subject {
 }
 
 impl Subject {
-    const ALL: [Self; 4] = [Self::Empty, Self::Counter, Self::Agent, Self::AgentMiss];
+    /// The subjects measured on `mode`'s hook.
+    fn all(mode: CaptureMode) -> &'static [Self] {
+        match mode {
+            CaptureMode::Tracepoint => &[Self::Empty, Self::Counter, Self::Agent, Self::AgentMiss],
+            _ => &[
+                Self::Empty,
+                Self::Counter,
+                Self::CounterTask,
+                Self::CounterSecondLookup,
+                Self::CounterIdentity,
+                Self::Agent,
+                Self::AgentMiss,
+            ],
+        }
+    }
 
     fn label(self, mode: CaptureMode) -> String {
         let agent = match mode {
@@ -51,6 +73,9 @@ impl Subject {
         match self {
             Self::Empty => "empty program".to_owned(),
             Self::Counter => "minimal counter (the floor)".to_owned(),
+            Self::CounterTask => "  counter + task helper".to_owned(),
+            Self::CounterSecondLookup => "  counter + second hash lookup".to_owned(),
+            Self::CounterIdentity => "  counter + task, leader comm, cgroup id".to_owned(),
             Self::Agent => format!("{agent}, watched"),
             Self::AgentMiss => format!("{agent}, other destination"),
         }
@@ -86,13 +111,26 @@ impl FloorObject {
             // The tracepoint programs are loaded, never attached.
             tracefs::SetStateOffsets::UNATTACHED
         };
+        let task = btf::task_offsets(Path::new(btf::VMLINUX_BTF))
+            .map_err(anyhow::Error::msg)
+            .context("task_struct offsets from the kernel's BTF")?;
+        let cgroup = task
+            .cgroup
+            .context("the kernel's BTF has no cgroup id path for the identity variant")?;
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .map_max_entries(floor::WATCHED, settings.max_destinations)
+            .map_max_entries(floor::ATTEMPTS, settings.max_attempt_counters)
             .override_global(floor::TP_NEWSTATE_OFFSET, &tp.newstate, true)
             .override_global(floor::TP_DPORT_OFFSET, &tp.dport, true)
             .override_global(floor::TP_FAMILY_OFFSET, &tp.family, true)
             .override_global(floor::TP_DADDR_OFFSET, &tp.daddr, true)
+            .override_global(floor::TASK_GROUP_LEADER_OFFSET, &task.group_leader, true)
+            .override_global(floor::TASK_COMM_OFFSET, &task.comm, true)
+            .override_global(floor::TASK_CGROUPS_OFFSET, &cgroup.cgroups, true)
+            .override_global(floor::CSS_SET_DFL_CGRP_OFFSET, &cgroup.dfl_cgrp, true)
+            .override_global(floor::CGROUP_KN_OFFSET, &cgroup.kn, true)
+            .override_global(floor::KERNFS_NODE_ID_OFFSET, &cgroup.id, true)
             .load(OBJECT)
             .context("loading capture-floor.o")?;
         let mut map: HashMap<_, Destination, Watch> = HashMap::try_from(
@@ -104,10 +142,17 @@ impl FloorObject {
             Watch {
                 dest_id: 1,
                 armed: 0,
+                generation: 1,
             },
             0,
         )?;
-        for name in [floor::CONNECT4_EMPTY, floor::CONNECT4_COUNTER] {
+        for name in [
+            floor::CONNECT4_EMPTY,
+            floor::CONNECT4_COUNTER,
+            floor::CONNECT4_TASK,
+            floor::CONNECT4_SECOND_LOOKUP,
+            floor::CONNECT4_IDENTITY,
+        ] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
         }
@@ -172,23 +217,30 @@ pub fn measure(
     };
     let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling BPF run-time statistics")?;
+    let subjects = Subject::all(mode);
     let mut ns_per_run: Vec<(Subject, Vec<f64>)> =
-        Subject::ALL.iter().map(|s| (*s, Vec::new())).collect();
+        subjects.iter().map(|s| (*s, Vec::new())).collect();
     for round in 0..rounds {
-        for k in 0..Subject::ALL.len() {
-            let i = (k + round) % Subject::ALL.len();
-            let subject = Subject::ALL[i];
+        for k in 0..subjects.len() {
+            let i = (k + round) % subjects.len();
+            let subject = subjects[i];
             let target = if subject == Subject::AgentMiss {
                 other
             } else {
                 watched
             };
             let (runs, ns) = match subject {
-                Subject::Empty | Subject::Counter => {
-                    let name = if subject == Subject::Empty {
-                        empty
-                    } else {
-                        counter
+                Subject::Empty
+                | Subject::Counter
+                | Subject::CounterTask
+                | Subject::CounterSecondLookup
+                | Subject::CounterIdentity => {
+                    let name = match subject {
+                        Subject::Empty => empty,
+                        Subject::CounterTask => floor::CONNECT4_TASK,
+                        Subject::CounterSecondLookup => floor::CONNECT4_SECOND_LOOKUP,
+                        Subject::CounterIdentity => floor::CONNECT4_IDENTITY,
+                        _ => counter,
                     };
                     let id = object.id(name)?;
                     let hits_before = object.hits(index)?;
@@ -198,7 +250,7 @@ pub fn measure(
                     })?;
                     let after = program_run_time(&[id])?;
                     let hits = object.hits(index)? - hits_before;
-                    if subject == Subject::Counter && hits != made {
+                    if subject != Subject::Empty && hits != made {
                         bail!("{name}: {hits} hits for {made} connects to the watched destination");
                     }
                     (after.0 - before.0, after.1 - before.1)

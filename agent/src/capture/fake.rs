@@ -1,7 +1,10 @@
 //! An in-memory [`Kernel`] with the eBPF programs' semantics, for tests that
 //! run without privileges. Its [`FakeKernel::connect`] does what the programs
 //! do on a connect: look the destination up, filter excluded names, count,
-//! overflow when full, and wake once per idle -> active.
+//! overflow when every counter is taken (a forgotten key's counter is taken
+//! until the next read: the kernel's quarantine), and wake once per idle ->
+//! active. The kernel's per-CPU last-caller cache is invisible in counts,
+//! so it has no counterpart here.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,6 +25,9 @@ struct Maps {
     watched: HashMap<Destination, (u32, bool)>,
     excluded: HashSet<Comm>,
     attempts: HashMap<AttemptKey, u64>,
+    /// Counters of keys forgotten since the last read: not free until the
+    /// next read, as the kernel's quarantine has it.
+    quarantined: usize,
     overflow: HashMap<u32, u64>,
     filtered: HashMap<Comm, u64>,
     stats: KernelStats,
@@ -92,7 +98,9 @@ impl FakeKernelHandle {
         }
         let key = AttemptKey::new(dest_id, cgroup_id, comm);
         let mut overflowed = false;
-        if maps.attempts.contains_key(&key) || maps.attempts.len() < self.attempts_capacity {
+        if maps.attempts.contains_key(&key)
+            || maps.attempts.len() + maps.quarantined < self.attempts_capacity
+        {
             *maps.attempts.entry(key).or_default() += 1;
         } else {
             maps.stats.attempts_map_full += 1;
@@ -206,7 +214,8 @@ impl Kernel for FakeKernel {
 
     fn read(&mut self, out: &mut KernelCounts) -> Result<(), CaptureError> {
         out.clear();
-        let maps = self.handle.maps.lock();
+        let mut maps = self.handle.maps.lock();
+        maps.quarantined = 0;
         out.attempts
             .extend(maps.attempts.iter().map(|(k, v)| (*k, *v)));
         out.overflow
@@ -234,7 +243,9 @@ impl Kernel for FakeKernel {
 
     fn forget(&mut self, dest_ids: &[u32]) -> Result<(), CaptureError> {
         let mut maps = self.handle.maps.lock();
+        let before = maps.attempts.len();
         maps.attempts.retain(|k, _| !dest_ids.contains(&k.dest_id));
+        maps.quarantined += before - maps.attempts.len();
         maps.overflow.retain(|id, _| !dest_ids.contains(id));
         Ok(())
     }
@@ -293,5 +304,46 @@ impl Kernel for FakeKernel {
 impl RedirectBook for FakeKernelHandle {
     fn take(&self, peer: SocketAddr, park_port: u16) -> Result<Option<Redirect>, CaptureError> {
         Ok(self.maps.lock().conns.remove(&conn_key(peer, park_port)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(last: u8) -> Destination {
+        Destination::v4([10, 96, 0, last], 80)
+    }
+
+    fn read(kernel: &mut FakeKernel) -> KernelCounts {
+        let mut counts = KernelCounts::default();
+        kernel.read(&mut counts).unwrap();
+        counts
+    }
+
+    /// As the programs' counters: a forgotten key's counter is taken until
+    /// the agent's next read gives it back (the kernel's quarantine).
+    #[test]
+    fn a_forgotten_keys_counter_is_free_only_after_the_next_read() {
+        let mut kernel = FakeKernel::new(1);
+        let handle = kernel.handle();
+        kernel.watch(&dest(1), 1).unwrap();
+        kernel.watch(&dest(2), 2).unwrap();
+        handle.connect(dest(1), "a");
+        kernel.unwatch(&dest(1)).unwrap();
+        kernel.forget(&[1]).unwrap();
+        handle.connect(dest(2), "b");
+        assert_eq!(read(&mut kernel).overflow, vec![(2, 1)]);
+        handle.connect(dest(2), "b");
+        let counts = read(&mut kernel);
+        assert_eq!(
+            counts.attempts,
+            vec![(
+                AttemptKey::new(2, ROOT_CGROUP_ID, super::super::comm_bytes("b")),
+                1
+            )]
+        );
+        assert_eq!(counts.overflow, vec![(2, 1)]);
+        assert_eq!(handle.maps.lock().stats.attempts_map_full, 1);
     }
 }

@@ -93,6 +93,11 @@ pub struct Watch {
     /// it and sends one [`WakeEvent`]. The agent re-arms it once a collection
     /// finds the destination idle again.
     pub armed: u32,
+    /// Which life of `dest_id` this is (never 0): the agent changes it
+    /// whenever it has forgotten ids since, so a [`LastCaller`] entry left
+    /// from an id's earlier life (its counter since given to another key)
+    /// never matches the destination that reuses the id.
+    pub generation: u32,
 }
 
 /// Key of [`maps::ATTEMPTS`]: one counter per destination, caller's cgroup
@@ -122,6 +127,31 @@ impl AttemptKey {
             comm,
         }
     }
+}
+
+/// Value of [`maps::LAST_CALLERS`] (per CPU, at `dest_id` modulo
+/// [`capacity::LAST_CALLER_SLOTS`]): the last caller counted for a
+/// destination on this CPU and its counter's index in [`maps::COUNTERS`], so
+/// that the same caller's next attempt counts with no hash lookup.
+///
+/// Written and read only by the programs, on their own CPU. Cgroup programs
+/// run preemptible, so a task can stop anywhere in a read or a write of the
+/// entry and another run the program meanwhile: `seq` is odd while an entry
+/// is being written (a reader that sees it odd, or changed after its reads,
+/// takes the slow path), and `writers` admits one writer at a time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LastCaller {
+    pub seq: u32,
+    pub writers: u32,
+    pub dest_id: u32,
+    /// [`Watch::generation`] when it was written (0: never written).
+    pub generation: u32,
+    pub cgroup_id: u64,
+    pub comm: Comm,
+    /// The key's index in [`maps::COUNTERS`].
+    pub counter: u32,
+    pub _pad: u32,
 }
 
 /// Record of [`maps::WAKES`]: a watched destination went from idle to active.
@@ -222,8 +252,21 @@ pub mod maps {
     /// `Array<u64>` of one: the OR of [`super::excluded_hint_bit`] over
     /// EXCLUDED's names. A name whose bit is clear is not excluded.
     pub const EXCLUDED_HINT: &str = "ITW_EXCLUDED_HINT";
-    /// `PerCpuHashMap<AttemptKey, u64>`: attempts per destination and process.
+    /// `HashMap<AttemptKey, u32>`: each (destination, caller's cgroup,
+    /// process) key's index in COUNTERS. Written by the programs on a key's
+    /// first attempt; keys are deleted by the agent only (`forget`).
     pub const ATTEMPTS: &str = "ITW_ATTEMPTS";
+    /// `PerCpuArray<u64>`: the attempt counters, at the indices ATTEMPTS
+    /// gives (a per-CPU array lookup is inlined by the verifier where the
+    /// kernel can, 6.10 and later: no helper call to count).
+    pub const COUNTERS: &str = "ITW_COUNTERS";
+    /// `Queue<u32>`: COUNTERS indices free to take (all zero on every CPU).
+    /// The agent fills it at load and gives forgotten keys' indices back,
+    /// zeroed, one collection after it deleted the keys.
+    pub const FREE_COUNTERS: &str = "ITW_FREE_COUNTERS";
+    /// `PerCpuArray<LastCaller>` of [`super::capacity::LAST_CALLER_SLOTS`]:
+    /// per CPU, each destination slot's last caller and its counter.
+    pub const LAST_CALLERS: &str = "ITW_LAST_CALLERS";
     /// `PerCpuHashMap<u32, u64>`: attempts per destination id that found
     /// ATTEMPTS full; counted under the overflow process name.
     pub const OVERFLOW: &str = "ITW_OVERFLOW";
@@ -285,13 +328,21 @@ pub mod capacity {
     /// size where pages are larger). One wake takes 64 bytes with its header,
     /// so 2,048 destinations can wake before the agent reads one.
     pub const WAKES_BYTES: u32 = 128 * 1024;
+    /// Entries of [`maps::LAST_CALLERS`] per CPU, a power of two (indexed by
+    /// `dest_id` masked). 48 bytes each, preallocated on every CPU: 48 KiB
+    /// per CPU. Destination ids are dense, so up to this many destinations
+    /// never share a slot; past it two that do only cost each other the
+    /// hash lookup of the slow path.
+    pub const LAST_CALLER_SLOTS: u32 = 1024;
 }
 
 /// Indices of [`maps::STATS`].
 pub mod stat {
     /// A wake could not be reserved in the ring buffer (the attempt still counted).
     pub const WAKE_DROPPED: u32 = 0;
-    /// An attempt found ATTEMPTS full and went to OVERFLOW.
+    /// An attempt of a new key found no free counter (all
+    /// MAX_ATTEMPT_COUNTERS in use or quarantined) or no room in ATTEMPTS,
+    /// and went to OVERFLOW.
     pub const ATTEMPTS_FULL: u32 = 1;
     /// An attempt found OVERFLOW (or a filtered one found FILTERED) full too:
     /// the only way a count can be lost.
@@ -423,11 +474,19 @@ pub mod lab {
 pub mod floor {
     /// `HashMap<Destination, Watch>`, shaped like [`super::maps::WATCHED`].
     pub const WATCHED: &str = "FLOOR_WATCHED";
-    /// `PerCpuArray<u64>` of 2: the cgroup counter's hits (0), the
-    /// tracepoint counter's (1).
+    /// `PerCpuArray<u64>` of 3: the cgroup counters' hits (0), the
+    /// tracepoint counter's (1), what the identity variant read (2).
     pub const COUNTS: &str = "FLOOR_COUNTS";
     pub const CONNECT4_EMPTY: &str = "floor_connect4_empty";
     pub const CONNECT4_COUNTER: &str = "floor_connect4_counter";
+    /// The counter, then `bpf_get_current_task_btf`.
+    pub const CONNECT4_TASK: &str = "floor_connect4_task";
+    /// The counter, then a per-CPU hash lookup of an `AttemptKey`.
+    pub const CONNECT4_SECOND_LOOKUP: &str = "floor_connect4_second_lookup";
+    /// The counter, then the caller's identity read as `itw.o` reads it.
+    pub const CONNECT4_IDENTITY: &str = "floor_connect4_identity";
+    /// `PerCpuHashMap<AttemptKey, u64>`, shaped like [`super::maps::ATTEMPTS`].
+    pub const ATTEMPTS: &str = "FLOOR_ATTEMPTS";
     pub const SET_STATE_EMPTY: &str = "floor_set_state_empty";
     pub const SET_STATE_COUNTER: &str = "floor_set_state_counter";
     /// Offsets in the `sock:inet_sock_set_state` record (format file).
@@ -435,6 +494,13 @@ pub mod floor {
     pub const TP_DPORT_OFFSET: &str = "FLOOR_TP_DPORT_OFFSET";
     pub const TP_FAMILY_OFFSET: &str = "FLOOR_TP_FAMILY_OFFSET";
     pub const TP_DADDR_OFFSET: &str = "FLOOR_TP_DADDR_OFFSET";
+    /// task_struct and cgroup offsets from the kernel's BTF.
+    pub const TASK_GROUP_LEADER_OFFSET: &str = "FLOOR_TASK_GROUP_LEADER_OFFSET";
+    pub const TASK_COMM_OFFSET: &str = "FLOOR_TASK_COMM_OFFSET";
+    pub const TASK_CGROUPS_OFFSET: &str = "FLOOR_TASK_CGROUPS_OFFSET";
+    pub const CSS_SET_DFL_CGRP_OFFSET: &str = "FLOOR_CSS_SET_DFL_CGRP_OFFSET";
+    pub const CGROUP_KN_OFFSET: &str = "FLOOR_CGROUP_KN_OFFSET";
+    pub const KERNFS_NODE_ID_OFFSET: &str = "FLOOR_KERNFS_NODE_ID_OFFSET";
 }
 
 #[cfg(feature = "user")]
@@ -455,6 +521,7 @@ mod pod {
         super::Destination,
         super::Watch,
         super::AttemptKey,
+        super::LastCaller,
         super::WakeEvent,
         super::Park,
         super::ParkKey,
@@ -475,7 +542,13 @@ mod tests {
         assert_eq!(core::mem::offset_of!(Destination, port), 16);
         assert_eq!(core::mem::offset_of!(lab::LbService, backends), 8);
         assert_eq!(core::mem::offset_of!(Redirect, netns), 20);
-        assert_eq!(core::mem::size_of::<Watch>(), 8);
+        assert_eq!(core::mem::size_of::<Watch>(), 12);
+        assert_eq!(core::mem::offset_of!(Watch, generation), 8);
+        assert_eq!(core::mem::size_of::<LastCaller>(), 48);
+        assert_eq!(core::mem::offset_of!(LastCaller, cgroup_id), 16);
+        assert_eq!(core::mem::offset_of!(LastCaller, comm), 24);
+        assert_eq!(core::mem::offset_of!(LastCaller, counter), 40);
+        assert!(capacity::LAST_CALLER_SLOTS.is_power_of_two());
         assert_eq!(core::mem::size_of::<AttemptKey>(), 32);
         assert_eq!(core::mem::align_of::<AttemptKey>(), 8);
         assert_eq!(core::mem::offset_of!(AttemptKey, cgroup_id), 8);

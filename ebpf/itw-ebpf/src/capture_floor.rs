@@ -13,6 +13,17 @@
 //!   filtering, no wake. The increment is the atomic add `itw.o` uses (the
 //!   same reason holds here: cgroup programs run preemptible).
 //!
+//! For cgroup/connect4, variants of the counter that add one piece of what
+//! the agent's program does, so that the bench prices each piece in the same
+//! interleaved run:
+//! - `+task`: the counter, then `bpf_get_current_task_btf` (a helper call);
+//! - `+second lookup`: the counter, then a per-CPU hash lookup (insert on
+//!   the first miss) of a 32-byte key shaped like `AttemptKey`, and an add;
+//! - `+identity`: the counter, then the caller's identity as `itw.o` reads
+//!   it: the task helper, `current->group_leader->comm` and
+//!   `current->cgroups->dfl_cgrp->kn->id` by BTF loads (offsets from the
+//!   kernel's BTF, set by the bench), folded into a per-CPU word.
+//!
 //! Like the agent's, the cgroup programs return 1 (allow) on every path.
 
 #![no_std]
@@ -20,16 +31,20 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr::read_volatile,
+};
 
 use aya_ebpf::{
     Global,
     bindings::BPF_F_NO_PREALLOC,
     macros::{cgroup_sock_addr, map, tracepoint},
-    maps::{HashMap, PerCpuArray},
+    helpers::generated::bpf_get_current_task_btf,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
     programs::{SockAddrContext, TracePointContext},
 };
-use itw_common::{Destination, Watch};
+use itw_common::{AttemptKey, Destination, Watch};
 
 /// Shaped like `ITW_WATCHED` (key, value, flags); the bench sizes it as the
 /// agent sizes that one.
@@ -37,9 +52,15 @@ use itw_common::{Destination, Watch};
 static FLOOR_WATCHED: HashMap<Destination, Watch> =
     HashMap::with_max_entries(262_144, BPF_F_NO_PREALLOC);
 
-/// Index 0: the cgroup counter's hits; 1: the tracepoint counter's.
+/// Index 0: the cgroup counters' hits (each variant runs alone); 1: the
+/// tracepoint counter's; 2: where `+identity` folds what it read.
 #[map(name = "FLOOR_COUNTS")]
-static FLOOR_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+static FLOOR_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
+
+/// Shaped like `ITW_ATTEMPTS`, for the `+second lookup` variant.
+#[map(name = "FLOOR_ATTEMPTS")]
+static FLOOR_ATTEMPTS: PerCpuHashMap<AttemptKey, u64> =
+    PerCpuHashMap::with_max_entries(16_384, BPF_F_NO_PREALLOC);
 
 // The tracepoint record's offsets, from this kernel's format file (as the
 // agent sets itw.o's).
@@ -51,6 +72,21 @@ static FLOOR_TP_DPORT_OFFSET: Global<u32> = Global::new(0);
 static FLOOR_TP_FAMILY_OFFSET: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static FLOOR_TP_DADDR_OFFSET: Global<u32> = Global::new(0);
+
+// task_struct and cgroup offsets, from this kernel's BTF (as the agent sets
+// itw.o's).
+#[unsafe(no_mangle)]
+static FLOOR_TASK_GROUP_LEADER_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_TASK_COMM_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_TASK_CGROUPS_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_CSS_SET_DFL_CGRP_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_CGROUP_KN_OFFSET: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FLOOR_KERNFS_NODE_ID_OFFSET: Global<u32> = Global::new(0);
 
 const SOCK_STREAM: u32 = 1;
 const AF_INET: u16 = 2;
@@ -64,20 +100,89 @@ pub fn floor_connect4_empty(_ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn floor_connect4_counter(ctx: SockAddrContext) -> i32 {
+    if let Some(dest) = tcp_destination(&ctx) {
+        count(&dest, 0);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn floor_connect4_task(ctx: SockAddrContext) -> i32 {
+    if let Some(dest) = tcp_destination(&ctx)
+        && count(&dest, 0)
+    {
+        // SAFETY: a helper without arguments (a call the compiler keeps:
+        // helpers are opaque to it).
+        unsafe { bpf_get_current_task_btf() };
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn floor_connect4_second_lookup(ctx: SockAddrContext) -> i32 {
+    if let Some(dest) = tcp_destination(&ctx)
+        && count(&dest, 0)
+    {
+        let key = AttemptKey::new(1, 0, [0; 16]);
+        match FLOOR_ATTEMPTS.get_ptr_mut(&key) {
+            Some(value) => atomic_inc(value),
+            None => {
+                let _ = FLOOR_ATTEMPTS.insert(&key, &1, 0);
+            }
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn floor_connect4_identity(ctx: SockAddrContext) -> i32 {
+    if let Some(dest) = tcp_destination(&ctx)
+        && count(&dest, 0)
+    {
+        let folded = identity();
+        if let Some(sink) = FLOOR_COUNTS.get_ptr_mut(2) {
+            // SAFETY: this CPU's value of a per-CPU array, live for the run.
+            unsafe { *sink = folded };
+        }
+    }
+    ALLOW
+}
+
+/// The leader's comm and the caller's cgroup id, read as `itw.o` reads them
+/// (BTF loads the verifier checks and makes fault-safe), folded into a word.
+#[inline(always)]
+fn identity() -> u64 {
+    let load = |ptr: *const u8, at: &Global<u32>| {
+        // SAFETY: loads of fields the kernel's BTF has at these offsets.
+        unsafe { read_volatile(ptr.add(at.load() as usize).cast::<u64>()) }
+    };
+    // SAFETY: a helper without arguments.
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    let leader = load(task, &FLOOR_TASK_GROUP_LEADER_OFFSET) as *const u8;
+    // SAFETY: as in `load`; the second word of the 16-byte name.
+    let comm = load(leader, &FLOOR_TASK_COMM_OFFSET)
+        ^ unsafe { read_volatile(leader.add(FLOOR_TASK_COMM_OFFSET.load() as usize + 8).cast::<u64>()) };
+    let cgroups = load(task, &FLOOR_TASK_CGROUPS_OFFSET) as *const u8;
+    let cgroup = load(cgroups, &FLOOR_CSS_SET_DFL_CGRP_OFFSET) as *const u8;
+    let kn = load(cgroup, &FLOOR_CGROUP_KN_OFFSET) as *const u8;
+    comm ^ load(kn, &FLOOR_KERNFS_NODE_ID_OFFSET)
+}
+
+/// The destination of a TCP connect (None for the UDP connects this hook
+/// also sees: the one check a counter of TCP connects cannot skip).
+#[inline(always)]
+fn tcp_destination(ctx: &SockAddrContext) -> Option<Destination> {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel passes a valid bpf_sock_addr; each field is read
     // with the one-word load the verifier allows for it.
     unsafe {
-        // The one check a counter of TCP connects cannot skip on this hook
-        // (it runs for UDP connect() too).
         if read_ctx(&raw const (*sa).type_) != SOCK_STREAM {
-            return ALLOW;
+            return None;
         }
         let addr = read_ctx(&raw const (*sa).user_ip4);
         let port = u16::from_be(read_ctx(&raw const (*sa).user_port) as u16);
-        count(&Destination::v4_word(addr, port), 0);
+        Some(Destination::v4_word(addr, port))
     }
-    ALLOW
 }
 
 #[tracepoint]
@@ -110,17 +215,24 @@ pub fn floor_set_state_counter(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// Counts a connect to `dest` at `index` if `dest` is watched; whether it is.
 #[inline(always)]
-fn count(dest: &Destination, index: u32) {
+fn count(dest: &Destination, index: u32) -> bool {
     // SAFETY: only the presence of the key is used.
     if unsafe { FLOOR_WATCHED.get(dest) }.is_none() {
-        return;
+        return false;
     }
     if let Some(value) = FLOOR_COUNTS.get_ptr_mut(index) {
-        // SAFETY: `value` points into a map value this program holds; the
-        // result is unused, which the BPF backend emits as a plain atomic add.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(value, 1) };
+        atomic_inc(value);
     }
+    true
+}
+
+#[inline(always)]
+fn atomic_inc(value: *mut u64) {
+    // SAFETY: `value` points into a map value this program holds; the result
+    // is unused, which the BPF backend emits as a plain atomic add.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(value, 1) };
 }
 
 /// A field of the cgroup programs' context. Volatile so that the compiler

@@ -10,7 +10,8 @@
 //!
 //! Each attempt: look the destination up in `ITW_WATCHED` (a miss ends it, the
 //! cost every other connect on the machine pays), take the process's name,
-//! count it as filtered (excluded names) or as an attempt, and when the
+//! count it as filtered (excluded names) or as an attempt (`counters`: the
+//! same caller as last time on this CPU costs no map call), and when the
 //! destination was armed (idle), send one wake record.
 //!
 //! What it must never do: fail or delay a caller's connect. The cgroup programs
@@ -24,7 +25,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+mod counters;
 
 use aya_ebpf::{
     Global,
@@ -41,13 +42,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, SockAddrContext, SockOpsContext, TracePointContext},
 };
+use counters::{atomic_inc, count_attempt};
 use itw_common::{
     AttemptKey, COMM_LEN, Comm, ConnKey, Destination, Park, ParkKey, Redirect, WakeEvent, Watch,
     capacity, comm::zero_after_nul, comm_source, excluded_hint_bit, stat,
 };
 
-// Map sizes here are defaults: the agent sets WATCHED, ATTEMPTS and OVERFLOW
-// from MAX_DESTINATIONS and MAX_ATTEMPT_COUNTERS at load time.
+// Map sizes here are defaults: the agent sets WATCHED and OVERFLOW from
+// MAX_DESTINATIONS at load time (and the counters' maps, in counters.rs).
 //
 // BPF_F_NO_PREALLOC: memory is taken per entry in use instead of for every
 // possible entry at load. A preallocated per-CPU map costs max_entries x CPUs
@@ -68,10 +70,6 @@ static ITW_EXCLUDED: HashMap<Comm, u8> = HashMap::with_max_entries(capacity::EXC
 // inlined by the verifier: a load, not a call.
 #[map(name = "ITW_EXCLUDED_HINT")]
 static ITW_EXCLUDED_HINT: Array<u64> = Array::with_max_entries(1, 0);
-
-#[map(name = "ITW_ATTEMPTS")]
-static ITW_ATTEMPTS: PerCpuHashMap<AttemptKey, u64> =
-    PerCpuHashMap::with_max_entries(16_384, BPF_F_NO_PREALLOC);
 
 #[map(name = "ITW_OVERFLOW")]
 static ITW_OVERFLOW: PerCpuHashMap<u32, u64> =
@@ -715,12 +713,12 @@ fn on_attempt(dest: &Destination) {
     }
     // SAFETY: `watch` points to a live value of WATCHED (freed only after
     // this program's RCU read section if the agent deletes it meanwhile).
-    let dest_id = unsafe { (*watch).dest_id };
+    let (dest_id, generation) = unsafe { ((*watch).dest_id, (*watch).generation) };
     // The caller's own cgroup: the agent maps it to the calling pod. Taken
     // only for watched destinations, like the name.
     let cgroup_id = caller_cgroup_id(task);
     let mut overflowed = 0;
-    if !increment(&ITW_ATTEMPTS, &AttemptKey::new(dest_id, cgroup_id, comm)) {
+    if !count_attempt(&AttemptKey::new(dest_id, cgroup_id, comm), generation) {
         add_stat(stat::ATTEMPTS_FULL);
         overflowed = 1;
         if !increment(&ITW_OVERFLOW, &dest_id) {
@@ -791,18 +789,6 @@ fn increment<K>(map: &PerCpuHashMap<K, u64>, key: &K) -> bool {
 fn add_stat(index: u32) {
     if let Some(value) = ITW_STATS.get_ptr_mut(index) {
         atomic_inc(value);
-    }
-}
-
-/// Adds one to a per-CPU counter atomically. Per-CPU alone is not enough:
-/// cgroup programs run with migration, not preemption, disabled, so another
-/// task on the same CPU can run the program between a load and a store.
-#[inline(always)]
-fn atomic_inc(value: *mut u64) {
-    // SAFETY: `value` points into a map value this program holds; the result
-    // is unused, which the BPF backend emits as a plain atomic add.
-    unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(value, 1);
     }
 }
 

@@ -11,13 +11,13 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap},
 };
 use itw_common::{
-    AttemptKey, Comm, ConnKey, Destination, Park, ParkKey, Redirect, Watch, capacity,
-    excluded_hint_bit, maps, stat,
+    Comm, ConnKey, Destination, Park, ParkKey, Redirect, Watch, capacity, excluded_hint_bit, maps,
+    stat,
 };
 use parking_lot::Mutex;
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use super::{settings::CaptureSettings, wakes};
+use super::{counters::AttemptCounters, settings::CaptureSettings, wakes};
 use crate::capture::{
     CaptureError, Kernel, KernelCounts, KernelStats, RedirectBook, SlotCounts, Wake, conn_key,
 };
@@ -32,7 +32,7 @@ pub struct EbpfKernel {
     watched: HashMap<MapData, Destination, Watch>,
     excluded: HashMap<MapData, Comm, u8>,
     excluded_hint: Array<MapData, u64>,
-    attempts: PerCpuHashMap<MapData, AttemptKey, u64>,
+    attempts: AttemptCounters,
     overflow: PerCpuHashMap<MapData, u32, u64>,
     filtered: PerCpuHashMap<MapData, Comm, u64>,
     stats: PerCpuArray<MapData, u64>,
@@ -107,7 +107,7 @@ fn insert_error(
 
 /// The result of removing a key, an absent key being no error (a walk may
 /// meet a key the kernel has just deleted, and removals are retried).
-fn removed(result: Result<(), MapError>, map: &'static str) -> Result<(), CaptureError> {
+pub(super) fn removed(result: Result<(), MapError>, map: &'static str) -> Result<(), CaptureError> {
     match result {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -145,7 +145,12 @@ impl EbpfKernel {
             watched: take_map(&mut ebpf, maps::WATCHED)?,
             excluded: take_map(&mut ebpf, maps::EXCLUDED)?,
             excluded_hint: take_map(&mut ebpf, maps::EXCLUDED_HINT)?,
-            attempts: take_map(&mut ebpf, maps::ATTEMPTS)?,
+            attempts: AttemptCounters::new(
+                take_map(&mut ebpf, maps::ATTEMPTS)?,
+                take_map(&mut ebpf, maps::COUNTERS)?,
+                take_map(&mut ebpf, maps::FREE_COUNTERS)?,
+                settings.max_attempt_counters,
+            )?,
             overflow: take_map(&mut ebpf, maps::OVERFLOW)?,
             filtered: take_map(&mut ebpf, maps::FILTERED)?,
             stats: take_map(&mut ebpf, maps::STATS)?,
@@ -181,7 +186,7 @@ where
 }
 
 /// A map operation's error, naming the map.
-fn map_error(map: &'static str) -> impl Fn(MapError) -> CaptureError {
+pub(super) fn map_error(map: &'static str) -> impl Fn(MapError) -> CaptureError {
     move |err| match err {
         MapError::SyscallError(e) => CaptureError::Map {
             map,
@@ -194,13 +199,17 @@ fn map_error(map: &'static str) -> impl Fn(MapError) -> CaptureError {
     }
 }
 
-fn sum(values: &[u64]) -> u64 {
+pub(super) fn sum(values: &[u64]) -> u64 {
     values.iter().fold(0u64, |total, v| total.wrapping_add(*v))
 }
 
 impl Kernel for EbpfKernel {
     fn watch(&mut self, dest: &Destination, dest_id: u32) -> Result<(), CaptureError> {
-        let watch = Watch { dest_id, armed: 1 };
+        let watch = Watch {
+            dest_id,
+            armed: 1,
+            generation: self.attempts.generation(),
+        };
         self.watched.insert(dest, watch, 0).map_err(insert_error(
             maps::WATCHED,
             self.max_destinations,
@@ -245,10 +254,7 @@ impl Kernel for EbpfKernel {
 
     fn read(&mut self, out: &mut KernelCounts) -> Result<(), CaptureError> {
         out.clear();
-        for item in self.attempts.iter() {
-            let (key, values) = item.map_err(map_error(maps::ATTEMPTS))?;
-            out.attempts.push((key, sum(&values)));
-        }
+        self.attempts.read(&mut out.attempts)?;
         for item in self.overflow.iter() {
             let (dest_id, values) = item.map_err(map_error(maps::OVERFLOW))?;
             out.overflow.push((dest_id, sum(&values)));
@@ -258,8 +264,9 @@ impl Kernel for EbpfKernel {
             out.filtered.push((comm, sum(&values)));
         }
         // A hash map walk restarts from the first bucket when the key it
-        // stood on is deleted under it, so a key can come twice: keep the
-        // larger (later) of the cumulative values.
+        // stood on is deleted under it (OVERFLOW and FILTERED entries can
+        // be, by forget), so a key can come twice: keep the larger (later)
+        // of the cumulative values.
         dedup_max(&mut out.attempts, |k| (k.dest_id, k.cgroup_id, k.comm));
         dedup_max(&mut out.overflow, |k| *k);
         dedup_max(&mut out.filtered, |k| *k);
@@ -269,11 +276,9 @@ impl Kernel for EbpfKernel {
     fn read_woken(&mut self, wakes: &[Wake], out: &mut KernelCounts) -> Result<(), CaptureError> {
         out.clear();
         for wake in wakes {
-            match self.attempts.get(&wake.key, 0) {
-                Ok(values) => out.attempts.push((wake.key, sum(&values))),
-                // Forgotten meanwhile: the next full read settles it.
-                Err(MapError::KeyNotFound) => {}
-                Err(err) => return Err(map_error(maps::ATTEMPTS)(err)),
+            // None: forgotten meanwhile; the next full read settles it.
+            if let Some(count) = self.attempts.read_key(&wake.key)? {
+                out.attempts.push((wake.key, count));
             }
             if wake.overflowed {
                 match self.overflow.get(&wake.key.dest_id, 0) {
@@ -288,16 +293,7 @@ impl Kernel for EbpfKernel {
 
     fn forget(&mut self, dest_ids: &[u32]) -> Result<(), CaptureError> {
         let ids: HashSet<u32> = dest_ids.iter().copied().collect();
-        let mut doomed = Vec::new();
-        for key in self.attempts.keys() {
-            let key = key.map_err(map_error(maps::ATTEMPTS))?;
-            if ids.contains(&key.dest_id) {
-                doomed.push(key);
-            }
-        }
-        for key in &doomed {
-            removed(self.attempts.remove(key), maps::ATTEMPTS)?;
-        }
+        self.attempts.forget(&ids)?;
         for id in &ids {
             removed(self.overflow.remove(id), maps::OVERFLOW)?;
         }

@@ -155,6 +155,8 @@ impl Attached {
             .btf(None)
             .map_max_entries(maps::WATCHED, settings.max_destinations)
             .map_max_entries(maps::ATTEMPTS, settings.max_attempt_counters)
+            .map_max_entries(maps::COUNTERS, settings.max_attempt_counters)
+            .map_max_entries(maps::FREE_COUNTERS, settings.max_attempt_counters)
             .map_max_entries(maps::OVERFLOW, settings.max_destinations)
             .map_max_entries(maps::WAKES, wakes_bytes)
             .override_global(globals::COMM_FROM_LEADER, &comm_from_leader, true)
@@ -241,6 +243,9 @@ mod tests {
             maps::EXCLUDED,
             maps::EXCLUDED_HINT,
             maps::ATTEMPTS,
+            maps::COUNTERS,
+            maps::FREE_COUNTERS,
+            maps::LAST_CALLERS,
             maps::OVERFLOW,
             maps::FILTERED,
             maps::WAKES,

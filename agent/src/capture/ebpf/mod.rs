@@ -10,9 +10,12 @@
 //! - `attach`: where each mode's programs attach, one function per mode.
 //! - `load`: the object loaded with its globals set, and the fallbacks.
 //! - `kernel`: [`EbpfKernel`], the maps behind the [`Kernel`] trait.
+//! - `counters`: the attempt counters' maps (key -> index, counts, free
+//!   indices) and their quarantine.
 //! - `wakes`: the ring buffer of wakes, read and forwarded.
 
 mod attach;
+mod counters;
 mod kernel;
 mod load;
 mod settings;

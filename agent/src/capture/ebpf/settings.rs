@@ -24,7 +24,7 @@ pub struct CaptureSettings {
     pub tracefs_path: PathBuf,
     /// `MAX_DESTINATIONS`: size of the watched-destinations map.
     pub max_destinations: u32,
-    /// `MAX_ATTEMPT_COUNTERS`: size of the (destination, process) counters map.
+    /// `MAX_ATTEMPT_COUNTERS`: how many (destination, cgroup, process) counters.
     pub max_attempt_counters: u32,
     /// Count under the process's name (the thread-group leader's); false:
     /// under the calling thread's name.
