@@ -12,7 +12,9 @@
 //! --timeline (the binaries log each hand-off, and the phases of every
 //! activation are summarised beside the timelines of the median, the p99 and
 //! the slowest; the logging costs each step a few microseconds, so run
-//! without it for the figures themselves).
+//! without it for the figures themselves), --stamps FILE (with --timeline:
+//! every activation's caller stamps and every timeline event, one a line, to
+//! line up with a scheduler trace such as `perf record -k mono -e 'sched:*'`).
 
 use std::{
     collections::HashMap,
@@ -95,10 +97,18 @@ fn usage(pid: i32) -> (f64, u64, u64) {
 
 /// Where the direct path's time goes: each phase's spread over every
 /// activation, then the median, p99 and slowest activations step by step.
-fn print_timeline(stamps: &[(u64, u64)], agent: &Agent, scaler: &Scaler) {
+fn print_timeline(
+    stamps: &[(u64, u64)],
+    agent: &Agent,
+    scaler: &Scaler,
+    dump: Option<&std::path::Path>,
+) {
     let mut events = timeline::events("agent", &agent.proc.log());
     events.extend(timeline::events("scaler", &scaler.proc.log()));
     events.sort_by_key(|e| e.t_us);
+    if let Some(path) = dump {
+        dump_stamps(path, stamps, &events);
+    }
     let mut activations: Vec<Activation> = stamps
         .iter()
         .map(|&(connect, received)| Activation::new(connect, received, &events))
@@ -122,6 +132,22 @@ fn print_timeline(stamps: &[(u64, u64)], agent: &Agent, scaler: &Scaler) {
             println!("the {name} activation:");
             print!("{}", activation.render(&events));
         }
+    }
+}
+
+/// Writes `activation <connect_us> <received_us>` and `event <t_us>
+/// <process> <message>` lines, CLOCK_MONOTONIC microseconds.
+fn dump_stamps(path: &std::path::Path, stamps: &[(u64, u64)], events: &[timeline::Event]) {
+    let mut text = String::new();
+    for (connect, received) in stamps {
+        text.push_str(&format!("activation {connect} {received}\n"));
+    }
+    for e in events {
+        text.push_str(&format!("event {} {} {}\n", e.t_us, e.process, e.message));
+    }
+    match std::fs::write(path, text) {
+        Ok(()) => println!("stamps written to {}", path.display()),
+        Err(error) => eprintln!("--stamps {}: {error}", path.display()),
     }
 }
 
@@ -400,6 +426,10 @@ async fn main() {
     let services = option(&args, "--services", 200).clamp(10, 60_000);
     let prometheus_available = std::path::Path::new("/usr/bin/prometheus").exists();
     let with_timeline = args.iter().any(|a| a == "--timeline");
+    let stamps_file = args
+        .windows(2)
+        .find(|w| w[0] == "--stamps")
+        .map(|w| std::path::PathBuf::from(&w[1]));
     // Logging each hand-off costs the path a few microseconds per step, so
     // the figures come from runs without it.
     let log_env: Vec<(&str, String)> = if with_timeline {
@@ -433,9 +463,10 @@ async fn main() {
     .await;
     let agent = Agent::start("agent", &map, &[scaler.grpc], &log_env).await;
     println!(
-        "itw-scaler pid {} and itw-agent pid {} on loopback; {services} services, window {WINDOW}, agent tick 1s",
+        "itw-scaler pid {} and itw-agent pid {} on loopback (the bench: pid {}); {services} services, window {WINDOW}, agent tick 1s",
         scaler.proc.pid(),
-        agent.proc.pid()
+        agent.proc.pid(),
+        std::process::id()
     );
 
     let mut streams = Streams::open(&scaler, services).await;
@@ -453,7 +484,7 @@ async fn main() {
         }
     );
     if with_timeline {
-        print_timeline(&run.stamps, &agent, &scaler);
+        print_timeline(&run.stamps, &agent, &scaler, stamps_file.as_deref());
     }
     if prometheus_available {
         println!();
