@@ -52,6 +52,8 @@ mod fleet;
 mod relay_mux;
 #[path = "bench_support/scaler_side.rs"]
 mod scaler_side;
+#[path = "bench_support/threads.rs"]
+mod threads;
 
 use std::{
     collections::HashMap,
@@ -222,6 +224,8 @@ struct Opened {
     resumed: AtomicU64,
     /// Why the first stream failed, for the report.
     first_reset: std::sync::OnceLock<String>,
+    /// Why the first open failed, for the report.
+    first_retry: std::sync::OnceLock<String>,
 }
 
 /// One steady agent's own counts, kept as an agent's ledger keeps them: what
@@ -286,8 +290,9 @@ async fn open_session(
         };
         match attempt.await {
             Ok(stream) => break stream,
-            Err(_) if Instant::now() < deadline => {
+            Err(e) if Instant::now() < deadline => {
                 opened.retried.fetch_add(1, Relaxed);
+                let _ = opened.first_retry.set(format!("{}: {e:#}", ledger.node));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => return Err(e).context(format!("{}: opening its stream", ledger.node)),
@@ -306,7 +311,7 @@ async fn open_session(
                 }
                 Ok(Some(other)) => return format!("expected an ack, got {other:?}"),
                 Ok(None) => return "the scaler ended the stream".into(),
-                Err(status) => return format!("{:?}: {}", status.code(), status.message()),
+                Err(status) => return failure(&status),
             }
         }
     });
@@ -315,6 +320,18 @@ async fn open_session(
         acked,
         reader,
     })
+}
+
+/// How a stream failed: the status and every cause under it (tonic's own
+/// message says only "error reading a body from connection").
+fn failure(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        text.push_str(&format!(" <- {cause} ({cause:?})"));
+        source = cause.source();
+    }
+    text
 }
 
 /// One simulated node: a batch per second at its own offset in the second.
@@ -564,6 +581,33 @@ async fn scaler_bench_attempts(metrics: SocketAddr) -> anyhow::Result<u64> {
     Ok(bench.map(|s| s.value as u64).sum())
 }
 
+/// `itw_scaler_connections_closed_total` by listener and reason: a Relay
+/// connection the scaler's guard closed shows here, one that broke
+/// elsewhere does not.
+async fn scaler_closed_connections(metrics: SocketAddr) -> anyhow::Result<String> {
+    let body = reqwest::get(format!("http://{metrics}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let closed: Vec<String> = itw_telemetry::exposition::parse_samples(&body)
+        .iter()
+        .filter(|s| s.name == "itw_scaler_connections_closed_total")
+        .map(|s| {
+            format!(
+                "{}/{} {}",
+                s.label("listener").unwrap_or("?"),
+                s.label("reason").unwrap_or("?"),
+                s.value
+            )
+        })
+        .collect();
+    Ok(if closed.is_empty() {
+        "none".into()
+    } else {
+        closed.join(", ")
+    })
+}
+
 /// CPU seconds the process has used (user + system). /proc counts in
 /// USER_HZ ticks, which Linux fixes at 100 for userspace.
 fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
@@ -641,11 +685,16 @@ async fn main() -> anyhow::Result<()> {
     let warm_up = Duration::from_secs(3);
     tokio::time::sleep(warm_up).await;
     println!(
-        "  {} of {} agent streams connected and sending after {:.1} s ({} opens retried; {} deltas sent)",
+        "  {} of {} agent streams connected and sending after {:.1} s ({} opens retried{}; {} deltas sent)",
         opened.streams.load(Relaxed),
         args.agents,
         started.elapsed().as_secs_f64(),
         opened.retried.load(Relaxed),
+        opened
+            .first_retry
+            .get()
+            .map(|r| format!(", the first after {r}"))
+            .unwrap_or_default(),
         sent.load(Relaxed)
     );
 
@@ -654,6 +703,7 @@ async fn main() -> anyhow::Result<()> {
     let side_before = scaler_side::ScalerSide::scrape(args.scaler.metrics).await?;
     let steady_started = Instant::now();
     let cpu_before = cpu_secs(args.scaler.pid)?;
+    let threads_before = threads::Threads::sample(args.scaler.pid)?;
     // KEDA runs elsewhere in a cluster: its calls get a thread of their own
     // here, so the time they wait is the scaler's, not this process's
     // thousands of simulated agents'.
@@ -667,6 +717,7 @@ async fn main() -> anyhow::Result<()> {
     .await??;
     let steady_secs = steady_started.elapsed().as_secs_f64();
     let cpu_after = cpu_secs(args.scaler.pid)?;
+    let threads_after = threads::Threads::sample(args.scaler.pid)?;
     let applied = scaler_deltas_total(args.scaler.metrics).await? - applied_before;
     let side_after = scaler_side::ScalerSide::scrape(args.scaler.metrics).await?;
     let queued = sent.load(Relaxed) - sent_before;
@@ -691,6 +742,9 @@ async fn main() -> anyhow::Result<()> {
         summary(&latencies.uncorrected)
     );
     println!("  {}", side_after.summary_since(&side_before));
+    for line in threads_after.summary_since(&threads_before, steady_secs) {
+        println!("  scaler threads: {line}");
+    }
     println!(
         "  ingest: the scaler applied {applied:.0} deltas in {steady_secs:.1} s; the agents queued {queued} ({:.0}/s)",
         queued as f64 / steady_secs
@@ -764,6 +818,10 @@ async fn main() -> anyhow::Result<()> {
             .get()
             .map(|r| format!(" (first: {r})"))
             .unwrap_or_default()
+    );
+    println!(
+        "  the scaler's closed connections (itw_scaler_connections_closed_total): {}",
+        scaler_closed_connections(args.scaler.metrics).await?
     );
     let counted = scaler_bench_attempts(args.scaler.metrics).await?;
     let mib = |kib: u64| kib as f64 / 1024.0;

@@ -139,6 +139,13 @@ pub struct Args {
     #[arg(long, env = "MAX_RELAYED_STREAMS", default_value_t = 4_096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_relayed_streams: u32,
 
+    /// Longest an ack of an ordinary batch waits on a Relay stream to leave
+    /// with the others (0 to 100ms; 0 sends each at once). Each burst is one
+    /// wake-up of a serving thread instead of one per ack; nothing waits on
+    /// such an ack. Welcomes, `ended` and a wake batch's ack never wait.
+    #[arg(long, env = "RELAY_ACK_DELAY", default_value = "5ms", value_parser = parse_relay_ack_delay)]
+    pub relay_ack_delay: Duration,
+
     /// Most deltas in one batch from an agent; a larger batch ends its stream.
     #[arg(long, env = "MAX_BATCH_DELTAS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_batch_deltas: u32,
@@ -210,6 +217,7 @@ impl Args {
                 grpc_window: self.grpc_window,
                 max_batch_deltas: self.max_batch_deltas as usize,
                 max_relayed_streams: self.max_relayed_streams as usize,
+                relay_ack_delay: self.relay_ack_delay,
                 edge_max_age: self.edge_max_age,
                 max_edges: self.max_edges as usize,
             },
@@ -263,6 +271,8 @@ pub struct Limits {
     pub grpc_window: u32,
     pub max_batch_deltas: usize,
     pub max_relayed_streams: usize,
+    /// RELAY_ACK_DELAY ([`crate::relay::outbox`]).
+    pub relay_ack_delay: Duration,
     pub edge_max_age: Duration,
     pub max_edges: usize,
 }
@@ -287,6 +297,7 @@ impl Default for Limits {
             grpc_window: 64 << 10,
             max_batch_deltas: 10_000,
             max_relayed_streams: 4_096,
+            relay_ack_delay: Duration::from_millis(5),
             edge_max_age: Duration::from_secs(24 * 3600),
             max_edges: 50_000,
         }
@@ -311,6 +322,15 @@ fn parse_idle_timeout(s: &str) -> Result<Duration, String> {
         Duration::from_millis(100),
         Duration::from_secs(24 * 3600),
         DURATION_EXAMPLES,
+    )
+}
+
+fn parse_relay_ack_delay(s: &str) -> Result<Duration, String> {
+    bounded_duration(
+        s,
+        Duration::ZERO,
+        Duration::from_millis(100),
+        "0, 5ms, 20ms",
     )
 }
 
@@ -400,6 +420,7 @@ mod tests {
             "--grpc-window=20Ki",
             "--max-batch-deltas=7",
             "--max-relayed-streams=15",
+            "--relay-ack-delay=20ms",
             "--edge-max-age=2h",
             "--max-edges=14",
             "--ingest-threads=3",
@@ -436,6 +457,7 @@ mod tests {
                     grpc_window: 20 << 10,
                     max_batch_deltas: 7,
                     max_relayed_streams: 15,
+                    relay_ack_delay: Duration::from_millis(20),
                     edge_max_age: Duration::from_secs(2 * 3600),
                     max_edges: 14,
                 },
@@ -522,6 +544,14 @@ mod tests {
                 &["--ingest-threads=two"],
                 "--ingest-threads <INGEST_THREADS>",
             ),
+            (
+                &["--relay-ack-delay=101ms"],
+                "--relay-ack-delay <RELAY_ACK_DELAY>",
+            ),
+            (
+                &["--relay-ack-delay=soon"],
+                "--relay-ack-delay <RELAY_ACK_DELAY>",
+            ),
             (&["--log-format=xml"], "--log-format <LOG_FORMAT>"),
             (&["--agent-token= "], "--agent-token <AGENT_TOKEN>"),
         ];
@@ -540,6 +570,16 @@ mod tests {
         );
         assert!(error(&["--grpc-window=8Ki"]).contains("\"8Ki\": must be between 16Ki and 16Mi"));
         assert!(error(&["--ingest-threads=65"]).contains("65 is not in 0..=64"));
+        assert!(error(&["--relay-ack-delay=1s"]).contains("\"1s\": must be between 0s and 100ms"));
+        let delay = |v: &str| {
+            parse(&[&format!("--relay-ack-delay={v}")])
+                .unwrap()
+                .relay_ack_delay
+        };
+        assert_eq!(
+            (delay("0"), delay("100ms")),
+            (Duration::ZERO, Duration::from_millis(100))
+        );
         let threads = |v: &str| {
             parse(&[&format!("--ingest-threads={v}")])
                 .unwrap()

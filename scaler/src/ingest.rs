@@ -35,7 +35,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::{
     ingest_runtime::IngestRuntime,
     metrics::ScalerMetrics,
-    relay::{RELAY_RESPONSE_BUFFER, RelayStream},
+    relay::{AckGrid, RELAY_RESPONSE_BUFFER, RelayStream},
     store::{ApplyError, BatchView, HistoryView, SeriesName, SnapshotView, Store},
 };
 
@@ -224,6 +224,8 @@ pub struct IngestService {
     shutdown: CancellationToken,
     /// Where each stream's task runs ([`crate::ingest_runtime`]).
     streams: Handle,
+    /// Shared by every Relay stream, so their acks leave together.
+    ack_grid: AckGrid,
 }
 
 impl IngestService {
@@ -233,11 +235,13 @@ impl IngestService {
         shutdown: CancellationToken,
         streams: Handle,
     ) -> Self {
+        let ack_grid = AckGrid::new(tokio::time::Instant::now(), store.limits().relay_ack_delay);
         Self {
             store,
             metrics,
             shutdown,
             streams,
+            ack_grid,
         }
     }
 }
@@ -277,6 +281,7 @@ impl Ingest for IngestService {
             metrics: Arc::clone(&self.metrics),
             tx,
             peer,
+            grid: self.ack_grid,
         };
         IngestRuntime::spawn(&self.streams, stream.run(inbound, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -28,6 +28,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClosedLabels {
     pub listener: &'static str,
     pub reason: &'static str,
@@ -85,6 +90,8 @@ pub struct ScalerMetrics {
     pub keda_streams_refused: Counter,
     pub relay_streams: Gauge,
     relayed_streams_refused: Family<ReasonLabel, Counter>,
+    relay_answer_bursts: Family<CauseLabel, Counter>,
+    relay_answers: Counter,
     pub ingest_lag: Histogram,
     /// Time inside the GetMetrics handler, from its first poll to its answer.
     pub get_metrics_time: Histogram,
@@ -191,6 +198,18 @@ impl Default for ScalerMetrics {
             "Relayed agent streams refused before their hello was read, by reason: max_relayed_streams (MAX_RELAYED_STREAMS live on their Relay stream)",
             relayed_streams_refused.clone(),
         );
+        let relay_answer_bursts = Family::<CauseLabel, Counter>::default();
+        registry.register(
+            "itw_scaler_relay_answer_bursts",
+            "Bursts of answers sent on Relay streams, by cause: tick (the acks held up to RELAY_ACK_DELAY), urgent (a welcome, an ended or a wake batch's ack, with what was held before it), full (64 answers held)",
+            relay_answer_bursts.clone(),
+        );
+        let relay_answers = Counter::default();
+        registry.register(
+            "itw_scaler_relay_answers",
+            "Answers sent on Relay streams (welcomes, acks, ended); divided by itw_scaler_relay_answer_bursts_total, the answers each wake of a serving thread writes",
+            relay_answers.clone(),
+        );
         let ingest_lag = Histogram::new(LAG_BUCKETS);
         registry.register(
             "itw_scaler_ingest_lag_seconds",
@@ -281,6 +300,8 @@ impl Default for ScalerMetrics {
             keda_streams_refused,
             relay_streams,
             relayed_streams_refused,
+            relay_answer_bursts,
+            relay_answers,
             ingest_lag,
             get_metrics_time,
             get_metrics_call_time,
@@ -359,6 +380,25 @@ impl ScalerMetrics {
         self.relayed_streams_refused
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// Counts one burst of `answers` answers sent on a Relay stream.
+    pub fn relay_burst(&self, cause: &'static str, answers: usize) {
+        self.relay_answer_bursts
+            .get_or_create(&CauseLabel { cause })
+            .inc();
+        self.relay_answers.inc_by(answers as u64);
+    }
+
+    /// Bursts sent for `cause` and answers sent in all (tests).
+    #[cfg(test)]
+    pub fn relay_bursts(&self, cause: &'static str) -> (u64, u64) {
+        (
+            self.relay_answer_bursts
+                .get_or_create(&CauseLabel { cause })
+                .get(),
+            self.relay_answers.get(),
+        )
     }
 
     /// Keeps `itw_scaler_relay_streams` up while the returned guard lives.

@@ -6,7 +6,8 @@
 //! costs the replica no task, channel, HTTP/2 stream or decode buffer of its
 //! own: only its session in [`RelayedStreams`]. One task per Relay stream
 //! reads the envelopes in order and answers through one bounded channel, so
-//! a relay that stops reading stalls its own stream and nothing else.
+//! a relay that stops reading stalls its own stream and nothing else; acks
+//! leave in bursts ([`outbox`]).
 //!
 //! This module must never end a Relay stream for one agent's fault: a
 //! relayed stream's error ends that relayed stream alone (`ended`); only a
@@ -23,15 +24,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status, Streaming};
 
+use self::outbox::{Cause, Outbox};
 use crate::{
     ingest::{IngestError, Origin, REFUSAL_LOG, Session},
     metrics::ScalerMetrics,
     store::Store,
 };
 
+pub mod outbox;
 mod route;
 mod streams;
 
+pub use outbox::AckGrid;
 pub use route::{IngestRoutes, RELAY_ENVELOPE_BYTES};
 pub use streams::{Envelope, Refusal, RelayedStreams};
 
@@ -76,6 +80,8 @@ pub struct RelayStream {
     pub metrics: Arc<ScalerMetrics>,
     pub tx: mpsc::Sender<Result<RelayResponse, Status>>,
     pub peer: Option<SocketAddr>,
+    /// When held acks leave ([`outbox`]).
+    pub grid: AckGrid,
 }
 
 /// How a Relay stream's reading ended without an envelope error.
@@ -91,9 +97,10 @@ impl RelayStream {
         let _connected = self.metrics.relay_connected();
         let limits = *self.store.limits();
         let mut relayed = RelayedStreams::new(limits.max_relayed_streams);
+        let mut outbox = Outbox::new(self.tx.clone(), self.grid, Arc::clone(&self.metrics));
         tracing::info!(peer = ?self.peer, "relay connected");
         let result = tokio::select! {
-            r = self.serve(&mut inbound, &mut relayed) => r,
+            r = self.serve(&mut inbound, &mut relayed, &mut outbox) => r,
             () = shutdown.cancelled() => Ok(End::Shutdown),
             () = self.tx.closed() => Ok(End::Relay),
         };
@@ -105,6 +112,7 @@ impl RelayStream {
                 tracing::info!(peer = ?self.peer, agents, "relay stream ended by the relay")
             }
             Ok(End::Shutdown) => {
+                outbox.flush_ready();
                 tracing::info!(peer = ?self.peer, agents, "relay stream ended: scaler stopping")
             }
             Err(error) => {
@@ -112,7 +120,7 @@ impl RelayStream {
                 if let Some(left_out) = REFUSAL_LOG.allow() {
                     tracing::warn!(peer = ?self.peer, %error, agents, left_out, "relay stream rejected (at most 10 such lines a minute; all counted in itw_scaler_rejected_streams_total)");
                 }
-                let _ = self.tx.send(Err(error.status())).await;
+                outbox.fail(error.status()).await;
             }
         }
     }
@@ -121,10 +129,37 @@ impl RelayStream {
         &self,
         inbound: &mut Streaming<RelayRequest>,
         relayed: &mut RelayedStreams,
+        outbox: &mut Outbox,
     ) -> Result<End, RelayError> {
         let max_report_bytes = self.store.limits().max_report_bytes;
-        while let Some(request) = next(inbound).await? {
+        // One timer for the stream's life, moved to each burst's tick.
+        let tick = tokio::time::sleep(std::time::Duration::ZERO);
+        tokio::pin!(tick);
+        let mut armed = None;
+        loop {
+            let due = outbox.due();
+            if let Some(at) = due
+                && armed != due
+            {
+                tick.as_mut().reset(at);
+                armed = due;
+            }
+            let request = tokio::select! {
+                biased;
+                () = &mut tick, if due.is_some() => {
+                    if outbox.flush(Cause::Tick).await.is_err() {
+                        return Ok(End::Relay);
+                    }
+                    continue;
+                }
+                request = next(inbound) => request?,
+            };
+            let Some(request) = request else {
+                outbox.flush_ready();
+                return Ok(End::Relay);
+            };
             let stream = request.stream;
+            let mut wake = false;
             let response = match relayed.take(request)? {
                 Envelope::Ignored => None,
                 Envelope::Closed(session) => {
@@ -153,6 +188,7 @@ impl RelayStream {
                     }
                 }
                 Envelope::Live(session, report) => {
+                    wake = is_wake(&report);
                     let handled = agent_message(report, max_report_bytes)
                         .and_then(|message| session.handle(&self.store, &self.metrics, message));
                     match handled {
@@ -165,12 +201,11 @@ impl RelayStream {
                 }
             };
             if let Some(response) = response
-                && self.tx.send(Ok(response)).await.is_err()
+                && outbox.push(response, wake).await.is_err()
             {
                 return Ok(End::Relay);
             }
         }
-        Ok(End::Relay)
     }
 
     /// A relayed stream ended as its Report stream would have: counted and
@@ -199,6 +234,11 @@ fn agent_message(
         )));
     }
     report.message.ok_or(IngestError::Empty)
+}
+
+/// Whether an agent's message is a wake batch, whose ack never waits.
+fn is_wake(report: &ReportRequest) -> bool {
+    matches!(&report.message, Some(report_request::Message::Batch(batch)) if batch.wake)
 }
 
 fn answer(stream: u64, message: report_response::Message) -> RelayResponse {

@@ -2,7 +2,8 @@
 //! client in the relay's role: several agents on one stream counted exactly,
 //! each relayed stream refused alone as its Report stream would have been,
 //! the numbering rules, MAX_RELAYED_STREAMS, broken envelopes, a dropped
-//! Relay stream and its resumption, the token, shutdown and a wake.
+//! Relay stream and its resumption, the token, shutdown, a wake, and acks
+//! sent in bursts.
 
 mod common;
 
@@ -13,7 +14,10 @@ use common::{
 };
 use itw_proto::{
     externalscaler::GetMetricsRequest,
-    itw::v1::{Hello, RelayRequest, ReportRequest, relay_request, report_request},
+    itw::v1::{
+        Hello, RelayRequest, ReportRequest, relay_request, relay_response, report_request,
+        report_response,
+    },
 };
 use itw_scaler::config::{Config, Limits, Secret, TokenSource};
 use tonic::Code;
@@ -426,4 +430,101 @@ async fn an_oversized_relayed_message_ends_its_stream_alone() {
     assert_eq!(rejected(&body, "oversized"), Some(2.0));
     assert_eq!(sample(&body, "itw_scaler_agents_connected", &[]), Some(0.0));
     scaler.stop().await;
+}
+
+/// Acks of ordinary batches leave in bursts (RELAY_ACK_DELAY): sent without
+/// waiting for any, every relayed stream still gets each of its acks, with
+/// the right sequence and in order, and the count of answers is exact.
+#[tokio::test]
+async fn burst_acks_each_carry_their_streams_sequence_in_order() {
+    let scaler = TestScaler::start(loopback()).await;
+    let mut relay = scaler.relay(None).await.unwrap();
+    for stream in 1..=3 {
+        relay
+            .hello(stream, &format!("node-{stream}"), &format!("i{stream}"))
+            .await;
+        relay.snapshot(stream, 0, vec![], vec![]).await;
+    }
+    for sequence in 1..=4 {
+        for stream in 1..=3 {
+            relay
+                .send(stream, batch(sequence, false, vec![count(curl(), stream)]))
+                .await;
+        }
+    }
+    let mut acks = std::collections::BTreeMap::<u64, Vec<u64>>::new();
+    for _ in 0..12 {
+        match relay.next().await {
+            Ok(Some(itw_proto::itw::v1::RelayResponse {
+                stream,
+                message:
+                    Some(relay_response::Message::Report(itw_proto::itw::v1::ReportResponse {
+                        message: Some(report_response::Message::Ack(ack)),
+                    })),
+            })) => acks.entry(stream).or_default().push(ack.sequence),
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    let each = vec![1, 2, 3, 4];
+    assert_eq!(
+        acks,
+        [(1, each.clone()), (2, each.clone()), (3, each)].into()
+    );
+    let body = scaler.metrics_body().await;
+    // 3 welcomes, 3 snapshot acks, 12 batch acks.
+    assert_eq!(
+        sample(&body, "itw_scaler_relay_answers_total", &[]),
+        Some(18.0)
+    );
+    assert_eq!(
+        attempts(&body, "web"),
+        vec![row("", "", 0.0), row("", "curl", 24.0)]
+    );
+    scaler.stop().await;
+}
+
+/// A wake batch's ack is not held back, and takes the acks held before it
+/// along in order: with RELAY_ACK_DELAY far longer than the test may take,
+/// stream 1's ordinary ack arrives only because stream 2's wake ack left.
+#[tokio::test]
+async fn a_wake_batchs_ack_leaves_at_once_with_the_acks_held_before_it() {
+    let mut config = loopback();
+    config.limits.relay_ack_delay = std::time::Duration::from_secs(3600);
+    let scaler = TestScaler::start(config).await;
+    let mut relay = scaler.relay(None).await.unwrap();
+    relay.hello(1, "node-1", "a").await;
+    relay.hello(2, "node-2", "b").await;
+    relay.send(1, snapshot_now()).await;
+    relay.send(2, snapshot_now()).await;
+    relay.send(1, batch(1, false, vec![count(curl(), 1)])).await;
+    relay.send(2, batch(1, true, vec![count(curl(), 1)])).await;
+    assert_eq!(relay.expect_ack(1).await, 0, "stream 1's snapshot");
+    assert_eq!(relay.expect_ack(2).await, 0, "stream 2's snapshot");
+    assert_eq!(relay.expect_ack(1).await, 1, "stream 1's batch");
+    assert_eq!(relay.expect_ack(2).await, 1, "stream 2's wake batch");
+    let body = scaler.metrics_body().await;
+    assert_eq!(
+        sample(
+            &body,
+            "itw_scaler_relay_answer_bursts_total",
+            &[("cause", "tick")]
+        ),
+        None,
+        "no tick came"
+    );
+    assert_eq!(
+        sample(&body, "itw_scaler_relay_answers_total", &[]),
+        Some(6.0)
+    );
+    scaler.stop().await;
+}
+
+fn snapshot_now() -> itw_proto::itw::v1::report_request::Message {
+    report_request::Message::Snapshot(itw_proto::itw::v1::Snapshot {
+        through_sequence: 0,
+        taken_at_unix_ms: common::now_ms(),
+        totals: vec![],
+        history: vec![],
+        edges: Vec::new(),
+    })
 }

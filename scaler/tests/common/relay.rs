@@ -33,6 +33,25 @@ impl Relay {
         })
     }
 
+    /// Opens a Relay stream that sends each envelope in an HTTP/2 DATA frame
+    /// of its own, as a relay forwarding agent messages one by one does.
+    pub async fn open_one_frame_each(channel: Channel) -> Result<Self, Status> {
+        use tokio_stream::StreamExt as _;
+        let mut client = ingest_client(channel, None);
+        let (tx, rx) = mpsc::channel(16);
+        // Pending between envelopes: tonic's encoder sends what it holds
+        // whenever its source is pending, so each goes alone.
+        let one_each = ReceiverStream::new(rx).then(|request| async {
+            tokio::task::yield_now().await;
+            request
+        });
+        let response = within("the relay stream to open", client.relay(one_each)).await?;
+        Ok(Self {
+            tx,
+            rx: response.into_inner(),
+        })
+    }
+
     /// Sends an envelope as is (even a broken one).
     pub async fn raw(&self, request: RelayRequest) {
         within("sending a relay request", self.tx.send(request))
