@@ -230,6 +230,33 @@ impl Proc {
         let _ = self.child.wait().await;
     }
 
+    /// Waits for `url` (its `/readyz`) to answer 200, for at most `timeout`.
+    /// A timeout fails the test with what `/readyz` last answered and the
+    /// process's log, so that a slow start says where it stopped.
+    pub async fn wait_ready(&mut self, url: &str, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.assert_running();
+            let last = match reqwest::get(url).await {
+                Ok(response) if response.status().is_success() => return,
+                Ok(response) => {
+                    let status = response.status();
+                    let body = response.text().await.unwrap_or_default();
+                    format!("{status}: {}", body.trim())
+                }
+                Err(e) => format!("no answer: {e}"),
+            };
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {} to be ready; /readyz last answered {last}; its log:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Fails the test if the process has exited.
     pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
@@ -411,17 +438,8 @@ impl Relay {
         ];
         all.extend(env.iter().cloned());
         let mut proc = Proc::spawn(name, &binary("itw-relay"), &all);
-        let ready = format!("http://{metrics}/readyz");
-        eventually(
-            &format!("{name} to be ready"),
-            Duration::from_secs(20),
-            || {
-                proc.assert_running();
-                let ready = ready.clone();
-                async move { get(&ready).await }
-            },
-        )
-        .await;
+        proc.wait_ready(&format!("http://{metrics}/readyz"), Duration::from_secs(20))
+            .await;
         Relay {
             proc,
             grpc,
@@ -512,17 +530,8 @@ impl Agent {
                 &all,
             ),
         };
-        let ready = format!("http://{metrics}/readyz");
-        eventually(
-            &format!("{name} to be ready"),
-            Duration::from_secs(30),
-            || {
-                proc.assert_running();
-                let ready = ready.clone();
-                async move { get(&ready).await }
-            },
-        )
-        .await;
+        proc.wait_ready(&format!("http://{metrics}/readyz"), Duration::from_secs(30))
+            .await;
         Agent {
             proc,
             metrics,
