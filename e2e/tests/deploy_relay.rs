@@ -189,23 +189,18 @@ fn check_relay_tls(objects: &[Value], args: &Args) -> Vec<String> {
     }
     let deployment = find(objects, "Deployment", "itw-relay");
     let c = container(deployment, "itw-relay");
-    for (file, setting) in [
-        (&args.tls_cert_file, "TLS_CERT_FILE"),
-        (&args.tls_key_file, "TLS_KEY_FILE"),
-        (&args.tls_client_ca_file, "TLS_CLIENT_CA_FILE"),
-        (&args.scaler_ca_file, "SCALER_CA_FILE"),
-        (&args.scaler_cert_file, "SCALER_CERT_FILE"),
-        (&args.scaler_key_file, "SCALER_KEY_FILE"),
-    ] {
-        if let Some(file) = file
-            && volume_of_file(deployment, c, file).is_none_or(|(v, _)| v["secret"].is_null())
-        {
-            problems.push(format!(
-                "{setting} {} is not a file of a mounted Secret",
-                file.display()
-            ));
-        }
-    }
+    problems.extend(files_not_in_secrets(
+        deployment,
+        c,
+        &[
+            (&args.tls_cert_file, "TLS_CERT_FILE"),
+            (&args.tls_key_file, "TLS_KEY_FILE"),
+            (&args.tls_client_ca_file, "TLS_CLIENT_CA_FILE"),
+            (&args.scaler_ca_file, "SCALER_CA_FILE"),
+            (&args.scaler_cert_file, "SCALER_CERT_FILE"),
+            (&args.scaler_key_file, "SCALER_KEY_FILE"),
+        ],
+    ));
     problems
 }
 

@@ -123,21 +123,16 @@ fn check_scaler_workload(objects: &[Value]) -> Vec<String> {
             }
         }
     }
-    for (file, setting) in [
-        (&args.tls_cert_file, "TLS_CERT_FILE"),
-        (&args.tls_key_file, "TLS_KEY_FILE"),
-        (&args.tls_client_ca_file, "TLS_CLIENT_CA_FILE"),
-        (&args.agent_token_file, "AGENT_TOKEN_FILE"),
-    ] {
-        if let Some(file) = file
-            && volume_of_file(deployment, c, file).is_none_or(|(v, _)| v["secret"].is_null())
-        {
-            problems.push(format!(
-                "{setting} {} is not a file of a mounted Secret",
-                file.display()
-            ));
-        }
-    }
+    problems.extend(files_not_in_secrets(
+        deployment,
+        c,
+        &[
+            (&args.tls_cert_file, "TLS_CERT_FILE"),
+            (&args.tls_key_file, "TLS_KEY_FILE"),
+            (&args.tls_client_ca_file, "TLS_CLIENT_CA_FILE"),
+            (&args.agent_token_file, "AGENT_TOKEN_FILE"),
+        ],
+    ));
     if args.agent_token_file.is_none() {
         problems.push("AGENT_TOKEN_FILE is not set: any pod could push counts".to_owned());
     }

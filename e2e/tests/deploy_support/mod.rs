@@ -226,6 +226,29 @@ pub fn volume_of_file<'a>(
     Some((volume, key))
 }
 
+/// One problem for each file setting that is set to a path no mounted Secret
+/// holds: `(path, setting)` pairs, the setting named in the message.
+pub fn files_not_in_secrets(
+    workload: &Value,
+    container: &Value,
+    files: &[(&Option<PathBuf>, &str)],
+) -> Vec<String> {
+    files
+        .iter()
+        .filter_map(|(file, setting)| {
+            let file = file.as_deref()?;
+            volume_of_file(workload, container, file)
+                .is_none_or(|(v, _)| v["secret"].is_null())
+                .then(|| {
+                    format!(
+                        "{setting} {} is not a file of a mounted Secret",
+                        file.display()
+                    )
+                })
+        })
+        .collect()
+}
+
 /// The hostPath behind a directory mounted in the container.
 pub fn host_path_of_dir<'a>(workload: &'a Value, container: &Value, dir: &Path) -> Option<&'a str> {
     let mount = container["volumeMounts"]
