@@ -12,6 +12,8 @@
 //! - [`addr`]: `host:port` settings (`SCALER_ADDR`), one parsing rule.
 //! - [`codec`]: the protobuf codec every generated client and server uses
 //!   (prost's, with small per-call buffers).
+//! - [`window`]: the HTTP/2 connection window of the ingest listeners, one
+//!   rule for the scaler and the relay.
 //!
 //! [`FILE_DESCRIPTOR_SET`] feeds gRPC server reflection.
 
@@ -39,6 +41,7 @@ pub mod addr;
 pub mod codec;
 pub mod names;
 pub mod token;
+pub mod window;
 
 /// Encoded `FileDescriptorSet` of every contract, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptors");

@@ -11,7 +11,7 @@
 use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
-use itw_proto::itw::v1::ingest_server::IngestServer;
+use itw_proto::{itw::v1::ingest_server::IngestServer, window::connection_window};
 use itw_telemetry::listener::{Guard, GuardedListener, OnClose};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -37,10 +37,13 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// HTTP/2 pings find agents that vanished without a FIN.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 receive window of each agent stream and connection: what an agent
-/// may send that the relay has not forwarded yet. hyper's default (1 MiB)
-/// would let thousands of agents queue gigabytes; a steady batch is about
-/// 1 KB and a snapshot flows in about its size / window round trips.
+/// HTTP/2 receive window of each agent stream: what an agent may send that
+/// the relay has not forwarded yet. hyper's default (1 MiB) would let
+/// thousands of agents queue gigabytes; a steady batch is about 1 KB and a
+/// snapshot flows in about its size / window round trips. The connection
+/// window is larger ([`connection_window`]) so that an agent's small batches
+/// waiting unread while the replica stalls do not trip h2's guard against
+/// floods of small frames; an agent has one stream, held to this window.
 const AGENT_WINDOW: u32 = 64 << 10;
 
 /// A relay with its ports bound, ready to serve.
@@ -163,7 +166,7 @@ impl Relay {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .initial_stream_window_size(AGENT_WINDOW)
-            .initial_connection_window_size(AGENT_WINDOW);
+            .initial_connection_window_size(connection_window(AGENT_WINDOW));
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls).map_err(Error::Tls)?;
         }

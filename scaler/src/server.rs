@@ -12,6 +12,7 @@ use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration
 use itw_proto::{
     externalscaler::external_scaler_server::ExternalScalerServer,
     itw::v1::{graph_server::GraphServer, ingest_server::IngestServer},
+    window::connection_window,
 };
 use itw_telemetry::listener::{Guard, GuardedListener, OnClose};
 use tokio::net::TcpListener;
@@ -46,30 +47,6 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// HTTP/2 pings find agents and KEDA instances that vanished without a FIN.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The connection window as a multiple of the stream window (GRPC_WINDOW).
-///
-/// h2 ends a connection (GOAWAY `ENHANCE_YOUR_CALM`, "too_many_data_frames")
-/// once the DATA frames under 256 bytes it holds unread cost more than half
-/// the connection window, each costing 256 bytes less its size. A relay
-/// forwards each agent message as it comes, so while the ingest thread is
-/// busy (5,000 agents' hellos and snapshots at once) hundreds of hellos
-/// (about 120 bytes) or `closed` (about 10) wait unread, and with the
-/// connection window equal to the stream window that closed Relay
-/// connections in 2 of 3 startups at 5,000 agents (#18). A stream holds at
-/// most its window unread; the smallest whole message a relay or an agent
-/// sends is 9 bytes, so one stream's window of them costs 27 times the
-/// window, under half of 64 times. The connection window lets a connection
-/// with many streams queue more (KEDA's share one), never one stream.
-const CONNECTION_WINDOW_FACTOR: u32 = 64;
-
-/// The HTTP/2 connection window for a stream window of `stream_window`.
-pub fn connection_window(stream_window: u32) -> u32 {
-    // h2's largest window is 2^31 - 1.
-    stream_window
-        .saturating_mul(CONNECTION_WINDOW_FACTOR)
-        .min(i32::MAX as u32)
-}
 
 /// A scaler with its ports bound, ready to serve.
 pub struct Scaler {
@@ -325,33 +302,4 @@ fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig, Error> {
         config = config.client_ca_root(Certificate::from_pem(read_pem("TLS_CLIENT_CA_FILE", ca)?));
     }
     Ok(config)
-}
-
-#[cfg(test)]
-mod tests {
-    use itw_proto::itw::v1::{RelayClosed, RelayRequest, relay_request};
-    use prost::Message as _;
-
-    use super::*;
-
-    #[test]
-    fn a_streams_window_of_the_smallest_relay_messages_stays_within_h2s_small_frame_budget() {
-        // The smallest envelope a relay sends, in its gRPC frame (5 bytes).
-        let closed = RelayRequest {
-            stream: 1,
-            message: Some(relay_request::Message::Closed(RelayClosed {})),
-        };
-        let smallest = 5 + closed.encoded_len() as u32;
-        assert_eq!(smallest, 9);
-        for window in [16 << 10, 64 << 10, 16 << 20] {
-            // h2: each unread DATA frame under 256 bytes costs 256 less its
-            // size, against half the connection window.
-            let cost = u64::from(window / smallest) * u64::from(256 - smallest);
-            let budget = u64::from(connection_window(window) / 2);
-            assert!(cost <= budget, "window {window}: {cost} > {budget}");
-        }
-        assert_eq!(connection_window(64 << 10), 4 << 20);
-        assert_eq!(connection_window(16 << 20), 1 << 30);
-        assert_eq!(connection_window(64 << 20), i32::MAX as u32);
-    }
 }

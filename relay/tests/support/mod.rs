@@ -103,6 +103,16 @@ impl FakeReplica {
 
     /// A replica serving `tls` (certificate, key, and the CA clients' certificates must carry).
     pub fn start_with(addr: SocketAddr, tls: Option<ServerTlsConfig>) -> Self {
+        Self::spawn(addr, tls, None)
+    }
+
+    /// A replica whose HTTP/2 streams take `window` bytes unread (hyper's
+    /// default is 1 MiB): one that does not read stalls the relay soon.
+    pub fn start_with_window(addr: SocketAddr, window: u32) -> Self {
+        Self::spawn(addr, None, Some(window))
+    }
+
+    fn spawn(addr: SocketAddr, tls: Option<ServerTlsConfig>, window: Option<u32>) -> Self {
         let (calls_tx, calls) = mpsc::channel(8);
         let (kill, killed) = oneshot::channel::<()>();
         let (bound_tx, bound) = std::sync::mpsc::channel();
@@ -114,7 +124,7 @@ impl FakeReplica {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
                 bound_tx.send(listener.local_addr().unwrap()).unwrap();
-                let mut builder = Server::builder();
+                let mut builder = Server::builder().initial_stream_window_size(window);
                 if let Some(tls) = tls {
                     builder = builder.tls_config(tls).unwrap();
                 }
@@ -265,13 +275,43 @@ impl Agent {
         Self::open(IngestClient::new(channel), replica, None).await
     }
 
+    /// Connects with each message in an HTTP/2 DATA frame of its own, as
+    /// an agent sends one batch a second.
+    pub async fn connect_one_frame_each(relay: SocketAddr, replica: &str) -> Result<Self, Status> {
+        use tokio_stream::StreamExt as _;
+        let client = IngestClient::connect(format!("http://{relay}"))
+            .await
+            .expect("the relay's port");
+        // Pending between messages: tonic's encoder sends what it holds
+        // whenever its source is pending, so each goes alone.
+        Self::open_with(client, replica, None, |rx| {
+            ReceiverStream::new(rx).then(|message| async {
+                tokio::task::yield_now().await;
+                message
+            })
+        })
+        .await
+    }
+
     async fn open(
-        mut client: IngestClient<Channel>,
+        client: IngestClient<Channel>,
         replica: &str,
         token: Option<&str>,
     ) -> Result<Self, Status> {
+        Self::open_with(client, replica, token, ReceiverStream::new).await
+    }
+
+    async fn open_with<S>(
+        mut client: IngestClient<Channel>,
+        replica: &str,
+        token: Option<&str>,
+        stream: impl FnOnce(mpsc::Receiver<ReportRequest>) -> S,
+    ) -> Result<Self, Status>
+    where
+        S: tokio_stream::Stream<Item = ReportRequest> + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel(16);
-        let mut request = Request::new(ReceiverStream::new(rx));
+        let mut request = Request::new(stream(rx));
         request
             .metadata_mut()
             .insert("itw-replica", replica.parse().unwrap());
@@ -288,7 +328,10 @@ impl Agent {
     }
 
     pub async fn send(&self, message: ReportRequest) {
-        self.tx.send(message).await.unwrap();
+        self.tx
+            .send(message)
+            .await
+            .expect("the agent's stream is open (did the relay close the connection?)");
     }
 
     /// The next answer, or the status the stream ended with (`Ok(None)`: OK).
