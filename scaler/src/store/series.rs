@@ -310,14 +310,16 @@ impl Store {
     /// The series a report counts in: its own, or (past MAX_SERIES) its
     /// service's overflow series. `zero` is the Service's zero series,
     /// created with its first report so that `rate()` sees the Service's
-    /// first attempt.
+    /// first attempt. A new series shares the zero series' namespace, name
+    /// and empty pod label: one string allocated per series (its process
+    /// name, or pod), not four.
     fn series_slot(&self, name: &SeriesName<'_>, zero: Arc<SeriesSlot>) -> (Arc<SeriesSlot>, bool) {
         let (ns, svc) = (name.namespace, name.service);
         if name.pod.is_empty() && name.process_comm.is_empty() {
             return (zero, false);
         }
         if name.pod.is_empty() && name.process_comm == OVERFLOW_COMM {
-            return (self.service_level_series(ns, svc, OVERFLOW_COMM), false);
+            return (self.service_level_series(&zero, OVERFLOW_COMM), false);
         }
         let key = series_key(ns, svc, name.pod, name.process_comm);
         if let Some(slot) = self.series.get(key.as_str()) {
@@ -330,7 +332,7 @@ impl Store {
             })
             .is_ok();
         if !reserved {
-            return (self.service_level_series(ns, svc, OVERFLOW_COMM), true);
+            return (self.service_level_series(&zero, OVERFLOW_COMM), true);
         }
         let mut created = false;
         let slot = self
@@ -338,12 +340,12 @@ impl Store {
             .entry(key.into_boxed_str())
             .or_insert_with(|| {
                 created = true;
-                Arc::new(SeriesSlot::new(AttemptLabels {
-                    destination_namespace: ns.into(),
-                    destination_service: svc.into(),
-                    destination_pod: name.pod.into(),
-                    process_comm: name.process_comm.into(),
-                }))
+                let mut labels = zero.labels().clone();
+                if !name.pod.is_empty() {
+                    labels.destination_pod = name.pod.into();
+                }
+                labels.process_comm = name.process_comm.into();
+                Arc::new(SeriesSlot::new(labels))
             })
             .clone();
         if !created {
@@ -389,15 +391,21 @@ impl Store {
     /// A series without a pod: the overflow series (or the zero series of a
     /// Service that has one). At most two per Service, outside MAX_SERIES, so
     /// that cap never loses a count.
-    fn service_level_series(&self, ns: &str, svc: &str, comm: &str) -> Arc<SeriesSlot> {
-        let key = series_key(ns, svc, "", comm);
+    fn service_level_series(&self, zero: &SeriesSlot, comm: &str) -> Arc<SeriesSlot> {
+        let labels = zero.labels();
+        let key = series_key(
+            &labels.destination_namespace,
+            &labels.destination_service,
+            "",
+            comm,
+        );
         if let Some(slot) = self.series.get(key.as_str()) {
             return Arc::clone(&slot);
         }
         self.series
             .entry(key.into_boxed_str())
             .or_insert_with(|| {
-                let mut labels = AttemptLabels::service(ns, svc);
+                let mut labels = labels.clone();
                 labels.process_comm = comm.into();
                 Arc::new(SeriesSlot::new(labels))
             })
@@ -748,6 +756,64 @@ mod tests {
         assert_eq!(store.metrics.series_overflow.get(), 3);
         assert_eq!(cache.entries.len(), 1, "only curl's entry is cached");
         assert_eq!(cache.index.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_services_series_share_its_names_with_its_zero_series() {
+        let store = store_with(Limits {
+            max_series: 2,
+            ..Limits::default()
+        });
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let deltas = vec![
+            (name("web", 80, "", "curl"), 1),
+            (name("web", 80, "web-0", "curl"), 2),
+            // Past MAX_SERIES: the overflow series.
+            (name("web", 80, "", "wget"), 3),
+        ];
+        store
+            .apply_batch(&conn, &batch(1, START_MS, deltas), &mut cache)
+            .unwrap();
+        let series = store.attempt_series();
+        assert_eq!(series.len(), 4);
+        let zero = series[0].labels();
+        assert_eq!(
+            (&*zero.destination_service, &*zero.process_comm),
+            ("web", "")
+        );
+        for other in &series[1..] {
+            let labels = other.labels();
+            assert!(Arc::ptr_eq(
+                &labels.destination_namespace,
+                &zero.destination_namespace
+            ));
+            assert!(Arc::ptr_eq(
+                &labels.destination_service,
+                &zero.destination_service
+            ));
+        }
+        let pods: Vec<_> = series
+            .iter()
+            .map(|s| {
+                let l = s.labels();
+                let shared = Arc::ptr_eq(&l.destination_pod, &zero.destination_pod);
+                (
+                    l.process_comm.to_string(),
+                    l.destination_pod.to_string(),
+                    shared,
+                )
+            })
+            .collect();
+        assert_eq!(
+            pods,
+            vec![
+                ("".into(), "".into(), true),
+                (OVERFLOW_COMM.into(), "".into(), true),
+                ("curl".into(), "".into(), true),
+                ("curl".into(), "web-0".into(), false),
+            ]
+        );
     }
 
     #[test]
