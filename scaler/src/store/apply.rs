@@ -9,9 +9,8 @@
 use itw_telemetry::logging::LogBudget;
 
 use super::{
-    CapRefusal, Connection, SeriesCache, Store, Wakeups, destination_key, destination_key_into,
-    series::{AgentServices, Resolved},
-    totals::SeriesTotals,
+    CapRefusal, Connection, SeriesCache, Store, Wakeups, agent_services::AgentServices,
+    destination_key, series::Resolved, totals::SeriesTotals,
 };
 use crate::window;
 
@@ -112,8 +111,8 @@ impl Store {
 
         // The snapshot says anew which Services the instance reports: the
         // stream's cache starts over so each is admitted again.
-        *cache = SeriesCache::default();
-        let mut services = AgentServices::new();
+        *cache = SeriesCache::with_capacity(snapshot.totals.len());
+        let mut services = AgentServices::default();
         let mut totals = SeriesTotals::with_capacity(snapshot.totals.len());
         for (i, (name, attempts)) in snapshot.totals.iter().enumerate() {
             let Some(resolved) = self.admit(cache, name, &mut services, || {
@@ -126,10 +125,14 @@ impl Store {
             }
             totals.add(&resolved.series, *attempts);
         }
+        totals.settle();
+        cache.shrink_to_fit();
+        // Each admitted destination with its Service's zero series, under
+        // which its counts of the newest second are kept.
         let mut history = Vec::with_capacity(snapshot.history.len());
         for (i, h) in snapshot.history.iter().enumerate() {
             match self.admit_service(h.namespace, h.service, &mut services) {
-                Ok(()) => history.push(h),
+                Ok(zero) => history.push((h, zero)),
                 Err(cap) => self.refuse(
                     || format!("snapshot.history[{i}]"),
                     h.namespace,
@@ -159,13 +162,16 @@ impl Store {
         let shift = offset.div_euclid(1000);
         let mut wake = Wakeups::default();
         let last_second = state.last_second;
-        for history in &history {
-            let destination = destination_key(history.namespace, history.service, history.port);
-            let applied_in_last = state
-                .applied_in_last_second
-                .get(destination.as_str())
+        let applied_in_last_second = state.last_second_counts.per_destination();
+        let applied_in = |h: &HistoryView<'_>| {
+            let destination = destination_key(h.namespace, h.service, h.port);
+            applied_in_last_second
+                .get(&destination)
                 .copied()
-                .unwrap_or(0);
+                .unwrap_or(0)
+        };
+        for (history, _) in &history {
+            let applied_in_last = applied_in(history);
             let mut entry = self.service_entry(history.namespace, history.service);
             for (second, &count) in (history.first_second..).zip(history.per_second) {
                 let add = match last_second {
@@ -183,32 +189,36 @@ impl Store {
         }
         let newest = history
             .iter()
-            .filter(|h| !h.per_second.is_empty())
-            .map(|h| h.first_second.saturating_add(h.per_second.len() as i64 - 1))
+            .filter(|(h, _)| !h.per_second.is_empty())
+            .map(|(h, _)| h.first_second.saturating_add(h.per_second.len() as i64 - 1))
             .max();
         if let Some(newest) = newest {
             let counts_at = |second: i64| {
-                history.iter().filter_map(move |h| {
+                history.iter().filter_map(move |(h, zero)| {
                     let i = usize::try_from(second.checked_sub(h.first_second)?).ok()?;
                     let count = *h.per_second.get(i)?;
-                    (count > 0).then(|| (destination_key(h.namespace, h.service, h.port), count))
+                    (count > 0).then_some((*h, zero, count))
                 })
             };
             match last_second {
                 Some(l) if newest < l => {}
                 Some(l) if newest == l => {
-                    for (destination, count) in counts_at(l) {
-                        let applied = state
-                            .applied_in_last_second
-                            .entry(destination.into())
-                            .or_insert(0);
-                        *applied = (*applied).max(count);
+                    // What a destination applied in L becomes the larger
+                    // of its sum and the snapshot's count: the difference
+                    // is kept under its zero series.
+                    for (h, zero, count) in counts_at(l) {
+                        let applied = applied_in(h);
+                        if count > applied {
+                            state.last_second_counts.add(zero, h.port, count - applied);
+                        }
                     }
                 }
                 _ => {
                     state.last_second = Some(newest);
-                    state.applied_in_last_second =
-                        counts_at(newest).map(|(d, c)| (d.into(), c)).collect();
+                    state.last_second_counts.clear();
+                    for (h, zero, count) in counts_at(newest) {
+                        state.last_second_counts.add(zero, h.port, count);
+                    }
                 }
             }
         }
@@ -253,11 +263,10 @@ impl Store {
             Some(l) if agent_second == l => true,
             _ => {
                 state.last_second = Some(agent_second);
-                state.applied_in_last_second.clear();
+                state.last_second_counts.clear();
                 true
             }
         };
-        let mut destination = String::new();
         let mut wake = Wakeups::default();
         let mut guard = state;
         let state = &mut *guard;
@@ -274,17 +283,9 @@ impl Store {
             state.totals.add(&resolved.series, attempts);
             resolved.series.add_live(attempts);
             if in_last_second {
-                // Written per delta into one buffer rather than kept in every
-                // stream's cache entry: each agent stream holds a cache.
-                destination_key_into(&mut destination, name.namespace, name.service, name.port);
-                match state.applied_in_last_second.get_mut(destination.as_str()) {
-                    Some(applied) => *applied = applied.saturating_add(attempts),
-                    None => {
-                        state
-                            .applied_in_last_second
-                            .insert(destination.as_str().into(), attempts);
-                    }
-                }
+                state
+                    .last_second_counts
+                    .add(&resolved.series, resolved.port, attempts);
             }
             let port = resolved.port;
             self.add_to_window(
@@ -296,6 +297,7 @@ impl Store {
                 &mut wake,
             );
         }
+        state.totals.settle();
         state.applied_sequence = batch.sequence;
         drop(guard);
         wake.ring();

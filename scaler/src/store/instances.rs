@@ -24,7 +24,10 @@ use parking_lot::Mutex;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use super::{ApplyError, Store, gauge_value, series::AgentServices, totals::SeriesTotals};
+use super::{
+    ApplyError, Store, agent_services::AgentServices, gauge_value, last_second::LastSecondCounts,
+    totals::SeriesTotals,
+};
 
 /// Characters of an instance id shown in logs and statuses.
 const SHOWN_ID_CHARS: usize = 8;
@@ -47,8 +50,8 @@ pub(super) struct Instance {
     pub(super) offset_ms: Option<i64>,
     /// Newest agent-clock second of which counts were applied.
     pub(super) last_second: Option<i64>,
-    /// Counts applied within `last_second`, per destination.
-    pub(super) applied_in_last_second: HashMap<Arc<str>, u64>,
+    /// Counts applied within `last_second`.
+    pub(super) last_second_counts: LastSecondCounts,
     /// Cumulative attempts per series, keyed by the series' address.
     pub(super) totals: SeriesTotals,
     /// The Services it reported (MAX_SERVICES_PER_AGENT).
@@ -167,9 +170,9 @@ impl Store {
                         applied_sequence: 0,
                         offset_ms: None,
                         last_second: None,
-                        applied_in_last_second: HashMap::new(),
+                        last_second_counts: LastSecondCounts::default(),
                         totals: SeriesTotals::default(),
-                        services: AgentServices::new(),
+                        services: AgentServices::default(),
                     })),
                 },
             );

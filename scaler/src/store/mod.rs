@@ -20,12 +20,17 @@
 //! - `series.rs`: the exported series, MAX_SERIES, MAX_SERVICES and
 //!   MAX_SERVICES_PER_AGENT, each stream's cache.
 //! - `totals.rs`: an instance's cumulative attempts per series.
+//! - `agent_services.rs`: the Services an instance reported, by zero series.
+//! - `last_second.rs`: the counts applied in an instance's newest second.
+//! - `address.rs`: hashing the store's objects by address, for those tables.
 //! - `services.rs`: per-service windows, subscriptions, wakeups, activity.
 //! - `apply.rs`: the checked snapshot and batch views and how they apply.
 //! - `cold_start.rs`: what the cold start histograms learn from the store
 //!   (a wake batch's clock offset and subscribed Services).
 //! - `edges.rs`: an agent message's edges, learned into the [`Graph`].
+//! - `growth.rs`: how the per-agent tables grow (by an eighth).
 //! - `fixtures.rs`: the unit tests' store and view builders (tests only).
+//! - `agent_state_tests.rs`: an instance's tables together (tests only).
 
 use std::{
     sync::{
@@ -46,10 +51,14 @@ use crate::{
     window::{Clock, DEFAULT_WINDOW},
 };
 
+mod address;
+mod agent_services;
 mod apply;
 mod cold_start;
 mod edges;
+mod growth;
 mod instances;
+mod last_second;
 mod series;
 mod services;
 mod totals;
@@ -60,7 +69,7 @@ use instances::Instances;
 pub use instances::short_id;
 pub use series::{CapRefusal, SeriesCache, SeriesSlot};
 pub use services::{Activity, ServiceEntry, Subscription};
-use services::{Wakeups, destination_key, destination_key_into};
+use services::{Wakeups, destination_key};
 
 /// The scaler's state, shared by every ingest stream and KEDA call.
 pub struct Store {
@@ -150,5 +159,7 @@ fn gauge_value(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+#[cfg(test)]
+mod agent_state_tests;
 #[cfg(test)]
 mod fixtures;

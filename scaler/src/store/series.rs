@@ -8,7 +8,6 @@
 //! may ever lower an exported value.
 
 use std::{
-    collections::HashSet,
     hash::{BuildHasher, RandomState},
     sync::{
         Arc,
@@ -20,11 +19,15 @@ use hashbrown::HashTable;
 use itw_telemetry::exposition::{AttemptLabels, OVERFLOW_COMM};
 use tokio::time::Instant;
 
-use super::{SeriesName, ServiceEntry, Store, services::service_key};
+use super::{
+    SeriesName, ServiceEntry, Store, agent_services::AgentServices, growth::reserve_by_an_eighth,
+};
 
 /// Most series a single ingest stream remembers it has resolved; past that it
 /// starts over (only a cost, never a miscount).
 const STREAM_CACHE_LIMIT: usize = 65_536;
+// The index holds entry numbers as u16.
+const _: () = assert!(STREAM_CACHE_LIMIT <= u16::MAX as usize + 1);
 
 /// One series of `internal_tcp_attempts_total`.
 #[derive(Debug)]
@@ -120,13 +123,35 @@ fn saturating_sub(value: &AtomicU64, n: u64) {
 /// folded into the overflow series by MAX_SERIES does not carry the name it
 /// was asked for, so it is never cached: past MAX_SERIES a new series costs
 /// a lookup in the store per delta, and is still counted.
+///
+/// A snapshot sizes the cache to its series and later series grow it by an
+/// eighth, not by doubling: a node's ~200 entries take 200 slots (4.7 KiB)
+/// rather than the 256 of a Vec grown one push at a time, or 400 after
+/// one new series.
 #[derive(Default)]
 pub struct SeriesCache {
-    index: HashTable<u32>,
+    index: HashTable<u16>,
     entries: Vec<Resolved>,
     /// The last folded entry resolved (not cached, see above).
     uncached: Option<Resolved>,
     hasher: RandomState,
+}
+
+impl SeriesCache {
+    /// An empty cache with room for `series` entries.
+    pub(super) fn with_capacity(series: usize) -> Self {
+        let series = series.min(STREAM_CACHE_LIMIT);
+        Self {
+            index: HashTable::with_capacity(series),
+            entries: Vec::with_capacity(series),
+            ..Self::default()
+        }
+    }
+
+    /// Gives back the room a snapshot's refused or folded series did not use.
+    pub(super) fn shrink_to_fit(&mut self) {
+        self.entries.shrink_to_fit();
+    }
 }
 /// Why an entry was refused for a cap rather than counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,10 +178,6 @@ impl CapRefusal {
         }
     }
 }
-
-/// The Services one instance has reported (MAX_SERVICES_PER_AGENT), keyed
-/// `namespace/service`.
-pub(super) type AgentServices = HashSet<Box<str>>;
 
 pub(super) struct Resolved {
     pub(super) series: Arc<SeriesSlot>,
@@ -225,15 +246,14 @@ impl Store {
         if let Some(i) = cached {
             return Ok(&mut cache.entries[i]);
         }
-        let service = service_key(name.namespace, name.service);
-        let new_to_instance = !services.contains(service.as_str());
-        if new_to_instance && services.len() >= self.limits.max_services_per_agent {
-            return Err(CapRefusal::MaxServicesPerAgent);
-        }
-        let resolved = self.resolve_uncached(name)?;
-        if new_to_instance {
-            services.insert(service.into_boxed_str());
-        }
+        let zero = self.admit_service(name.namespace, name.service, services)?;
+        let (series, folded) = self.series_slot(name, zero);
+        let resolved = Resolved {
+            series,
+            folded,
+            service: self.service_entry(name.namespace, name.service),
+            port: name.port,
+        };
         if resolved.folded {
             return Ok(cache.uncached.insert(resolved));
         }
@@ -242,10 +262,11 @@ impl Store {
             cache.entries.clear();
         }
         let i = cache.entries.len();
+        reserve_by_an_eighth(&mut cache.entries, 1);
         cache.entries.push(resolved);
-        // STREAM_CACHE_LIMIT keeps the index within u32.
+        // STREAM_CACHE_LIMIT keeps the index within u16.
         let (index, entries, hasher) = (&mut cache.index, &cache.entries, &cache.hasher);
-        index.insert_unique(hash, i as u32, |&j| {
+        index.insert_unique(hash, i as u16, |&j| {
             entries
                 .get(j as usize)
                 .map_or(0, |e| name_hash(hasher, &e.name()))
@@ -253,52 +274,56 @@ impl Store {
         Ok(&mut cache.entries[i])
     }
 
-    /// Admits a snapshot's history of a Service as [`Store::resolve`] admits
-    /// its series (the Service's zero series created if it is new).
+    /// Admits a Service to the instance (a batch's or snapshot's entry, a
+    /// snapshot's history) and returns its zero series: a Service new to
+    /// the instance is admitted only under MAX_SERVICES_PER_AGENT, and one
+    /// new to the replica only under MAX_SERVICES (its zero series created
+    /// then); a refusal creates nothing.
     pub(super) fn admit_service(
         &self,
         namespace: &str,
         service: &str,
         services: &mut AgentServices,
-    ) -> Result<(), CapRefusal> {
-        let key = service_key(namespace, service);
-        if services.contains(key.as_str()) {
-            return Ok(());
+    ) -> Result<Arc<SeriesSlot>, CapRefusal> {
+        // A Service without a zero series yet is new to every instance.
+        let existing = self.existing_series(&series_key(namespace, service, "", ""));
+        if let Some(zero) = &existing
+            && services.contains(zero)
+        {
+            return Ok(Arc::clone(zero));
         }
         if services.len() >= self.limits.max_services_per_agent {
             return Err(CapRefusal::MaxServicesPerAgent);
         }
-        self.zero_series(namespace, service)?;
-        services.insert(key.into_boxed_str());
-        Ok(())
+        let zero = match existing {
+            Some(zero) => zero,
+            None => self.zero_series(namespace, service)?,
+        };
+        services.insert(&zero);
+        Ok(zero)
     }
 
-    fn resolve_uncached(&self, name: &SeriesName<'_>) -> Result<Resolved, CapRefusal> {
-        let (series, folded) = self.series_slot(name)?;
-        Ok(Resolved {
-            series,
-            folded,
-            service: self.service_entry(name.namespace, name.service),
-            port: name.port,
-        })
+    fn existing_series(&self, key: &str) -> Option<Arc<SeriesSlot>> {
+        self.series.get(key).map(|slot| Arc::clone(&slot))
     }
 
     /// The series a report counts in: its own, or (past MAX_SERIES) its
-    /// service's overflow series. The service's zero series is created with
-    /// the first report, so `rate()` sees the service's first attempt; a
-    /// Service that would be past MAX_SERVICES gets none and is refused.
-    fn series_slot(&self, name: &SeriesName<'_>) -> Result<(Arc<SeriesSlot>, bool), CapRefusal> {
+    /// service's overflow series. `zero` is the Service's zero series,
+    /// created with its first report so that `rate()` sees the Service's
+    /// first attempt. A new series shares the zero series' namespace, name
+    /// and empty pod label: one string allocated per series (its process
+    /// name, or pod), not four.
+    fn series_slot(&self, name: &SeriesName<'_>, zero: Arc<SeriesSlot>) -> (Arc<SeriesSlot>, bool) {
         let (ns, svc) = (name.namespace, name.service);
-        let zero = self.zero_series(ns, svc)?;
         if name.pod.is_empty() && name.process_comm.is_empty() {
-            return Ok((zero, false));
+            return (zero, false);
         }
         if name.pod.is_empty() && name.process_comm == OVERFLOW_COMM {
-            return Ok((self.service_level_series(ns, svc, OVERFLOW_COMM), false));
+            return (self.service_level_series(&zero, OVERFLOW_COMM), false);
         }
         let key = series_key(ns, svc, name.pod, name.process_comm);
         if let Some(slot) = self.series.get(key.as_str()) {
-            return Ok((Arc::clone(&slot), false));
+            return (Arc::clone(&slot), false);
         }
         let reserved = self
             .detailed_series
@@ -307,7 +332,7 @@ impl Store {
             })
             .is_ok();
         if !reserved {
-            return Ok((self.service_level_series(ns, svc, OVERFLOW_COMM), true));
+            return (self.service_level_series(&zero, OVERFLOW_COMM), true);
         }
         let mut created = false;
         let slot = self
@@ -315,18 +340,18 @@ impl Store {
             .entry(key.into_boxed_str())
             .or_insert_with(|| {
                 created = true;
-                Arc::new(SeriesSlot::new(AttemptLabels {
-                    destination_namespace: ns.into(),
-                    destination_service: svc.into(),
-                    destination_pod: name.pod.into(),
-                    process_comm: name.process_comm.into(),
-                }))
+                let mut labels = zero.labels().clone();
+                if !name.pod.is_empty() {
+                    labels.destination_pod = name.pod.into();
+                }
+                labels.process_comm = name.process_comm.into();
+                Arc::new(SeriesSlot::new(labels))
             })
             .clone();
         if !created {
             self.detailed_series.fetch_sub(1, SeqCst);
         }
-        Ok((slot, false))
+        (slot, false)
     }
 
     /// The Service's zero series (`process_comm` empty, no pod), created
@@ -366,15 +391,21 @@ impl Store {
     /// A series without a pod: the overflow series (or the zero series of a
     /// Service that has one). At most two per Service, outside MAX_SERIES, so
     /// that cap never loses a count.
-    fn service_level_series(&self, ns: &str, svc: &str, comm: &str) -> Arc<SeriesSlot> {
-        let key = series_key(ns, svc, "", comm);
+    fn service_level_series(&self, zero: &SeriesSlot, comm: &str) -> Arc<SeriesSlot> {
+        let labels = zero.labels();
+        let key = series_key(
+            &labels.destination_namespace,
+            &labels.destination_service,
+            "",
+            comm,
+        );
         if let Some(slot) = self.series.get(key.as_str()) {
             return Arc::clone(&slot);
         }
         self.series
             .entry(key.into_boxed_str())
             .or_insert_with(|| {
-                let mut labels = AttemptLabels::service(ns, svc);
+                let mut labels = labels.clone();
                 labels.process_comm = comm.into();
                 Arc::new(SeriesSlot::new(labels))
             })
@@ -673,6 +704,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_snapshot_sizes_the_cache_to_its_series_and_new_ones_grow_it_by_an_eighth() {
+        let store = store();
+        let mut cache = SeriesCache::default();
+        let (conn, _) = store.hello("node-1", "a", SECRET).unwrap();
+        let services: Vec<String> = (0..50).map(|i| format!("s{i}")).collect();
+        let comms = ["curl", "wget", "java", ""];
+        let totals = services
+            .iter()
+            .flat_map(|s| comms.map(|c| (name(s, 80, "", c), 1)))
+            .collect();
+        store
+            .apply_snapshot(&conn, &snapshot(0, START_MS, totals, vec![]), &mut cache)
+            .unwrap();
+        assert_eq!((cache.entries.len(), cache.entries.capacity()), (200, 200));
+        assert_eq!(conn.state.lock().services.len(), 50);
+        let new = name("s0", 80, "", "python3");
+        store
+            .apply_batch(&conn, &batch(1, START_MS, vec![(new, 2)]), &mut cache)
+            .unwrap();
+        assert_eq!((cache.entries.len(), cache.entries.capacity()), (201, 225));
+        assert_eq!(store.attempts("apps", "s0", Some(80), 60), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn folded_entries_are_counted_every_time_and_never_cached() {
         let store = store_with(Limits {
             max_series: 1,
@@ -701,6 +756,64 @@ mod tests {
         assert_eq!(store.metrics.series_overflow.get(), 3);
         assert_eq!(cache.entries.len(), 1, "only curl's entry is cached");
         assert_eq!(cache.index.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_services_series_share_its_names_with_its_zero_series() {
+        let store = store_with(Limits {
+            max_series: 2,
+            ..Limits::default()
+        });
+        let mut cache = SeriesCache::default();
+        let conn = connect(&store, "node-1", "a", START_MS, &mut cache);
+        let deltas = vec![
+            (name("web", 80, "", "curl"), 1),
+            (name("web", 80, "web-0", "curl"), 2),
+            // Past MAX_SERIES: the overflow series.
+            (name("web", 80, "", "wget"), 3),
+        ];
+        store
+            .apply_batch(&conn, &batch(1, START_MS, deltas), &mut cache)
+            .unwrap();
+        let series = store.attempt_series();
+        assert_eq!(series.len(), 4);
+        let zero = series[0].labels();
+        assert_eq!(
+            (&*zero.destination_service, &*zero.process_comm),
+            ("web", "")
+        );
+        for other in &series[1..] {
+            let labels = other.labels();
+            assert!(Arc::ptr_eq(
+                &labels.destination_namespace,
+                &zero.destination_namespace
+            ));
+            assert!(Arc::ptr_eq(
+                &labels.destination_service,
+                &zero.destination_service
+            ));
+        }
+        let pods: Vec<_> = series
+            .iter()
+            .map(|s| {
+                let l = s.labels();
+                let shared = Arc::ptr_eq(&l.destination_pod, &zero.destination_pod);
+                (
+                    l.process_comm.to_string(),
+                    l.destination_pod.to_string(),
+                    shared,
+                )
+            })
+            .collect();
+        assert_eq!(
+            pods,
+            vec![
+                ("".into(), "".into(), true),
+                (OVERFLOW_COMM.into(), "".into(), true),
+                ("curl".into(), "".into(), true),
+                ("curl".into(), "web-0".into(), false),
+            ]
+        );
     }
 
     #[test]
