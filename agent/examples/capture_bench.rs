@@ -31,6 +31,8 @@
 
 #[path = "bench_support/mod.rs"]
 mod bench_support;
+#[path = "bench_support/dest_table.rs"]
+mod dest_table;
 #[path = "bench_support/floor.rs"]
 mod floor;
 

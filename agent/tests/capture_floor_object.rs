@@ -27,7 +27,9 @@ fn the_floor_object_has_the_benchs_programs_and_maps_and_no_agent_program() {
                 floor::CONNECT4_COUNTER,
                 floor::CONNECT4_EMPTY,
                 floor::CONNECT4_IDENTITY,
+                floor::CONNECT4_IDENTITY_TABLE,
                 floor::CONNECT4_SECOND_LOOKUP,
+                floor::CONNECT4_TABLE,
                 floor::CONNECT4_TASK,
                 floor::SET_STATE_COUNTER,
                 floor::SET_STATE_EMPTY,
@@ -35,7 +37,7 @@ fn the_floor_object_has_the_benchs_programs_and_maps_and_no_agent_program() {
             "{arch}"
         );
         assert!(!names.contains(&programs::CONNECT4), "{arch}");
-        for map in [floor::WATCHED, floor::COUNTS, floor::ATTEMPTS] {
+        for map in [floor::WATCHED, floor::COUNTS, floor::ATTEMPTS, floor::TABLE] {
             assert!(obj.maps.contains_key(map), "{arch}: no map {map}");
         }
     }

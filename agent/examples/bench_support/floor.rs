@@ -8,15 +8,18 @@ use std::{fs::File, net::Ipv4Addr, path::Path};
 use anyhow::{Context, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{CgroupAttachMode, CgroupSockAddr, TracePoint},
 };
 use itw_agent::capture::{
     self, CaptureMode, CaptureSettings, Kernel, KernelCounts, btf, cgroup, tracefs,
 };
-use itw_common::{Destination, Watch, floor, programs};
+use itw_common::{Destination, Watch, dest_table::DestSlot, floor, programs};
 
-use crate::bench_support::{percentile, program_run_time, run};
+use crate::{
+    bench_support::{percentile, program_run_time, run},
+    dest_table::{self, Fill, Layout},
+};
 
 #[cfg(target_arch = "x86_64")]
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
@@ -34,6 +37,10 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(
 enum Subject {
     Empty,
     Counter,
+    /// The counter, connects to the other destination (hash lookup miss).
+    CounterMiss,
+    /// The counter with the destination table (cgroup mode only).
+    Table(Layout),
     /// The counter, then the task helper (cgroup mode only).
     CounterTask,
     /// The counter, then a per-CPU hash lookup of an `AttemptKey` (cgroup
@@ -42,6 +49,8 @@ enum Subject {
     /// The counter, then the caller's identity as itw.o reads it (cgroup
     /// mode only).
     CounterIdentity,
+    /// `CounterIdentity` with the destination table (cgroup mode only).
+    IdentityTable(Layout),
     /// The agent's program, connects to the watched destination.
     Agent,
     /// The agent's program, connects to another destination (lookup miss).
@@ -56,9 +65,18 @@ impl Subject {
             _ => &[
                 Self::Empty,
                 Self::Counter,
+                Self::CounterMiss,
+                Self::Table(Layout::HitFirst),
+                Self::Table(Layout::HitLast),
+                Self::Table(Layout::MissFirst),
+                Self::Table(Layout::MissLast),
                 Self::CounterTask,
                 Self::CounterSecondLookup,
                 Self::CounterIdentity,
+                Self::IdentityTable(Layout::HitFirst),
+                Self::IdentityTable(Layout::HitLast),
+                Self::IdentityTable(Layout::MissFirst),
+                Self::IdentityTable(Layout::MissLast),
                 Self::Agent,
                 Self::AgentMiss,
             ],
@@ -73,11 +91,23 @@ impl Subject {
         match self {
             Self::Empty => "empty program".to_owned(),
             Self::Counter => "minimal counter (the floor)".to_owned(),
+            Self::CounterMiss => "  counter, other destination".to_owned(),
+            Self::Table(layout) => format!("  counter, table: {}", layout.label()),
+            Self::IdentityTable(layout) => format!("  + identity, table: {}", layout.label()),
             Self::CounterTask => "  counter + task helper".to_owned(),
             Self::CounterSecondLookup => "  counter + second hash lookup".to_owned(),
             Self::CounterIdentity => "  counter + task, leader comm, cgroup id".to_owned(),
             Self::Agent => format!("{agent}, watched"),
             Self::AgentMiss => format!("{agent}, other destination"),
+        }
+    }
+
+    /// Connects to the other destination (a lookup miss)?
+    fn misses(self) -> bool {
+        match self {
+            Self::CounterMiss | Self::AgentMiss => true,
+            Self::Table(layout) | Self::IdentityTable(layout) => !layout.hits(),
+            _ => false,
         }
     }
 }
@@ -90,9 +120,12 @@ pub fn goal(mode: CaptureMode) -> f64 {
     }
 }
 
-/// The floor object loaded (nothing attached), its map holding `watched`.
+/// The floor object loaded (nothing attached), its map holding `watched`,
+/// its destination table filled.
 struct FloorObject {
     ebpf: Ebpf,
+    table_mask: u32,
+    fill: Fill,
 }
 
 impl FloorObject {
@@ -100,6 +133,7 @@ impl FloorObject {
         settings: &CaptureSettings,
         mode: CaptureMode,
         watched: &Destination,
+        other: &Destination,
     ) -> anyhow::Result<Self> {
         let tp = if mode == CaptureMode::Tracepoint {
             // Before anything attaches a tracepoint in this process: aya
@@ -117,9 +151,13 @@ impl FloorObject {
         let cgroup = task
             .cgroup
             .context("the kernel's BTF has no cgroup id path for the identity variant")?;
+        let slots = dest_table::slots_for(settings.max_destinations);
+        let table_mask = slots - 1;
         let mut ebpf = EbpfLoader::new()
             .btf(None)
             .map_max_entries(floor::WATCHED, settings.max_destinations)
+            .map_max_entries(floor::TABLE, slots)
+            .override_global(floor::TABLE_MASK, &table_mask, true)
             .map_max_entries(floor::ATTEMPTS, settings.max_attempt_counters)
             .override_global(floor::TP_NEWSTATE_OFFSET, &tp.newstate, true)
             .override_global(floor::TP_DPORT_OFFSET, &tp.dport, true)
@@ -152,6 +190,8 @@ impl FloorObject {
             floor::CONNECT4_TASK,
             floor::CONNECT4_SECOND_LOOKUP,
             floor::CONNECT4_IDENTITY,
+            floor::CONNECT4_TABLE,
+            floor::CONNECT4_IDENTITY_TABLE,
         ] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
@@ -160,7 +200,23 @@ impl FloorObject {
             let prog: &mut TracePoint = program(&mut ebpf, name)?.try_into()?;
             prog.load().with_context(|| format!("loading {name}"))?;
         }
-        Ok(Self { ebpf })
+        let fill = dest_table::fill(&mut table(&mut ebpf)?, slots, watched, other)?;
+        Ok(Self {
+            ebpf,
+            table_mask,
+            fill,
+        })
+    }
+
+    /// Lays the table out for `layout`.
+    fn lay_out(
+        &mut self,
+        layout: Layout,
+        watched: &Destination,
+        other: &Destination,
+    ) -> anyhow::Result<()> {
+        let mask = self.table_mask;
+        dest_table::apply(&mut table(&mut self.ebpf)?, mask, layout, watched, other)
     }
 
     /// The counter's hits so far (summed over CPUs), index 0 (cgroup) or 1.
@@ -182,6 +238,13 @@ impl FloorObject {
     }
 }
 
+fn table(ebpf: &mut Ebpf) -> anyhow::Result<Array<&mut aya::maps::MapData, DestSlot>> {
+    Ok(Array::try_from(
+        ebpf.map_mut(floor::TABLE)
+            .context("capture-floor.o has no destination table")?,
+    )?)
+}
+
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
     ebpf.program_mut(name)
         .with_context(|| format!("capture-floor.o has no program {name}"))
@@ -190,6 +253,7 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::pr
 /// Per subject, the run time per program run of each round, in ns.
 pub struct FloorRuns {
     pub mode: CaptureMode,
+    fill: Option<Fill>,
     ns_per_run: Vec<(Subject, Vec<f64>)>,
 }
 
@@ -207,7 +271,8 @@ pub fn measure(
     seconds: f64,
 ) -> anyhow::Result<FloorRuns> {
     let dest = Destination::v4(watched.octets(), port);
-    let mut object = FloorObject::load(settings, mode, &dest)?;
+    let other_dest = Destination::v4(other.octets(), port);
+    let mut object = FloorObject::load(settings, mode, &dest, &other_dest)?;
     let root = cgroup::find_root(settings.cgroup_root.as_deref()).map_err(anyhow::Error::msg)?;
     let cgroup_dir =
         File::open(&root.path).with_context(|| format!("opening {}", root.path.display()))?;
@@ -224,24 +289,28 @@ pub fn measure(
         for k in 0..subjects.len() {
             let i = (k + round) % subjects.len();
             let subject = subjects[i];
-            let target = if subject == Subject::AgentMiss {
-                other
-            } else {
-                watched
-            };
+            let target = if subject.misses() { other } else { watched };
             let (runs, ns) = match subject {
                 Subject::Empty
                 | Subject::Counter
+                | Subject::CounterMiss
+                | Subject::Table(_)
                 | Subject::CounterTask
                 | Subject::CounterSecondLookup
-                | Subject::CounterIdentity => {
+                | Subject::CounterIdentity
+                | Subject::IdentityTable(_) => {
                     let name = match subject {
                         Subject::Empty => empty,
                         Subject::CounterTask => floor::CONNECT4_TASK,
                         Subject::CounterSecondLookup => floor::CONNECT4_SECOND_LOOKUP,
                         Subject::CounterIdentity => floor::CONNECT4_IDENTITY,
+                        Subject::Table(_) => floor::CONNECT4_TABLE,
+                        Subject::IdentityTable(_) => floor::CONNECT4_IDENTITY_TABLE,
                         _ => counter,
                     };
+                    if let Subject::Table(layout) | Subject::IdentityTable(layout) = subject {
+                        object.lay_out(layout, &dest, &other_dest)?;
+                    }
                     let id = object.id(name)?;
                     let hits_before = object.hits(index)?;
                     let before = program_run_time(&[id])?;
@@ -250,8 +319,16 @@ pub fn measure(
                     })?;
                     let after = program_run_time(&[id])?;
                     let hits = object.hits(index)? - hits_before;
-                    if subject != Subject::Empty && hits != made {
-                        bail!("{name}: {hits} hits for {made} connects to the watched destination");
+                    let expected = match subject {
+                        Subject::Empty => hits,
+                        s if s.misses() => 0,
+                        _ => made,
+                    };
+                    if hits != expected {
+                        bail!(
+                            "{}: {hits} hits for {made} connects, expected {expected}",
+                            subject.label(mode)
+                        );
                     }
                     (after.0 - before.0, after.1 - before.1)
                 }
@@ -295,7 +372,12 @@ pub fn measure(
         }
     }
     drop(stats_fd);
-    Ok(FloorRuns { mode, ns_per_run })
+    let fill = (mode != CaptureMode::Tracepoint).then_some(object.fill);
+    Ok(FloorRuns {
+        mode,
+        fill,
+        ns_per_run,
+    })
 }
 
 /// Runs `work` with floor program `name` alone attached to its hook; returns
@@ -348,6 +430,9 @@ impl FloorRuns {
             _ => "cgroup/connect4",
         };
         println!("  {hook} (median of {} rounds):", self.rounds());
+        if let Some(fill) = &self.fill {
+            fill.print();
+        }
         let mut ratio = f64::NAN;
         for (subject, values) in &self.ns_per_run {
             let ns = median(*subject);

@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod comm;
+pub mod dest_table;
 
 /// Length of a kernel task name, including its NUL (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
@@ -485,6 +486,14 @@ pub mod floor {
     pub const CONNECT4_SECOND_LOOKUP: &str = "floor_connect4_second_lookup";
     /// The counter, then the caller's identity read as `itw.o` reads it.
     pub const CONNECT4_IDENTITY: &str = "floor_connect4_identity";
+    /// The counter with the destination in [`TABLE`] (`dest_table`).
+    pub const CONNECT4_TABLE: &str = "floor_connect4_table";
+    /// The identity variant with the destination in [`TABLE`].
+    pub const CONNECT4_IDENTITY_TABLE: &str = "floor_connect4_identity_table";
+    /// `Array<DestSlot>`: the open-addressed destination table.
+    pub const TABLE: &str = "FLOOR_TABLE";
+    /// The table's size less one (a power of two less one).
+    pub const TABLE_MASK: &str = "FLOOR_TABLE_MASK";
     /// `PerCpuHashMap<AttemptKey, u64>`, shaped like [`super::maps::ATTEMPTS`].
     pub const ATTEMPTS: &str = "FLOOR_ATTEMPTS";
     pub const SET_STATE_EMPTY: &str = "floor_set_state_empty";
@@ -528,6 +537,7 @@ mod pod {
         super::lab::LbService,
         super::Redirect,
         super::ConnKey,
+        super::dest_table::DestSlot,
     );
 }
 

@@ -24,6 +24,12 @@
 //!   `current->cgroups->dfl_cgrp->kn->id` by BTF loads (offsets from the
 //!   kernel's BTF, set by the bench), folded into a per-CPU word.
 //!
+//! And two that price finding the destination in an open-addressed array
+//! (`itw_common::dest_table`, issue #17) instead of the hash map: `table`,
+//! the counter with that lookup, and `+identity table`, `+identity` with
+//! it. The bench decides by the table's contents whether a lookup hits or
+//! misses at the first slot or only after the last.
+//!
 //! Like the agent's, the cgroup programs return 1 (allow) on every path.
 
 #![no_std]
@@ -41,10 +47,13 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::{cgroup_sock_addr, map, tracepoint},
     helpers::generated::bpf_get_current_task_btf,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::{SockAddrContext, TracePointContext},
 };
-use itw_common::{AttemptKey, Destination, Watch};
+use itw_common::{
+    AttemptKey, Destination, Watch,
+    dest_table::{self, DestSlot, Found, SlotKey},
+};
 
 /// Shaped like `ITW_WATCHED` (key, value, flags); the bench sizes it as the
 /// agent sizes that one.
@@ -61,6 +70,14 @@ static FLOOR_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 #[map(name = "FLOOR_ATTEMPTS")]
 static FLOOR_ATTEMPTS: PerCpuHashMap<AttemptKey, u64> =
     PerCpuHashMap::with_max_entries(16_384, BPF_F_NO_PREALLOC);
+
+/// The table variants' destinations; the bench sizes it (a power of two) and
+/// sets `FLOOR_TABLE_MASK` to its size less one.
+#[map(name = "FLOOR_TABLE")]
+static FLOOR_TABLE: Array<DestSlot> = Array::with_max_entries(262_144, 0);
+
+#[unsafe(no_mangle)]
+static FLOOR_TABLE_MASK: Global<u32> = Global::new(0);
 
 // The tracepoint record's offsets, from this kernel's format file (as the
 // agent sets itw.o's).
@@ -139,13 +156,61 @@ pub fn floor_connect4_identity(ctx: SockAddrContext) -> i32 {
     if let Some(dest) = tcp_destination(&ctx)
         && count(&dest, 0)
     {
-        let folded = identity();
-        if let Some(sink) = FLOOR_COUNTS.get_ptr_mut(2) {
-            // SAFETY: this CPU's value of a per-CPU array, live for the run.
-            unsafe { *sink = folded };
-        }
+        keep_identity();
     }
     ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn floor_connect4_table(ctx: SockAddrContext) -> i32 {
+    if let Some(dest) = tcp_destination(&ctx) {
+        count_in_table(&dest);
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn floor_connect4_identity_table(ctx: SockAddrContext) -> i32 {
+    if let Some(dest) = tcp_destination(&ctx)
+        && count_in_table(&dest)
+    {
+        keep_identity();
+    }
+    ALLOW
+}
+
+/// [`count`] with the destination looked up in `FLOOR_TABLE` (and in
+/// `FLOOR_WATCHED` only where the table says an entry overflowed there).
+#[inline(always)]
+fn count_in_table(dest: &Destination) -> bool {
+    let found = dest_table::find(
+        &SlotKey::of(dest),
+        FLOOR_TABLE_MASK.load(),
+        |i| FLOOR_TABLE.get_ptr(i),
+        // SAFETY: a slot of the table, live for the run.
+        |slot| dest_table::slot_words(unsafe { &*slot }),
+    );
+    let watched = match found {
+        Found::Hit(_) => true,
+        // SAFETY: only the presence of the key is used.
+        Found::Overflow => unsafe { FLOOR_WATCHED.get(dest) }.is_some(),
+        Found::Miss => false,
+    };
+    if watched && let Some(value) = FLOOR_COUNTS.get_ptr_mut(0) {
+        atomic_inc(value);
+    }
+    watched
+}
+
+/// Reads the caller's identity and stores it where the compiler cannot
+/// drop it.
+#[inline(always)]
+fn keep_identity() {
+    let folded = identity();
+    if let Some(sink) = FLOOR_COUNTS.get_ptr_mut(2) {
+        // SAFETY: this CPU's value of a per-CPU array, live for the run.
+        unsafe { *sink = folded };
+    }
 }
 
 /// The leader's comm and the caller's cgroup id, read as `itw.o` reads them
