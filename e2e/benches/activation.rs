@@ -437,13 +437,18 @@ async fn main() {
     } else {
         Vec::new()
     };
-    // The scaler's INGEST_THREADS from the bench's environment, so its
-    // settings can be compared (the scaler starts with a cleared one).
+    // The scaler's thread settings from the bench's environment, so they
+    // can be compared (the scaler starts with a cleared one).
     let mut scaler_env = log_env.clone();
-    if let Ok(threads) = std::env::var("INGEST_THREADS") {
-        println!("scaler INGEST_THREADS={threads}");
-        scaler_env.push(("INGEST_THREADS", threads));
+    for setting in ["INGEST_THREADS", "TOKIO_WORKER_THREADS"] {
+        if let Ok(threads) = std::env::var(setting) {
+            println!("scaler {setting}={threads}");
+            scaler_env.push((setting, threads));
+        }
     }
+    // Only the goal's figure (connect -> StreamIsActive), for alternating
+    // runs of two builds.
+    let direct_only = args.iter().any(|a| a == "--direct-only");
 
     let mut map = String::from("services:\n");
     for i in 0..=services {
@@ -485,6 +490,9 @@ async fn main() {
     );
     if with_timeline {
         print_timeline(&run.stamps, &agent, &scaler, stamps_file.as_deref());
+    }
+    if direct_only {
+        return;
     }
     if prometheus_available {
         println!();
