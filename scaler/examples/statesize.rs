@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use itw_proto::itw::v1::{Batch, Hello, PROTOCOL_VERSION, SeriesCount, Snapshot, report_request};
+use itw_proto::itw::v1::{Batch, SeriesCount, report_request};
 use itw_scaler::{
     config::Limits,
     ingest::{Origin, Session},
@@ -43,7 +43,7 @@ use itw_scaler::{
 };
 
 use bench_support::{load_average, memory, now_ms};
-use fleet::{COMMS, series};
+use fleet::{COMMS, hello, series, snapshot};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -62,34 +62,6 @@ struct Args {
     batches: u64,
     #[arg(long, default_value_t = 20)]
     deltas_per_batch: usize,
-}
-
-fn hello(node: &str) -> report_request::Message {
-    report_request::Message::Hello(Hello {
-        node_name: node.into(),
-        instance_id: format!("{node}-state"),
-        protocol_version: PROTOCOL_VERSION,
-        instance_secret: format!("statesize-secret-{node}"),
-    })
-}
-
-/// A snapshot through 0 naming every comm of each of `services`.
-fn snapshot(services: impl Iterator<Item = usize>) -> report_request::Message {
-    let totals = services
-        .flat_map(|s| {
-            COMMS.map(|comm| SeriesCount {
-                series: Some(series(s, comm)),
-                attempts: 1,
-            })
-        })
-        .collect();
-    report_request::Message::Snapshot(Snapshot {
-        through_sequence: 0,
-        taken_at_unix_ms: now_ms(),
-        totals,
-        history: vec![],
-        edges: vec![],
-    })
 }
 
 /// Agent `i`'s Services, as `streamcost` gives them.
@@ -165,7 +137,7 @@ fn main() -> anyhow::Result<()> {
         stream: 0,
     };
     let open = |node: &str| -> anyhow::Result<Session> {
-        let (session, _welcome) = Session::open(&store, &metrics, hello(node), origin)
+        let (session, _welcome) = Session::open(&store, &metrics, hello(node, "statesize"), origin)
             .with_context(|| format!("{node}: hello"))?;
         Ok(session)
     };

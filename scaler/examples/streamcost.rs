@@ -43,15 +43,14 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use futures::{StreamExt, stream};
 use itw_proto::itw::v1::{
-    Batch, Hello, PROTOCOL_VERSION, ReportRequest, SeriesCount, Snapshot,
-    ingest_client::IngestClient, report_request, report_response,
+    Batch, ReportRequest, SeriesCount, ingest_client::IngestClient, report_request, report_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use bench_support::{ScalerTarget, connect, load_average, memory, now_ms};
-use fleet::{COMMS, series};
+use fleet::{COMMS, hello, series, snapshot};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -98,7 +97,7 @@ impl Call {
     async fn open(channel: Channel, node: &str) -> anyhow::Result<Self> {
         let mut client = IngestClient::new(channel);
         let (tx, rx) = mpsc::channel(4);
-        tx.send(request(hello(node))).await?;
+        tx.send(request(hello(node, "streamcost"))).await?;
         let mut acks = client.report(ReceiverStream::new(rx)).await?.into_inner();
         match acks.message().await?.and_then(|r| r.message) {
             Some(report_response::Message::Welcome(_)) => Ok(Self { tx, acks }),
@@ -122,34 +121,6 @@ impl Call {
     async fn snapshot(&mut self, services: impl Iterator<Item = usize>) -> anyhow::Result<()> {
         self.acked(snapshot(services), 0).await
     }
-}
-
-fn hello(node: &str) -> report_request::Message {
-    report_request::Message::Hello(Hello {
-        node_name: node.into(),
-        instance_id: format!("{node}-cost"),
-        protocol_version: PROTOCOL_VERSION,
-        instance_secret: format!("streamcost-secret-{node}"),
-    })
-}
-
-/// A snapshot through 0 naming every comm of each of `services`.
-fn snapshot(services: impl Iterator<Item = usize>) -> report_request::Message {
-    let totals = services
-        .flat_map(|s| {
-            COMMS.map(|comm| SeriesCount {
-                series: Some(series(s, comm)),
-                attempts: 1,
-            })
-        })
-        .collect();
-    report_request::Message::Snapshot(Snapshot {
-        through_sequence: 0,
-        taken_at_unix_ms: now_ms(),
-        totals,
-        history: vec![],
-        edges: vec![],
-    })
 }
 
 /// Agent `i`'s share of the fleet: the first of its Services.

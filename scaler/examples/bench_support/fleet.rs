@@ -1,8 +1,9 @@
 //! The names the examples that play a fleet of agents (`loadgen`,
-//! `streamcost`) report under, so their figures are of the same series.
-//! Not in `mod.rs`: the other examples name their own.
+//! `streamcost`, `statesize`) report under, so their figures are of the
+//! same series, and the messages of their agents. Not in `mod.rs`: the
+//! other examples name their own.
 
-use itw_proto::itw::v1::Series;
+use itw_proto::itw::v1::{Hello, PROTOCOL_VERSION, Series, SeriesCount, Snapshot, report_request};
 
 pub const NAMESPACE: &str = "bench";
 pub const COMMS: [&str; 4] = ["java", "curl", "python3", "envoy"];
@@ -20,4 +21,36 @@ pub fn series(service: usize, comm: &str) -> Series {
         pod: String::new(),
         process_comm: comm.into(),
     }
+}
+
+/// Node `node`'s hello, its instance and secret marked with the example's
+/// name.
+#[allow(dead_code)] // not loadgen's
+pub fn hello(node: &str, example: &str) -> report_request::Message {
+    report_request::Message::Hello(Hello {
+        node_name: node.into(),
+        instance_id: format!("{node}-{example}"),
+        protocol_version: PROTOCOL_VERSION,
+        instance_secret: format!("{example}-secret-{node}"),
+    })
+}
+
+/// A snapshot through 0 naming every comm of each of `services`.
+#[allow(dead_code)] // not loadgen's
+pub fn snapshot(services: impl Iterator<Item = usize>) -> report_request::Message {
+    let totals = services
+        .flat_map(|s| {
+            COMMS.map(|comm| SeriesCount {
+                series: Some(series(s, comm)),
+                attempts: 1,
+            })
+        })
+        .collect();
+    report_request::Message::Snapshot(Snapshot {
+        through_sequence: 0,
+        taken_at_unix_ms: crate::bench_support::now_ms(),
+        totals,
+        history: vec![],
+        edges: vec![],
+    })
 }

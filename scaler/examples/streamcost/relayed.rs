@@ -94,7 +94,7 @@ pub async fn layers(args: &Args, readings: &mut Readings) -> anyhow::Result<()> 
             .map(|(agent, stream)| (stream, agent))
             .collect();
         let mut call = RelayCall::open(channel.clone(), agents).await?;
-        call.round(|agent| hello(&format!("node-{agent:05}")))
+        call.round(|agent| hello(&format!("node-{agent:05}"), "streamcost"))
             .await?;
         Ok((channel, call))
     })
