@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use itw_proto::itw::v1::{Batch, SeriesCount, report_request};
+use itw_proto::itw::v1::report_request;
 use itw_scaler::{
     config::Limits,
     ingest::{Origin, Session},
@@ -42,8 +42,8 @@ use itw_scaler::{
     window::Clock,
 };
 
-use bench_support::{load_average, memory, now_ms};
-use fleet::{COMMS, hello, series, snapshot};
+use bench_support::{load_average, memory};
+use fleet::{COMMS, hello, snapshot};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -70,23 +70,13 @@ fn first_service(args: &Args, i: usize) -> usize {
 }
 
 fn agent_batch(args: &Args, i: usize, sequence: u64) -> report_request::Message {
-    let first = first_service(args, i);
-    let deltas = (0..args.deltas_per_batch)
-        .map(|k| SeriesCount {
-            series: Some(series(
-                (first + (k * 7) % args.services_per_agent) % args.services,
-                COMMS[k % COMMS.len()],
-            )),
-            attempts: 1,
-        })
-        .collect();
-    report_request::Message::Batch(Batch {
+    fleet::batch(
+        first_service(args, i),
+        args.services_per_agent,
+        args.services,
+        args.deltas_per_batch,
         sequence,
-        collected_at_unix_ms: now_ms(),
-        wake: false,
-        deltas,
-        edges: vec![],
-    })
+    )
 }
 
 /// This process's memory once the allocator has had a moment to return

@@ -43,14 +43,14 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use futures::{StreamExt, stream};
 use itw_proto::itw::v1::{
-    Batch, ReportRequest, SeriesCount, ingest_client::IngestClient, report_request, report_response,
+    ReportRequest, ingest_client::IngestClient, report_request, report_response,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use bench_support::{ScalerTarget, connect, load_average, memory, now_ms};
-use fleet::{COMMS, hello, series, snapshot};
+use bench_support::{ScalerTarget, connect, load_average, memory};
+use fleet::{hello, snapshot};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -136,23 +136,13 @@ fn agent_snapshot(args: &Args, i: usize) -> report_request::Message {
 
 /// Agent `i`'s steady batch `sequence`.
 fn agent_batch(args: &Args, i: usize, sequence: u64) -> report_request::Message {
-    let first = first_service(args, i);
-    let deltas = (0..args.deltas_per_batch)
-        .map(|k| SeriesCount {
-            series: Some(series(
-                (first + (k * 7) % args.services_per_agent) % args.services,
-                COMMS[k % COMMS.len()],
-            )),
-            attempts: 1,
-        })
-        .collect();
-    report_request::Message::Batch(Batch {
+    fleet::batch(
+        first_service(args, i),
+        args.services_per_agent,
+        args.services,
+        args.deltas_per_batch,
         sequence,
-        collected_at_unix_ms: now_ms(),
-        wake: false,
-        deltas,
-        edges: vec![],
-    })
+    )
 }
 
 /// Runs `each` on every item, `CONCURRENCY` at a time, results in order.

@@ -3,7 +3,9 @@
 //! same series, and the messages of their agents. Not in `mod.rs`: the
 //! other examples name their own.
 
-use itw_proto::itw::v1::{Hello, PROTOCOL_VERSION, Series, SeriesCount, Snapshot, report_request};
+use itw_proto::itw::v1::{
+    Batch, Hello, PROTOCOL_VERSION, Series, SeriesCount, Snapshot, report_request,
+};
 
 pub const NAMESPACE: &str = "bench";
 pub const COMMS: [&str; 4] = ["java", "curl", "python3", "envoy"];
@@ -51,6 +53,35 @@ pub fn snapshot(services: impl Iterator<Item = usize>) -> report_request::Messag
         taken_at_unix_ms: crate::bench_support::now_ms(),
         totals,
         history: vec![],
+        edges: vec![],
+    })
+}
+
+/// Steady batch `sequence` of the agent whose Services are the `own` from
+/// `first` on (of `services`): `deltas` deltas, one attempt each, spread
+/// over its Services and the comms.
+#[allow(dead_code)] // not loadgen's
+pub fn batch(
+    first: usize,
+    own: usize,
+    services: usize,
+    deltas: usize,
+    sequence: u64,
+) -> report_request::Message {
+    let deltas = (0..deltas)
+        .map(|k| SeriesCount {
+            series: Some(series(
+                (first + (k * 7) % own) % services,
+                COMMS[k % COMMS.len()],
+            )),
+            attempts: 1,
+        })
+        .collect();
+    report_request::Message::Batch(Batch {
+        sequence,
+        collected_at_unix_ms: crate::bench_support::now_ms(),
+        wake: false,
+        deltas,
         edges: vec![],
     })
 }
