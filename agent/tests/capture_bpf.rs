@@ -564,42 +564,19 @@ async fn an_accepted_connect_counts_once(slot: Slot) {
     assert_eq!(kernel.stats().unwrap(), KernelStats::default());
 }
 
-/// One test per (mode, case); each case gets its own third octet.
-///
-/// The kprobe tests are ignored by default: this project's machines run a
-/// kernel without kprobe events, and a test that cannot run there must show
-/// as not run, not as passed. `hack/vm-matrix` runs them (`--include-ignored`)
-/// under kernels that have kprobes, on x86_64 and arm64.
-macro_rules! per_mode {
-    ($($case:ident = $test:literal),* $(,)?) => {
-        per_mode!(@mode cgroup, Cgroup, 101, [], $($case = $test),*);
-        per_mode!(@mode tracepoint, Tracepoint, 102, [], $($case = $test),*);
-        per_mode!(
-            @mode kprobe, Kprobe, 103,
-            [ignore = "kprobe mode: hack/vm-matrix runs it under kernels with kprobes"],
-            $($case = $test),*
-        );
-    };
-    (@mode $module:ident, $mode:ident, $octet:literal, $attrs:tt, $($case:ident = $test:literal),*) => {
-        mod $module {
-            $(per_mode!(@case $mode, $octet, $attrs, $case = $test);)*
-        }
-    };
-    (@case $mode:ident, $octet:literal, [$($attr:meta)?], $case:ident = $test:literal) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        $(#[$attr])?
-        async fn $case() {
-            super::$case(super::Slot {
-                mode: itw_agent::capture::CaptureMode::$mode,
-                mode_octet: $octet,
-                test: $test,
-            })
-            .await;
-        }
-    };
-}
-
-per_mode!(
+// One test per (mode, case); each case gets its own third octet.
+//
+// The kprobe tests are ignored by default: this project's machines run a
+// kernel without kprobe events, and a test that cannot run there must show
+// as not run, not as passed. `hack/vm-matrix` runs them (`--include-ignored`)
+// under kernels that have kprobes, on x86_64 and arm64.
+support::per_mode!(
+    [
+        cgroup: Cgroup = 101 [],
+        tracepoint: Tracepoint = 102 [],
+        kprobe: Kprobe = 103 [ignore = "kprobe mode: hack/vm-matrix runs it under kernels with kprobes"],
+    ],
+    {
     counts_each_destination_and_process_exactly = 1,
     a_thread_with_its_own_name_counts_under_the_process_name = 2,
     thread_names_when_reading_the_leader_is_off = 3,
@@ -613,6 +590,7 @@ per_mode!(
     an_accepted_connect_counts_once = 11,
     counts_under_the_callers_cgroup = 12,
     counts_under_the_callers_cgroup_through_the_helper = 13,
+    }
 );
 
 /// The tracepoint fires for every protocol that keeps TCP's states, MPTCP

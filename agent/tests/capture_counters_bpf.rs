@@ -242,32 +242,13 @@ async fn a_name_excluded_after_it_was_cached_is_filtered(slot: Slot) {
     );
 }
 
-macro_rules! per_mode {
-    ($($case:ident = $test:literal),* $(,)?) => {
-        per_mode!(@mode cgroup, Cgroup, 111, $($case = $test),*);
-        per_mode!(@mode tracepoint, Tracepoint, 112, $($case = $test),*);
-    };
-    (@mode $module:ident, $mode:ident, $octet:literal, $($case:ident = $test:literal),*) => {
-        mod $module {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Slot {
-                        mode: itw_agent::capture::CaptureMode::$mode,
-                        mode_octet: $octet,
-                        test: $test,
-                    })
-                    .await;
-                }
-            )*
-        }
-    };
-}
-
-per_mode!(
+support::per_mode!(
+    [cgroup: Cgroup = 111 [], tracepoint: Tracepoint = 112 []],
+    {
     the_same_caller_again_counts_on_one_counter = 1,
     two_callers_taking_turns_are_each_counted_exactly = 2,
     a_reused_id_counts_nothing_on_its_old_counter = 3,
     with_every_counter_taken_new_callers_overflow_exactly = 4,
     a_name_excluded_after_it_was_cached_is_filtered = 5,
+    }
 );

@@ -416,3 +416,34 @@ pub fn name_this_thread(name: &CStr) {
 pub fn is_mode_unavailable(err: &CaptureError) -> bool {
     matches!(err, CaptureError::ModeUnavailable { .. })
 }
+
+/// One test per (mode, case) of a suite whose cases are
+/// `async fn case(slot: Slot)` at the test file's root: each mode is a
+/// module of its own, with its own third octet, and may carry one attribute
+/// (`ignore = "..."`, for a mode this machine's kernel lacks). The cases go
+/// as one group so that every mode repeats all of them.
+#[allow(unused_macros, reason = "only the per-mode suites use it")]
+macro_rules! per_mode {
+    ([$($module:ident: $mode:ident = $octet:literal $attrs:tt),* $(,)?], $cases:tt) => {
+        $($crate::capture_support::per_mode!(@mode $module, $mode, $octet, $attrs, $cases);)*
+    };
+    (@mode $module:ident, $mode:ident, $octet:literal, $attrs:tt, {$($case:ident = $test:literal),* $(,)?}) => {
+        mod $module {
+            $($crate::capture_support::per_mode!(@case $mode, $octet, $attrs, $case = $test);)*
+        }
+    };
+    (@case $mode:ident, $octet:literal, [$($attr:meta)?], $case:ident = $test:literal) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $(#[$attr])?
+        async fn $case() {
+            super::$case(super::Slot {
+                mode: itw_agent::capture::CaptureMode::$mode,
+                mode_octet: $octet,
+                test: $test,
+            })
+            .await;
+        }
+    };
+}
+#[allow(unused_imports, reason = "only the per-mode suites use it")]
+pub(crate) use per_mode;
